@@ -1,0 +1,31 @@
+"""Data: the demo set, image folders, transforms, reproducible sampling and loaders.
+
+Flow: `ensure_demo_dataset` (demo only) -> `scan_image_folder` -> `build_transforms`
+-> `build_loaders`. The demo set is an ordinary image folder, read by the same code.
+"""
+
+from finetune.data.dataset import ImageDataset, convert_to_rgb, load_rgb
+from finetune.data.demo import SHAPES, ensure_demo_dataset
+from finetune.data.folder import IMAGE_EXTENSIONS, DataSplit, find_unreadable_images, scan_image_folder
+from finetune.data.loaders import BALANCE_CHOICES, Loaders, build_loaders, compute_class_weights
+from finetune.data.sampling import EpochSampler
+from finetune.data.transforms import build_transforms, effective_data_config
+
+__all__ = [
+    "BALANCE_CHOICES",
+    "IMAGE_EXTENSIONS",
+    "SHAPES",
+    "DataSplit",
+    "EpochSampler",
+    "ImageDataset",
+    "Loaders",
+    "build_loaders",
+    "build_transforms",
+    "compute_class_weights",
+    "convert_to_rgb",
+    "effective_data_config",
+    "ensure_demo_dataset",
+    "find_unreadable_images",
+    "load_rgb",
+    "scan_image_folder",
+]

@@ -1,0 +1,127 @@
+"""A map-style data set of image files, with per-sample seeded augmentation.
+
+`ImageDataset` accepts two kinds of keys:
+
+- an ``int`` index: the transform draws from the process's global RNGs (validation,
+  prediction, any ordinary sampler);
+- an ``(index, sample_seed)`` pair, as `EpochSampler` yields: python's ``random``,
+  numpy's global RNG and torch's CPU generator are seeded with ``sample_seed`` for the
+  duration of the transform and restored afterwards. The augmentation of a sample is
+  then a pure function of that seed, whatever process or worker runs it, and the
+  caller's RNG streams are left exactly as they were.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torch.utils.data import Dataset
+
+from finetune.errors import UserError
+
+Transform = Callable[[Image.Image], Any]
+WHITE = (255, 255, 255)
+
+
+def load_rgb(path: str) -> Image.Image:
+    """Open an image file as 8-bit RGB, whatever its mode.
+
+    EXIF orientation is applied; transparency (RGBA, LA, palette with transparency) is
+    composited on white; 16/32-bit integer and float greyscale are scaled to 8 bits
+    rather than clipped; CMYK, palette, bilevel and greyscale are converted.
+
+    Args:
+        path: Image file.
+
+    Returns:
+        An RGB image, fully loaded (the file is closed).
+    """
+    with Image.open(path) as image:
+        image = ImageOps.exif_transpose(image)
+        return convert_to_rgb(image)
+
+
+def convert_to_rgb(image: Image.Image) -> Image.Image:
+    """Convert a PIL image of any mode to 8-bit RGB (see `load_rgb`)."""
+    if image.mode == "RGB":
+        return image.copy()
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, WHITE + (255,))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if image.mode.startswith("I") or image.mode == "F":
+        return _scale_high_depth(image).convert("RGB")
+    return image.convert("RGB")
+
+
+def _scale_high_depth(image: Image.Image) -> Image.Image:
+    """16-bit (or 32-bit int/float) greyscale to 8-bit 'L' by range, not by clipping."""
+    pixels = np.asarray(image).astype(np.float64)
+    if image.mode == "F":
+        top = 1.0 if pixels.max(initial=0.0) <= 1.0 else max(pixels.max(), 1.0)
+    else:
+        top = 255.0 if pixels.max(initial=0) <= 255 else 65535.0
+    scaled = np.clip(pixels / top * 255.0, 0, 255).round().astype(np.uint8)
+    return Image.fromarray(scaled, "L")
+
+
+@contextmanager
+def seeded_rng(seed: int) -> Iterator[None]:
+    """Seed python, numpy and torch (CPU) RNGs for the block; restore them afterwards.
+
+    Only the CPU generator is touched: CUDA generators the trainer uses stay as they are.
+    """
+    py_state, np_state, torch_state = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.default_generator.manual_seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+        torch.set_rng_state(torch_state)
+
+
+class ImageDataset(Dataset):
+    """``(path, label)`` samples read as RGB and transformed.
+
+    Args:
+        samples: ``(path, label)`` pairs.
+        transform: Applied to the RGB PIL image; None returns the image itself.
+
+    >>> ds = ImageDataset([("cat.png", 0)], transform=to_tensor)  # doctest: +SKIP
+    >>> image, label = ds[0]                                       # global RNG
+    >>> image, label = ds[(0, 1234)]                               # seeded per sample
+    """
+
+    def __init__(self, samples: Sequence[tuple[str, int]], transform: Transform | None = None) -> None:
+        self.samples = list(samples)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[Any, int]:
+        index, sample_seed = key if isinstance(key, tuple) else (key, None)
+        path, label = self.samples[index]
+        try:
+            image = load_rgb(path)
+        except Exception as exc:  # PIL raises many types; name the file either way
+            raise UserError(
+                f"cannot read image '{path}' ({exc}): fix or remove it, or set data.skip_bad_images=true"
+            ) from exc
+        if self.transform is None:
+            return image, label
+        if sample_seed is None:
+            return self.transform(image), label
+        with seeded_rng(sample_seed):
+            return self.transform(image), label

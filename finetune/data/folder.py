@@ -1,0 +1,285 @@
+"""Find the images of a class-folder data set, check them, and split train from val.
+
+Two layouts are accepted, the same for the demo set and a user's folder:
+
+- ``ROOT/train/<class>/<image>`` and ``ROOT/val/<class>/<image>`` (layout ``train_val``);
+- ``ROOT/<class>/<image>``, split per class by ``val_split`` with a seeded shuffle of the
+  sorted file list, so the split depends only on the files, the seed and the fraction
+  (layout ``split``).
+
+Images may sit in sub-folders of a class folder. Hidden files and folders are ignored,
+as are plain files directly under ROOT (a README, the demo's ``demo.json``).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image
+
+from finetune.errors import UserError
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
+LAYOUT_HINT = "expected DIR/<class>/<image> or DIR/train/<class>/<image> with DIR/val/<class>/<image>"
+MAX_LISTED = 5
+
+Sample = tuple[str, int]
+
+
+@dataclass
+class DataSplit:
+    """Train and val samples of an image folder, with where they came from.
+
+    Attributes:
+        train: ``(path, label)`` pairs for training.
+        val: ``(path, label)`` pairs for validation.
+        class_names: Class names in label order (sorted folder names).
+        root: The data set root, ``~`` expanded and absolute.
+        layout: ``"train_val"`` (given folders) or ``"split"`` (split by ``val_split``).
+        skipped: Unreadable files that were left out (paths).
+        val_split: The fraction held out when ``layout == "split"``, else None.
+        seed: The seed of the split.
+    """
+
+    train: list[Sample]
+    val: list[Sample]
+    class_names: list[str]
+    root: str
+    layout: str
+    skipped: list[str] = field(default_factory=list)
+    val_split: float | None = None
+    seed: int = 0
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def class_counts(self, split: str = "train") -> list[int]:
+        """Number of samples per class, in label order, of ``split`` ("train" or "val")."""
+        counts = [0] * self.num_classes
+        for _, label in self._samples(split):
+            counts[label] += 1
+        return counts
+
+    def to_record(self) -> dict:
+        """A JSON-serialisable description of the split, for the run dir's ``split.json``.
+
+        File paths are relative to ``root`` (POSIX separators) so the record survives
+        moving the data set.
+        """
+        return {
+            "root": self.root,
+            "layout": self.layout,
+            "val_split": self.val_split,
+            "seed": self.seed,
+            "class_names": list(self.class_names),
+            "counts": {split: dict(zip(self.class_names, self.class_counts(split))) for split in ("train", "val")},
+            "files": {split: [[self._relative(p), label] for p, label in self._samples(split)] for split in ("train", "val")},
+            "skipped": [self._relative(p) for p in self.skipped],
+        }
+
+    def _samples(self, split: str) -> list[Sample]:
+        if split not in ("train", "val"):
+            raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+        return self.train if split == "train" else self.val
+
+    def _relative(self, path: str) -> str:
+        return Path(os.path.relpath(path, self.root)).as_posix()
+
+
+def scan_image_folder(
+    root: str | Path,
+    *,
+    val_split: float = 0.2,
+    seed: int = 0,
+    skip_bad_images: bool = False,
+    check_images: bool = True,
+) -> DataSplit:
+    """Collect, check and split the images under ``root``.
+
+    Args:
+        root: The data set folder (``~`` expanded).
+        val_split: Fraction of each class held out for validation when ``root`` has no
+            ``train/`` and ``val/`` folders; must be in (0, 1) then.
+        seed: Seed of that split.
+        skip_bad_images: Leave unreadable images out with a warning instead of failing.
+        check_images: Decode every image once to find unreadable ones before training.
+
+    Returns:
+        The samples of each split, class names and provenance.
+
+    Raises:
+        UserError: The folder is missing or malformed, a class has no images, the split
+            is impossible, or images are unreadable and ``skip_bad_images`` is False.
+    """
+    base = Path(root).expanduser().absolute()
+    _check_root(base, root)
+    layout = _detect_layout(base)
+    if layout == "train_val":
+        files = {split: _collect_classes(base / split) for split in ("train", "val")}
+        _check_same_classes(base, files["train"], files["val"])
+    else:
+        _check_val_split(val_split)
+        files = {"all": _collect_classes(base)}
+    skipped = _drop_bad_images(base, files, skip_bad_images) if check_images else []
+    for key, by_class in files.items():
+        _check_classes(base if key == "all" else base / key, by_class, skipped)
+    class_names = sorted(next(iter(files.values())))
+    if layout == "train_val":
+        train, val = _label(files["train"], class_names), _label(files["val"], class_names)
+        return DataSplit(train, val, class_names, str(base), layout, skipped, None, seed)
+    train, val = _split_stratified(files["all"], class_names, val_split, seed)
+    return DataSplit(train, val, class_names, str(base), layout, skipped, float(val_split), seed)
+
+
+def _check_root(base: Path, given: str | Path) -> None:
+    if not base.exists():
+        raise UserError(f"data.root '{given}' does not exist: set data.root to your image folder ({LAYOUT_HINT})")
+    if not base.is_dir():
+        raise UserError(f"data.root '{given}' is not a folder: set data.root to your image folder ({LAYOUT_HINT})")
+
+
+def _detect_layout(base: Path) -> str:
+    has_train, has_val = (base / "train").is_dir(), (base / "val").is_dir()
+    if has_train and has_val:
+        return "train_val"
+    if has_train or has_val:
+        present, absent = ("train", "val") if has_train else ("val", "train")
+        raise UserError(
+            f"data.root '{base}' has '{present}/' but no '{absent}/': add {base / absent}/<class>/<image>, "
+            f"or move the class folders directly under data.root to split them by data.val_split"
+        )
+    return "split"
+
+
+def _list_dirs(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _collect_classes(folder: Path) -> dict[str, list[str]]:
+    """Map each class folder's name to its image files (sorted, sub-folders included)."""
+    class_dirs = _list_dirs(folder)
+    if not class_dirs:
+        raise UserError(f"data.root '{folder}' has no class folders: {LAYOUT_HINT}")
+    return {d.name: _list_images(d) for d in class_dirs}
+
+
+def _list_images(folder: Path) -> list[str]:
+    images = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        images += [
+            os.path.join(dirpath, name)
+            for name in filenames
+            if not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+        ]
+    return sorted(images)
+
+
+def _check_same_classes(base: Path, train: dict[str, list[str]], val: dict[str, list[str]]) -> None:
+    only_train, only_val = sorted(set(train) - set(val)), sorted(set(val) - set(train))
+    if only_train or only_val:
+        raise UserError(
+            f"data.root '{base}': train/ and val/ have different class folders "
+            f"(only in train: {_quote(only_train)}; only in val: {_quote(only_val)}): give both the same class folders"
+        )
+
+
+def _check_val_split(val_split: float) -> None:
+    if isinstance(val_split, bool) or not isinstance(val_split, (int, float)) or not 0 < val_split < 1:
+        raise UserError(
+            f"data.val_split must be a fraction between 0 and 1 (exclusive) to split data.root, got '{val_split}': "
+            "use e.g. data.val_split=0.2, or provide DIR/train and DIR/val folders"
+        )
+
+
+def _check_classes(folder: Path, by_class: dict[str, list[str]], skipped: list[str]) -> None:
+    empty = [name for name, images in by_class.items() if not images]
+    if empty:
+        note = f" ({len(skipped)} unreadable images skipped)" if skipped else ""
+        raise UserError(
+            f"class folder '{folder / empty[0]}' has no images{note}: add images "
+            f"({', '.join(sorted(IMAGE_EXTENSIONS))}) or remove the folder (classes without images: {_quote(empty)})"
+        )
+    if len(by_class) < 2:
+        raise UserError(
+            f"data.root '{folder}' needs at least 2 classes, found 1: {_quote(list(by_class))}: "
+            f"add another class folder ({LAYOUT_HINT})"
+        )
+
+
+def _quote(names: list[str]) -> str:
+    return ", ".join(f"'{n}'" for n in names) if names else "none"
+
+
+def _label(by_class: dict[str, list[str]], class_names: list[str]) -> list[Sample]:
+    index = {name: i for i, name in enumerate(class_names)}
+    return [(path, index[name]) for name in class_names for path in by_class[name]]
+
+
+def _split_stratified(
+    by_class: dict[str, list[str]], class_names: list[str], val_split: float, seed: int
+) -> tuple[list[Sample], list[Sample]]:
+    """Hold out ``round(n * val_split)`` images of each class (at least 1, leaving at least 1)."""
+    train, val = [], []
+    for label, name in enumerate(class_names):
+        images = list(by_class[name])
+        if len(images) < 2:
+            raise UserError(
+                f"class '{name}' has {len(images)} image, too few to split by data.val_split={val_split}: "
+                "add images to it or provide DIR/train and DIR/val folders"
+            )
+        random.Random(f"{seed}:{name}").shuffle(images)  # str seeds hash stably across runs
+        n_val = min(max(1, round(len(images) * val_split)), len(images) - 1)
+        val += [(p, label) for p in sorted(images[:n_val])]
+        train += [(p, label) for p in sorted(images[n_val:])]
+    return train, val
+
+
+def find_unreadable_images(paths: list[str], *, max_workers: int | None = None) -> list[tuple[str, str]]:
+    """Decode each image once and return ``(path, reason)`` for those that fail.
+
+    Decoding (not just ``verify()``) catches truncated files; JPEGs are decoded at
+    reduced size via ``draft`` to keep a full check of a large folder quick.
+    """
+    workers = max_workers or min(16, 2 * (os.cpu_count() or 1))
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        reasons = list(pool.map(_read_error, paths, chunksize=64))
+    return [(path, reason) for path, reason in zip(paths, reasons) if reason is not None]
+
+
+def _read_error(path: str) -> str | None:
+    try:
+        with Image.open(path) as image:
+            if image.format == "JPEG":
+                image.draft("RGB", (64, 64))
+            image.load()
+    except Exception as exc:  # PIL raises many types (OSError, SyntaxError, ValueError, ...)
+        return str(exc).split("\n")[0] or type(exc).__name__
+    return None
+
+
+def _drop_bad_images(base: Path, files: dict[str, dict[str, list[str]]], skip: bool) -> list[str]:
+    """Check every image; fail listing the bad ones, or drop them with a warning."""
+    paths = [p for by_class in files.values() for images in by_class.values() for p in images]
+    bad = find_unreadable_images(paths)
+    if not bad:
+        return []
+    listed = "; ".join(f"'{os.path.relpath(p, base)}' ({reason})" for p, reason in bad[:MAX_LISTED])
+    more = f" and {len(bad) - MAX_LISTED} more" if len(bad) > MAX_LISTED else ""
+    if not skip:
+        raise UserError(
+            f"{len(bad)} unreadable image(s) under data.root '{base}': {listed}{more}: "
+            "fix or remove them, or set data.skip_bad_images=true to skip them"
+        )
+    warnings.warn(f"skipping {len(bad)} unreadable image(s) under data.root '{base}': {listed}{more}", stacklevel=3)
+    bad_set = {p for p, _ in bad}
+    for by_class in files.values():
+        for name, images in by_class.items():
+            by_class[name] = [p for p in images if p not in bad_set]
+    return sorted(bad_set)

@@ -1,0 +1,125 @@
+"""Train and val data loaders, with class balancing and reproducible augmentation.
+
+Reproducibility: the train loader's sampler is an `EpochSampler`, whose
+``(index, sample_seed)`` pairs make each sample's augmentation a function of
+``(seed, epoch, position)`` alone (see `finetune.data.sampling`). Worker processes are
+seeded from a generator seeded with ``seed`` too, so nothing a worker does depends on
+the trainer's global RNG, and results are the same for any ``num_workers``.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from finetune.data.dataset import ImageDataset
+from finetune.data.folder import DataSplit
+from finetune.data.sampling import EpochSampler
+from finetune.errors import UserError
+
+BALANCE_CHOICES = ("none", "sampler", "loss_weights")
+
+
+@dataclass
+class Loaders:
+    """What `build_loaders` returns.
+
+    Attributes:
+        train: The training loader; call ``train_sampler.set_epoch(e)`` before each epoch.
+        val: The validation loader (fixed order, eval transform).
+        train_sampler: The train loader's sampler (``set_epoch``, ``set_start``).
+        class_weights: Per-class weights for ``CrossEntropyLoss(weight=...)`` when
+            ``balance="loss_weights"``, else None.
+    """
+
+    train: DataLoader
+    val: DataLoader
+    train_sampler: EpochSampler
+    class_weights: torch.Tensor | None
+
+
+def build_loaders(
+    split: DataSplit,
+    *,
+    train_transform: Callable[[Any], Any],
+    eval_transform: Callable[[Any], Any],
+    batch_size: int,
+    num_workers: int = 0,
+    balance: str = "none",
+    seed: int = 0,
+    pin_memory: bool = False,
+    drop_last: bool = False,
+) -> Loaders:
+    """Build the train and val loaders of a split.
+
+    Args:
+        split: Samples and class names (`scan_image_folder`).
+        train_transform: Augmentation of training images.
+        eval_transform: Preprocessing of validation images.
+        batch_size: Images per batch, both loaders.
+        num_workers: Loader worker processes (0: load in the main process).
+        balance: ``"none"``; ``"sampler"`` draws classes evenly (weighted, with
+            replacement); ``"loss_weights"`` returns ``N / (C * count)`` class weights.
+        seed: Seed of the sampling order, the augmentation and the workers.
+        pin_memory: Pin batches for faster host-to-GPU copies.
+        drop_last: Drop the last incomplete training batch.
+
+    Returns:
+        The loaders, the train sampler and the class weights.
+
+    Raises:
+        UserError: ``batch_size``, ``num_workers`` or ``balance`` is invalid.
+    """
+    _check_positive_int("data.batch_size", batch_size)
+    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+        raise UserError(f"data.num_workers must be a non-negative integer, got '{num_workers}'")
+    if balance not in BALANCE_CHOICES:
+        choices = " | ".join(BALANCE_CHOICES)
+        raise UserError(f"data.balance must be one of {choices}, got '{balance}'")
+    counts = split.class_counts("train")
+    sample_weights = [1.0 / counts[label] for _, label in split.train] if balance == "sampler" else None
+    sampler = EpochSampler(len(split.train), seed=seed, weights=sample_weights)
+    common = {"batch_size": batch_size, "num_workers": num_workers, "pin_memory": pin_memory}
+    if num_workers > 0:
+        common |= {"worker_init_fn": seed_worker, "persistent_workers": True}
+    train = DataLoader(
+        ImageDataset(split.train, train_transform), sampler=sampler, drop_last=drop_last,
+        generator=torch.Generator().manual_seed(seed), **common,
+    )
+    val = DataLoader(ImageDataset(split.val, eval_transform), shuffle=False, **common)
+    weights = compute_class_weights(counts) if balance == "loss_weights" else None
+    return Loaders(train, val, sampler, weights)
+
+
+def _check_positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise UserError(f"{name} must be a positive integer, got '{value}'")
+
+
+def compute_class_weights(counts: list[int]) -> torch.Tensor:
+    """``N / (C * count)`` per class: 1 for every class when balanced.
+
+    >>> compute_class_weights([30, 10]).tolist()
+    [0.6666666865348816, 2.0]
+    """
+    total, num_classes = sum(counts), len(counts)
+    return torch.tensor([total / (num_classes * max(count, 1)) for count in counts], dtype=torch.float32)
+
+
+def seed_worker(worker_id: int) -> None:
+    """Seed python and numpy in a loader worker from torch's per-worker seed.
+
+    torch seeds each worker with ``base_seed + worker_id`` (``base_seed`` from the
+    loader's generator); python's and numpy's RNGs would otherwise be copies of the
+    parent's. Augmentation is re-seeded per sample anyway (`ImageDataset`); this
+    covers anything else a transform might draw.
+    """
+    worker_seed = torch.initial_seed() % 2**32
+    random.seed(worker_seed)
+    np.random.seed(worker_seed)
