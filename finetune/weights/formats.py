@@ -1,0 +1,305 @@
+"""Read any checkpoint file into a flat ``{name: Tensor}`` dict, safely, on CPU.
+
+The format is detected from the file's first bytes, never from its name:
+
+- zip archives: ``torch.save`` (loaded with ``weights_only=True, mmap=True``) or a
+  TorchScript archive (its ``state_dict()``);
+- legacy (non-zip) ``torch.save`` pickles (``weights_only=True``, no mmap possible);
+- safetensors files (memory-mapped);
+- a shard index (``model.safetensors.index.json``, ``pytorch_model.bin.index.json``) or
+  a directory holding one, or holding a single weights file.
+
+Nothing executes code from a file unless ``trust_pickle=True``, which warns loudly.
+Containers (``state_dict``, ``model``, ...) are unwrapped here; key prefixes are not
+touched (that is the remapper's job, so that it can report what it stripped).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import struct
+import warnings
+import zipfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from finetune.errors import UserError
+
+log = logging.getLogger(__name__)
+
+# Container keys, in the order they are tried. EMA variants only when asked for.
+CONTAINER_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "network", "weights")
+EMA_CONTAINER_KEYS = ("state_dict_ema", "model_ema", "ema_state_dict", "ema_model", "ema", "module_ema")
+
+# Index file names, in the order a directory is searched; then single-file names.
+INDEX_NAMES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+SINGLE_NAMES = ("model.safetensors", "pytorch_model.bin")
+
+# What a non-checkpoint file is, by its leading bytes (for the error message only).
+FOREIGN_MAGIC = {
+    b"\x89PNG": "a PNG image",
+    b"\xff\xd8\xff": "a JPEG image",
+    b"GIF8": "a GIF image",
+    b"%PDF": "a PDF document",
+    b"\x1f\x8b": "a gzip archive (unpack it first)",
+    b"\x93NUMPY": "a NumPy .npy array (not a state dict)",
+    b"\x89HDF": "an HDF5 file (Keras/TensorFlow weights are not supported)",
+    b"\x08": "possibly a protobuf/ONNX/TensorFlow file (not a PyTorch checkpoint)",
+}
+LEGACY_TORCH_MAGIC = b"\x80\x02\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19."
+TRUST_HINT = "set model.trust_pickle=true (CLI: --trust-pickle) only if you trust the file"
+
+
+@dataclass
+class Checkpoint:
+    """Tensors read from one file plus what the reader learned about it.
+
+    Attributes:
+        path: The file (or index) that was read.
+        format: ``safetensors``, ``torch-zip``, ``torch-legacy``, ``torchscript``,
+            ``sharded-safetensors`` or ``sharded-torch``.
+        tensors: Flat ``{name: Tensor}`` on CPU, names as stored (prefixes kept).
+        container: Keys walked to reach the state dict, e.g. ``["state_dict"]``.
+        metadata: safetensors ``__metadata__`` or the container's scalar entries.
+        skipped: Non-tensor leaves found inside the state dict (names).
+    """
+
+    path: str
+    format: str
+    tensors: dict[str, torch.Tensor]
+    container: list[str] = field(default_factory=list)
+    metadata: dict[str, str] = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)
+
+
+def read_state_dict(path: str | Path, *, trust_pickle: bool = False, ema: bool = False) -> dict[str, torch.Tensor]:
+    """Read a checkpoint of any supported format into ``{name: Tensor}`` on CPU.
+
+    Args:
+        path: A checkpoint file, a shard index file, a directory holding one, or
+            ``builtin:NAME`` (see ``finetune.weights.sources.BUILTIN_SOURCES``).
+        trust_pickle: Allow arbitrary pickled objects (runs code from the file!).
+        ema: Prefer the EMA weights of a training checkpoint when it has them.
+
+    Returns:
+        The state dict, names as stored in the file (wrapper prefixes kept).
+
+    Raises:
+        UserError: Missing, empty, truncated, foreign or unsafe file.
+
+    >>> import tempfile, os
+    >>> p = os.path.join(tempfile.mkdtemp(), "w.pt")
+    >>> torch.save({"state_dict": {"fc.weight": torch.ones(2, 3)}}, p)
+    >>> list(read_state_dict(p))
+    ['fc.weight']
+    """
+    return read_checkpoint(path, trust_pickle=trust_pickle, ema=ema).tensors
+
+
+def read_checkpoint(path: str | Path, *, trust_pickle: bool = False, ema: bool = False) -> Checkpoint:
+    """Like `read_state_dict`, but also returns format, container and metadata."""
+    from finetune.weights.sources import resolve_path  # local: sources imports nothing heavy
+
+    file = resolve_path(path)
+    if file.is_dir():
+        file = _find_in_directory(file)
+    if not file.exists():
+        raise UserError(f"checkpoint '{file}' does not exist: check the path (model.weights)")
+    if file.stat().st_size == 0:
+        raise UserError(f"checkpoint '{file}' is empty (0 bytes): the download or save was interrupted; get the file again")
+    kind = detect_format(file)
+    if kind in ("index-safetensors", "index-torch"):
+        return _read_sharded(file, kind, trust_pickle=trust_pickle, ema=ema)
+    return _read_single(file, kind, trust_pickle=trust_pickle, ema=ema)
+
+
+def detect_format(file: Path) -> str:
+    """Name the format of ``file`` from its leading bytes.
+
+    Returns:
+        One of ``safetensors``, ``torch-zip``, ``torchscript``, ``torch-legacy``,
+        ``index-safetensors``, ``index-torch``.
+
+    Raises:
+        UserError: The file is something else (the message says what it looks like).
+    """
+    with open(file, "rb") as f:
+        head = f.read(16)
+    size = file.stat().st_size
+    if head.startswith(b"PK\x03\x04") or head.startswith(b"PK\x05\x06"):
+        return _zip_kind(file)
+    if len(head) >= 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] <= size - 8:
+        return "safetensors"
+    if head.startswith(b"\x80") and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        return "torch-legacy"  # torch.save legacy format, or a bare pickle: both go through torch.load
+    if head.lstrip()[:1] == b"{":
+        return _index_kind(file)
+    raise UserError(f"'{file}' is not a checkpoint: it looks like {_describe_foreign(head)}; expected a .pt/.pth/.bin/.ckpt (torch.save), .safetensors or a shard index")
+
+
+def _describe_foreign(head: bytes) -> str:
+    """Say what a non-checkpoint file looks like, from its first bytes."""
+    for magic, what in FOREIGN_MAGIC.items():
+        if head.startswith(magic):
+            return what
+    if all(32 <= b < 127 or b in b"\t\r\n" for b in head):
+        return f"a text file starting {head[:12].decode(errors='replace')!r}"
+    return f"unknown binary data starting {head[:8].hex()!r}"
+
+
+def _zip_kind(file: Path) -> str:
+    """Tell a TorchScript archive from a ``torch.save`` zip, checking the archive is whole."""
+    try:
+        with zipfile.ZipFile(file) as zf:
+            names = zf.namelist()
+    except (zipfile.BadZipFile, OSError) as err:
+        raise UserError(f"checkpoint '{file}' is a truncated or corrupt zip archive ({err}): save or download it again") from None
+    if any(n.endswith("/constants.pkl") for n in names) or any("/code/" in n for n in names):
+        return "torchscript"
+    if any(n.endswith("/data.pkl") for n in names):
+        return "torch-zip"
+    raise UserError(f"'{file}' is a zip archive but not a torch.save checkpoint (no data.pkl inside): expected a .pt/.pth/.safetensors file")
+
+
+def _index_kind(file: Path) -> str:
+    """Tell which shard index a JSON file is, or say why it is not one."""
+    try:
+        index = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"'{file}' is not a checkpoint: it looks like broken JSON ({err}); expected a checkpoint or a shard index") from None
+    if not isinstance(index, dict) or not isinstance(index.get("weight_map"), dict):
+        raise UserError(f"'{file}' is a JSON file without a 'weight_map': not a shard index; point model.weights at the checkpoint itself")
+    shards = set(index["weight_map"].values())
+    return "index-safetensors" if all(str(s).endswith(".safetensors") for s in shards) else "index-torch"
+
+
+def _find_in_directory(directory: Path) -> Path:
+    """Pick the index or the single weights file inside a directory."""
+    for name in INDEX_NAMES + SINGLE_NAMES:
+        if (directory / name).exists():
+            return directory / name
+    candidates = sorted(directory.glob("*.safetensors")) + sorted(directory.glob("*.index.json"))
+    if len(candidates) == 1:
+        return candidates[0]
+    found = ", ".join(p.name for p in candidates[:5]) or "no weights files"
+    raise UserError(f"directory '{directory}' has {found}: expected one of {', '.join(INDEX_NAMES + SINGLE_NAMES)}; point model.weights at the file")
+
+
+def _read_single(file: Path, kind: str, *, trust_pickle: bool, ema: bool) -> Checkpoint:
+    """Read one non-sharded file of a known kind."""
+    if kind == "safetensors":
+        return Checkpoint(str(file), kind, *_read_safetensors(file))
+    if kind == "torchscript":
+        module = torch.jit.load(str(file), map_location="cpu")  # TorchScript runs no Python code
+        return Checkpoint(str(file), kind, dict(module.state_dict()))
+    obj = _torch_load(file, mmap=kind == "torch-zip", trust_pickle=trust_pickle)
+    tensors, container, metadata, skipped = unwrap_container(obj, file, ema=ema)
+    return Checkpoint(str(file), kind, tensors, container, metadata, skipped)
+
+
+def _read_safetensors(file: Path) -> tuple[dict[str, torch.Tensor], list[str], dict[str, str]]:
+    """Read a safetensors file through its memory map (pages are read on first touch)."""
+    try:
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            metadata = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as err:  # safetensors raises its own SafetensorError and OSError
+        raise UserError(f"checkpoint '{file}' is a truncated or corrupt safetensors file ({err}): save or download it again") from None
+    return tensors, [], metadata
+
+
+def _torch_load(file: Path, *, mmap: bool, trust_pickle: bool) -> object:
+    """``torch.load`` on CPU, weights-only unless trusted, with one-line errors."""
+    if trust_pickle:
+        warnings.warn(f"trust_pickle=true: loading '{file}' can run arbitrary code from the file", stacklevel=3)
+        log.warning("TRUST_PICKLE: unpickling '%s' with weights_only=False; this can run code from the file", file)
+    try:
+        return torch.load(file, map_location="cpu", weights_only=not trust_pickle, mmap=mmap)
+    except Exception as err:  # pickle, zip and storage errors have no common base class
+        raise _load_error(file, err) from None
+
+
+def _load_error(file: Path, err: Exception) -> UserError:
+    """Turn a ``torch.load`` failure into one line naming the cause and the fix."""
+    text = str(err)
+    blocked = re.search(r"GLOBAL ([\w.]+)", text) or re.search(r"Unsupported (?:global|operand)[^:]*: ([^\s.][^\n]*?)(?: was|\n|$)", text)
+    if "Weights only load failed" in text:
+        what = f"the pickled object '{blocked.group(1)}'" if blocked else "pickled objects"
+        return UserError(f"checkpoint '{file}' needs {what}, which safe loading blocks: re-save it as plain tensors (python -m finetune.ckpt convert), or {TRUST_HINT}")
+    first = text.strip().splitlines()[0] if text.strip() else type(err).__name__
+    return UserError(f"checkpoint '{file}' could not be read: it is truncated or corrupt ({first[:160]}); save or download it again")
+
+
+def unwrap_container(
+    obj: object, file: Path, *, ema: bool = False
+) -> tuple[dict[str, torch.Tensor], list[str], dict[str, str], list[str]]:
+    """Find the state dict inside a loaded object and flatten nested dicts.
+
+    Returns:
+        ``(tensors, container_keys_walked, scalar_metadata, skipped_non_tensor_names)``.
+    """
+    container: list[str] = []
+    metadata: dict[str, str] = {}
+    keys = (EMA_CONTAINER_KEYS + CONTAINER_KEYS) if ema else CONTAINER_KEYS
+    while isinstance(obj, Mapping) and not _is_state_dict(obj):
+        metadata.update({str(k): str(v) for k, v in obj.items() if isinstance(v, (int, float, str, bool))})
+        inner = next((k for k in keys if isinstance(obj.get(k), (Mapping, torch.nn.Module))), None)
+        if inner is None:
+            break
+        container.append(inner)
+        obj = obj[inner]
+    if isinstance(obj, torch.nn.Module):
+        obj = obj.state_dict()
+    if not isinstance(obj, Mapping):
+        raise UserError(f"checkpoint '{file}' holds a {type(obj).__name__}, not a state dict: expected a dict of tensors")
+    tensors, skipped = flatten_tensors(obj)
+    if not tensors:
+        raise UserError(f"checkpoint '{file}' has no tensors (top-level keys: {', '.join(map(str, list(obj)[:8]))}): expected a state dict")
+    return tensors, container, metadata, skipped
+
+
+def _is_state_dict(obj: Mapping) -> bool:
+    """A mapping is a state dict when most of its values are tensors."""
+    values = list(obj.values())
+    return bool(values) and sum(isinstance(v, torch.Tensor) for v in values) * 2 > len(values)
+
+
+def flatten_tensors(obj: Mapping, prefix: str = "") -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Flatten nested mappings of tensors into dotted names; collect non-tensor leaves."""
+    tensors: dict[str, torch.Tensor] = {}
+    skipped: list[str] = []
+    for key, value in obj.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, torch.Tensor):
+            tensors[name] = value
+        elif isinstance(value, Mapping):
+            inner, inner_skipped = flatten_tensors(value, f"{name}.")
+            tensors.update(inner)
+            skipped += inner_skipped
+        else:
+            skipped.append(name)
+    return tensors, skipped
+
+
+def _read_sharded(index_file: Path, kind: str, *, trust_pickle: bool, ema: bool) -> Checkpoint:
+    """Read every shard named by an index, after checking they are all present."""
+    weight_map: dict[str, str] = json.loads(index_file.read_text())["weight_map"]
+    shards = list(dict.fromkeys(weight_map.values()))
+    missing = [s for s in shards if not (index_file.parent / s).exists()]
+    if missing:
+        raise UserError(f"shard index '{index_file}' names {len(missing)} missing shard(s), first '{missing[0]}': download every shard next to the index")
+    tensors: dict[str, torch.Tensor] = {}
+    for shard in shards:
+        file = index_file.parent / shard
+        tensors.update(_read_single(file, detect_format(file), trust_pickle=trust_pickle, ema=ema).tensors)
+    absent = [k for k in weight_map if k not in tensors]
+    if absent:
+        raise UserError(f"shard index '{index_file}' lists tensor '{absent[0]}' (and {len(absent) - 1} more) that no shard holds: the shards do not belong to this index")
+    fmt = "sharded-safetensors" if kind == "index-safetensors" else "sharded-torch"
+    return Checkpoint(str(index_file), fmt, tensors)
