@@ -260,7 +260,8 @@ def _read_error(path: str) -> str | None:
                 image.draft("RGB", (64, 64))
             image.load()
     except Exception as exc:  # PIL raises many types (OSError, SyntaxError, ValueError, ...)
-        return str(exc).split("\n")[0] or type(exc).__name__
+        reason = str(exc).split("\n")[0].replace(f" '{path}'", "").replace(path, "file")
+        return reason or type(exc).__name__
     return None
 
 
