@@ -131,3 +131,10 @@ def test_concurrent_calls_agree(tmp_path):
 def test_bad_parameters_name_the_value(tmp_path, kwargs, quoted):
     with pytest.raises(UserError, match=quoted):
         ensure_demo_dataset(tmp_path, **kwargs)
+
+
+def test_unwritable_cache_dir_is_named(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(UserError, match=f"demo cache dir '{blocker}'"):
+        ensure_demo_dataset(blocker, **SMALL)

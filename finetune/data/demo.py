@@ -119,6 +119,8 @@ def ensure_demo_dataset(
     try:
         _write_dataset(temp, params)
         _publish(temp, final)
+    except OSError as exc:
+        raise UserError(f"demo cache dir '{cache}' is not writable ({exc.strerror or exc}): choose a writable folder") from exc
     finally:
         shutil.rmtree(temp, ignore_errors=True)
     return final

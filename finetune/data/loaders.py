@@ -88,11 +88,14 @@ def build_loaders(
     common = {"batch_size": batch_size, "num_workers": num_workers, "pin_memory": pin_memory}
     if num_workers > 0:
         common |= {"worker_init_fn": seed_worker, "persistent_workers": True}
+    # Own generators: without one, every pass would draw worker seeds from the global RNG.
     train = DataLoader(
         ImageDataset(split.train, train_transform), sampler=sampler, drop_last=drop_last,
         generator=torch.Generator().manual_seed(seed), **common,
     )
-    val = DataLoader(ImageDataset(split.val, eval_transform), shuffle=False, **common)
+    val = DataLoader(
+        ImageDataset(split.val, eval_transform), shuffle=False, generator=torch.Generator().manual_seed(seed), **common
+    )
     weights = compute_class_weights(counts) if balance == "loss_weights" else None
     return Loaders(train, val, sampler, weights)
 
