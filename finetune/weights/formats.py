@@ -196,8 +196,11 @@ def _read_single(file: Path, kind: str, *, trust_pickle: bool, ema: bool) -> Che
     if kind == "safetensors":
         return Checkpoint(str(file), kind, *_read_safetensors(file))
     if kind == "torchscript":
-        module = torch.jit.load(str(file), map_location="cpu")  # TorchScript runs no Python code
-        return Checkpoint(str(file), kind, dict(module.state_dict()))
+        try:
+            module = torch.jit.load(str(file), map_location="cpu")  # TorchScript runs no Python code
+        except RuntimeError as err:
+            raise _load_error(file, err) from None
+        return Checkpoint(str(file), kind, {k: v.detach() for k, v in module.state_dict().items()})
     obj = _torch_load(file, mmap=kind == "torch-zip", trust_pickle=trust_pickle)
     tensors, container, metadata, skipped = unwrap_container(obj, file, ema=ema)
     return Checkpoint(str(file), kind, tensors, container, metadata, skipped)

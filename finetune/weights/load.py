@@ -93,7 +93,7 @@ def load_pretrained(
     report = LoadReport(model=type(model).__name__, target_tensors=len(tensors))
     plan: dict[str, _Placement] = {}
     for index, spec in enumerate(specs):
-        plan.update(_plan_source(index, spec, target, remap=remap, trust_pickle=trust_pickle, report=report))
+        plan.update(_plan_source(index, spec, target, remap=remap, trust_pickle=trust_pickle, several=len(specs) > 1, report=report))
     _account(plan, target, (*ALWAYS_ALLOWED_MISSING, *allow_missing), report)
     report.loaded_fraction = loaded_fraction(model, set(plan), target.heads)
     if report.problems and not dry_run:
@@ -137,17 +137,21 @@ def _check_in_chans(in_chans: int | None, target: _Target) -> None:
         raise UserError(f"model.in_chans={in_chans} but the model's first conv '{target.first_conv}' takes {built} channels: build the model with in_chans={in_chans}")
 
 
-def _plan_source(index: int, spec: SourceSpec, target: _Target, *, remap: Any, trust_pickle: bool, report: LoadReport) -> dict[str, _Placement]:
+def _plan_source(
+    index: int, spec: SourceSpec, target: _Target, *, remap: Any, trust_pickle: bool, several: bool, report: LoadReport
+) -> dict[str, _Placement]:
     """Read one source, map its names and decide what each tensor becomes."""
     ckpt = read_checkpoint(spec.path, trust_pickle=trust_pickle, ema=spec.ema)
     tensors = _select(ckpt.tensors, spec.select, ckpt.path)
     view = _target_view(target.tensors, spec.prefix)
-    heads = [h.removeprefix(f"{spec.prefix}.") for h in target.heads] if spec.prefix else target.heads
+    inside = (lambda name: name.removeprefix(f"{spec.prefix}.")) if spec.prefix else (lambda name: name)
+    conv = inside(target.first_conv.rpartition(".")[0]) if target.first_conv else None
     result = remap_keys(
         {k: tuple(v.shape) for k, v in tensors.items()},
         {short: tuple(target.tensors[full].shape) for short, full in view.items()},
         spec.remap if spec.remap is not None else remap,
-        heads=heads,
+        heads=[inside(h) for h in target.heads],
+        first_conv=conv,
     )
     plan: dict[str, _Placement] = {}
     for src_key, short in result.mapping.items():
@@ -166,7 +170,7 @@ def _plan_source(index: int, spec: SourceSpec, target: _Target, *, remap: Any, t
         "stripped": result.stripped, "added": result.added, "aligned": result.aligned,
         "dropped": result.dropped, "unexpected": len(unexpected), "placed": len(plan), "non_tensor": ckpt.skipped,
     })
-    if not result.mapping:
+    if not result.mapping and several:
         report.problems.append(f"weights '{ckpt.path}' have no tensor whose name fits the model (source keys like '{next(iter(tensors))}'): check model.name, or give model.remap rules or a preset")
     return plan
 
@@ -248,27 +252,28 @@ def matches_any(key: str, patterns: Sequence[str]) -> bool:
 def _account(plan: dict[str, _Placement], target: _Target, allowed: Sequence[str], report: LoadReport) -> None:
     """Every target tensor: loaded, head re-initialised, allowed missing, or a problem."""
     reported_heads = {h["key"] for h in report.head} | {m["key"] for m in report.mismatched}
-    unexplained = []
+    unexplained, allowed_missing = [], []
     for key, tensor in target.tensors.items():
         if key in plan or key in reported_heads:
             continue
         if is_under(key.rpartition(".")[0], target.heads):
             report.head.append({"key": key, "source_shape": None, "target_shape": tuple(tensor.shape)})
         elif matches_any(key, allowed):
-            report.missing.append(key)
+            allowed_missing.append(key)
         else:
             unexplained.append(key)
+    report.missing += unexplained + allowed_missing
     if unexplained:
-        report.missing += unexplained
-        report.problems.append(_missing_message(unexplained, len(plan), report))
+        low_fit = len(plan) < LOW_FIT * report.target_tensors
+        report.problems.insert(0 if low_fit else len(report.problems), _missing_message(unexplained, low_fit, report))
 
 
-def _missing_message(keys: list[str], placed: int, report: LoadReport) -> str:
+def _missing_message(keys: list[str], low_fit: bool, report: LoadReport) -> str:
     """One line naming the missing tensors and the fix."""
     names = ", ".join(f"'{k}'" for k in keys[:3]) + (f" (+{len(keys) - 3} more)" if len(keys) > 3 else "")
     paths = ", ".join(f"'{s['path']}'" for s in report.sources)
-    if placed < LOW_FIT * report.target_tensors:
-        return (f"weights {paths} fit only {placed} of {report.target_tensors} tensors of {report.model} (missing {names}): "
+    if low_fit:
+        return (f"weights {paths} fit only {len(report.loaded)} of {report.target_tensors} tensors of {report.model} (missing {names}): "
                 "they look like weights for another architecture; check model.name, or give model.remap rules or a preset")
     return f"{len(keys)} model tensor(s) got no weights from {paths}: {names}; fix model.remap, or allow them with model.allow_missing=['PATTERN']"
 

@@ -60,10 +60,49 @@ EFFICIENTNET_PYTORCH = Preset(
     },
 )
 
-PRESETS: dict[str, Preset] = {p.name: p for p in (EFFICIENTNET_PYTORCH,)}
 
 
-def detect_preset(source_keys: list[str]) -> Preset | None:
+@dataclass(frozen=True)
+class RulePreset:
+    """A named set of remap rules (``select``/``strip_prefix``/``rename``/``drop``/``add_prefix``).
+
+    Attributes:
+        name: The ``model.remap`` value that selects it.
+        signature: Regex; ``remap=auto`` picks this preset when a source key matches it.
+        rules: Rules as accepted by `finetune.weights.remap.apply_rules`.
+    """
+
+    name: str
+    signature: str
+    rules: dict[str, list]
+
+
+# torchvision VisionTransformer -> timm VisionTransformer (same q, k, v order in qkv).
+TORCHVISION_VIT = RulePreset(
+    name="torchvision_vit",
+    signature=r"^encoder\.layers\.encoder_layer_\d+\.self_attention\.in_proj_weight$",
+    rules={
+        "rename": [
+            [r"^class_token$", "cls_token"],
+            [r"^conv_proj\.", "patch_embed.proj."],
+            [r"^encoder\.pos_embedding$", "pos_embed"],
+            [r"^encoder\.layers\.encoder_layer_(\d+)\.", r"blocks.\1."],
+            [r"\.ln_1\.", ".norm1."],
+            [r"\.ln_2\.", ".norm2."],
+            [r"\.self_attention\.in_proj_(weight|bias)$", r".attn.qkv.\1"],
+            [r"\.self_attention\.out_proj\.", ".attn.proj."],
+            [r"\.mlp\.0\.", ".mlp.fc1."],
+            [r"\.mlp\.3\.", ".mlp.fc2."],
+            [r"^encoder\.ln\.", "norm."],
+            [r"^heads\.head\.", "head."],
+        ],
+    },
+)
+
+PRESETS: dict[str, Preset | RulePreset] = {p.name: p for p in (EFFICIENTNET_PYTORCH, TORCHVISION_VIT)}
+
+
+def detect_preset(source_keys: list[str]) -> Preset | RulePreset | None:
     """The preset whose signature some source key matches, if exactly one does."""
     hits = [p for p in PRESETS.values() if any(re.match(p.signature, k) for k in source_keys)]
     return hits[0] if len(hits) == 1 else None

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from finetune.errors import UserError
-from finetune.weights.presets import PRESETS, apply_preset, detect_preset
+from finetune.weights.presets import PRESETS, RulePreset, apply_preset, detect_preset
 
 Shape = tuple[int, ...]
 
@@ -58,7 +58,12 @@ class Remapped:
 
 
 def remap_keys(
-    source: Mapping[str, Shape], target: Mapping[str, Shape], remap: Any = "auto", *, heads: Sequence[str] = ()
+    source: Mapping[str, Shape],
+    target: Mapping[str, Shape],
+    remap: Any = "auto",
+    *,
+    heads: Sequence[str] = (),
+    first_conv: str | None = None,
 ) -> Remapped:
     """Map source names onto target names.
 
@@ -66,7 +71,8 @@ def remap_keys(
         source: Source ``{name: shape}`` in file order.
         target: Target ``{name: shape}`` in model order.
         remap: ``"auto"``, ``"none"``, a preset name or a rules mapping (module docstring).
-        heads: Target module prefixes of the classifier (shape may differ when aligning).
+        heads: Target module prefixes of the classifier (aligning: dim 0 may differ).
+        first_conv: Target module name of the first conv (aligning: dim 1 may differ).
 
     Returns:
         The mapping and how it was found.
@@ -83,7 +89,7 @@ def remap_keys(
         return Remapped(check_one_to_one({k: k for k in source if k in target}), "none")
     if remap == "auto":
         preset = detect_preset(list(source))
-        return _remap_by_preset(preset.name, source, target) if preset else _remap_auto(source, target, heads)
+        return _remap_by_preset(preset.name, source, target) if preset else _remap_auto(source, target, heads, first_conv)
     if isinstance(remap, str) and remap in PRESETS:
         return _remap_by_preset(remap, source, target)
     choices = ", ".join(["auto", "none", *PRESETS, "{rename: [[regex, repl]], ...}"])
@@ -91,9 +97,15 @@ def remap_keys(
 
 
 def _remap_by_preset(name: str, source: Mapping[str, Shape], target: Mapping[str, Shape]) -> Remapped:
-    """Apply a preset, then keep wrapper stripping available for its output."""
-    mapping = apply_preset(PRESETS[name], [strip_wrappers(k)[0] for k in source], list(target))
-    return Remapped(check_one_to_one({k: mapping[strip_wrappers(k)[0]] for k in source}), name)
+    """Apply a preset to the names with DDP/compile wrappers removed."""
+    preset = PRESETS[name]
+    bare = check_one_to_one({k: strip_wrappers(k)[0] for k in source})
+    if isinstance(preset, RulePreset):
+        result = _remap_by_rules(list(bare.values()), target, preset.rules)
+        original = {v: k for k, v in bare.items()}
+        return Remapped({original[s]: t for s, t in result.mapping.items()}, name, dropped=[original[d] for d in result.dropped])
+    mapping = apply_preset(preset, list(bare.values()), list(target))
+    return Remapped(check_one_to_one({k: mapping[bare[k]] for k in source}), name)
 
 
 def _remap_by_rules(keys: list[str], target: Mapping[str, Shape], rules: dict[str, Any]) -> Remapped:
@@ -176,7 +188,7 @@ def strip_wrappers(key: str) -> tuple[str, str]:
     return name, "".join(f"{p}." for p in removed)
 
 
-def _remap_auto(source: Mapping[str, Shape], target: Mapping[str, Shape], heads: Sequence[str]) -> Remapped:
+def _remap_auto(source: Mapping[str, Shape], target: Mapping[str, Shape], heads: Sequence[str], first_conv: str | None) -> Remapped:
     """Exact names, then wrapper prefixes, then structural alignment."""
     result = Remapped({}, "auto")
     names: dict[str, str] = {}
@@ -189,7 +201,7 @@ def _remap_auto(source: Mapping[str, Shape], target: Mapping[str, Shape], heads:
     left_src = {k: source[k] for k in source if k not in result.mapping}
     taken = set(result.mapping.values())
     left_tgt = {k: s for k, s in target.items() if k not in taken}
-    aligned = align_by_structure(left_src, left_tgt, heads=heads)
+    aligned = align_by_structure(left_src, left_tgt, heads=heads, first_conv=first_conv)
     result.mapping.update(aligned)
     result.aligned = list(aligned)
     return result
@@ -250,15 +262,15 @@ def _cut_points(run: str) -> list[int]:
 
 
 def align_by_structure(
-    source: Mapping[str, Shape], target: Mapping[str, Shape], *, heads: Sequence[str] = ()
+    source: Mapping[str, Shape], target: Mapping[str, Shape], *, heads: Sequence[str] = (), first_conv: str | None = None
 ) -> dict[str, str]:
     """Pair unmatched source and target tensors by module order and shapes.
 
     Tensors are grouped into modules (name minus the last segment). The target's
     module sequence must embed into the source's in exactly one way, each pair having
     the same number of tensors with equal shapes (or shapes equal up to size-1 dims);
-    head modules may differ in their first dimension. If the whole target does not
-    embed, its non-head modules are tried alone.
+    head modules may differ in dim 0 (classes), the first conv in dim 1 (input
+    channels). If the whole target does not embed, its non-head modules are tried alone.
 
     Returns:
         ``{source key: target key}``, empty when nothing aligns.
@@ -269,12 +281,12 @@ def align_by_structure(
     if not source or not target:
         return {}
     src_modules, tgt_modules = _group_modules(source), _group_modules(target)
-    is_head = [is_under(name, heads) for name, _ in tgt_modules]
-    pairs = _embed(tgt_modules, src_modules, is_head)
-    if pairs is None and any(is_head):
-        body = [m for m, h in zip(tgt_modules, is_head) if not h]
-        pairs = _embed(body, src_modules, [False] * len(body))
-        tgt_modules = body
+    flex = [0 if is_under(name, heads) else 1 if name == first_conv else None for name, _ in tgt_modules]
+    pairs = _embed(tgt_modules, src_modules, flex)
+    if pairs is None and 0 in flex:
+        body = [(m, f) for m, f in zip(tgt_modules, flex) if f != 0]
+        tgt_modules, flex = [m for m, _ in body], [f for _, f in body]
+        pairs = _embed(tgt_modules, src_modules, flex)
     if pairs is None:
         return {}
     mapping = {}
@@ -297,18 +309,18 @@ def _group_modules(shapes: Mapping[str, Shape]) -> list[tuple[str, list[tuple[st
     return list(modules.items())
 
 
-def _compatible(tgt: list[tuple[str, Shape]], src: list[tuple[str, Shape]], head: bool) -> bool:
-    """Same tensor count, shapes equal (up to size-1 dims); heads may differ in dim 0."""
-    return _shapes_compatible(tuple(s for _, s in tgt), tuple(s for _, s in src), head)
+def _compatible(tgt: list[tuple[str, Shape]], src: list[tuple[str, Shape]], flex: int | None) -> bool:
+    """Same tensor count, shapes equal (up to size-1 dims) except in dimension ``flex``."""
+    return _shapes_compatible(tuple(s for _, s in tgt), tuple(s for _, s in src), flex)
 
 
 @functools.lru_cache(maxsize=65536)
-def _shapes_compatible(tgt: tuple[Shape, ...], src: tuple[Shape, ...], head: bool) -> bool:
+def _shapes_compatible(tgt: tuple[Shape, ...], src: tuple[Shape, ...], flex: int | None) -> bool:
     """`_compatible` on shapes only (cached: the alignment asks the same pairs often)."""
     if len(tgt) != len(src):
         return False
     for t, s in zip(tgt, src):
-        if head and len(t) == len(s) and t[1:] == s[1:]:
+        if flex is not None and len(t) == len(s) > flex and t[:flex] + t[flex + 1:] == s[:flex] + s[flex + 1:]:
             continue
         if t != s and not reshapeable(s, t):
             return False
@@ -320,7 +332,7 @@ def reshapeable(src: Shape, tgt: Shape) -> bool:
     return tuple(d for d in src if d != 1) == tuple(d for d in tgt if d != 1) and src != tgt
 
 
-def _embed(tgt: list, src: list, is_head: list[bool]) -> list[tuple[int, int]] | None:
+def _embed(tgt: list, src: list, flex: list[int | None]) -> list[tuple[int, int]] | None:
     """The unique order-preserving embedding of ``tgt`` modules into ``src`` modules.
 
     Counts embeddings by dynamic programming (capped at 2); written by hand because no
@@ -336,7 +348,7 @@ def _embed(tgt: list, src: list, is_head: list[bool]) -> list[tuple[int, int]] |
     ways[n] = [1] * (m + 1)
     for i in range(n - 1, -1, -1):
         for j in range(m - 1, -1, -1):
-            match = ways[i + 1][j + 1] if _compatible(tgt[i][1], src[j][1], is_head[i]) else 0
+            match = ways[i + 1][j + 1] if _compatible(tgt[i][1], src[j][1], flex[i]) else 0
             ways[i][j] = min(2, ways[i][j + 1] + match)
     if ways[0][0] == 0:
         return None
@@ -345,7 +357,7 @@ def _embed(tgt: list, src: list, is_head: list[bool]) -> list[tuple[int, int]] |
         raise UserError(f"structural alignment is ambiguous: {n} unmatched model modules (first '{example}') fit the checkpoint in more than one way; give model.remap rules ({{rename: [[regex, repl]]}}) or a preset")
     pairs, j = [], 0
     for i in range(n):
-        while not (_compatible(tgt[i][1], src[j][1], is_head[i]) and ways[i + 1][j + 1]):
+        while not (_compatible(tgt[i][1], src[j][1], flex[i]) and ways[i + 1][j + 1]):
             j += 1
         pairs.append((i, j))
         j += 1
