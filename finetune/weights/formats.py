@@ -223,6 +223,9 @@ def _torch_load(file: Path, *, mmap: bool, trust_pickle: bool) -> object:
         warnings.warn(f"trust_pickle=true: loading '{file}' can run arbitrary code from the file", stacklevel=3)
         log.warning("TRUST_PICKLE: unpickling '%s' with weights_only=False; this can run code from the file", file)
     try:
+        if file.name.endswith(".safetensors"):  # torch.load would treat the path as safetensors
+            with open(file, "rb") as f:  # a file object: no mmap, but read by content
+                return torch.load(f, map_location="cpu", weights_only=not trust_pickle)
         return torch.load(file, map_location="cpu", weights_only=not trust_pickle, mmap=mmap)
     except Exception as err:  # pickle, zip and storage errors have no common base class
         raise _load_error(file, err) from None
