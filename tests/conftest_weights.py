@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
+import pytest
 import torch
 from torch import nn
 
@@ -34,3 +37,16 @@ class TinyNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.bn1(self.conv_stem(x)).mean((2, 3)))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread() -> Iterator[None]:
+    """One intra-op thread for these tiny models.
+
+    On a busy 2-core machine, OpenMP threads spin-waiting on each other made a 32x32
+    efficientnet_b0 forward take ~1 s instead of ~10 ms. Restored after the module.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

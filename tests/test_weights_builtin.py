@@ -5,6 +5,7 @@ import timm
 import torch
 from torch.testing import assert_close
 
+from conftest_weights import single_thread  # noqa: F401  (autouse fixture)
 from finetune.errors import UserError
 from finetune.weights import load_pretrained, read_state_dict
 from finetune.weights.presets import EFFICIENTNET_PYTORCH, apply_preset

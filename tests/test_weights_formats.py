@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from conftest_weights import single_thread  # noqa: F401  (autouse fixture)
 from conftest_weights import TinyNet
 from finetune.errors import UserError
 from finetune.weights import read_checkpoint, read_state_dict

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -134,7 +134,7 @@ def _check_in_chans(in_chans: int | None, target: _Target) -> None:
         return
     built = target.tensors[target.first_conv].shape[1]
     if built != in_chans:
-        raise UserError(f"model.in_chans={in_chans} but the model's first conv '{target.first_conv}' takes {built} channels: build the model with in_chans={in_chans}")
+        raise UserError(f"model.in_chans={in_chans} but the model's first conv '{target.first_conv.removesuffix('.weight')}' takes {built} channels: build the model with in_chans={in_chans}")
 
 
 def _plan_source(
@@ -251,6 +251,8 @@ def matches_any(key: str, patterns: Sequence[str]) -> bool:
 
 def _account(plan: dict[str, _Placement], target: _Target, allowed: Sequence[str], report: LoadReport) -> None:
     """Every target tensor: loaded, head re-initialised, allowed missing, or a problem."""
+    report.head = _last_per_key(h for h in report.head if h["key"] not in plan)  # a later source may fill it
+    report.mismatched = _last_per_key(m for m in report.mismatched if m["key"] not in plan)
     reported_heads = {h["key"] for h in report.head} | {m["key"] for m in report.mismatched}
     unexplained, allowed_missing = [], []
     for key, tensor in target.tensors.items():
@@ -266,6 +268,11 @@ def _account(plan: dict[str, _Placement], target: _Target, allowed: Sequence[str
     if unexplained:
         low_fit = len(plan) < LOW_FIT * report.target_tensors
         report.problems.insert(0 if low_fit else len(report.problems), _missing_message(unexplained, low_fit, report))
+
+
+def _last_per_key(entries: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One entry per key, the latest source's."""
+    return list({e["key"]: e for e in entries}.values())
 
 
 def _missing_message(keys: list[str], low_fit: bool, report: LoadReport) -> str:
