@@ -1,0 +1,184 @@
+"""Config -> parts. The only code besides ``run`` that reads the config.
+
+Each builder takes the config node it needs and returns a ready part; what is
+below them (models, data, weights, optim, trainer) takes named arguments only.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from timm.utils import ModelEmaV3
+from torch import nn
+
+from finetune import data as data_lib
+from finetune.checkpoint import CheckpointManager, rng_state, weights_metadata
+from finetune.config import Config
+from finetune.errors import UserError
+from finetune.freezing import apply_freeze
+from finetune.heads import init_head
+from finetune.loggers import MetricsJsonl, TensorBoardLogger
+from finetune.models import BackboneSpec, build_model, locate_library_weights
+from finetune.optim import build_optimizer, build_param_groups, build_scheduler
+from finetune.runtime import Runtime, package_versions
+from finetune.trainer import Trainer, TrainState, infer_mode
+from finetune.weights import load_pretrained
+
+log = logging.getLogger("finetune")
+
+
+def build_split(cfg: DictConfig, *, run_dir: Path) -> data_lib.DataSplit:
+    """Find the images (generating the demo set once if asked) and record the split in the run dir."""
+    if cfg.name == "demo":
+        demo = cfg.demo
+        root = data_lib.ensure_demo_dataset(cfg.cache_dir, seed=demo.seed, num_classes=demo.num_classes,
+                                            train_per_class=demo.train_per_class,
+                                            val_per_class=demo.val_per_class, image_size=demo.image_size)
+    elif cfg.root is None:
+        raise UserError("data=custom needs data.root=DIR: an image folder with DIR/<class>/<image> "
+                        "or DIR/train/<class>/<image> and DIR/val/<class>/<image>")
+    else:
+        root = cfg.root
+    split = data_lib.scan_image_folder(root, val_split=cfg.val_split, seed=cfg.split_seed,
+                                       skip_bad_images=cfg.skip_bad_images)
+    (run_dir / "split.json").write_text(json.dumps(split.to_record(), indent=1) + "\n")
+    return split
+
+
+def build_network(cfg: DictConfig, *, head: DictConfig, num_classes: int) -> tuple[nn.Module, BackboneSpec]:
+    return build_model(name=cfg.name, source=cfg.source, num_classes=cfg.num_classes or num_classes,
+                       in_chans=cfg.in_chans, input_size=cfg.input_size, pool=head.pool,
+                       dropout=head.dropout, drop_path_rate=cfg.drop_path_rate)
+
+
+def load_weights(cfg: DictConfig, model: nn.Module, spec: BackboneSpec, *, head_init: str,
+                 run_dir: Path) -> dict[str, Any]:
+    """Initialise from ``model.weights`` or the library's own weights; write ``load_report.json``.
+
+    A classifier the weights did not provide (new class count, or no weights) starts as ``head.init`` says.
+    """
+    source = OmegaConf.to_container(cfg.weights) if OmegaConf.is_config(cfg.weights) else cfg.weights
+    if source is None and cfg.pretrained:
+        source = str(locate_library_weights(cfg.name, cfg.source))
+    if source is None:
+        report = {"source": None, "note": "random initialisation: model.pretrained=false and model.weights=null"}
+        log.warning("no pretrained weights: training from random initialisation")
+    else:
+        loaded = load_pretrained(model, source, remap=cfg.remap, allow_missing=tuple(cfg.allow_missing),
+                                 allow_mismatch=tuple(cfg.allow_mismatch), trust_pickle=cfg.trust_pickle,
+                                 classifier=spec.classifier, first_conv=spec.first_conv, in_chans=spec.in_chans)
+        log.info("pretrained weights:\n" + loaded.format_table())
+        report = loaded.to_dict()
+    if source is None or report["head"]:
+        init_head(model, spec.classifier, head_init)
+    (run_dir / "load_report.json").write_text(json.dumps(report, indent=1) + "\n")
+    return report
+
+
+def build_loaders(cfg: DictConfig, split: data_lib.DataSplit, spec: BackboneSpec, *, seed: int,
+                  pin_memory: bool) -> data_lib.Loaders:
+    data_config = data_lib.effective_data_config(spec.data_config, cfg.img_size)
+    spec.data_config = data_config  # what inference must reproduce
+    augment = {"scale": tuple(cfg.crop_scale), "hflip": cfg.hflip, "color_jitter": cfg.color_jitter,
+               "auto_augment": cfg.auto_augment}
+    return data_lib.build_loaders(
+        split, train_transform=data_lib.build_transforms(data_config, img_size=cfg.img_size, train=True, **augment),
+        eval_transform=data_lib.build_transforms(data_config, img_size=cfg.img_size, train=False),
+        batch_size=cfg.batch_size, num_workers=cfg.num_workers, balance=cfg.balance, seed=seed,
+        pin_memory=pin_memory)
+
+
+def build_optimization(cfg: DictConfig, model: nn.Module, spec: BackboneSpec, *,
+                       updates_per_epoch: int) -> tuple[torch.optim.Optimizer, Any]:
+    """Freeze, then the optimizer over stable named groups, then the per-update scheduler."""
+    frozen = apply_freeze(model, mode=cfg.freeze.name, head=spec.classifier, bn=cfg.freeze.bn)
+    if frozen:
+        log.info(f"frozen: {len(frozen)} parameter tensors outside '{spec.classifier}'")
+    groups = build_param_groups(model, head=spec.classifier, weight_decay=cfg.optim.weight_decay,
+                                decay_norm_and_bias=cfg.optim.decay_norm_and_bias)
+    optimizer = build_optimizer(groups, name=cfg.optim.name, lr=cfg.optim.lr, momentum=cfg.optim.momentum,
+                                betas=cfg.optim.betas)
+    s = cfg.sched
+    scheduler = build_scheduler(optimizer, name=s.name, epochs=cfg.trainer.max_epochs,
+                                updates_per_epoch=updates_per_epoch, warmup_epochs=s.warmup_epochs,
+                                warmup_lr=s.warmup_lr, min_lr=s.min_lr, decay_epochs=s.decay_epochs,
+                                decay_rate=s.decay_rate)
+    return optimizer, scheduler
+
+
+def build_trainer(cfg: DictConfig, *, model: nn.Module, spec: BackboneSpec, loaders: data_lib.Loaders,
+                  rt: Runtime, run_dir: Path, class_names: list[str]) -> Trainer:
+    """The loop with its loss, EMA, grad scaler and hooks (TensorBoard, metrics.jsonl, checkpoints)."""
+    t = cfg.trainer
+    weight = loaders.class_weights.to(rt.device) if loaders.class_weights is not None else None
+    loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=t.label_smoothing)
+    updates = -(-len(loaders.train) // t.accumulate)
+    optimizer, scheduler = build_optimization(cfg, model, spec, updates_per_epoch=updates)
+    ema = ModelEmaV3(model, decay=t.ema_decay) if t.ema else None
+    scaler = torch.amp.GradScaler(rt.device.type) if rt.use_grad_scaler else None
+    trainer = Trainer(model=model, optimizer=optimizer, loss_fn=loss_fn, device=rt.device,
+                      num_classes=spec.num_classes, max_epochs=t.max_epochs, scheduler=scheduler,
+                      autocast_dtype=rt.autocast_dtype, grad_scaler=scaler, accumulate=t.accumulate,
+                      grad_clip=t.grad_clip, ema=ema, channels_last=t.channels_last,
+                      monitor=cfg.checkpoint.monitor, mode=cfg.checkpoint.mode,
+                      patience=t.early_stopping.patience, min_delta=t.early_stopping.min_delta,
+                      progress_bar=cfg.logger.progress_bar)
+    trainer.hooks = build_hooks(cfg, trainer=trainer, spec=spec, run_dir=run_dir, class_names=class_names)
+    return trainer
+
+
+def build_hooks(cfg: DictConfig, *, trainer: Trainer, spec: BackboneSpec, run_dir: Path,
+                class_names: list[str]) -> list:
+    versions = package_versions()
+    config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
+
+    def metadata(**kw: Any) -> dict[str, str]:
+        return weights_metadata(spec, class_names=class_names, versions=versions, **kw)
+
+    def training_state(state: TrainState) -> dict[str, Any]:
+        return {"format": "finetune.train_state/1", "model": trainer.model.state_dict(),
+                "optimizer": trainer.optimizer.state_dict(),
+                "scheduler": trainer.scheduler.state_dict() if trainer.scheduler else None,
+                "grad_scaler": trainer.grad_scaler.state_dict() if trainer.grad_scaler else None,
+                "ema": trainer.ema.state_dict() if trainer.ema else None,
+                "train_state": state.to_dict(), "rng": rng_state(), "config_yaml": config_yaml,
+                "versions": versions, "weights_metadata": metadata(epoch=state.epoch)}
+
+    def deploy_model() -> nn.Module:
+        return trainer.ema.module if trainer.ema is not None else trainer.model
+
+    ckpt = cfg.checkpoint
+    manager = CheckpointManager(run_dir / "checkpoints", monitor=ckpt.monitor, metadata=metadata,
+                                weights_model=deploy_model, training_state=training_state,
+                                save_best=ckpt.save_best, save_last=ckpt.save_last)
+    tb = TensorBoardLogger(run_dir / "tb", class_names=class_names, log_every_n_steps=cfg.logger.log_every_n_steps)
+    return [tb, MetricsJsonl(run_dir / "metrics.jsonl"), manager]
+
+
+def hparams(cfg: DictConfig) -> dict[str, Any]:
+    """Flat ``group.key`` settings for TensorBoard's HPARAMS tab."""
+    flat = OmegaConf.to_container(cfg, resolve=True)
+    out: dict[str, Any] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{prefix}{k}.")
+        else:
+            out[prefix[:-1]] = node
+
+    walk(flat, "")
+    return out
+
+
+def monitor_mode(cfg: DictConfig) -> str:
+    return cfg.checkpoint.mode or infer_mode(cfg.checkpoint.monitor)
+
+
+__all__ = ["Config", "build_split", "build_network", "load_weights", "build_loaders", "build_trainer",
+           "hparams", "monitor_mode"]

@@ -1,0 +1,201 @@
+"""The typed schema every composed config is validated against.
+
+Hydra merges the YAML files in ``conf/`` onto these dataclasses (registered in
+the ConfigStore as ``finetune_schema``), so a misspelled key or a value of the
+wrong type stops the run during composition, naming the key, before any work.
+``check_config`` adds the few rules a type cannot express (positive rates,
+known choices) and raises one-line ``UserError``s.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig
+
+from finetune.errors import UserError
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tf_efficientnet_lite0"  # timm or torchvision architecture name
+    source: str = "timm"  # timm | torchvision
+    pretrained: bool = False  # the library's own weights (needs its hub, or its cache)
+    weights: Any = None  # null | PATH | builtin:NAME | list of {path, select, prefix, remap}
+    remap: Any = "auto"  # auto | none | a preset name | rules (see docs/weights.md)
+    input_size: int = 224  # the backbone's usual input size; data.img_size overrides it
+    in_chans: int = 3
+    num_classes: Optional[int] = None  # default: the number of class folders
+    trust_pickle: bool = False  # allow checkpoints that need arbitrary pickled globals
+    allow_missing: list[str] = field(default_factory=list)  # regexes of tensors allowed to stay unloaded
+    allow_mismatch: list[str] = field(default_factory=list)  # regexes of tensors allowed to change shape
+    drop_path_rate: float = 0.0
+
+
+@dataclass
+class DemoConfig:
+    num_classes: int = 6
+    train_per_class: int = 80
+    val_per_class: int = 20
+    image_size: int = 128
+    seed: int = 0  # the demo images are fixed by this, not by the run's seed
+
+
+@dataclass
+class DataConfig:
+    name: str = "demo"  # demo | custom
+    root: Optional[str] = None  # image folder: DIR/{train,val}/<class>/* or DIR/<class>/*
+    img_size: Optional[int] = None  # default: model.input_size
+    batch_size: int = 32
+    num_workers: int = 0
+    val_split: float = 0.2  # used when root has no train/ and val/
+    split_seed: int = 0  # the split stays fixed across runs with different seeds
+    balance: str = "none"  # none | sampler | loss_weights
+    skip_bad_images: bool = False
+    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # train RandomResizedCrop area range
+    hflip: float = 0.5  # train horizontal-flip probability
+    color_jitter: float = 0.4
+    auto_augment: Optional[str] = None  # a timm auto-augment spec, e.g. rand-m9-mstd0.5
+    cache_dir: str = "~/.cache/finetune"  # where data=demo writes its images once
+    demo: DemoConfig = field(default_factory=DemoConfig)
+
+
+@dataclass
+class HeadConfig:
+    name: str = "linear"
+    init: str = "trunc_normal"  # default (the library's) | zeros | trunc_normal (std 0.02), for a new head
+    pool: Optional[str] = None  # null: the backbone's own pooling
+    dropout: float = 0.0
+
+
+@dataclass
+class FreezeConfig:
+    name: str = "none"  # none | head_only
+    bn: str = "eval"  # train | eval: running statistics of frozen parts
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"  # any timm optimizer name: adamw, sgd, ...
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    momentum: float = 0.9  # sgd only
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adam-family only
+    decay_norm_and_bias: bool = False
+
+
+@dataclass
+class SchedConfig:
+    name: str = "cosine"  # any timm scheduler: cosine, step, multistep, poly, tanh; or none
+    warmup_epochs: float = 1.0
+    warmup_lr: float = 1e-5
+    min_lr: float = 1e-6
+    decay_epochs: float = 30.0  # step schedules
+    decay_rate: float = 0.1  # step schedules
+
+
+@dataclass
+class CheckpointConfig:
+    monitor: str = "val/acc1"
+    mode: Optional[str] = None  # max | min; inferred from the metric name when null
+    save_best: bool = True
+    save_last: bool = True
+
+
+@dataclass
+class EarlyStoppingConfig:
+    patience: Optional[int] = None  # epochs without improvement of checkpoint.monitor; null = off
+    min_delta: float = 0.0
+
+
+@dataclass
+class TrainerConfig:
+    max_epochs: int = 10
+    precision: str = "32"  # 32 | bf16 | 16
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    accumulate: int = 1
+    grad_clip: Optional[float] = None  # max global grad norm
+    label_smoothing: float = 0.0
+    ema: bool = False
+    ema_decay: float = 0.998
+    channels_last: bool = False
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+    deterministic: bool = True  # deterministic kernels where torch has them
+
+
+@dataclass
+class LoggerConfig:
+    name: str = "tensorboard"
+    log_every_n_steps: int = 1
+    progress_bar: bool = True
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    freeze: FreezeConfig = field(default_factory=FreezeConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    sched: SchedConfig = field(default_factory=SchedConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    seed: int = 0
+    resume: Optional[str] = None
+
+
+def register_schema() -> None:
+    """Put the schema into Hydra's ConfigStore (``conf/config.yaml`` lists it first)."""
+    ConfigStore.instance().store(name="finetune_schema", node=Config)
+
+
+# The allowed values of string keys a type cannot restrict: data, not an if-ladder.
+CHOICES = {
+    "model.source": ("timm", "torchvision"),
+    "data.name": ("demo", "custom"),
+    "data.balance": ("none", "sampler", "loss_weights"),
+    "head.name": ("linear",),
+    "head.init": ("default", "zeros", "trunc_normal"),
+    "freeze.name": ("none", "head_only"),
+    "freeze.bn": ("train", "eval"),
+    "sched.name": ("cosine", "step", "multistep", "poly", "tanh", "none"),
+    "trainer.precision": ("32", "bf16", "16"),
+    "checkpoint.mode": (None, "max", "min"),
+    "logger.name": ("tensorboard",),
+}
+
+POSITIVE = ("optim.lr", "data.batch_size", "trainer.max_epochs", "trainer.accumulate",
+            "model.in_chans", "logger.log_every_n_steps")
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Raise a one-line UserError for values the schema's types cannot rule out."""
+    for key, allowed in CHOICES.items():
+        value = _get(cfg, key)
+        if value not in allowed:
+            shown = ", ".join(str(a) for a in allowed if a is not None)
+            raise UserError(f"{key} must be one of {shown}; got '{value}'")
+    for key in POSITIVE:
+        value = _get(cfg, key)
+        if not value > 0:
+            raise UserError(f"{key} must be positive, got '{value}'")
+    for key in ("optim.weight_decay", "trainer.label_smoothing", "data.num_workers"):
+        if _get(cfg, key) < 0:
+            raise UserError(f"{key} must not be negative, got '{_get(cfg, key)}'")
+    if not 0.0 < cfg.data.val_split < 1.0:
+        raise UserError(f"data.val_split must be between 0 and 1, got '{cfg.data.val_split}'")
+    if cfg.trainer.grad_clip is not None and not cfg.trainer.grad_clip > 0:
+        raise UserError(f"trainer.grad_clip must be positive or null, got '{cfg.trainer.grad_clip}'")
+    if cfg.model.num_classes is not None and cfg.model.num_classes < 2:
+        raise UserError(f"model.num_classes must be at least 2 (or null to take it from the data), "
+                        f"got '{cfg.model.num_classes}'")
+
+
+def _get(cfg: DictConfig, dotted: str) -> Any:
+    node: Any = cfg
+    for part in dotted.split("."):
+        node = node[part]
+    return node

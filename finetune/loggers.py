@@ -1,0 +1,97 @@
+"""Where metrics go: TensorBoard event files and ``metrics.jsonl``.
+
+Both are ``TrainerHooks``; tags are ``split/metric`` (``train/loss``, ``val/acc1``,
+``lr/<group>``). The confusion matrix is drawn with PIL (no plotting library needed).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from torch.utils.tensorboard import SummaryWriter
+
+from finetune.metrics import EvalResult
+from finetune.trainer import TrainState
+
+
+class TensorBoardLogger:
+    """Per-step ``train/loss`` and ``lr/*``, per-epoch ``val/*``, the confusion matrix, hparams."""
+
+    def __init__(self, log_dir: str | Path, *, class_names: list[str], log_every_n_steps: int = 1,
+                 purge_step: int | None = None):
+        self.writer = SummaryWriter(str(log_dir), purge_step=purge_step)
+        self.class_names = class_names
+        self.every = log_every_n_steps
+
+    def on_step(self, state: TrainState, logs: dict[str, float]) -> None:
+        if state.global_step % self.every == 0:
+            for tag, value in logs.items():
+                self.writer.add_scalar(tag, value, state.global_step)
+
+    def on_epoch_end(self, state: TrainState, logs: dict[str, float], result: EvalResult,
+                     improved: bool) -> None:
+        step = state.global_step
+        for tag, value in result.scalars().items():
+            self.writer.add_scalar(tag, value, step)
+        self.writer.add_scalar("train/epoch_loss", logs["train/loss"], step)
+        self.writer.add_scalar("epoch", state.epoch, step)
+        for name, acc in zip(self.class_names, result.per_class_acc):
+            self.writer.add_scalar(f"val_class/{name}", acc, step)
+        image = render_confusion(result.confusion, self.class_names)
+        self.writer.add_image("val/confusion_matrix", image, step, dataformats="HWC")
+        self.writer.flush()
+
+    def log_hparams(self, hparams: dict[str, Any], metrics: dict[str, float]) -> None:
+        """The run's settings next to its best metric (TensorBoard's HPARAMS tab)."""
+        clean = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in hparams.items()}
+        self.writer.add_hparams(clean, {f"hparam/{k}": v for k, v in metrics.items()}, run_name=".")
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class MetricsJsonl:
+    """``metrics.jsonl``: one JSON object per epoch, appended and flushed at once."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def on_step(self, state: TrainState, logs: dict[str, float]) -> None:
+        pass
+
+    def on_epoch_end(self, state: TrainState, logs: dict[str, float], result: EvalResult,
+                     improved: bool) -> None:
+        record = {"epoch": state.epoch, "step": state.global_step, "train/loss": logs["train/loss"],
+                  **result.scalars(), "val/per_class_acc": result.per_class_acc,
+                  "lr": {k.removeprefix("lr/"): v for k, v in logs.items() if k.startswith("lr/")},
+                  "seconds": logs["seconds"], "best": improved}
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def close(self) -> None:
+        pass
+
+
+def render_confusion(confusion: torch.Tensor, class_names: list[str], cell: int = 28) -> np.ndarray:
+    """Row-normalised confusion matrix as an RGB image: rows true class, columns predicted."""
+    n = confusion.shape[0]
+    rates = (confusion.float() / confusion.sum(dim=1, keepdim=True).clamp(min=1)).numpy()
+    label_w = min(max((len(c) for c in class_names), default=4) * 6 + 8, 140)
+    image = Image.new("RGB", (label_w + n * cell + 4, label_w + n * cell + 4), "white")
+    draw = ImageDraw.Draw(image)
+    for i in range(n):
+        draw.text((2, label_w + i * cell + cell // 3), class_names[i][:22], fill="black")
+        draw.text((label_w + i * cell + 2, label_w - 12), class_names[i][:4], fill="black")
+        for j in range(n):
+            shade = int(255 * (1.0 - rates[i, j]))
+            box = (label_w + j * cell, label_w + i * cell, label_w + (j + 1) * cell - 1, label_w + (i + 1) * cell - 1)
+            draw.rectangle(box, fill=(shade, shade, 255))
+            if n <= 20:
+                draw.text((box[0] + 3, box[1] + cell // 3), str(int(confusion[i, j])),
+                          fill="white" if rates[i, j] > 0.5 else "black")
+    return np.asarray(image)

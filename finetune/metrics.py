@@ -1,0 +1,57 @@
+"""Classification metrics accumulated over a whole evaluation pass."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class EvalResult:
+    """Loss, top-k accuracy, per-class accuracy and the confusion matrix (rows = true class)."""
+
+    loss: float
+    acc1: float
+    acc5: float | None  # None with fewer than 5 classes
+    per_class_acc: list[float]
+    confusion: torch.Tensor  # int64 [C, C]
+
+    def scalars(self, prefix: str = "val") -> dict[str, float]:
+        out = {f"{prefix}/loss": self.loss, f"{prefix}/acc1": self.acc1}
+        if self.acc5 is not None:
+            out[f"{prefix}/acc5"] = self.acc5
+        return out
+
+
+class MetricAccumulator:
+    """Sums what ``EvalResult`` needs, batch by batch, on the logits' device."""
+
+    def __init__(self, num_classes: int):
+        self.num_classes = num_classes
+        self.loss_sum = 0.0
+        self.count = 0
+        self.top5_hits = 0
+        self.confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64)
+
+    def update(self, logits: torch.Tensor, target: torch.Tensor, loss_sum: float) -> None:
+        self.loss_sum += loss_sum
+        self.count += target.numel()
+        pred = logits.argmax(dim=1)
+        index = (target * self.num_classes + pred).cpu()
+        self.confusion += torch.bincount(index, minlength=self.num_classes**2).view_as(self.confusion)
+        if self.num_classes >= 5:
+            top5 = logits.topk(5, dim=1).indices
+            self.top5_hits += int((top5 == target[:, None]).any(dim=1).sum())
+
+    def result(self) -> EvalResult:
+        count = max(self.count, 1)
+        support = self.confusion.sum(dim=1).clamp(min=1)
+        per_class = (self.confusion.diagonal() / support).tolist()
+        return EvalResult(
+            loss=self.loss_sum / count,
+            acc1=float(self.confusion.diagonal().sum()) / count,
+            acc5=self.top5_hits / count if self.num_classes >= 5 else None,
+            per_class_acc=per_class,
+            confusion=self.confusion.clone(),
+        )

@@ -1,0 +1,220 @@
+"""Backbones from timm or torchvision, with a new head for this data set.
+
+``build_model`` returns the network plus a ``BackboneSpec``: where its classifier
+and first convolution live and how its inputs must be preprocessed. Library
+weights (``model.pretrained=true``) are located as a local file first, so they go
+through the same accounted-for loading as any other weights, and an unreachable
+hub fails within seconds instead of retrying for a minute.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import socket
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import timm
+import timm.data
+import torch
+import torchvision
+from torch import nn
+
+from finetune.errors import UserError
+
+PROBE_TIMEOUT_S = 3.0
+
+
+@dataclass
+class BackboneSpec:
+    """What the rest of the run needs to know about a built model."""
+
+    name: str
+    source: str  # timm | torchvision
+    num_classes: int
+    in_chans: int
+    classifier: str  # dotted module path of the final layer
+    first_conv: str  # dotted module path of the input convolution
+    data_config: dict[str, Any] = field(default_factory=dict)  # timm data config
+    head: dict[str, Any] = field(default_factory=dict)  # head settings used to build it
+
+
+def build_model(*, name: str, source: str, num_classes: int, in_chans: int = 3,
+                input_size: int = 224, pool: str | None = None, dropout: float = 0.0,
+                drop_path_rate: float = 0.0) -> tuple[nn.Module, BackboneSpec]:
+    """Create the backbone with a freshly initialised ``num_classes`` head.
+
+    >>> model, spec = build_model(name="test_resnet", source="timm", num_classes=3)
+    >>> spec.classifier, model(torch.zeros(1, 3, 64, 64)).shape
+    ('fc', torch.Size([1, 3]))
+    """
+    head = {"pool": pool, "dropout": dropout}
+    builder = {"timm": _build_timm, "torchvision": _build_torchvision}[source]
+    model, classifier, first_conv = builder(name, num_classes, in_chans, head, drop_path_rate)
+    data_config = resolve_data_config(model, source=source, in_chans=in_chans, input_size=input_size)
+    spec = BackboneSpec(name=name, source=source, num_classes=num_classes, in_chans=in_chans,
+                        classifier=classifier, first_conv=first_conv, data_config=data_config, head=head)
+    return model, spec
+
+
+def _build_timm(name: str, num_classes: int, in_chans: int, head: dict,
+                drop_path_rate: float) -> tuple[nn.Module, str, str]:
+    check_model_name(name, "timm")
+    kwargs: dict[str, Any] = {"num_classes": num_classes, "in_chans": in_chans, "drop_rate": head["dropout"]}
+    if head["pool"]:
+        kwargs["global_pool"] = head["pool"]
+    if drop_path_rate:
+        kwargs["drop_path_rate"] = drop_path_rate
+    try:
+        model = timm.create_model(name, pretrained=False, **kwargs)
+    except TypeError as err:  # e.g. a model without global_pool / drop_path_rate
+        raise UserError(f"timm model '{name}' does not accept these head settings {kwargs}: {err}") from None
+    cfg = model.pretrained_cfg
+    classifier = cfg.get("classifier") or _find_classifier(model, num_classes)
+    if isinstance(classifier, (list, tuple)):  # distilled models have two heads
+        classifier = classifier[0]
+    first_conv = cfg.get("first_conv") or _find_first_conv(model)
+    if isinstance(first_conv, (list, tuple)):
+        first_conv = first_conv[0]
+    return model, classifier, first_conv
+
+
+def _build_torchvision(name: str, num_classes: int, in_chans: int, head: dict,
+                       drop_path_rate: float) -> tuple[nn.Module, str, str]:
+    check_model_name(name, "torchvision")
+    if head["pool"] or drop_path_rate:
+        raise UserError(f"head.pool and model.drop_path_rate are timm-only settings; torchvision '{name}' "
+                        "keeps its own pooling: leave them at their defaults")
+    # torchvision's builders take num_classes when no weights are given: the generic
+    # way to get the right head without knowing each architecture's layout.
+    model = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+    classifier = _find_classifier(model, num_classes)
+    if head["dropout"]:
+        parent, leaf = _split_path(model, classifier)
+        setattr(parent, leaf, nn.Sequential(nn.Dropout(head["dropout"]), getattr(parent, leaf)))
+        classifier = f"{classifier}.1"
+    first_conv = _find_first_conv(model)
+    if in_chans != 3:
+        _replace_first_conv(model, first_conv, in_chans)
+    return model, classifier, first_conv
+
+
+def _find_classifier(model: nn.Module, num_classes: int) -> str:
+    """The last Linear/Conv2d whose output is the class count."""
+    found = [n for n, m in model.named_modules()
+             if (isinstance(m, nn.Linear) and m.out_features == num_classes)
+             or (isinstance(m, nn.Conv2d) and m.out_channels == num_classes)]
+    if not found:
+        raise UserError(f"cannot find the classifier of this model (no layer with {num_classes} outputs)")
+    return found[-1]
+
+
+def _find_first_conv(model: nn.Module) -> str:
+    return next(n for n, m in model.named_modules() if isinstance(m, nn.Conv2d))
+
+
+def _split_path(model: nn.Module, path: str) -> tuple[nn.Module, str]:
+    parent_path, _, leaf = path.rpartition(".")
+    return (model.get_submodule(parent_path) if parent_path else model), leaf
+
+
+def _replace_first_conv(model: nn.Module, path: str, in_chans: int) -> None:
+    parent, leaf = _split_path(model, path)
+    old: nn.Conv2d = getattr(parent, leaf)
+    new = nn.Conv2d(in_chans, old.out_channels, old.kernel_size, old.stride, old.padding,
+                    old.dilation, old.groups, old.bias is not None, old.padding_mode)
+    setattr(parent, leaf, new)
+
+
+def check_model_name(name: str, source: str) -> None:
+    """Unknown names fail with the closest known names (and the other library, if it knows it)."""
+    known = timm.list_models() if source == "timm" else torchvision.models.list_models()
+    if name in known:
+        return
+    other = "torchvision" if source == "timm" else "timm"
+    other_known = torchvision.models.list_models() if source == "timm" else timm.list_models()
+    if name in other_known:
+        raise UserError(f"model.name '{name}' is a {other} model, not a {source} one: add model.source={other}")
+    close = difflib.get_close_matches(name, known, n=5, cutoff=0.6)
+    hint = f"did you mean: {', '.join(close)}?" if close else f"list them with {source}'s list_models()"
+    raise UserError(f"model.name '{name}' is not a {source} model; {hint}")
+
+
+def resolve_data_config(model: nn.Module, *, source: str, in_chans: int, input_size: int) -> dict[str, Any]:
+    """timm's pretrained data config (mean, std, interpolation, crop), sized to ``input_size``."""
+    if source == "timm":
+        cfg = dict(timm.data.resolve_data_config({}, model=model))
+    else:  # torchvision classification weights: ImageNet statistics, bilinear, resize 256 -> crop 224
+        cfg = dict(timm.data.resolve_data_config({"interpolation": "bilinear", "crop_pct": 0.875}))
+    cfg["input_size"] = (in_chans, input_size, input_size)
+    if in_chans != 3:  # one mean/std per channel: grey = average, more = cycle RGB
+        mean, std = cfg["mean"], cfg["std"]
+        pick = (lambda v: (sum(v) / 3,)) if in_chans == 1 else (lambda v: tuple(v[i % 3] for i in range(in_chans)))
+        cfg["mean"], cfg["std"] = pick(mean), pick(std)
+    return cfg
+
+
+def locate_library_weights(name: str, source: str) -> Path:
+    """Path of the library's own pretrained file: from its cache, else downloaded if the hub answers.
+
+    Raises UserError within seconds when the file is not cached and the hub is unreachable.
+    """
+    locate = {"timm": _locate_timm_weights, "torchvision": _locate_torchvision_weights}[source]
+    return locate(name)
+
+
+def _offline_error(name: str, source: str, where: str) -> UserError:
+    return UserError(
+        f"model.pretrained=true needs {source}'s weights for '{name}' from {where}, which is not reachable "
+        f"and not cached: give a local file with model.weights=PATH, or set model.pretrained=false")
+
+
+def _locate_timm_weights(name: str) -> Path:
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    cfg = timm.models.get_pretrained_cfg(name)
+    if cfg is None or not cfg.hf_hub_id:
+        raise UserError(f"timm has no pretrained weights for '{name}': set model.pretrained=false "
+                        "or give model.weights=PATH")
+    files = [cfg.hf_hub_filename] if cfg.hf_hub_filename else ["model.safetensors", "pytorch_model.bin"]
+    for filename in files:
+        try:
+            return Path(hf_hub_download(cfg.hf_hub_id, filename, local_files_only=True))
+        except EntryNotFoundError:  # not in the local cache: try the next name, then the hub
+            continue
+    if not hub_reachable("huggingface.co"):
+        raise _offline_error(name, "timm", f"the Hugging Face Hub ({cfg.hf_hub_id})")
+    return Path(hf_hub_download(cfg.hf_hub_id, files[0]))
+
+
+def _locate_torchvision_weights(name: str) -> Path:
+    weights = torchvision.models.get_model_weights(name).DEFAULT
+    path = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
+    if path.exists():
+        return path
+    if not hub_reachable("download.pytorch.org"):
+        raise _offline_error(name, "torchvision", weights.url)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.hub.download_url_to_file(weights.url, str(path))
+    return path
+
+
+def hub_reachable(host: str, port: int = 443, timeout: float = PROBE_TIMEOUT_S) -> bool:
+    """A TCP connect with a hard deadline (name resolution included), never a hang."""
+    result: list[bool] = []
+
+    def probe() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            result.append(True)
+        except OSError:
+            result.append(False)
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return bool(result and result[0])

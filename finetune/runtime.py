@@ -1,0 +1,76 @@
+"""Process-wide setup: seeds, device, numeric precision, library versions."""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass
+from importlib import metadata
+
+import numpy as np
+import torch
+
+from finetune.errors import UserError
+
+AUTOCAST_DTYPES = {"32": None, "bf16": torch.bfloat16, "16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Runtime:
+    device: torch.device
+    autocast_dtype: torch.dtype | None  # None: full fp32
+    use_grad_scaler: bool  # fp16 on CUDA
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (CPU and every CUDA device)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def set_deterministic(enabled: bool) -> None:
+    """Ask torch for deterministic kernels; warn (not fail) where none exists."""
+    if enabled:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(enabled, warn_only=True)
+    torch.backends.cudnn.benchmark = not enabled
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when present; an unavailable CUDA request is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"trainer.device '{name}' is not a device: use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"trainer.device '{name}' asked for CUDA but torch sees no GPU: use trainer.device=cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"trainer.device '{name}' is not supported: use auto, cpu, cuda or cuda:N")
+    return device
+
+
+def setup_runtime(*, seed: int, device: str, precision: str, deterministic: bool = True) -> Runtime:
+    """Seed, pick the device and the autocast dtype for ``trainer.precision``."""
+    seed_everything(seed)
+    set_deterministic(deterministic)
+    dev = resolve_device(device)
+    dtype = AUTOCAST_DTYPES[precision]
+    if dtype is torch.float16 and dev.type != "cuda":
+        raise UserError("trainer.precision '16' (fp16 with a GradScaler) needs CUDA; "
+                        "on CPU use trainer.precision=bf16 or 32")
+    return Runtime(device=dev, autocast_dtype=dtype, use_grad_scaler=dtype is torch.float16)
+
+
+def package_versions() -> dict[str, str]:
+    """Versions worth recording next to weights and in training state."""
+    names = ("torch", "torchvision", "timm", "safetensors", "hydra-core", "finetune")
+    versions = {}
+    for name in names:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "unknown"
+    return versions

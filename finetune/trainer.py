@@ -1,0 +1,207 @@
+"""The training loop: steps, epochs, evaluation, early stopping. No config in here.
+
+``Trainer`` gets built parts (model, optimizer, scheduler, loss, loaders) and
+named settings; what happens around the loop (TensorBoard, metrics.jsonl,
+checkpoints) plugs in as ``TrainerHooks``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from finetune.errors import UserError
+from finetune.metrics import EvalResult, MetricAccumulator
+
+log = logging.getLogger("finetune")
+
+
+class TrainingDiverged(UserError):
+    """The loss became NaN or infinite."""
+
+
+@dataclass
+class TrainState:
+    """Where training stands; saved in ``last.ckpt`` and restored on resume."""
+
+    epoch: int = 0  # epochs completed
+    global_step: int = 0  # optimizer updates done
+    batches_seen: int = 0  # batches of the current epoch already trained on
+    best_value: float | None = None
+    best_epoch: int | None = None
+    stale_epochs: int = 0  # epochs since the monitored metric last improved
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class TrainerHooks(Protocol):
+    """What loggers and checkpointing see of the loop."""
+
+    def on_step(self, state: TrainState, logs: dict[str, float]) -> None: ...
+
+    def on_epoch_end(self, state: TrainState, logs: dict[str, float], result: EvalResult,
+                     improved: bool) -> None: ...
+
+
+def infer_mode(monitor: str) -> str:
+    """``min`` for losses and errors, ``max`` for everything else (accuracies)."""
+    return "min" if "loss" in monitor or "err" in monitor else "max"
+
+
+class Trainer:
+    """Fits a classifier: per-update scheduling, accumulation, clipping, AMP, EMA, early stopping."""
+
+    def __init__(self, *, model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: nn.Module,
+                 device: torch.device, num_classes: int, max_epochs: int, scheduler: Any = None,
+                 autocast_dtype: torch.dtype | None = None, grad_scaler: torch.amp.GradScaler | None = None,
+                 accumulate: int = 1, grad_clip: float | None = None, ema: Any = None,
+                 channels_last: bool = False, monitor: str = "val/acc1", mode: str | None = None,
+                 patience: int | None = None, min_delta: float = 0.0, hooks: Sequence[TrainerHooks] = (),
+                 progress_bar: bool = True):
+        self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
+        self.scheduler, self.grad_scaler, self.ema = scheduler, grad_scaler, ema
+        self.device, self.num_classes, self.max_epochs = device, num_classes, max_epochs
+        self.autocast_dtype, self.accumulate, self.grad_clip = autocast_dtype, accumulate, grad_clip
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.monitor, self.mode = monitor, mode or infer_mode(monitor)
+        self.patience, self.min_delta = patience, min_delta
+        self.hooks, self.progress_bar = list(hooks), progress_bar
+        self.eval_loss = nn.CrossEntropyLoss(reduction="sum")
+
+    # ----------------------------------------------------------------- fit
+    def fit(self, train_loader: Iterable, val_loader: Iterable, state: TrainState | None = None) -> TrainState:
+        """Train from ``state`` (a fresh one by default) until ``max_epochs`` or early stopping."""
+        state = state or TrainState()
+        while state.epoch < self.max_epochs:
+            started = time.perf_counter()
+            logs = self.train_epoch(train_loader, state)
+            result = self.evaluate(val_loader)
+            improved = self._track_best(state, result.scalars() | logs)
+            state.epoch, state.batches_seen = state.epoch + 1, 0
+            logs["seconds"] = time.perf_counter() - started
+            self._log_epoch(state, logs, result)
+            for hook in self.hooks:
+                hook.on_epoch_end(state, logs, result, improved)
+            if self.patience is not None and state.stale_epochs >= self.patience:
+                log.info(f"early stopping: {self.monitor} did not improve for {state.stale_epochs} epochs")
+                break
+        return state
+
+    # --------------------------------------------------------------- epoch
+    def train_epoch(self, loader: Iterable, state: TrainState) -> dict[str, float]:
+        """One pass over the training data; returns the epoch's mean loss and last rates."""
+        sampler = getattr(loader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(state.epoch)
+        self.model.train()
+        total_batches = len(loader) + state.batches_seen  # the sampler skips batches already seen
+        loss_sum, images, started = 0.0, 0, time.perf_counter()
+        bar = tqdm(loader, total=total_batches, initial=state.batches_seen, disable=not self.progress_bar,
+                   desc=f"epoch {state.epoch + 1}/{self.max_epochs}", dynamic_ncols=True, leave=False)
+        for inputs, target in bar:
+            state.batches_seen += 1
+            update = state.batches_seen % self.accumulate == 0 or state.batches_seen == total_batches
+            loss = self.train_step(inputs, target, state, update=update)
+            loss_sum, images = loss_sum + loss * target.shape[0], images + target.shape[0]
+            logs = {"train/loss": loss, **self.learning_rates()}
+            if update:
+                for hook in self.hooks:
+                    hook.on_step(state, logs)
+            speed = images / max(time.perf_counter() - started, 1e-9)
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{self.optimizer.param_groups[0]['lr']:.2e}",
+                            img_s=f"{speed:.1f}", refresh=False)
+        bar.close()
+        return {"train/loss": loss_sum / max(images, 1), **self.learning_rates()}
+
+    # ---------------------------------------------------------------- step
+    def train_step(self, inputs: torch.Tensor, target: torch.Tensor, state: TrainState, *, update: bool) -> float:
+        """Forward and backward on one batch; an optimizer update when ``update``. Returns the loss."""
+        inputs = inputs.to(self.device, non_blocking=True, memory_format=self.memory_format)
+        target = target.to(self.device, non_blocking=True)
+        with self._autocast():
+            loss = self.loss_fn(self.model(inputs), target)
+        value = loss.item()
+        if not math.isfinite(value):
+            raise TrainingDiverged(
+                f"train/loss became {value} at epoch {state.epoch + 1}, batch {state.batches_seen}: lower "
+                "optim.lr, set trainer.grad_clip, or use trainer.precision=32; the last checkpoint is kept")
+        scaled = loss / self.accumulate
+        (self.grad_scaler.scale(scaled) if self.grad_scaler else scaled).backward()
+        if update:
+            self._optimizer_update(state)
+        return value
+
+    def _optimizer_update(self, state: TrainState) -> None:
+        if self.grad_clip is not None:
+            if self.grad_scaler:
+                self.grad_scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        if self.grad_scaler:
+            self.grad_scaler.step(self.optimizer)
+            self.grad_scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        state.global_step += 1
+        if self.scheduler is not None:
+            self.scheduler.step_update(num_updates=state.global_step)
+        if self.ema is not None:
+            self.ema.update(self.model, step=state.global_step)
+
+    # ------------------------------------------------------------ evaluate
+    @torch.no_grad()
+    def evaluate(self, loader: Iterable, model: nn.Module | None = None) -> EvalResult:
+        """Loss, accuracies and confusion matrix over ``loader`` (EMA weights when EMA is on)."""
+        model = model or (self.ema.module if self.ema is not None else self.model)
+        was_training = model.training
+        model.eval()
+        acc = MetricAccumulator(self.num_classes)
+        for inputs, target in loader:
+            inputs = inputs.to(self.device, non_blocking=True, memory_format=self.memory_format)
+            target = target.to(self.device, non_blocking=True)
+            with self._autocast():
+                logits = model(inputs)
+            logits = logits.float()
+            acc.update(logits, target, self.eval_loss(logits, target).item())
+        model.train(was_training)
+        return acc.result()
+
+    # ------------------------------------------------------------- helpers
+    def learning_rates(self) -> dict[str, float]:
+        """Current rate of each named parameter group: ``lr/<group>``."""
+        return {f"lr/{g.get('name', i)}": g["lr"] for i, g in enumerate(self.optimizer.param_groups)}
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+
+    def _track_best(self, state: TrainState, metrics: dict[str, float]) -> bool:
+        if self.monitor not in metrics:
+            raise UserError(f"checkpoint.monitor '{self.monitor}' is not a metric of this run; "
+                            f"choose one of {', '.join(sorted(k for k in metrics if '/' in k))}")
+        value, best = metrics[self.monitor], state.best_value
+        sign = 1.0 if self.mode == "max" else -1.0
+        improved = best is None or sign * (value - best) > self.min_delta
+        if improved:
+            state.best_value, state.best_epoch, state.stale_epochs = value, state.epoch + 1, 0
+        else:
+            state.stale_epochs += 1
+        return improved
+
+    def _log_epoch(self, state: TrainState, logs: dict[str, float], result: EvalResult) -> None:
+        acc5 = f" val/acc5 {result.acc5:.4f}" if result.acc5 is not None else ""
+        log.info(f"epoch {state.epoch}/{self.max_epochs} step {state.global_step} "
+                 f"train/loss {logs['train/loss']:.4f} val/loss {result.loss:.4f} "
+                 f"val/acc1 {result.acc1:.4f}{acc5} best {self.monitor} {state.best_value:.4f} "
+                 f"(epoch {state.best_epoch}) {logs['seconds']:.1f}s")
