@@ -63,7 +63,7 @@ def _parser() -> argparse.ArgumentParser:
     convert = sub.add_parser("convert", parents=[common], help="to safetensors, sharded with an HF index above --max-shard-size")
     convert.add_argument("src")
     convert.add_argument("dst", help="a .safetensors file, or a directory (gets model.safetensors)")
-    convert.add_argument("--max-shard-size", default="2GB", help="e.g. 500MB, 2GB (default 2GB)")
+    convert.add_argument("--max-shard-size", default="2GB", help="bytes, or e.g. 500MB, 2GB (default 2GB)")
     convert.add_argument("--strip-wrappers", action="store_true", help="remove module. / _orig_mod. from names")
     convert.set_defaults(func=convert_command)
     return parser
@@ -149,7 +149,8 @@ def convert_command(args: argparse.Namespace) -> int:
         tensors = {strip_wrappers(k)[0]: v for k, v in tensors.items()}
         if len(tensors) != len(ckpt.tensors):
             raise UserError(f"--strip-wrappers makes two names in '{args.src}' equal: convert without it")
-    written = save_safetensors(tensors, args.dst, max_shard_size=args.max_shard_size, metadata={"format": "pt", "source_format": ckpt.format})
+    size = int(args.max_shard_size) if args.max_shard_size.isdigit() else args.max_shard_size  # bytes, or "2GB"
+    written = save_safetensors(tensors, args.dst, max_shard_size=size, metadata={"format": "pt", "source_format": ckpt.format})
     for path in written:
         print(path)
     return 0

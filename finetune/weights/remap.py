@@ -88,7 +88,7 @@ def remap_keys(
     if remap in (None, "none"):
         return Remapped(check_one_to_one({k: k for k in source if k in target}), "none")
     if remap == "auto":
-        preset = detect_preset(list(source))
+        preset = detect_preset([strip_wrappers(k)[0] for k in source])
         return _remap_by_preset(preset.name, source, target) if preset else _remap_auto(source, target, heads, first_conv)
     if isinstance(remap, str) and remap in PRESETS:
         return _remap_by_preset(remap, source, target)
