@@ -239,3 +239,12 @@ def test_torchvision_vit_into_timm_by_preset(tmp_path: Path) -> None:
     report = load_pretrained(model, tmp_path / "vit.pth")
     assert report.sources[0]["method"] == "torchvision_vit"
     assert_close(outputs(model, size=32), outputs(source, size=32), rtol=1e-4, atol=1e-4)
+
+
+def test_remap_rules_from_omegaconf(tmp_path: Path) -> None:
+    source = randomize(TinyNet())
+    torch.save({f"net.{k}": v for k, v in source.state_dict().items()}, tmp_path / "w.pth")
+    model = TinyNet()
+    report = load_pretrained(model, tmp_path / "w.pth", remap=OmegaConf.create({"rename": [["^net\\.", ""]]}))
+    assert report.sources[0]["method"] == "rules"
+    assert torch.equal(model.bn1.running_var, source.bn1.running_var)

@@ -23,7 +23,7 @@ from finetune.errors import UserError
 from finetune.weights.formats import read_checkpoint
 from finetune.weights.remap import is_under, remap_keys, reshapeable
 from finetune.weights.report import LoadError, LoadReport
-from finetune.weights.sources import SourceSpec, normalize_sources
+from finetune.weights.sources import SourceSpec, normalize_sources, to_plain
 
 HEAD_ATTRS = ("fc", "classifier", "head", "heads")  # torchvision heads, when no pretrained_cfg says
 ALWAYS_ALLOWED_MISSING = (r"(^|\.)num_batches_tracked$",)  # BN step counters: not weights
@@ -87,6 +87,7 @@ def load_pretrained(
         UserError: A source could not be read.
     """
     specs = normalize_sources(source)
+    remap = to_plain(remap)
     tensors = model.state_dict()  # detached views sharing storage with the parameters
     target = _Target(tensors, head_prefixes(model, classifier), first_conv_key(model, first_conv, tensors), tuple(allow_mismatch))
     _check_in_chans(in_chans, target)

@@ -94,7 +94,7 @@ def normalize_sources(source: Any) -> list[SourceSpec]:
     Raises:
         UserError: An entry without ``path`` or with unknown keys.
     """
-    source = _to_plain(source)
+    source = to_plain(source)
     if source is None:
         raise UserError("no weights source given: set model.weights to a path, 'builtin:NAME' or a list of {path, select, prefix, remap}")
     entries = source if isinstance(source, Sequence) and not isinstance(source, str) else [source]
@@ -113,7 +113,7 @@ def _to_spec(entry: Any) -> SourceSpec:
     return SourceSpec(**{**entry, "path": str(entry["path"])})
 
 
-def _to_plain(value: Any) -> Any:
+def to_plain(value: Any) -> Any:
     """OmegaConf containers -> plain Python (lazy import: OmegaConf is optional here)."""
     try:
         from omegaconf import OmegaConf
