@@ -51,6 +51,9 @@ def build_split(cfg: DictConfig, *, run_dir: Path) -> data_lib.DataSplit:
 
 
 def build_network(cfg: DictConfig, *, head: DictConfig, num_classes: int) -> tuple[nn.Module, BackboneSpec]:
+    if cfg.num_classes is not None and cfg.num_classes < num_classes:
+        raise UserError(f"model.num_classes '{cfg.num_classes}' is smaller than the {num_classes} class folders "
+                        "in the data: raise it, or leave it null to take the count from the data")
     return build_model(name=cfg.name, source=cfg.source, num_classes=cfg.num_classes or num_classes,
                        in_chans=cfg.in_chans, input_size=cfg.input_size, pool=head.pool,
                        dropout=head.dropout, drop_path_rate=cfg.drop_path_rate)
@@ -90,7 +93,7 @@ def build_loaders(cfg: DictConfig, split: data_lib.DataSplit, spec: BackboneSpec
         split, train_transform=data_lib.build_transforms(data_config, img_size=cfg.img_size, train=True, **augment),
         eval_transform=data_lib.build_transforms(data_config, img_size=cfg.img_size, train=False),
         batch_size=cfg.batch_size, num_workers=cfg.num_workers, balance=cfg.balance, seed=seed,
-        pin_memory=pin_memory)
+        pin_memory=pin_memory, drop_last=len(split.train) % cfg.batch_size == 1)  # BatchNorm can't train on 1
 
 
 def build_optimization(cfg: DictConfig, model: nn.Module, spec: BackboneSpec, *,

@@ -89,7 +89,7 @@ class OptimConfig:
 @dataclass
 class SchedConfig:
     name: str = "cosine"  # any timm scheduler: cosine, step, multistep, poly, tanh; or none
-    warmup_epochs: float = 1.0
+    warmup_epochs: float = 0.5
     warmup_lr: float = 1e-5
     min_lr: float = 1e-6
     decay_epochs: float = 30.0  # step schedules
@@ -112,7 +112,7 @@ class EarlyStoppingConfig:
 
 @dataclass
 class TrainerConfig:
-    max_epochs: int = 10
+    max_epochs: int = 6
     precision: str = "32"  # 32 | bf16 | 16
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     accumulate: int = 1

@@ -80,6 +80,7 @@ class MetricsJsonl:
 def render_confusion(confusion: torch.Tensor, class_names: list[str], cell: int = 28) -> np.ndarray:
     """Row-normalised confusion matrix as an RGB image: rows true class, columns predicted."""
     n = confusion.shape[0]
+    class_names = list(class_names) + [f"#{i}" for i in range(len(class_names), n)]  # model.num_classes > data's
     rates = (confusion.float() / confusion.sum(dim=1, keepdim=True).clamp(min=1)).numpy()
     label_w = min(max((len(c) for c in class_names), default=4) * 6 + 8, 140)
     image = Image.new("RGB", (label_w + n * cell + 4, label_w + n * cell + 4), "white")

@@ -1,0 +1,63 @@
+"""Shared fixtures: the real configs composed through Hydra, tiny models, tiny images."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from PIL import Image
+
+from finetune.__main__ import CONFIG_DIR  # also registers the schema
+
+REPO = Path(__file__).resolve().parent.parent
+COLOURS = [(220, 40, 40), (40, 200, 40), (40, 60, 220), (230, 200, 30)]
+
+
+def make_image_folder(root: Path, *, classes: int = 3, train: int = 6, val: int = 3, size: int = 32,
+                      split: bool = True) -> Path:
+    """Small learnable images: a coloured square per class on noise (class = colour)."""
+    rng = np.random.default_rng(0)
+    layouts = {"train": train, "val": val} if split else {"": train + val}
+    for sub, count in layouts.items():
+        for c in range(classes):
+            folder = root / sub / f"class_{c}" if sub else root / f"class_{c}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                pixels = rng.integers(0, 80, (size, size, 3), dtype=np.uint8)
+                x, y = rng.integers(0, size // 2, 2)
+                pixels[y:y + size // 2, x:x + size // 2] = COLOURS[c % len(COLOURS)]
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+    return root
+
+
+@pytest.fixture
+def image_folder(tmp_path: Path) -> Path:
+    return make_image_folder(tmp_path / "images")
+
+
+def tiny_overrides(root: Path, *, epochs: int = 2) -> list[str]:
+    """A complete run in seconds: timm's test_resnet on 32px images, random init."""
+    return ["model=resnet18", "model.name=test_resnet", "model.pretrained=false", "data=custom",
+            f"data.root={root}", "data.img_size=32", "data.batch_size=4", "data.num_workers=0",
+            f"trainer.max_epochs={epochs}", "logger.progress_bar=false"]
+
+
+def compose_config(overrides: list[str]):
+    """The real conf/ tree composed with Hydra's compose API, as the CLI would."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose(config_name="config", overrides=overrides)
+
+
+def run_cli(args: list[str], *, cwd: Path, timeout: float = 600, env: dict | None = None):
+    """``python -m finetune ARGS`` in a subprocess; returns the CompletedProcess."""
+    full_env = {**os.environ, "HYDRA_FULL_ERROR": "0", **(env or {})}
+    full_env.pop("HYDRA_FULL_ERROR")
+    return subprocess.run([sys.executable, "-m", "finetune", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout, env=full_env)

@@ -1,0 +1,152 @@
+"""Whole runs in-process through run(cfg): every output file, determinism, freezing, reload."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from conftest import compose_config, make_image_folder, tiny_overrides
+from finetune import load_model
+from finetune.checkpoint import sha256_file
+from finetune.errors import UserError
+from finetune.run import run
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> tuple[Path, dict, Path]:
+    base = tmp_path_factory.mktemp("run")
+    root = make_image_folder(base / "images")
+    cfg = compose_config(tiny_overrides(root, epochs=3) + ["trainer.ema=true"])
+    final = run(cfg, run_dir=base / "out")
+    return base / "out", final, root
+
+
+def test_run_writes_every_output_and_each_loads(finished_run):
+    out, final, _ = finished_run
+    ckpt = out / "checkpoints"
+    for name in ("best.safetensors", "last.safetensors", "last.ckpt", "manifest.json"):
+        assert (ckpt / name).is_file(), name
+    for name in ("metrics.jsonl", "summary.json", "load_report.json", "train.log", "split.json"):
+        assert (out / name).is_file(), name
+    state = torch.load(ckpt / "last.ckpt", weights_only=True)
+    assert state["train_state"]["epoch"] == 3 and state["optimizer"]["state"]
+    assert set(state["model"]) == set(load_file(ckpt / "last.safetensors"))
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["best"]["metric"] == "val/acc1"
+    assert summary["best"]["value"] == final["best/value"]
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in lines] == [1, 2, 3]
+    assert {"train/loss", "val/loss", "val/acc1", "lr", "seconds", "step"} <= set(lines[0])
+    assert "val/acc5" not in lines[0]  # 3 classes: no top-5
+    assert "epoch 3/3" in (out / "train.log").read_text()
+    assert json.loads((out / "load_report.json").read_text())["source"] is None
+
+
+def test_manifest_checksums_match_the_files(finished_run):
+    out = finished_run[0] / "checkpoints"
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["best"] == "best.safetensors"
+    for name, entry in manifest["files"].items():
+        assert sha256_file(out / name) == entry["sha256"]
+        assert (out / name).stat().st_size == entry["bytes"]
+
+
+def test_tensorboard_events_hold_the_curves(finished_run):
+    out = finished_run[0]
+    events = EventAccumulator(str(out / "tb"), size_guidance={"scalars": 0, "images": 0}).Reload()
+    tags = events.Tags()
+    steps = json.loads((out / "summary.json").read_text())["steps"]
+    assert len(events.Scalars("train/loss")) == steps
+    assert len(events.Scalars("lr/head")) == steps and len(events.Scalars("lr/backbone")) == steps
+    assert [e.step for e in events.Scalars("val/acc1")] == [steps // 3, 2 * steps // 3, steps]
+    assert "val/confusion_matrix" in tags["images"]
+    hparam_runs = [p for p in (out / "tb").rglob("events.out.tfevents.*")]
+    assert len(hparam_runs) >= 1
+
+
+def test_weights_file_rebuilds_the_model_with_classes_and_preprocessing(finished_run):
+    out, _, root = finished_run
+    model, meta = load_model(out / "checkpoints" / "best.safetensors")
+    assert meta.class_names == ["class_0", "class_1", "class_2"]
+    assert meta.data_config["input_size"] == (3, 32, 32)
+    with safe_open(str(out / "checkpoints" / "best.safetensors"), framework="pt") as f:
+        assert set(f.keys()) == set(model.state_dict())
+        assert f.metadata()["model_name"] == "test_resnet"
+    x = torch.randn(2, 3, 32, 32)
+    reloaded, _ = load_model(out / "checkpoints" / "last.ckpt")
+    state = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
+    assert model(x).shape == (2, 3)
+    torch.testing.assert_close(reloaded(x), reloaded(x))
+    assert all(torch.equal(state["model"][k], v) for k, v in reloaded.state_dict().items())
+
+
+def test_ema_weights_are_the_deployed_ones(finished_run):
+    out = finished_run[0] / "checkpoints"
+    state = torch.load(out / "last.ckpt", weights_only=True)
+    deployed = load_file(out / "last.safetensors")
+    assert state["ema"] is not None
+    key = next(k for k in deployed if k.endswith("weight") and deployed[k].ndim == 4)
+    assert torch.equal(deployed[key], state["ema"]["module." + key])  # ModelEmaV3 wraps the model
+    assert not torch.equal(deployed[key], state["model"][key])
+
+
+def test_same_seed_and_config_give_bit_identical_weights(tmp_path):
+    root = make_image_folder(tmp_path / "images")
+    overrides = tiny_overrides(root, epochs=2) + ["model.drop_path_rate=0.1", "head.dropout=0.2"]
+    for name in ("a", "b"):
+        run(compose_config(overrides), run_dir=tmp_path / name)
+    a = load_file(tmp_path / "a" / "checkpoints" / "last.safetensors")
+    b = load_file(tmp_path / "b" / "checkpoints" / "last.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    run(compose_config(overrides + ["seed=1"]), run_dir=tmp_path / "c")
+    c = load_file(tmp_path / "c" / "checkpoints" / "last.safetensors")
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_head_only_keeps_backbone_and_batchnorm_statistics_bit_identical(tmp_path):
+    root = make_image_folder(tmp_path / "images")
+    run(compose_config(tiny_overrides(root, epochs=1) + ["freeze=head_only", "head.init=default"]),
+        run_dir=tmp_path / "out")
+    from finetune.models import build_model
+    import finetune.runtime as rt
+    rt.seed_everything(0)
+    initial, _ = build_model(name="test_resnet", source="timm", num_classes=3, input_size=32)
+    trained = load_file(tmp_path / "out" / "checkpoints" / "last.safetensors")
+    for key, value in initial.state_dict().items():
+        if key.startswith("fc."):
+            assert not torch.equal(trained[key], value), f"head {key} did not train"
+        else:
+            assert torch.equal(trained[key], value), f"frozen {key} changed"
+
+
+def test_flat_folder_is_split_and_the_split_recorded(tmp_path):
+    root = make_image_folder(tmp_path / "images", split=False, train=8, val=2)
+    run(compose_config(tiny_overrides(root, epochs=1) + ["data.val_split=0.3", "data.balance=loss_weights"]),
+        run_dir=tmp_path / "out")
+    record = json.loads((tmp_path / "out" / "split.json").read_text())
+    assert record["layout"] == "split" and record["val_split"] == 0.3
+    assert record["class_names"] == ["class_0", "class_1", "class_2"]
+
+
+def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(tmp_path):
+    root = make_image_folder(tmp_path / "images")
+    out = tmp_path / "out"
+    run(compose_config(tiny_overrides(root, epochs=1)), run_dir=out)
+    before = (out / "checkpoints" / "last.safetensors").read_bytes()
+    with pytest.raises(UserError, match=r"train/loss became (nan|inf)"):
+        run(compose_config(tiny_overrides(root, epochs=1) + ["optim.lr=1e30", "sched=none"]), run_dir=out)
+    assert (out / "checkpoints" / "last.safetensors").read_bytes() == before
+    assert json.loads((out / "summary.json").read_text())["status"] == "failed"
+
+
+def test_num_classes_comes_from_the_data_unless_set(tmp_path):
+    root = make_image_folder(tmp_path / "images")
+    run(compose_config(tiny_overrides(root, epochs=1) + ["model.num_classes=5"]), run_dir=tmp_path / "out")
+    _, meta = load_model(tmp_path / "out" / "checkpoints" / "last.safetensors")
+    assert meta.num_classes == 5
