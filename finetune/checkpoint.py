@@ -33,7 +33,7 @@ from torch import nn
 from finetune.errors import UserError
 from finetune.metrics import EvalResult
 from finetune.models import BackboneSpec, build_model
-from finetune.trainer import TrainState
+from finetune.trainer import TrainerHook, TrainState
 
 WEIGHTS_FORMAT = "finetune.weights/1"
 STATE_FORMAT = "finetune.train_state/1"
@@ -218,8 +218,8 @@ class Manifest:
 
 
 # ---------------------------------------------------------- checkpoint manager
-class CheckpointManager:
-    """A ``TrainerHooks`` that writes best/last weights and ``last.ckpt`` after every epoch."""
+class CheckpointManager(TrainerHook):
+    """A ``TrainerHook`` that writes best/last weights and ``last.ckpt`` after every epoch."""
 
     def __init__(self, directory: str | Path, *, monitor: str, metadata: Callable[..., dict[str, str]],
                  weights_model: Callable[[], nn.Module], training_state: Callable[[TrainState], dict],
@@ -229,9 +229,6 @@ class CheckpointManager:
         self.monitor, self.save_best, self.save_last = monitor, save_best, save_last
         self.metadata, self.weights_model, self.training_state = metadata, weights_model, training_state
         self.manifest = Manifest(self.dir / "manifest.json")
-
-    def on_step(self, state: TrainState, logs: dict[str, float]) -> None:
-        pass
 
     def on_epoch_end(self, state: TrainState, logs: dict[str, float], result: EvalResult,
                      improved: bool) -> None:

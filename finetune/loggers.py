@@ -1,6 +1,6 @@
 """Where metrics go: TensorBoard event files and ``metrics.jsonl``.
 
-Both are ``TrainerHooks``; tags are ``split/metric`` (``train/loss``, ``val/acc1``,
+Both are ``TrainerHook``s; tags are ``split/metric`` (``train/loss``, ``val/acc1``,
 ``lr/<group>``). The confusion matrix is drawn with PIL (no plotting library needed).
 """
 
@@ -16,10 +16,10 @@ from PIL import Image, ImageDraw
 from torch.utils.tensorboard import SummaryWriter
 
 from finetune.metrics import EvalResult
-from finetune.trainer import TrainState
+from finetune.trainer import TrainerHook, TrainState
 
 
-class TensorBoardLogger:
+class TensorBoardLogger(TrainerHook):
     """Per-step ``train/loss`` and ``lr/*``, per-epoch ``val/*``, the confusion matrix, hparams."""
 
     def __init__(self, log_dir: str | Path, *, class_names: list[str], log_every_n_steps: int = 1,
@@ -55,14 +55,11 @@ class TensorBoardLogger:
         self.writer.close()
 
 
-class MetricsJsonl:
+class MetricsJsonl(TrainerHook):
     """``metrics.jsonl``: one JSON object per epoch, appended and flushed at once."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-
-    def on_step(self, state: TrainState, logs: dict[str, float]) -> None:
-        pass
 
     def on_epoch_end(self, state: TrainState, logs: dict[str, float], result: EvalResult,
                      improved: bool) -> None:
@@ -72,9 +69,6 @@ class MetricsJsonl:
                   "seconds": logs["seconds"], "best": improved}
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
-
-    def close(self) -> None:
-        pass
 
 
 def render_confusion(confusion: torch.Tensor, class_names: list[str], cell: int = 28) -> np.ndarray:

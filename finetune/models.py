@@ -204,7 +204,12 @@ def _locate_torchvision_weights(name: str) -> Path:
 
 
 def hub_reachable(host: str, port: int = 443, timeout: float = PROBE_TIMEOUT_S) -> bool:
-    """A TCP connect with a hard deadline (name resolution included), never a hang."""
+    """A TCP connect with a hard deadline (name resolution included), never a hang.
+
+    ``HF_HUB_OFFLINE=1`` (the Hugging Face convention) means offline without asking.
+    """
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
     result: list[bool] = []
 
     def probe() -> None:

@@ -94,7 +94,7 @@ class RunLog:
         if self.trainer is not None:
             self._add_training_facts()
             for hook in self.trainer.hooks:
-                getattr(hook, "close", lambda: None)()
+                hook.close()
         self.record["wall_seconds"] = round(time.time() - self.started, 2)
         atomic_write_text(self.run_dir / "summary.json", json.dumps(self.record, indent=2) + "\n")
         logging.getLogger().removeHandler(self.handler)

@@ -2,7 +2,7 @@
 
 ``Trainer`` gets built parts (model, optimizer, scheduler, loss, loaders) and
 named settings; what happens around the loop (TensorBoard, metrics.jsonl,
-checkpoints) plugs in as ``TrainerHooks``.
+checkpoints) plugs in as ``TrainerHook``s.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import math
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from torch import nn
@@ -44,13 +44,21 @@ class TrainState:
         return asdict(self)
 
 
-class TrainerHooks(Protocol):
-    """What loggers and checkpointing see of the loop."""
+class TrainerHook:
+    """What loggers, checkpointing and freezing see of the loop; override what you need."""
 
-    def on_step(self, state: TrainState, logs: dict[str, float]) -> None: ...
+    def on_epoch_start(self, state: TrainState) -> None:
+        """Before the epoch ``state.epoch`` (0-based) trains; the model is already in train mode."""
+
+    def on_step(self, state: TrainState, logs: dict[str, float]) -> None:
+        """After each optimizer update (``state.global_step`` counts them)."""
 
     def on_epoch_end(self, state: TrainState, logs: dict[str, float], result: EvalResult,
-                     improved: bool) -> None: ...
+                     improved: bool) -> None:
+        """After evaluation; ``state.epoch`` counts completed epochs."""
+
+    def close(self) -> None:
+        """The run is over (however it ended)."""
 
 
 def infer_mode(monitor: str) -> str:
@@ -66,7 +74,7 @@ class Trainer:
                  autocast_dtype: torch.dtype | None = None, grad_scaler: torch.amp.GradScaler | None = None,
                  accumulate: int = 1, grad_clip: float | None = None, ema: Any = None,
                  channels_last: bool = False, monitor: str = "val/acc1", mode: str | None = None,
-                 patience: int | None = None, min_delta: float = 0.0, hooks: Sequence[TrainerHooks] = (),
+                 patience: int | None = None, min_delta: float = 0.0, hooks: Sequence[TrainerHook] = (),
                  progress_bar: bool = True):
         self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
         self.scheduler, self.grad_scaler, self.ema = scheduler, grad_scaler, ema
@@ -104,6 +112,8 @@ class Trainer:
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(state.epoch)
         self.model.train()
+        for hook in self.hooks:
+            hook.on_epoch_start(state)
         total_batches = len(loader) + state.batches_seen  # the sampler skips batches already seen
         loss_sum, images, started = 0.0, 0, time.perf_counter()
         bar = tqdm(loader, total=total_batches, initial=state.batches_seen, disable=not self.progress_bar,

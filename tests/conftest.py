@@ -57,7 +57,7 @@ def compose_config(overrides: list[str]):
 
 def run_cli(args: list[str], *, cwd: Path, timeout: float = 600, env: dict | None = None):
     """``python -m finetune ARGS`` in a subprocess; returns the CompletedProcess."""
-    full_env = {**os.environ, "HYDRA_FULL_ERROR": "0", **(env or {})}
-    full_env.pop("HYDRA_FULL_ERROR")
+    full_env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    full_env.update(env or {})
     return subprocess.run([sys.executable, "-m", "finetune", *args], cwd=cwd, capture_output=True,
                           text=True, timeout=timeout, env=full_env)
