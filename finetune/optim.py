@@ -53,5 +53,5 @@ def build_scheduler(optimizer: torch.optim.Optimizer, *, name: str, epochs: int,
     scheduler, _ = timm.scheduler.create_scheduler_v2(
         optimizer, sched=name, num_epochs=epochs, decay_epochs=decay_epochs, decay_rate=decay_rate,
         min_lr=min_lr, warmup_lr=warmup_lr, warmup_epochs=warmup_epochs,
-        step_on_epochs=False, updates_per_epoch=updates_per_epoch)
+        warmup_prefix=True, step_on_epochs=False, updates_per_epoch=updates_per_epoch)  # decay starts at the peak
     return scheduler
