@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
 import hydra
+import yaml
 from omegaconf import DictConfig
 
 from finetune.config import register_schema
 from finetune.errors import UserError
+from finetune.signals import TrainingInterrupted
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
@@ -25,6 +28,12 @@ def train(cfg: DictConfig) -> float | None:
 
     try:
         final = run(cfg)
+    except TrainingInterrupted as err:  # SIGTERM/SIGINT: last.ckpt saved, summary says interrupted
+        print(f"interrupted: {err}; continue with: python -m finetune resume=RUN_DIR", file=sys.stderr)
+        sys.exit(err.exit_code)
+    except KeyboardInterrupt as err:  # a second SIGINT: aborted at once
+        print(f"aborted: {err}", file=sys.stderr)
+        sys.exit(130)
     except UserError as err:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
@@ -35,7 +44,31 @@ def train(cfg: DictConfig) -> float | None:
 
 
 def main() -> None:
+    sys.argv[1:] = expand_resume_args(sys.argv[1:])
     train()
+
+
+def expand_resume_args(args: list[str]) -> list[str]:
+    """Turn ``resume=RUN_DIR`` into that run's saved overrides plus ``hydra.run.dir=RUN_DIR``.
+
+    Hydra picks the run directory before any of our code runs, so the rewrite happens
+    here, before Hydra parses the command line: the overrides recorded in
+    ``RUN_DIR/.hydra/overrides.yaml`` come first, the ones typed now after them (they win;
+    ``run`` then refuses those that change the experiment), and the run continues in
+    ``RUN_DIR``. ``resume.allow_config_change=X`` is accepted for ``resume_allow_config_change=X``.
+    """
+    args = [re.sub(r"^resume\.allow_config_change=", "resume_allow_config_change=", a) for a in args]
+    given = {a.split("=", 1)[0].lstrip("+~"): a for a in args if "=" in a and not a.startswith("-")}
+    target = given.get("resume", "resume=").split("=", 1)[1]
+    run_dir = Path(target).expanduser()
+    if target in ("", "auto", "null") or not run_dir.is_dir():
+        return args
+    saved_file = run_dir / ".hydra" / "overrides.yaml"
+    saved = [str(o) for o in yaml.safe_load(saved_file.read_text()) or []] if saved_file.exists() else []
+    replay = [o for o in saved if o.split("=", 1)[0].lstrip("+~") not in given
+              and not o.split("=", 1)[0].lstrip("+~").startswith(("resume", "hydra."))]
+    placed = [] if "hydra.run.dir" in given else [f"hydra.run.dir={run_dir.resolve()}"]
+    return replay + args + placed
 
 
 if __name__ == "__main__":

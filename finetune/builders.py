@@ -17,7 +17,7 @@ from timm.utils import ModelEmaV3
 from torch import nn
 
 from finetune import data as data_lib
-from finetune.checkpoint import CheckpointManager, rng_state, weights_metadata
+from finetune.checkpoint import CheckpointManager, CheckpointPolicy, rng_state, weights_metadata
 from finetune.config import Config
 from finetune.errors import UserError
 from finetune.freezing import apply_freeze
@@ -25,7 +25,9 @@ from finetune.heads import init_head
 from finetune.loggers import MetricsJsonl, TensorBoardLogger
 from finetune.models import BackboneSpec, build_model, locate_library_weights
 from finetune.optim import build_optimizer, build_param_groups, build_scheduler
+from finetune.resume import ResumePoint
 from finetune.runtime import Runtime, package_versions
+from finetune.signals import StopRequest
 from finetune.trainer import Trainer, TrainState, infer_mode
 from finetune.weights import load_pretrained
 
@@ -115,8 +117,13 @@ def build_optimization(cfg: DictConfig, model: nn.Module, spec: BackboneSpec, *,
 
 
 def build_trainer(cfg: DictConfig, *, model: nn.Module, spec: BackboneSpec, loaders: data_lib.Loaders,
-                  rt: Runtime, run_dir: Path, class_names: list[str]) -> Trainer:
-    """The loop with its loss, EMA, grad scaler and hooks (TensorBoard, metrics.jsonl, checkpoints)."""
+                  rt: Runtime, run_dir: Path, class_names: list[str], resume: ResumePoint | None = None,
+                  stop: StopRequest | None = None) -> Trainer:
+    """The loop with its loss, EMA, grad scaler and hooks (TensorBoard, metrics.jsonl, checkpoints).
+
+    ``resume``: the training state this run continues from (its parts are restored later, by
+    ``finetune.resume.restore_training``); ``stop``: set by SIGTERM/SIGINT to stop after a save.
+    """
     t = cfg.trainer
     weight = loaders.class_weights.to(rt.device) if loaders.class_weights is not None else None
     loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=t.label_smoothing)
@@ -130,13 +137,24 @@ def build_trainer(cfg: DictConfig, *, model: nn.Module, spec: BackboneSpec, load
                       grad_clip=t.grad_clip, ema=ema, channels_last=t.channels_last,
                       monitor=cfg.checkpoint.monitor, mode=cfg.checkpoint.mode,
                       patience=t.early_stopping.patience, min_delta=t.early_stopping.min_delta,
-                      progress_bar=cfg.logger.progress_bar)
-    trainer.hooks = build_hooks(cfg, trainer=trainer, spec=spec, run_dir=run_dir, class_names=class_names)
+                      progress_bar=cfg.logger.progress_bar, stop=stop)
+    trainer.hooks = build_hooks(cfg, trainer=trainer, spec=spec, run_dir=run_dir, class_names=class_names,
+                                batch_size=loaders.train.batch_size, resume=resume)
     return trainer
 
 
+def build_checkpoint_policy(cfg: DictConfig) -> CheckpointPolicy:
+    c = cfg.checkpoint
+    return CheckpointPolicy(monitor=c.monitor, mode=c.mode, save_best=c.save_best, save_last=c.save_last,
+                            save_top_k=c.save_top_k, every_n_epochs=c.every_n_epochs,
+                            every_n_steps=c.every_n_steps, keep_last_k=c.keep_last_k,
+                            weights_format=c.weights_format)
+
+
 def build_hooks(cfg: DictConfig, *, trainer: Trainer, spec: BackboneSpec, run_dir: Path,
-                class_names: list[str]) -> list:
+                class_names: list[str], batch_size: int | None = None,
+                resume: ResumePoint | None = None) -> list:
+    """TensorBoard, metrics.jsonl and the checkpoint manager, continuing ``resume`` when given."""
     versions = package_versions()
     config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
 
@@ -144,22 +162,29 @@ def build_hooks(cfg: DictConfig, *, trainer: Trainer, spec: BackboneSpec, run_di
         return weights_metadata(spec, class_names=class_names, versions=versions, **kw)
 
     def training_state(state: TrainState) -> dict[str, Any]:
+        freeze = trainer.freeze_schedule  # the freezing schedule's hook, when there is one
         return {"format": "finetune.train_state/1", "model": trainer.model.state_dict(),
                 "optimizer": trainer.optimizer.state_dict(),
                 "scheduler": trainer.scheduler.state_dict() if trainer.scheduler else None,
                 "grad_scaler": trainer.grad_scaler.state_dict() if trainer.grad_scaler else None,
                 "ema": trainer.ema.state_dict() if trainer.ema else None,
-                "train_state": state.to_dict(), "rng": rng_state(), "config_yaml": config_yaml,
+                "freeze": freeze.state_dict() if freeze is not None else None,
+                "train_state": state.to_dict(), "rng": rng_state(),
+                "data_order": {"seed": cfg.seed, "epoch": state.epoch, "batches_seen": state.batches_seen,
+                               "batch_size": batch_size},
+                "checkpoint_policy": manager.state_dict(), "config_yaml": config_yaml,
                 "versions": versions, "weights_metadata": metadata(epoch=state.epoch)}
 
     def deploy_model() -> nn.Module:
         return trainer.ema.module if trainer.ema is not None else trainer.model
 
-    ckpt = cfg.checkpoint
-    manager = CheckpointManager(run_dir / "checkpoints", monitor=ckpt.monitor, metadata=metadata,
-                                weights_model=deploy_model, training_state=training_state,
-                                save_best=ckpt.save_best, save_last=ckpt.save_last)
-    tb = TensorBoardLogger(run_dir / "tb", class_names=class_names, log_every_n_steps=cfg.logger.log_every_n_steps)
+    in_place = resume is not None and resume.in_place
+    manager = CheckpointManager(run_dir / "checkpoints", policy=build_checkpoint_policy(cfg), metadata=metadata,
+                                weights_model=deploy_model, training_state=training_state, fresh=not in_place)
+    # Continuing in this run dir: TensorBoard drops events logged after the resumed step.
+    purge_step = (resume.step if in_place else 0) + 1 if cfg.resume is not None else None
+    tb = TensorBoardLogger(run_dir / "tb", class_names=class_names, log_every_n_steps=cfg.logger.log_every_n_steps,
+                           purge_step=purge_step)
     return [tb, MetricsJsonl(run_dir / "metrics.jsonl"), manager]
 
 

@@ -1,47 +1,147 @@
-"""Checkpoint files: deployable weights, training state, and the manifest.
+"""Checkpoint files: deployable weights, training state, the manifest, and the saving policy.
 
-Every file is written atomically (temporary file in the same directory, fsync,
-``os.replace``, fsync of the directory), so a kill during a save leaves the
-previous file intact. ``manifest.json`` is updated only after the file it
-describes is in place.
+Every file is written atomically and verified: a temporary file in the same directory,
+hashed (sha256) as it is written, flushed and fsynced, its size checked, moved into
+place with ``os.replace``, then the directory fsynced. A kill at any moment leaves the
+previous file intact. ``manifest.json`` is updated only after the file it describes is
+in place, so a manifest entry always describes a complete file.
 
-* ``*.safetensors``: the model's own ``state_dict()`` keys plus string metadata
-  (architecture, classes, head, preprocessing) enough to rebuild it alone.
-* ``last.ckpt``: the training state for resume; only tensors, dicts, lists and
-  plain values, so it loads with ``torch.load(weights_only=True)``.
+* ``*.safetensors`` (or ``*.pt`` with ``checkpoint.weights_format=torch``): the model's own
+  ``state_dict()`` keys plus string metadata (architecture, classes, head,
+  preprocessing), enough to rebuild it alone.
+* ``last.ckpt``: the training state for resume; only tensors, dicts, lists and plain
+  values, so it loads with ``torch.load(weights_only=True)``. Earlier states are kept as
+  ``epochEEE-stepSSSSSS.ckpt`` (hard links of what ``last.ckpt`` was), ``keep_last_k`` of them.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import io
 import json
+import logging
 import os
+import queue
 import random
+import re
+import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
+import safetensors.torch
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from finetune.errors import UserError
 from finetune.metrics import EvalResult
 from finetune.models import BackboneSpec, build_model
-from finetune.trainer import TrainerHook, TrainState
+from finetune.trainer import TrainerHook, TrainState, infer_mode
+
+log = logging.getLogger("finetune")
 
 WEIGHTS_FORMAT = "finetune.weights/1"
 STATE_FORMAT = "finetune.train_state/1"
+WEIGHTS_EXTENSIONS = {"safetensors": ".safetensors", "torch": ".pt"}
+STATE_FILE = re.compile(r"^epoch\d{3,}-step\d{6,}\.ckpt$")  # periodic training states
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
 # ------------------------------------------------------------------ atomic I/O
+@dataclass(frozen=True)
+class FileFacts:
+    """What was written: the sha256 and size of the bytes that reached the file."""
+
+    sha256: str
+    bytes: int
+
+
+class HashingSink(io.RawIOBase):
+    """A write-only stream that forwards to ``file`` and hashes the bytes on a second thread.
+
+    ``hashlib`` releases the GIL on large buffers, so hashing overlaps the write instead of
+    re-reading the file afterwards. Callers must not modify a buffer after writing it
+    (``torch.save`` and ``bytes`` don't).
+    """
+
+    def __init__(self, file: IO[bytes]):
+        super().__init__()
+        self.file, self.count = file, 0
+        self._digest = hashlib.sha256()
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._hash, daemon=True)
+        self._thread.start()
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        self.file.write(view)
+        self.count += view.nbytes
+        self._queue.put(view if view.nbytes >= 1 << 16 else bytes(view))
+        return view.nbytes
+
+    def _hash(self) -> None:
+        while (chunk := self._queue.get()) is not None:
+            self._digest.update(chunk)
+
+    def finish(self) -> FileFacts:
+        self._queue.put(None)
+        self._thread.join()
+        return FileFacts(self._digest.hexdigest(), self.count)
+
+    def close(self) -> None:  # the underlying file is closed by its owner
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+        super().close()
+
+
+def fsync_dir(directory: str | Path) -> None:
+    dir_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def atomic_write_stream(path: str | Path, write: Callable[[IO[bytes]], None]) -> FileFacts:
+    """Call ``write(stream)`` into a temporary file beside ``path``, verify it, move it into place.
+
+    Returns the sha256 and size of what was written. On any error (a full disk included) the
+    temporary file is removed and whatever was at ``path`` before is untouched.
+    """
+    path = Path(path)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as file:
+            sink = HashingSink(file)
+            try:
+                write(sink)
+            finally:
+                facts = sink.finish()
+            file.flush()
+            os.fchmod(file.fileno(), 0o666 & ~_UMASK)  # mkstemp makes 0600; give the usual permissions
+            os.fsync(file.fileno())
+        if tmp.stat().st_size != facts.bytes:
+            raise OSError(errno.EIO, f"short write: {tmp.stat().st_size} of {facts.bytes} bytes reached the disk")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_dir(path.parent)
+    return facts
+
+
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
     """Call ``write(tmp)`` on a temporary file beside ``path``, then move it into place durably."""
     path = Path(path)
@@ -50,21 +150,32 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
     tmp = Path(tmp_name)
     try:
         write(tmp)
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual permissions
+        os.chmod(tmp, 0o666 & ~_UMASK)
         with tmp.open("rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    fsync_dir(path.parent)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write(path, lambda tmp: tmp.write_text(text))
+    atomic_write_stream(path, lambda f: f.write(text.encode()))
+
+
+def atomic_link(source: Path, target: Path) -> None:
+    """Make ``target`` name the same bytes as ``source`` (a hard link; a copy where links fail)."""
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.link.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        try:
+            os.link(source, tmp)
+        except OSError:
+            shutil.copyfile(source, tmp)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_dir(target.parent)
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -102,9 +213,15 @@ def portable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_weights(path: str | Path, model: nn.Module, metadata: dict[str, str]) -> None:
+def save_weights(path: str | Path, model: nn.Module, metadata: dict[str, str],
+                 weights_format: str = "safetensors") -> FileFacts:
+    """Write the model's weights with ``metadata``: safetensors, or a ``torch.save`` dict (``.pt``)."""
     tensors = portable_state_dict(model)
-    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    if weights_format == "torch":
+        payload = {"format": WEIGHTS_FORMAT, "model": tensors, "weights_metadata": metadata}
+        return atomic_write_stream(path, lambda f: torch.save(payload, f))
+    data = safetensors.torch.save(tensors, metadata=metadata)
+    return atomic_write_stream(path, lambda f: f.write(data))
 
 
 @dataclass
@@ -178,14 +295,14 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_training_state(path: str | Path, state: dict[str, Any]) -> None:
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
+def save_training_state(path: str | Path, state: dict[str, Any]) -> FileFacts:
+    return atomic_write_stream(path, lambda f: torch.save(state, f))
 
 
-def load_training_state(path: str | Path) -> dict[str, Any]:
+def load_training_state(path: str | Path, *, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Read ``last.ckpt`` safely; a corrupt or foreign file is a one-line error naming it."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unreadable file gets the same clear message
         raise UserError(f"training state '{path}' cannot be read ({type(err).__name__}: "
                         f"{str(err).splitlines()[0][:160]})") from None
@@ -194,59 +311,264 @@ def load_training_state(path: str | Path) -> dict[str, Any]:
     return state
 
 
+def verify_file(path: str | Path, entry: dict[str, Any] | None) -> None:
+    """Check ``path`` against its manifest ``entry`` (size, then sha256); raise naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint '{path}' is listed in manifest.json but missing")
+    if entry is None:
+        return
+    size = path.stat().st_size
+    if size != entry["bytes"]:
+        raise UserError(f"checkpoint '{path}' is truncated or changed: {size} bytes, "
+                        f"manifest.json says {entry['bytes']}")
+    if sha256_file(path) != entry["sha256"]:
+        raise UserError(f"checkpoint '{path}' is corrupt: its sha256 does not match manifest.json")
+
+
 # -------------------------------------------------------------------- manifest
 class Manifest:
-    """``manifest.json``: sha256, size, epoch, step, metric of every checkpoint file; which is best."""
+    """``manifest.json``: sha256, size, kind, epoch, step, metric of every checkpoint file; which is best.
 
-    def __init__(self, path: str | Path):
+    ``fresh=True`` starts an empty manifest (a new run) without reading or touching the file
+    until the first ``save``.
+    """
+
+    def __init__(self, path: str | Path, *, fresh: bool = False):
         self.path = Path(path)
         self.data: dict[str, Any] = {"files": {}, "best": None}
-        if self.path.exists():
-            self.data = json.loads(self.path.read_text())
+        if not fresh and self.path.exists():
+            try:
+                self.data = json.loads(self.path.read_text())
+            except (OSError, ValueError) as err:
+                raise UserError(f"'{self.path}' cannot be read ({err}): it lists the run's checkpoints; "
+                                "resume from a file with resume=FILE.ckpt instead") from None
 
-    def record(self, name: str, *, epoch: int, step: int, metric: str, value: float | None) -> None:
+    @property
+    def files(self) -> dict[str, dict[str, Any]]:
+        return self.data["files"]
+
+    def record(self, name: str, facts: FileFacts | None = None, *, kind: str, epoch: int, step: int,
+               metric: str, value: float | None) -> None:
+        """Describe ``name`` (already in place); ``facts`` from the write, else hashed from disk."""
         file = self.path.parent / name
-        self.data["files"][name] = {"sha256": sha256_file(file), "bytes": file.stat().st_size,
-                                    "epoch": epoch, "step": step, "metric": metric, "value": value,
-                                    "written": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        facts = facts or FileFacts(sha256_file(file), file.stat().st_size)
+        self.files[name] = {"sha256": facts.sha256, "bytes": facts.bytes, "kind": kind, "epoch": epoch,
+                            "step": step, "metric": metric, "value": value,
+                            "written": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
     def set_best(self, name: str) -> None:
         self.data["best"] = name
+
+    def states(self) -> list[str]:
+        """Training-state files, newest first (``last.ckpt`` before its equal-step twin)."""
+        names = [n for n in self.files if n.endswith(".ckpt")]
+        return sorted(names, key=lambda n: (self.files[n]["step"], self.files[n]["epoch"], n == "last.ckpt"),
+                      reverse=True)
 
     def save(self) -> None:
         atomic_write_text(self.path, json.dumps(self.data, indent=2) + "\n")
 
 
+# ---------------------------------------------------------- checkpoint policy
+@dataclass(frozen=True)
+class CheckpointPolicy:
+    """What to save and when (``conf/checkpoint/``); see ``CheckpointManager``."""
+
+    monitor: str = "val/acc1"
+    mode: str | None = None  # max | min; inferred from ``monitor`` when None
+    save_best: bool = True
+    save_last: bool = True
+    save_top_k: int = 0
+    every_n_epochs: int = 1
+    every_n_steps: int | None = None
+    keep_last_k: int | None = 1
+    weights_format: str = "safetensors"
+
+    @property
+    def resolved_mode(self) -> str:
+        return self.mode or infer_mode(self.monitor)
+
+    @property
+    def ext(self) -> str:
+        return WEIGHTS_EXTENSIONS[self.weights_format]
+
+    def better(self, value: float, than: float) -> bool:
+        return value > than if self.resolved_mode == "max" else value < than
+
+
+def state_file_name(epoch: int, step: int) -> str:
+    return f"epoch{epoch:03d}-step{step:06d}.ckpt"
+
+
+def top_k_file_name(epoch: int, metric: str, value: float, ext: str) -> str:
+    return f"epoch{epoch:03d}-{re.sub(r'[^A-Za-z0-9_.]+', '_', metric)}-{value:.4f}{ext}"
+
+
 # ---------------------------------------------------------- checkpoint manager
 class CheckpointManager(TrainerHook):
-    """A ``TrainerHook`` that writes best/last weights and ``last.ckpt`` after every epoch."""
+    """A ``TrainerHook`` that saves as ``policy`` says.
 
-    def __init__(self, directory: str | Path, *, monitor: str, metadata: Callable[..., dict[str, str]],
-                 weights_model: Callable[[], nn.Module], training_state: Callable[[TrainState], dict],
-                 save_best: bool = True, save_last: bool = True):
+    Each epoch: ``best`` when the monitored metric improved, a top-k file when it ranks
+    among the ``save_top_k`` best, and every ``every_n_epochs`` epochs ``last`` weights and
+    ``last.ckpt``. Every ``every_n_steps`` optimizer updates, and when a stop is requested,
+    ``last.ckpt`` alone (mid-epoch). Within a save point the training state is written
+    last, so it never claims a best or top-k file that is not on disk yet. Before
+    ``last.ckpt`` is replaced, its previous content is kept under ``epochEEE-stepSSSSSS.ckpt``
+    (``keep_last_k`` of those). Files are replaced, never deleted first; the state this
+    run resumed from is never pruned, nor is ``best``.
+    """
+
+    def __init__(self, directory: str | Path, *, policy: CheckpointPolicy,
+                 metadata: Callable[..., dict[str, str]], weights_model: Callable[[], nn.Module],
+                 training_state: Callable[[TrainState], dict], fresh: bool = True):
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.monitor, self.save_best, self.save_last = monitor, save_best, save_last
+        self.policy, self.monitor = policy, policy.monitor
         self.metadata, self.weights_model, self.training_state = metadata, weights_model, training_state
-        self.manifest = Manifest(self.dir / "manifest.json")
+        self.manifest = Manifest(self.dir / "manifest.json", fresh=fresh)
+        self.top_k: list[dict[str, Any]] = []  # best first: {name, value, epoch, step}
+        self.protected: set[str] = set()  # never pruned: the state this run resumed from
+        self.last_trusted = False  # last.ckpt on disk is the one its manifest entry describes
+        self.last_saved: tuple[int, int, int] | None = None  # (epoch, step, batches) of last.ckpt
+        self.last_value: float | None = None  # the monitored metric of the latest epoch
+        for stale in self.dir.glob(".*.tmp"):  # left by a kill during a save
+            stale.unlink(missing_ok=True)
+
+    # ------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        return {"top_k": [dict(e) for e in self.top_k], "best": self.manifest.data.get("best")}
+
+    def resume_from(self, policy_state: dict[str, Any] | None, *, state: TrainState, resumed: str | None,
+                    invalid: tuple[str, ...] = ()) -> None:
+        """Continue after ``state``; ``resumed`` names the file in this directory it came from.
+
+        Files newer than ``state`` that its policy does not know (top-k files of epochs that
+        will be re-run) and files found ``invalid`` are dropped from the manifest.
+        """
+        known = {e["name"] for e in (policy_state or {}).get("top_k", [])}
+        self.top_k = [e for e in (policy_state or {}).get("top_k", []) if (self.dir / e["name"]).is_file()]
+        for name, entry in list(self.manifest.files.items()):
+            abandoned = entry.get("kind") == "top_k" and entry["step"] > state.global_step and name not in known
+            if name in invalid or abandoned:
+                del self.manifest.files[name]
+                if abandoned:
+                    (self.dir / name).unlink(missing_ok=True)
+        if resumed is not None:
+            self.protected.add(resumed)
+            self.last_trusted = resumed == "last.ckpt"
+            self.last_saved = (state.epoch, state.global_step, state.batches_seen)
+        self.manifest.save()
+
+    # ------------------------------------------------------------ hooks
+    def on_step(self, state: TrainState, logs: dict[str, float]) -> None:
+        n = self.policy.every_n_steps
+        if not n or state.global_step % n:
+            return
+        epoch_end_saves = self.policy.every_n_epochs == 1 and state.batches_seen == state.epoch_batches
+        if self.policy.save_last and not epoch_end_saves:
+            self.save_state(state)
 
     def on_epoch_end(self, state: TrainState, logs: dict[str, float], result: EvalResult,
                      improved: bool) -> None:
-        value = (result.scalars() | logs).get(self.monitor)
-        meta = self.metadata(monitor=self.monitor, value=value, epoch=state.epoch)
-        written = []
-        if self.save_best and improved:
-            written.append(("best.safetensors", lambda p: save_weights(p, self.weights_model(), meta)))
-        if self.save_last:
-            written.append(("last.safetensors", lambda p: save_weights(p, self.weights_model(), meta)))
-            written.append(("last.ckpt", lambda p: save_training_state(p, self.training_state(state))))
-        for name, write in written:
-            write(self.dir / name)
-            self.manifest.record(name, epoch=state.epoch, step=state.global_step, metric=self.monitor,
-                                 value=value)
-            if name == "best.safetensors":
-                self.manifest.set_best(name)
+        value = self.last_value = (result.scalars() | logs).get(self.monitor)
+        if self.policy.save_best and improved:
+            self._write_weights(f"best{self.policy.ext}", "best", state, value)
+            self.manifest.set_best(f"best{self.policy.ext}")
             self.manifest.save()
+        if self.policy.save_top_k and value is not None:
+            self._update_top_k(state, value)
+        if self.policy.save_last and state.epoch % self.policy.every_n_epochs == 0:
+            self.save_last(state, value)
+
+    def on_interrupt(self, state: TrainState) -> None:
+        if self.policy.save_last:
+            self.save_state(state)
+
+    def on_fit_end(self, state: TrainState) -> None:
+        if self.policy.save_last and self.last_saved != (state.epoch, state.global_step, state.batches_seen):
+            self.save_last(state, self.last_value)
+
+    # ------------------------------------------------------------ saving
+    def save_last(self, state: TrainState, value: float | None) -> None:
+        self._write_weights(f"last{self.policy.ext}", "last", state, value)
+        self.save_state(state)
+
+    def save_state(self, state: TrainState) -> None:
+        """Write ``last.ckpt`` (keeping the previous one as a periodic file), then prune."""
+        key = (state.epoch, state.global_step, state.batches_seen)
+        if key == self.last_saved:
+            return
+        self._keep_previous_state()
+        facts = self._guarded("last.ckpt", lambda p: save_training_state(p, self.training_state(state)))
+        self._record("last.ckpt", facts, "state", state, None)
+        self.last_trusted, self.last_saved = True, key
+        self._prune_states()
+
+    def _keep_previous_state(self) -> None:
+        entry = self.manifest.files.get("last.ckpt")
+        k = self.policy.keep_last_k
+        if entry is None or not self.last_trusted or k == 0:
+            return
+        name = state_file_name(entry["epoch"], entry["step"])
+        self._guarded(name, lambda p: atomic_link(self.dir / "last.ckpt", p))
+        self.manifest.files[name] = {**entry, "kind": "periodic"}
+        self.manifest.save()
+
+    def _prune_states(self) -> None:
+        """Keep the ``keep_last_k`` newest periodic states (and protected ones); delete the rest."""
+        k = self.policy.keep_last_k
+        periodic = [n for n in self.manifest.states() if self.manifest.files[n].get("kind") == "periodic"]
+        doomed = [n for n in periodic[k:] if n not in self.protected] if k is not None else []
+        for name in doomed:
+            del self.manifest.files[name]
+        if doomed:
+            self.manifest.save()  # the manifest stops naming a file before the file goes
+        orphans = [p.name for p in self.dir.iterdir() if STATE_FILE.match(p.name)
+                   and p.name not in self.manifest.files and p.name not in self.protected]
+        for name in doomed + orphans:
+            (self.dir / name).unlink(missing_ok=True)
+
+    def _update_top_k(self, state: TrainState, value: float) -> None:
+        k, entries = self.policy.save_top_k, self.top_k
+        if len(entries) >= k and not self.policy.better(value, entries[-1]["value"]):
+            return
+        name = top_k_file_name(state.epoch, self.monitor, value, self.policy.ext)
+        self._write_weights(name, "top_k", state, value)
+        entries.append({"name": name, "value": value, "epoch": state.epoch, "step": state.global_step})
+        sign = -1.0 if self.policy.resolved_mode == "max" else 1.0
+        entries.sort(key=lambda e: (sign * e["value"], e["epoch"]))
+        while len(entries) > k:  # the new file is in place before the one it displaces goes
+            dropped = entries.pop()
+            self.manifest.files.pop(dropped["name"], None)
+            self.manifest.save()
+            (self.dir / dropped["name"]).unlink(missing_ok=True)
+
+    def _write_weights(self, name: str, kind: str, state: TrainState, value: float | None) -> None:
+        meta = self.metadata(monitor=self.monitor, value=value, epoch=state.epoch)
+        facts = self._guarded(name, lambda p: save_weights(p, self.weights_model(), meta,
+                                                           self.policy.weights_format))
+        self._record(name, facts, kind, state, value)
+
+    def _record(self, name: str, facts: FileFacts, kind: str, state: TrainState, value: float | None) -> None:
+        self.manifest.record(name, facts, kind=kind, epoch=state.epoch, step=state.global_step,
+                             metric=self.monitor, value=value)
+        self._guarded("manifest.json", lambda _: self.manifest.save())
+
+    def _guarded(self, name: str, write: Callable[[Path], Any]) -> Any:
+        """Run ``write(path)``; an OS error (a full disk) becomes one clear line naming the file."""
+        path = self.dir / name
+        try:
+            return write(path)
+        except OSError as err:
+            code = errno.errorcode.get(err.errno, "") if err.errno else ""
+            raise CheckpointWriteError(
+                f"could not write checkpoint '{path}': {err.strerror or err}{f' ({code})' if code else ''}; "
+                "the previous checkpoint files are intact: free space, then continue with resume=auto") from err
 
     def paths(self) -> dict[str, str]:
-        return {name: str(self.dir / name) for name in self.manifest.data["files"]}
+        return {name: str(self.dir / name) for name in self.manifest.files}
+
+
+class CheckpointWriteError(UserError):
+    """A checkpoint could not be written (disk full, permissions); earlier files are intact."""

@@ -100,8 +100,13 @@ class SchedConfig:
 class CheckpointConfig:
     monitor: str = "val/acc1"
     mode: Optional[str] = None  # max | min; inferred from the metric name when null
-    save_best: bool = True
-    save_last: bool = True
+    save_best: bool = True  # best.<ext> whenever the monitored metric improves
+    save_last: bool = True  # last.<ext> and last.ckpt (the training state resume needs)
+    save_top_k: int = 0  # also keep the k best epochs as epochEEE-<metric>-<value>.<ext>; 0 = off
+    every_n_epochs: int = 1  # save last.* at the end of every N-th epoch (the final epoch always)
+    every_n_steps: Optional[int] = None  # also save last.ckpt every N optimizer updates, mid-epoch
+    keep_last_k: Optional[int] = 1  # earlier training states kept as epochEEE-stepSSSSSS.ckpt; null = all
+    weights_format: str = "safetensors"  # safetensors (.safetensors) | torch (.pt, a torch.save dict)
 
 
 @dataclass
@@ -144,7 +149,8 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     seed: int = 0
-    resume: Optional[str] = None
+    resume: Optional[str] = None  # null | auto | RUN_DIR | FILE.ckpt
+    resume_allow_config_change: bool = False  # resume even if overrides change the experiment
 
 
 def register_schema() -> None:
@@ -164,6 +170,7 @@ CHOICES = {
     "sched.name": ("cosine", "step", "multistep", "poly", "tanh", "none"),
     "trainer.precision": ("32", "bf16", "16"),
     "checkpoint.mode": (None, "max", "min"),
+    "checkpoint.weights_format": ("safetensors", "torch"),
     "logger.name": ("tensorboard",),
 }
 
@@ -189,9 +196,20 @@ def check_config(cfg: DictConfig) -> None:
         raise UserError(f"data.val_split must be between 0 and 1, got '{cfg.data.val_split}'")
     if cfg.trainer.grad_clip is not None and not cfg.trainer.grad_clip > 0:
         raise UserError(f"trainer.grad_clip must be positive or null, got '{cfg.trainer.grad_clip}'")
+    _check_checkpoint(cfg.checkpoint)
     if cfg.model.num_classes is not None and cfg.model.num_classes < 2:
         raise UserError(f"model.num_classes must be at least 2 (or null to take it from the data), "
                         f"got '{cfg.model.num_classes}'")
+
+
+def _check_checkpoint(c: DictConfig) -> None:
+    if not c.every_n_epochs > 0:
+        raise UserError(f"checkpoint.every_n_epochs must be positive, got '{c.every_n_epochs}'")
+    if c.every_n_steps is not None and not c.every_n_steps > 0:
+        raise UserError(f"checkpoint.every_n_steps must be positive or null, got '{c.every_n_steps}'")
+    for key in ("save_top_k", "keep_last_k"):
+        if c[key] is not None and c[key] < 0:
+            raise UserError(f"checkpoint.{key} must not be negative, got '{c[key]}'")
 
 
 def _get(cfg: DictConfig, dotted: str) -> Any:

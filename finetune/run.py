@@ -10,10 +10,11 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from finetune import builders
+from finetune import resume as resume_lib
 from finetune.checkpoint import atomic_write_text
 from finetune.config import check_config
-from finetune.errors import UserError
 from finetune.runtime import setup_runtime
+from finetune.signals import TrainingInterrupted, graceful_stop
 
 log = logging.getLogger("finetune")
 
@@ -22,24 +23,33 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, float]:
     """Fine-tune as ``cfg`` says, writing everything into ``run_dir`` (default: Hydra's output dir).
 
     Returns the final metrics (the last epoch's, plus ``best/value`` of the monitored metric).
+    With ``cfg.resume`` set, continues from a training state (``finetune.resume``): the
+    pretrained load is skipped and everything is restored right before training.
+    SIGTERM/SIGINT stop after the current step with ``last.ckpt`` saved (``TrainingInterrupted``).
     """
     run_dir = resolve_run_dir(run_dir)
     started = time.time()
-    with RunLog(run_dir) as summary:
+    with RunLog(run_dir) as summary, graceful_stop() as stop:
         check_config(cfg)
-        if cfg.resume is not None:
-            raise UserError(f"resume '{cfg.resume}' is not supported yet: start a new run without resume")
+        point = resume_lib.locate_resume(cfg.resume, checkpoint_dir=run_dir / "checkpoints")
+        if point is not None:
+            resume_lib.check_config_change(point.state["config_yaml"], cfg, source=point.path,
+                                           allow=cfg.resume_allow_config_change)
         rt = setup_runtime(seed=cfg.seed, device=cfg.trainer.device, precision=cfg.trainer.precision,
                            deterministic=cfg.trainer.deterministic)
         split = builders.build_split(cfg.data, run_dir=run_dir)
         model, spec = builders.build_network(cfg.model, head=cfg.head, num_classes=len(split.class_names))
-        builders.load_weights(cfg.model, model, spec, head_init=cfg.head.init, run_dir=run_dir)
+        if point is None:  # a resumed model gets its weights from the training state
+            builders.load_weights(cfg.model, model, spec, head_init=cfg.head.init, run_dir=run_dir)
         model = model.to(rt.device)
         loaders = builders.build_loaders(cfg.data, split, spec, seed=cfg.seed, pin_memory=rt.device.type == "cuda")
         trainer = builders.build_trainer(cfg, model=model, spec=spec, loaders=loaders, rt=rt, run_dir=run_dir,
-                                         class_names=split.class_names)
-        summary.track(trainer)
-        state = trainer.fit(loaders.train, loaders.val)
+                                         class_names=split.class_names, resume=point, stop=stop)
+        summary.track(trainer, resumed_from=point.path if point else None)
+        state = resume_lib.restore_training(trainer, point, run_dir=run_dir) if point else None
+        if cfg.resume is not None and point is None:
+            resume_lib.rewind_metrics(run_dir / "metrics.jsonl", step=0)  # resume=auto starting fresh
+        state = trainer.fit(loaders.train, loaders.val, state)
         final = summary.finish(state, cfg, wall=time.time() - started)
     return final
 
@@ -71,8 +81,10 @@ class RunLog:
         root.setLevel(min(root.level or logging.INFO, logging.INFO))
         return self
 
-    def track(self, trainer) -> None:
+    def track(self, trainer, *, resumed_from: Path | None = None) -> None:
         self.trainer = trainer
+        if resumed_from is not None:
+            self.record["resumed_from"] = str(resumed_from)
 
     def finish(self, state, cfg: DictConfig, *, wall: float) -> dict[str, float]:
         metrics_path = self.run_dir / "metrics.jsonl"
@@ -89,14 +101,19 @@ class RunLog:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
-            status = "interrupted" if exc_type is KeyboardInterrupt else "failed"
+            status = "interrupted" if issubclass(exc_type, KeyboardInterrupt) else "failed"
             self.record |= {"status": status, "error": f"{exc_type.__name__}: {exc}"}
+            if issubclass(exc_type, TrainingInterrupted):
+                self.record["resume_with"] = f"python -m finetune resume={self.run_dir}"
         if self.trainer is not None:
             self._add_training_facts()
             for hook in self.trainer.hooks:
                 hook.close()
         self.record["wall_seconds"] = round(time.time() - self.started, 2)
-        atomic_write_text(self.run_dir / "summary.json", json.dumps(self.record, indent=2) + "\n")
+        try:
+            atomic_write_text(self.run_dir / "summary.json", json.dumps(self.record, indent=2) + "\n")
+        except OSError as err:  # a full disk must not hide the error that ended the run
+            logging.getLogger("finetune").error(f"could not write '{self.run_dir / 'summary.json'}': {err}")
         logging.getLogger().removeHandler(self.handler)
         self.handler.close()
 

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from finetune.errors import UserError
 from finetune.metrics import EvalResult, MetricAccumulator
+from finetune.signals import StopRequest, TrainingInterrupted
 
 log = logging.getLogger("finetune")
 
@@ -39,6 +40,9 @@ class TrainState:
     best_value: float | None = None
     best_epoch: int | None = None
     stale_epochs: int = 0  # epochs since the monitored metric last improved
+    epoch_batches: int = 0  # batches in the current epoch, skipped ones included
+    epoch_loss_sum: float = 0.0  # sum of per-image train losses so far this epoch
+    epoch_images: int = 0  # images trained on so far this epoch
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -56,6 +60,12 @@ class TrainerHook:
     def on_epoch_end(self, state: TrainState, logs: dict[str, float], result: EvalResult,
                      improved: bool) -> None:
         """After evaluation; ``state.epoch`` counts completed epochs."""
+
+    def on_interrupt(self, state: TrainState) -> None:
+        """A stop was requested (SIGTERM/SIGINT); called at an optimizer-update boundary, then the fit stops."""
+
+    def on_fit_end(self, state: TrainState) -> None:
+        """Training finished normally (``max_epochs`` reached or early stopping)."""
 
     def close(self) -> None:
         """The run is over (however it ended)."""
@@ -75,7 +85,7 @@ class Trainer:
                  accumulate: int = 1, grad_clip: float | None = None, ema: Any = None,
                  channels_last: bool = False, monitor: str = "val/acc1", mode: str | None = None,
                  patience: int | None = None, min_delta: float = 0.0, hooks: Sequence[TrainerHook] = (),
-                 progress_bar: bool = True):
+                 progress_bar: bool = True, stop: StopRequest | None = None):
         self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
         self.scheduler, self.grad_scaler, self.ema = scheduler, grad_scaler, ema
         self.device, self.num_classes, self.max_epochs = device, num_classes, max_epochs
@@ -84,6 +94,7 @@ class Trainer:
         self.monitor, self.mode = monitor, mode or infer_mode(monitor)
         self.patience, self.min_delta = patience, min_delta
         self.hooks, self.progress_bar = list(hooks), progress_bar
+        self.stop = stop  # polled at optimizer-update boundaries; set by SIGTERM/SIGINT
         self.eval_loss = nn.CrossEntropyLoss(reduction="sum")
 
     # ----------------------------------------------------------------- fit
@@ -100,9 +111,12 @@ class Trainer:
             self._log_epoch(state, logs, result)
             for hook in self.hooks:
                 hook.on_epoch_end(state, logs, result, improved)
+            self._stop_if_requested(state)
             if self.patience is not None and state.stale_epochs >= self.patience:
                 log.info(f"early stopping: {self.monitor} did not improve for {state.stale_epochs} epochs")
                 break
+        for hook in self.hooks:
+            hook.on_fit_end(state)
         return state
 
     # --------------------------------------------------------------- epoch
@@ -111,11 +125,13 @@ class Trainer:
         sampler = getattr(loader, "sampler", None)
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(state.epoch)
+        if state.batches_seen and hasattr(sampler, "set_start"):  # resumed mid-epoch: skip, at the index level
+            sampler.set_start(min(state.batches_seen * loader.batch_size, sampler.num_samples))
         self.model.train()
         for hook in self.hooks:
             hook.on_epoch_start(state)
-        total_batches = len(loader) + state.batches_seen  # the sampler skips batches already seen
-        loss_sum, images, started = 0.0, 0, time.perf_counter()
+        total_batches = state.epoch_batches = len(loader) + state.batches_seen
+        loss_sum, images, started = state.epoch_loss_sum, state.epoch_images, time.perf_counter()
         bar = tqdm(loader, total=total_batches, initial=state.batches_seen, disable=not self.progress_bar,
                    desc=f"epoch {state.epoch + 1}/{self.max_epochs}", dynamic_ncols=True, leave=False)
         for inputs, target in bar:
@@ -123,14 +139,17 @@ class Trainer:
             update = state.batches_seen % self.accumulate == 0 or state.batches_seen == total_batches
             loss = self.train_step(inputs, target, state, update=update)
             loss_sum, images = loss_sum + loss * target.shape[0], images + target.shape[0]
+            state.epoch_loss_sum, state.epoch_images = loss_sum, images
             logs = {"train/loss": loss, **self.learning_rates()}
             if update:
                 for hook in self.hooks:
                     hook.on_step(state, logs)
+                self._stop_if_requested(state)
             speed = images / max(time.perf_counter() - started, 1e-9)
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{self.optimizer.param_groups[0]['lr']:.2e}",
                             img_s=f"{speed:.1f}", refresh=False)
         bar.close()
+        state.epoch_loss_sum, state.epoch_images = 0.0, 0
         return {"train/loss": loss_sum / max(images, 1), **self.learning_rates()}
 
     # ---------------------------------------------------------------- step
@@ -187,6 +206,11 @@ class Trainer:
         return acc.result()
 
     # ------------------------------------------------------------- helpers
+    @property
+    def freeze_schedule(self) -> Any:
+        """The freezing-schedule hook (``state_dict``/``load_state_dict``) when there is one."""
+        return next((h for h in self.hooks if hasattr(h, "freeze_controller")), None)
+
     def learning_rates(self) -> dict[str, float]:
         """Current rate of each named parameter group: ``lr/<group>``."""
         return {f"lr/{g.get('name', i)}": g["lr"] for i, g in enumerate(self.optimizer.param_groups)}
@@ -195,6 +219,14 @@ class Trainer:
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+
+    def _stop_if_requested(self, state: TrainState) -> None:
+        """After an update (or an epoch): if a signal asked to stop, let hooks save, then stop."""
+        if self.stop is None or self.stop.signum is None:
+            return
+        for hook in self.hooks:
+            hook.on_interrupt(state)
+        raise TrainingInterrupted(self.stop.signum)
 
     def _track_best(self, state: TrainState, metrics: dict[str, float]) -> bool:
         if self.monitor not in metrics:

@@ -1,0 +1,173 @@
+"""Resuming a run: find a valid training state, refuse experiment changes, restore everything.
+
+``resume`` (top-level config key) is one of
+
+* ``auto``: the newest valid state in this run's ``checkpoints/manifest.json``; a fresh
+  start (with a notice) when there is none yet;
+* ``RUN_DIR``: the newest valid state of that run (``python -m finetune resume=RUN_DIR``
+  also reuses its saved overrides and directory, see ``finetune.__main__``);
+* ``FILE.ckpt``: that training-state file.
+
+Candidates are checked against the manifest (size, sha256) and loaded with
+``weights_only=True``; with ``auto`` or ``RUN_DIR`` a bad one is skipped with a warning
+naming it, and the previous valid one is used. Restoring happens last, right before
+training: model, optimizer, scheduler, grad scaler, EMA, freezing schedule, checkpoint
+policy, the loop's counters, and finally every RNG.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from finetune.checkpoint import CheckpointManager, Manifest, load_training_state, set_rng_state, verify_file
+from finetune.errors import UserError
+from finetune.trainer import Trainer, TrainState
+
+log = logging.getLogger("finetune")
+
+# Keys that may differ from the saved run: they change how it runs, not what it computes
+# (checkpoint cadence included). ``trainer.max_epochs`` may change too: the restored
+# learning-rate schedule keeps its original length.
+ALLOWED_CHANGES = ("trainer.max_epochs", "data.num_workers", "trainer.device", "logger.", "resume",
+                   "resume_allow_config_change", "checkpoint.every_n_steps", "checkpoint.every_n_epochs",
+                   "checkpoint.keep_last_k")
+
+
+@dataclass
+class ResumePoint:
+    """A verified training state to continue from."""
+
+    path: Path
+    state: dict[str, Any]
+    in_place: bool  # the file lives in this run's checkpoint directory
+    invalid: tuple[str, ...] = field(default=())  # newer files of that directory that failed verification
+
+    @property
+    def step(self) -> int:
+        return int(self.state["train_state"]["global_step"])
+
+
+def locate_resume(resume: str | None, *, checkpoint_dir: Path) -> ResumePoint | None:
+    """The training state ``resume`` points at, verified; None for a fresh start."""
+    if resume is None:
+        if (checkpoint_dir / "manifest.json").exists():
+            log.warning(f"'{checkpoint_dir}' already holds checkpoints: this fresh run replaces them "
+                        "(resume=auto continues the run instead)")
+        return None
+    if resume == "auto":
+        point = newest_valid_state(checkpoint_dir, required=False)
+        if point is None:
+            log.info(f"resume=auto: no checkpoint in '{checkpoint_dir}' yet, starting fresh")
+        return point
+    path = Path(resume).expanduser()
+    if path.is_dir():
+        return newest_valid_state(path / "checkpoints", required=True, home=checkpoint_dir)
+    if path.is_file():
+        manifest = Manifest(path.parent / "manifest.json") if (path.parent / "manifest.json").exists() else None
+        verify_file(path, manifest.files.get(path.name) if manifest else None)
+        return _point(path, load_training_state(path), checkpoint_dir, ())
+    raise UserError(f"resume '{resume}' is not auto, a run directory or a training-state file (.ckpt)")
+
+
+def newest_valid_state(directory: Path, *, required: bool, home: Path | None = None) -> ResumePoint | None:
+    """The newest training state listed in ``directory/manifest.json`` that verifies and loads."""
+    manifest_path = directory / "manifest.json"
+    names = Manifest(manifest_path).states() if manifest_path.exists() else []
+    if not names:
+        if required:
+            raise UserError(f"'{directory.parent}' has no training state to resume from "
+                            f"(no '{manifest_path}' listing a .ckpt file)")
+        return None
+    manifest, invalid = Manifest(manifest_path), []
+    for name in names:
+        try:
+            verify_file(directory / name, manifest.files[name])
+            state = load_training_state(directory / name)
+        except UserError as err:
+            log.warning(f"{err}: falling back to the previous checkpoint")
+            invalid.append(name)
+            continue
+        return _point(directory / name, state, home or directory, tuple(invalid))
+    raise UserError(f"no valid training state in '{directory}': {', '.join(invalid)} failed verification "
+                    "(see the warnings above); start a new run or resume=FILE.ckpt from elsewhere")
+
+
+def _point(path: Path, state: dict[str, Any], checkpoint_dir: Path, invalid: tuple[str, ...]) -> ResumePoint:
+    in_place = path.parent.resolve() == checkpoint_dir.resolve()
+    point = ResumePoint(path=path, state=state, in_place=in_place, invalid=invalid if in_place else ())
+    ts = state["train_state"]
+    log.info(f"resuming from '{path}': epoch {ts['epoch']}, step {ts['global_step']}, "
+             f"{ts['batches_seen']} batches into the next epoch")
+    return point
+
+
+# ------------------------------------------------------------- config check
+def check_config_change(saved_yaml: str, cfg: DictConfig, *, allow: bool, source: Path) -> None:
+    """Refuse settings that change the experiment saved in ``source``, unless ``allow``."""
+    saved = _flatten(OmegaConf.to_container(OmegaConf.create(saved_yaml), resolve=True))
+    now = _flatten(OmegaConf.to_container(cfg, resolve=True))
+    changed = [key for key in sorted(saved.keys() | now.keys())
+               if saved.get(key, "<unset>") != now.get(key, "<unset>")
+               and not any(key == a or (a.endswith(".") and key.startswith(a)) for a in ALLOWED_CHANGES)]
+    if not changed:
+        return
+    diff = "; ".join(f"{k}: {saved.get(k, '<unset>')!r} -> {now.get(k, '<unset>')!r}" for k in changed)
+    if not allow:
+        raise UserError(f"resume would change the experiment saved in '{source}': {diff}. Drop those "
+                        "overrides, or pass resume_allow_config_change=true to resume anyway")
+    log.warning(f"resuming with a changed experiment (resume_allow_config_change=true): {diff}")
+
+
+def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(node, dict):
+        return {prefix[:-1]: node}
+    out: dict[str, Any] = {}
+    for key, value in node.items():
+        out |= _flatten(value, f"{prefix}{key}.")
+    return out
+
+
+# ------------------------------------------------------------------ restore
+def restore_training(trainer: Trainer, point: ResumePoint, *, run_dir: Path) -> TrainState:
+    """Load every part of ``point`` into the built trainer; RNG last. Returns the loop's state."""
+    s = point.state
+    trainer.model.load_state_dict(s["model"])
+    trainer.optimizer.load_state_dict(s["optimizer"])  # moves the state to the parameters' device
+    _load_optional(trainer.scheduler, s.get("scheduler"), "scheduler")
+    _load_optional(trainer.grad_scaler, s.get("grad_scaler"), "grad scaler")
+    _load_optional(trainer.ema, s.get("ema"), "EMA")
+    _load_optional(trainer.freeze_schedule, s.get("freeze"), "freezing schedule")
+    state = TrainState(**s["train_state"])
+    manager = next((h for h in trainer.hooks if isinstance(h, CheckpointManager)), None)
+    if manager is not None:
+        manager.resume_from(s.get("checkpoint_policy"), state=state,
+                            resumed=point.path.name if point.in_place else None, invalid=point.invalid)
+    if point.in_place:
+        rewind_metrics(run_dir / "metrics.jsonl", step=state.global_step)
+    set_rng_state(s["rng"])  # last: nothing may draw from the RNGs between here and training
+    return state
+
+
+def _load_optional(part: Any, saved: dict | None, what: str) -> None:
+    if part is None and saved is None:
+        return
+    if part is None or saved is None:
+        raise UserError(f"the training state {'has' if saved is not None else 'lacks'} a {what} state but this "
+                        f"run {'has none' if part is None else 'has one'}: resume with the saved settings")
+    part.load_state_dict(saved)
+
+
+def rewind_metrics(path: Path, *, step: int) -> None:
+    """Drop ``metrics.jsonl`` records written after ``step`` (epochs that will run again)."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines()
+    kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+    if len(kept) != len(lines):
+        path.write_text("".join(line + "\n" for line in kept))

@@ -1,0 +1,62 @@
+"""Graceful stops: SIGTERM or SIGINT finish the current step, save, and stop the run.
+
+The first signal only sets a flag (`StopRequest`); the trainer polls it at each
+optimizer-update boundary, lets its hooks save ``last.ckpt`` (mid-epoch), and raises
+`TrainingInterrupted`. A second SIGINT or SIGTERM raises ``KeyboardInterrupt`` at once
+(abort without saving; the files on disk stay consistent because every write is
+atomic). Cluster preemption, which sends SIGTERM, goes through the same path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+import threading
+from collections.abc import Iterator
+
+log = logging.getLogger("finetune")
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """The run stopped on a signal after saving its state; ``exit_code`` is ``128 + signum``."""
+
+    def __init__(self, signum: int):
+        self.signum = signum
+        self.exit_code = 128 + signum
+        super().__init__(f"stopped by {signal.Signals(signum).name} after saving last.ckpt")
+
+
+class StopRequest:
+    """Set by the first SIGTERM/SIGINT; ``signum`` is None until then."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    def handle(self, signum: int, frame: object) -> None:
+        name = signal.Signals(signum).name
+        if self.signum is not None:
+            raise KeyboardInterrupt(f"second {name}: aborted without saving")
+        self.signum = signum
+        log.warning(f"{name} received: finishing the current step, then saving last.ckpt "
+                    "(send it again to abort at once)")
+
+
+@contextlib.contextmanager
+def graceful_stop() -> Iterator[StopRequest]:
+    """Route SIGINT and SIGTERM to a `StopRequest` for the duration; restore the old handlers after.
+
+    Outside the main thread (where Python cannot install handlers) the request is never set.
+    """
+    request = StopRequest()
+    if threading.current_thread() is not threading.main_thread():
+        yield request
+        return
+    previous = {sig: signal.signal(sig, request.handle) for sig in STOP_SIGNALS}
+    try:
+        yield request
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
