@@ -55,20 +55,26 @@ def expand_resume_args(args: list[str]) -> list[str]:
     here, before Hydra parses the command line: the overrides recorded in
     ``RUN_DIR/.hydra/overrides.yaml`` come first, the ones typed now after them (they win;
     ``run`` then refuses those that change the experiment), and the run continues in
-    ``RUN_DIR``. ``resume.allow_config_change=X`` is accepted for ``resume_allow_config_change=X``.
+    ``RUN_DIR``. A resume into a directory that already has ``.hydra/`` writes Hydra's files
+    for this launch to ``.hydra/resume/``, so the record of how the run was started (what
+    ``resume=RUN_DIR`` replays) is never overwritten, not even by a refused resume.
+    ``resume.allow_config_change=X`` is accepted for ``resume_allow_config_change=X``.
     """
     args = [re.sub(r"^resume\.allow_config_change=", "resume_allow_config_change=", a) for a in args]
-    given = {a.split("=", 1)[0].lstrip("+~"): a for a in args if "=" in a and not a.startswith("-")}
-    target = given.get("resume", "resume=").split("=", 1)[1]
-    run_dir = Path(target).expanduser()
-    if target in ("", "auto", "null") or not run_dir.is_dir():
+    given = {a.split("=", 1)[0].lstrip("+~"): a.split("=", 1)[1] for a in args if "=" in a and not a.startswith("-")}
+    target = given.get("resume", "")
+    if target in ("", "null"):
         return args
+    run_dir = Path(given["hydra.run.dir"] if target == "auto" and "hydra.run.dir" in given else target).expanduser()
     saved_file = run_dir / ".hydra" / "overrides.yaml"
+    extra = [] if "hydra.output_subdir" in given or not saved_file.exists() else ["hydra.output_subdir=.hydra/resume"]
+    if target == "auto" or not run_dir.is_dir():
+        return args + extra
     saved = [str(o) for o in yaml.safe_load(saved_file.read_text()) or []] if saved_file.exists() else []
     replay = [o for o in saved if o.split("=", 1)[0].lstrip("+~") not in given
               and not o.split("=", 1)[0].lstrip("+~").startswith(("resume", "hydra."))]
     placed = [] if "hydra.run.dir" in given else [f"hydra.run.dir={run_dir.resolve()}"]
-    return replay + args + placed
+    return replay + args + placed + extra
 
 
 if __name__ == "__main__":

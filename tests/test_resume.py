@@ -1,0 +1,176 @@
+"""Resume in-process: exact continuation from any saved state, signals, best kept, config changes refused."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from conftest import compose_config, make_image_folder, tiny_overrides
+from finetune import builders
+from finetune.checkpoint import Manifest, load_training_state, save_training_state
+from finetune.errors import UserError
+from finetune.run import run
+from finetune.signals import TrainingInterrupted
+from finetune.trainer import TrainerHook
+from test_checkpoint import assert_same_result
+
+POLICY = ["checkpoint.every_n_steps=2", "checkpoint.keep_last_k=null"]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> tuple[Path, list[str]]:
+    """An uninterrupted 3-epoch run (5 updates per epoch) that kept every training state."""
+    base = tmp_path_factory.mktemp("resume")
+    root = make_image_folder(base / "images")
+    overrides = tiny_overrides(root, epochs=3) + POLICY
+    run(compose_config(overrides), run_dir=base / "ref")
+    return base / "ref", overrides
+
+
+def copy_run(ref: Path, dest: Path) -> Path:
+    shutil.copytree(ref, dest)
+    return dest
+
+
+class SignalAt(TrainerHook):
+    """Sends ``signals`` to this process after optimizer update ``step``."""
+
+    def __init__(self, step: int, *signals: int):
+        self.step, self.signals = step, signals
+
+    def on_step(self, state, logs) -> None:
+        if state.global_step == self.step:
+            for sig in self.signals:
+                os.kill(os.getpid(), sig)
+
+
+def with_signals(monkeypatch, step: int, *signals: int) -> None:
+    original = builders.build_hooks
+    monkeypatch.setattr(builders, "build_hooks", lambda *a, **kw: original(*a, **kw) + [SignalAt(step, *signals)])
+
+
+def train_loss_steps(run_dir: Path) -> list[int]:
+    events = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0}).Reload()
+    return [e.step for e in events.Scalars("train/loss")]
+
+
+@pytest.mark.parametrize("state_file", ["epoch001-step000006.ckpt", "epoch002-step000010.ckpt"])
+def test_resume_in_place_from_an_earlier_state_ends_bit_identical(reference, tmp_path, state_file):
+    ref, overrides = reference
+    out = copy_run(ref, tmp_path / "run")  # as if killed right after that state was written
+    run(compose_config(overrides + [f"resume={out / 'checkpoints' / state_file}"]), run_dir=out)
+    assert_same_result(out, ref)
+    assert [json.loads(x)["epoch"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+    assert train_loss_steps(out) == list(range(1, 16))  # TensorBoard purged the overlap: no step twice
+
+
+def test_sigterm_finishes_the_step_saves_and_the_resumed_run_is_identical(reference, tmp_path, monkeypatch):
+    ref, overrides = reference
+    out = tmp_path / "run"
+    with_signals(monkeypatch, 3, signal.SIGTERM)
+    with pytest.raises(TrainingInterrupted) as err:
+        run(compose_config(overrides), run_dir=out)
+    assert err.value.exit_code == 128 + signal.SIGTERM
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["resume_with"].endswith(f"resume={out}")
+    state = load_training_state(out / "checkpoints" / "last.ckpt")
+    assert (state["train_state"]["global_step"], state["train_state"]["batches_seen"]) == (3, 3)
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored after the run
+    monkeypatch.undo()
+    run(compose_config(overrides + ["resume=auto"]), run_dir=out)
+    assert_same_result(out, ref)
+    assert json.loads((out / "summary.json").read_text())["status"] == "completed"
+    assert train_loss_steps(out) == list(range(1, 16))
+
+
+def test_a_second_sigint_aborts_at_once_without_saving(reference, tmp_path, monkeypatch):
+    _, overrides = reference
+    out = tmp_path / "run"
+    with_signals(monkeypatch, 3, signal.SIGINT, signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt) as err:
+        run(compose_config(overrides), run_dir=out)
+    assert not isinstance(err.value, TrainingInterrupted)
+    assert json.loads((out / "summary.json").read_text())["status"] == "interrupted"
+    manifest = Manifest(out / "checkpoints" / "manifest.json")
+    assert manifest.files["last.ckpt"]["step"] == 2  # the every_n_steps save; nothing written for step 3
+
+
+def test_resume_auto_skips_a_corrupt_last_ckpt_with_a_warning_naming_it(reference, tmp_path, caplog):
+    ref, overrides = reference
+    out = copy_run(ref, tmp_path / "run")
+    last = out / "checkpoints" / "last.ckpt"
+    last.unlink()  # a fresh inode: the periodic hard links keep their bytes
+    data = bytearray((ref / "checkpoints" / "last.ckpt").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    last.write_bytes(bytes(data))
+    with caplog.at_level(logging.WARNING, logger="finetune"):
+        run(compose_config(overrides + ["resume=auto"]), run_dir=out)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(f"'{last}' is corrupt" in w and "falling back" in w for w in warnings), warnings
+    assert json.loads((out / "summary.json").read_text())["resumed_from"].endswith("epoch002-step000014.ckpt")
+    assert_same_result(out, ref)
+
+
+def test_resume_auto_without_checkpoints_starts_fresh_with_a_notice(reference, tmp_path, caplog):
+    ref, overrides = reference
+    with caplog.at_level(logging.INFO, logger="finetune"):
+        run(compose_config(overrides + ["resume=auto"]), run_dir=tmp_path / "run")
+    assert any("no checkpoint" in r.getMessage() and "starting fresh" in r.getMessage() for r in caplog.records)
+    assert_same_result(tmp_path / "run", ref)
+
+
+def test_resume_from_a_file_into_a_new_run_dir(reference, tmp_path):
+    ref, overrides = reference
+    run(compose_config(overrides + [f"resume={ref / 'checkpoints' / 'epoch001-step000006.ckpt'}"]),
+        run_dir=tmp_path / "new")
+    assert_same_result(tmp_path / "new", ref)
+
+
+def test_a_worse_epoch_after_resume_does_not_replace_best(reference, tmp_path):
+    ref, overrides = reference
+    out = copy_run(ref, tmp_path / "run")
+    ckpt = out / "checkpoints"
+    state = load_training_state(ckpt / "epoch001-step000005.ckpt")  # end of epoch 1
+    state["train_state"]["best_value"] = 1.0  # no later epoch can beat it
+    facts = save_training_state(ckpt / "epoch001-step000005.ckpt", state)
+    manifest = Manifest(ckpt / "manifest.json")
+    manifest.files["epoch001-step000005.ckpt"] |= {"sha256": facts.sha256, "bytes": facts.bytes}
+    manifest.save()
+    best_before = (ckpt / "best.safetensors").read_bytes()
+    run(compose_config(overrides + [f"resume={ckpt / 'epoch001-step000005.ckpt'}"]), run_dir=out)
+    assert (ckpt / "best.safetensors").read_bytes() == best_before
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["best"] for r in records[1:]] == [False, False]
+    assert load_training_state(ckpt / "last.ckpt")["train_state"]["best_value"] == 1.0
+
+
+def test_overrides_that_change_the_experiment_are_refused_with_a_diff(reference, tmp_path, caplog):
+    ref, overrides = reference
+    out = copy_run(ref, tmp_path / "run")
+    with pytest.raises(UserError) as err:
+        run(compose_config(overrides + ["resume=auto", "optim.lr=0.01", "data.batch_size=2"]), run_dir=out)
+    message = str(err.value)
+    assert "data.batch_size: 4 -> 2" in message and "optim.lr: 0.001 -> 0.01" in message
+    assert "resume_allow_config_change=true" in message and "\n" not in message
+    with caplog.at_level(logging.WARNING, logger="finetune"):
+        run(compose_config(overrides + ["resume=auto", "optim.lr=0.01", "resume_allow_config_change=true"]),
+            run_dir=out)
+    assert any("optim.lr: 0.001 -> 0.01" in r.getMessage() for r in caplog.records)
+
+
+def test_run_time_settings_may_change_on_resume(reference, tmp_path):
+    ref, overrides = reference
+    out = copy_run(ref, tmp_path / "run")
+    changed = ["trainer.max_epochs=4", "data.num_workers=1", "trainer.device=cpu", "logger.log_every_n_steps=2",
+               "checkpoint.every_n_steps=3"]
+    run(compose_config(overrides + ["resume=auto"] + changed), run_dir=out)
+    assert load_training_state(out / "checkpoints" / "last.ckpt")["train_state"]["epoch"] == 4
+

@@ -1,0 +1,107 @@
+"""The real CLI killed at random moments (SIGTERM once, then SIGKILL) and resumed until done; resume=RUN_DIR."""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import make_image_folder, run_cli, tiny_overrides
+from finetune.checkpoint import verify_file
+from test_checkpoint import assert_same_result
+from test_cli import assert_clean_error
+from test_resume import train_loss_steps
+
+pytestmark = pytest.mark.slow
+START_MARKS = ("resuming from", "starting fresh")
+
+
+def start(args: list[str], *, cwd: Path, log: Path) -> subprocess.Popen:
+    with log.open("ab") as sink:
+        return subprocess.Popen([sys.executable, "-m", "finetune", *args], cwd=cwd, stdout=sink,
+                                stderr=subprocess.STDOUT)
+
+
+def wait_for_start(train_log: Path, seen: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+    """Until this attempt has logged where it starts from (or has exited)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        text = train_log.read_text() if train_log.exists() else ""
+        if sum(text.count(m) for m in START_MARKS) > seen:
+            return
+        time.sleep(0.02)
+
+
+def test_killed_at_random_moments_and_resumed_ends_bit_identical(tmp_path):
+    root = make_image_folder(tmp_path / "images", train=8)  # 24 images: 6 updates per epoch
+    args = tiny_overrides(root, epochs=4) + ["checkpoint.every_n_steps=2"]
+    ref = tmp_path / "ref"
+    result = run_cli(args + [f"hydra.run.dir={ref}"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    out, console, rng = tmp_path / "run", tmp_path / "console.txt", random.Random(4)
+    killed_while_running, codes = 0, []
+    for attempt in range(5):
+        train_log = out / "train.log"
+        seen = sum(train_log.read_text().count(m) for m in START_MARKS) if train_log.exists() else 0
+        proc = start(args + ["resume=auto", f"hydra.run.dir={out}"], cwd=tmp_path, log=console)
+        wait_for_start(train_log, seen, proc)
+        time.sleep(rng.uniform(0.0, 1.5))
+        if proc.poll() is None:
+            killed_while_running += 1
+            proc.send_signal(signal.SIGTERM if attempt == 0 else signal.SIGKILL)
+        codes.append(proc.wait(timeout=120))
+        if codes[-1] == 0:
+            break
+        if attempt == 0 and codes[0] == 128 + signal.SIGTERM:  # the graceful path: saved, then stopped
+            summary = json.loads((out / "summary.json").read_text())
+            assert summary["status"] == "interrupted", summary
+    assert killed_while_running >= 2, (codes, console.read_text()[-3000:])
+    if codes[-1] != 0:
+        result = run_cli(args + ["resume=auto", f"hydra.run.dir={out}"], cwd=tmp_path)
+        assert result.returncode == 0, result.stderr[-3000:]
+    assert set(codes[1:-1]) <= {-signal.SIGKILL}, codes
+
+    assert_same_result(out, ref)
+    assert json.loads((out / "summary.json").read_text())["status"] == "completed"
+    assert [json.loads(x)["epoch"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+    assert train_loss_steps(out) == train_loss_steps(ref) == list(range(1, 25))
+    ckpt = out / "checkpoints"
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    for name, entry in manifest["files"].items():
+        verify_file(ckpt / name, entry)
+        assert torch.load(ckpt / name, weights_only=True) if name.endswith(".ckpt") else load_file(ckpt / name)
+    assert not list(ckpt.glob(".*.tmp"))
+
+
+def test_resume_from_a_run_dir_reuses_its_overrides_and_directory(tmp_path):
+    root = make_image_folder(tmp_path / "images")
+    out = tmp_path / "run"
+    result = run_cli(tiny_overrides(root, epochs=1) + [f"hydra.run.dir={out}"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    result = run_cli([f"resume={out}", "optim.lr=0.01"], cwd=tmp_path)
+    assert_clean_error(result, f"resume would change the experiment saved in '{out}", "optim.lr: 0.001 -> 0.01",
+                       "resume_allow_config_change=true")
+
+    result = run_cli([f"resume={out}", "trainer.max_epochs=2"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert not (tmp_path / "outputs").exists()  # continued in place, no new run dir
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["resumed_from"] == str(out / "checkpoints" / "last.ckpt")
+    assert [json.loads(x)["epoch"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    assert f"data.root={root}" in (out / ".hydra" / "overrides.yaml").read_text()  # replayed, not retyped
+
+    result = run_cli([f"resume={out}", "trainer.max_epochs=3", "optim.lr=0.01", "resume.allow_config_change=true"],
+                     cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "optim.lr: 0.001 -> 0.01" in result.stdout  # the warning names what changed
+    assert torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["train_state"]["epoch"] == 3
