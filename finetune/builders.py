@@ -20,8 +20,8 @@ from finetune import data as data_lib
 from finetune.checkpoint import CheckpointManager, CheckpointPolicy, rng_state, weights_metadata
 from finetune.config import Config
 from finetune.errors import UserError
-from finetune.freezing import apply_freeze
-from finetune.heads import init_head
+from finetune.freezing import FreezeController, FreezePlan, apply_freeze, plan_freeze
+from finetune.heads import init_head, warm_start_subset
 from finetune.loggers import MetricsJsonl, TensorBoardLogger
 from finetune.models import BackboneSpec, build_model, locate_library_weights
 from finetune.optim import build_optimizer, build_param_groups, build_scheduler
@@ -56,9 +56,15 @@ def build_network(cfg: DictConfig, *, head: DictConfig, num_classes: int) -> tup
     if cfg.num_classes is not None and cfg.num_classes < num_classes:
         raise UserError(f"model.num_classes '{cfg.num_classes}' is smaller than the {num_classes} class folders "
                         "in the data: raise it, or leave it null to take the count from the data")
-    return build_model(name=cfg.name, source=cfg.source, num_classes=cfg.num_classes or num_classes,
-                       in_chans=cfg.in_chans, input_size=cfg.input_size, pool=head.pool,
-                       dropout=head.dropout, drop_path_rate=cfg.drop_path_rate)
+    if head.name == "features":
+        raise UserError("head=features builds an embedding model without a classifier, which cannot be trained "
+                        "here: use head=linear or head=mlp (build_model(head='features') gives the embeddings)")
+    model, spec = build_model(name=cfg.name, source=cfg.source, num_classes=cfg.num_classes or num_classes,
+                              in_chans=cfg.in_chans, input_size=cfg.input_size, pool=head.pool,
+                              dropout=head.dropout, drop_path_rate=cfg.drop_path_rate, head=head.name,
+                              hidden=list(head.hidden), activation=head.activation, norm=head.norm)
+    spec.subset = head.subset  # read by load_weights: warm-start rows of the pretrained classifier
+    return model, spec
 
 
 def load_weights(cfg: DictConfig, model: nn.Module, spec: BackboneSpec, *, head_init: str,
@@ -81,8 +87,23 @@ def load_weights(cfg: DictConfig, model: nn.Module, spec: BackboneSpec, *, head_
         report = loaded.to_dict()
     if source is None or report["head"]:
         init_head(model, spec.classifier, head_init)
+    subset = spec.subset
+    if subset is not None:
+        if source is None:
+            raise UserError(f"head.subset '{subset}' starts the head from pretrained rows, but no weights are "
+                            "loaded: set model.weights or model.pretrained=true")
+        warm = warm_start_subset(model, spec.classifier, class_names=_class_names(run_dir), subset=subset,
+                                 report=loaded, trust_pickle=cfg.trust_pickle)
+        log.info(f"head.subset: {len(warm['warm_started'])} classes warm-started from pretrained rows "
+                 f"{warm['warm_started']}; new: {warm['not_found']}")
+        report["subset"] = warm
     (run_dir / "load_report.json").write_text(json.dumps(report, indent=1) + "\n")
     return report
+
+
+def _class_names(run_dir: Path) -> list[str]:
+    """The class names of this run, from the ``split.json`` that ``build_split`` wrote."""
+    return json.loads((run_dir / "split.json").read_text())["class_names"]
 
 
 def build_loaders(cfg: DictConfig, split: data_lib.DataSplit, spec: BackboneSpec, *, seed: int,
@@ -100,12 +121,15 @@ def build_loaders(cfg: DictConfig, split: data_lib.DataSplit, spec: BackboneSpec
 
 def build_optimization(cfg: DictConfig, model: nn.Module, spec: BackboneSpec, *,
                        updates_per_epoch: int) -> tuple[torch.optim.Optimizer, Any]:
-    """Freeze, then the optimizer over stable named groups, then the per-update scheduler."""
-    frozen = apply_freeze(model, mode=cfg.freeze.name, head=spec.classifier, bn=cfg.freeze.bn)
+    """Freeze, then the optimizer over stable named groups (all parameters), then the per-update scheduler."""
+    frozen = apply_freeze(model, build_freeze_plan(cfg, model, spec), bn=cfg.freeze.bn)
     if frozen:
-        log.info(f"frozen: {len(frozen)} parameter tensors outside '{spec.classifier}'")
-    groups = build_param_groups(model, head=spec.classifier, weight_decay=cfg.optim.weight_decay,
-                                decay_norm_and_bias=cfg.optim.decay_norm_and_bias)
+        log.info(f"frozen: {len(frozen)} parameter tensors (freeze={cfg.freeze.name})")
+    o = cfg.optim
+    groups = build_param_groups(model, head=spec.classifier, weight_decay=o.weight_decay,
+                                decay_norm_and_bias=o.decay_norm_and_bias,
+                                head_lr_scale=(o.head_lr or o.lr) / o.lr, backbone_lr_mult=o.backbone_lr_mult,
+                                layer_decay=o.layer_decay)
     optimizer = build_optimizer(groups, name=cfg.optim.name, lr=cfg.optim.lr, momentum=cfg.optim.momentum,
                                 betas=cfg.optim.betas)
     s = cfg.sched
@@ -114,6 +138,25 @@ def build_optimization(cfg: DictConfig, model: nn.Module, spec: BackboneSpec, *,
                                 warmup_lr=s.warmup_lr, min_lr=s.min_lr, decay_epochs=s.decay_epochs,
                                 decay_rate=s.decay_rate)
     return optimizer, scheduler
+
+
+def build_freeze_plan(cfg: DictConfig, model: nn.Module, spec: BackboneSpec) -> FreezePlan:
+    """``freeze.*`` resolved against this model (stages, frozen names, schedule); fails on unknown names."""
+    f = cfg.freeze
+    schedule = {int(k): (list(v) if OmegaConf.is_list(v) else v) for k, v in f.schedule.items()}
+    return plan_freeze(model, mode=f.name, head=spec.classifier, until=f.until, include=list(f.include),
+                       exclude=list(f.exclude), schedule=schedule, max_epochs=cfg.trainer.max_epochs)
+
+
+def build_freeze_hooks(cfg: DictConfig, model: nn.Module, spec: BackboneSpec) -> list[FreezeController]:
+    """The hook that unfreezes on ``freeze.schedule`` and verifies frozen tensors each epoch.
+
+    The plan is resolved again (deterministic) from the model ``build_optimization`` froze.
+    """
+    if cfg.freeze.name == "none" and not cfg.freeze.schedule:
+        return []
+    return [FreezeController(model, build_freeze_plan(cfg, model, spec), bn=cfg.freeze.bn,
+                             verify=cfg.freeze.verify)]
 
 
 def build_trainer(cfg: DictConfig, *, model: nn.Module, spec: BackboneSpec, loaders: data_lib.Loaders,
@@ -140,6 +183,7 @@ def build_trainer(cfg: DictConfig, *, model: nn.Module, spec: BackboneSpec, load
                       progress_bar=cfg.logger.progress_bar, stop=stop)
     trainer.hooks = build_hooks(cfg, trainer=trainer, spec=spec, run_dir=run_dir, class_names=class_names,
                                 batch_size=loaders.train.batch_size, resume=resume)
+    trainer.hooks += build_freeze_hooks(cfg, model, spec)
     return trainer
 
 

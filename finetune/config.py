@@ -64,16 +64,25 @@ class DataConfig:
 
 @dataclass
 class HeadConfig:
-    name: str = "linear"
+    name: str = "linear"  # linear | mlp | features (no classifier: embeddings; Python use, not trainable)
     init: str = "trunc_normal"  # default (the library's) | zeros | trunc_normal (std 0.02), for a new head
-    pool: Optional[str] = None  # null: the backbone's own pooling
-    dropout: float = 0.0
+    pool: Optional[str] = None  # null: the backbone's own pooling; avg | max | avgmax | catavgmax | token (timm)
+    dropout: float = 0.0  # before the classifier (and after each hidden layer of an mlp head)
+    hidden: list[int] = field(default_factory=list)  # mlp: hidden layer sizes
+    activation: str = "relu"  # mlp: any timm activation name (relu, gelu, silu, ...)
+    norm: Optional[str] = None  # mlp: null | batch | layer, after each hidden Linear
+    subset: Optional[str] = None  # null | imagenet | MAPPING_FILE: start rows of known classes from the pretrained head
 
 
 @dataclass
 class FreezeConfig:
-    name: str = "none"  # none | head_only
-    bn: str = "eval"  # train | eval: running statistics of frozen parts
+    name: str = "none"  # none | head_only | until | patterns
+    bn: str = "eval"  # train | eval | frozen: BatchNorm of frozen parts (frozen: FrozenBatchNorm2d)
+    until: Optional[str] = None  # until: the last frozen stage (stages are listed in the log and errors)
+    include: list[str] = field(default_factory=list)  # patterns: regexes of parameter names to freeze
+    exclude: list[str] = field(default_factory=list)  # patterns: regexes kept trainable among those
+    schedule: dict[int, Any] = field(default_factory=dict)  # {EPOCH: stage | regex | all | [..]}: unfreeze then
+    verify: bool = True  # check after every epoch that frozen tensors are bit-identical
 
 
 @dataclass
@@ -84,6 +93,9 @@ class OptimConfig:
     momentum: float = 0.9  # sgd only
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adam-family only
     decay_norm_and_bias: bool = False
+    head_lr: Optional[float] = None  # the head's rate; null = lr
+    backbone_lr_mult: float = 1.0  # backbone rate = lr * backbone_lr_mult (x layer decay)
+    layer_decay: Optional[float] = None  # e.g. 0.75: each layer down from the top learns this much slower
 
 
 @dataclass
@@ -163,10 +175,12 @@ CHOICES = {
     "model.source": ("timm", "torchvision"),
     "data.name": ("demo", "custom"),
     "data.balance": ("none", "sampler", "loss_weights"),
-    "head.name": ("linear",),
+    "head.name": ("linear", "mlp", "features"),
+    "head.pool": (None, "", "avg", "max", "avgmax", "catavgmax", "token", "avg_token", "map"),
+    "head.norm": (None, "batch", "layer"),
     "head.init": ("default", "zeros", "trunc_normal"),
-    "freeze.name": ("none", "head_only"),
-    "freeze.bn": ("train", "eval"),
+    "freeze.name": ("none", "head_only", "until", "patterns"),
+    "freeze.bn": ("train", "eval", "frozen"),
     "sched.name": ("cosine", "step", "multistep", "poly", "tanh", "none"),
     "trainer.precision": ("32", "bf16", "16"),
     "checkpoint.mode": (None, "max", "min"),
@@ -196,6 +210,12 @@ def check_config(cfg: DictConfig) -> None:
         raise UserError(f"data.val_split must be between 0 and 1, got '{cfg.data.val_split}'")
     if cfg.trainer.grad_clip is not None and not cfg.trainer.grad_clip > 0:
         raise UserError(f"trainer.grad_clip must be positive or null, got '{cfg.trainer.grad_clip}'")
+    if cfg.optim.layer_decay is not None and not 0.0 < cfg.optim.layer_decay <= 1.0:
+        raise UserError(f"optim.layer_decay must be in (0, 1] or null, got '{cfg.optim.layer_decay}'")
+    if cfg.optim.head_lr is not None and not cfg.optim.head_lr > 0:
+        raise UserError(f"optim.head_lr must be positive or null, got '{cfg.optim.head_lr}'")
+    if not cfg.optim.backbone_lr_mult >= 0:
+        raise UserError(f"optim.backbone_lr_mult must not be negative, got '{cfg.optim.backbone_lr_mult}'")
     _check_checkpoint(cfg.checkpoint)
     if cfg.model.num_classes is not None and cfg.model.num_classes < 2:
         raise UserError(f"model.num_classes must be at least 2 (or null to take it from the data), "

@@ -15,6 +15,7 @@ import socket
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import timm
@@ -24,6 +25,7 @@ import torchvision
 from torch import nn
 
 from finetune.errors import UserError
+from finetune.heads import build_mlp_head
 
 PROBE_TIMEOUT_S = 3.0
 
@@ -40,23 +42,32 @@ class BackboneSpec:
     first_conv: str  # dotted module path of the input convolution
     data_config: dict[str, Any] = field(default_factory=dict)  # timm data config
     head: dict[str, Any] = field(default_factory=dict)  # head settings used to build it
+    subset: str | None = None  # head.subset: label set or mapping file to warm-start the head from
 
 
 def build_model(*, name: str, source: str, num_classes: int, in_chans: int = 3,
                 input_size: int = 224, pool: str | None = None, dropout: float = 0.0,
-                drop_path_rate: float = 0.0) -> tuple[nn.Module, BackboneSpec]:
+                drop_path_rate: float = 0.0, head: str = "linear", hidden: Sequence[int] = (),
+                activation: str = "relu", norm: str | None = None) -> tuple[nn.Module, BackboneSpec]:
     """Create the backbone with a freshly initialised ``num_classes`` head.
+
+    ``head``: ``linear`` (the library's classifier), ``mlp`` (``hidden`` sizes, ``activation``,
+    ``norm``, ``dropout`` between layers, in place of the classifier, same module path) or
+    ``features`` (no classifier: the model returns pooled embeddings; ``num_classes`` is ignored).
 
     >>> model, spec = build_model(name="test_resnet", source="timm", num_classes=3)
     >>> spec.classifier, model(torch.zeros(1, 3, 64, 64)).shape
     ('fc', torch.Size([1, 3]))
     """
-    head = {"pool": pool, "dropout": dropout}
+    settings = {"pool": pool, "dropout": dropout}
+    if head != "linear":  # only non-default heads are recorded, so older weights files still rebuild
+        settings |= {"head": head, "hidden": list(hidden), "activation": activation, "norm": norm}
     builder = {"timm": _build_timm, "torchvision": _build_torchvision}[source]
-    model, classifier, first_conv = builder(name, num_classes, in_chans, head, drop_path_rate)
+    model, classifier, first_conv = builder(name, num_classes, in_chans, settings, drop_path_rate)
+    num_classes = _replace_head(model, classifier, head, num_classes, settings)
     data_config = resolve_data_config(model, source=source, in_chans=in_chans, input_size=input_size)
     spec = BackboneSpec(name=name, source=source, num_classes=num_classes, in_chans=in_chans,
-                        classifier=classifier, first_conv=first_conv, data_config=data_config, head=head)
+                        classifier=classifier, first_conv=first_conv, data_config=data_config, head=settings)
     return model, spec
 
 
@@ -100,6 +111,25 @@ def _build_torchvision(name: str, num_classes: int, in_chans: int, head: dict,
     if in_chans != 3:
         _replace_first_conv(model, first_conv, in_chans)
     return model, classifier, first_conv
+
+
+def _replace_head(model: nn.Module, classifier: str, head: str, num_classes: int, settings: dict) -> int:
+    """Swap the library's classifier for an MLP or nothing; returns the output width's class count."""
+    if head == "linear":
+        return num_classes
+    if head not in ("mlp", "features"):
+        raise UserError(f"head.name '{head}' is not known: use linear, mlp or features")
+    parent, leaf = _split_path(model, classifier)
+    old = getattr(parent, leaf)
+    if not isinstance(old, nn.Linear):
+        raise UserError(f"head={head} replaces a Linear classifier, but '{classifier}' is {type(old).__name__}")
+    if head == "features":
+        setattr(parent, leaf, nn.Identity())
+        return 0
+    setattr(parent, leaf, build_mlp_head(old.in_features, num_classes, hidden=settings["hidden"],
+                                         activation=settings["activation"], norm=settings["norm"],
+                                         dropout=settings["dropout"]))
+    return num_classes
 
 
 def _find_classifier(model: nn.Module, num_classes: int) -> str:

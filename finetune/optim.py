@@ -1,8 +1,16 @@
 """Optimizer from named, stable parameter groups, and a per-update timm scheduler.
 
-Groups are ``{backbone, head} x {decay, no_decay}``; every parameter is in exactly
-one group whether it is trainable now or not, so the optimizer-state layout never
-depends on what is frozen at the moment it is built or restored.
+Every parameter is in exactly one group whether it is trainable now or not, so the
+optimizer-state layout never depends on what is frozen when it is built or restored
+(frozen parameters get no gradient, hence no update and no state, until unfrozen).
+
+Groups are ``{backbone, head} x {decay, no_decay}``; with ``layer_decay`` the backbone
+is split per layer of timm's fine ``group_matcher`` (or per stage for models without
+one) and each layer gets ``lr_scale = backbone_lr_mult * layer_decay ** (depth from
+the top)``. Unlike timm's ``param_groups_layer_decay`` the layer count and scales
+come from *all* parameters, frozen ones included (timm#2691), so they do not change
+with what is frozen. A group's rate is ``lr * lr_scale``; timm schedulers apply
+``lr_scale`` on every update.
 """
 
 from __future__ import annotations
@@ -12,23 +20,63 @@ from collections.abc import Sequence
 import timm.optim
 import timm.scheduler
 import torch
+from timm.models import group_parameters
 from torch import nn
 
+from finetune.freezing import find_stages, group_label
 
-def build_param_groups(model: nn.Module, *, head: str, weight_decay: float,
-                       decay_norm_and_bias: bool = False) -> list[dict]:
-    """Split parameters into named groups; norms and biases skip weight decay unless asked."""
+
+def _in_head(name: str, head: str) -> bool:
+    return name == head or name.startswith(head + ".")
+
+
+def layer_ids(model: nn.Module, *, head: str) -> tuple[dict[str, int], dict[int, str]]:
+    """``{parameter: layer id}`` (0 = input side; the head on the top layer) and a readable name per layer.
+
+    Uses timm's fine ``group_matcher`` when the model has one, else the stages of
+    ``finetune.freezing.find_stages`` (torchvision: top-level children).
+    """
+    matcher = model.group_matcher(coarse=False) if hasattr(model, "group_matcher") else {}
+    if matcher:
+        layers = group_parameters(model, matcher)
+        layers = {i: names for i, (_, names) in enumerate(sorted(layers.items()))}
+    else:
+        layers = {i: stage.params for i, stage in enumerate(find_stages(model, head=head))}
+    ids = {name: i for i, names in layers.items() for name in names}
+    labels = {i: group_label(names, matcher, first=i == 0) for i, names in layers.items()}
+    return ids, labels
+
+
+def build_param_groups(model: nn.Module, *, head: str, weight_decay: float, decay_norm_and_bias: bool = False,
+                       head_lr_scale: float = 1.0, backbone_lr_mult: float = 1.0,
+                       layer_decay: float | None = None) -> list[dict]:
+    """Split parameters into named groups, each with ``lr_scale``; norms, biases and a timm model's
+    ``no_weight_decay()`` names skip weight decay unless ``decay_norm_and_bias``.
+
+    >>> import timm
+    >>> groups = build_param_groups(timm.create_model("test_resnet"), head="fc", weight_decay=0.05)
+    >>> [g["name"] for g in groups]
+    ['backbone', 'backbone_no_decay', 'head', 'head_no_decay']
+    """
+    skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+    ids, labels = layer_ids(model, head=head) if layer_decay is not None else ({}, {})
+    top = max(ids.values(), default=0)
     groups: dict[str, dict] = {}
     for name, param in model.named_parameters():
-        part = "head" if name == head or name.startswith(head + ".") else "backbone"
-        no_decay = param.ndim <= 1 and not decay_norm_and_bias  # biases, norm scales/shifts
+        no_decay = not decay_norm_and_bias and (param.ndim <= 1 or name in skip)
+        if _in_head(name, head):
+            part, scale = "head", head_lr_scale
+        elif layer_decay is None:
+            part, scale = "backbone", backbone_lr_mult
+        else:
+            layer = ids.get(name, top)
+            part, scale = f"backbone.{labels.get(layer, layer)}", backbone_lr_mult * layer_decay ** (top - layer)
         key = f"{part}_no_decay" if no_decay else part
-        group = groups.setdefault(key, {"name": key, "params": [], "param_names": [],
+        group = groups.setdefault(key, {"name": key, "params": [], "param_names": [], "lr_scale": scale,
                                         "weight_decay": 0.0 if no_decay else weight_decay})
         group["params"].append(param)
         group["param_names"].append(name)
-    order = ("backbone", "backbone_no_decay", "head", "head_no_decay")
-    return [groups[k] for k in order if k in groups]
+    return list(groups.values())
 
 
 def build_optimizer(param_groups: list[dict], *, name: str, lr: float, momentum: float = 0.9,
@@ -38,10 +86,9 @@ def build_optimizer(param_groups: list[dict], *, name: str, lr: float, momentum:
     if name in ("sgd", "momentum", "nesterov"):
         kwargs["momentum"] = momentum
     groups = [{k: v for k, v in g.items() if k != "param_names"} for g in param_groups]
-    optimizer = timm.optim.create_optimizer_v2(groups, opt=name, lr=lr, **kwargs)
-    for group in optimizer.param_groups:  # the rate each group starts from, for schedulers and logs
-        group.setdefault("initial_lr", group["lr"])
-    return optimizer
+    for group in groups:  # timm schedulers start from initial_lr and multiply by lr_scale on every update
+        group |= {"lr": lr * group.get("lr_scale", 1.0), "initial_lr": lr}
+    return timm.optim.create_optimizer_v2(groups, opt=name, lr=lr, **kwargs)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, *, name: str, epochs: int, updates_per_epoch: int,
