@@ -273,3 +273,28 @@ def test_a_stage_that_does_not_exist_stops_the_run_before_training(tmp_path):
     with pytest.raises(UserError, match="freeze.until 'layer9' is not a stage of this model; its stages are: stem"):
         run(compose_config(tiny_overrides(root, epochs=1) + ["freeze=until", "freeze.until=layer9"]),
             run_dir=tmp_path / "out")
+
+
+def test_resume_mid_schedule_through_the_run_continues_bit_identical(tmp_path):
+    """Saved mid-epoch while layer4 had just been unfrozen; 'all' is still to come."""
+    import shutil
+
+    from conftest import compose_config, make_image_folder, tiny_overrides
+    from finetune.run import run
+    from test_checkpoint import assert_same_result
+
+    root = make_image_folder(tmp_path / "images")
+    overrides = tiny_overrides(root, epochs=3) + [
+        "freeze=head_only", "freeze.bn=frozen", "+freeze.schedule={1: layer4, 2: all}", "optim.layer_decay=0.8",
+        "checkpoint.every_n_steps=2", "checkpoint.keep_last_k=null"]
+    run(compose_config(overrides), run_dir=tmp_path / "ref")
+    out = tmp_path / "run"
+    shutil.copytree(tmp_path / "ref", out)
+    state = out / "checkpoints" / "epoch001-step000006.ckpt"  # 1 epoch done, 1 batch into the second
+    saved = torch.load(state, weights_only=True)
+    assert saved["freeze"]["applied"] == [1]
+    assert len(saved["optimizer"]["state"]) == len([k for k in saved["model"] if k.startswith("layer4.")
+                                                    and not k.endswith(("running_mean", "running_var",
+                                                                        "num_batches_tracked"))]) + 2
+    run(compose_config(overrides + [f"resume={state}"]), run_dir=out)
+    assert_same_result(out, tmp_path / "ref")
