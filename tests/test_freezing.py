@@ -298,3 +298,14 @@ def test_resume_mid_schedule_through_the_run_continues_bit_identical(tmp_path):
                                                                         "num_batches_tracked"))]) + 2
     run(compose_config(overrides + [f"resume={state}"]), run_dir=out)
     assert_same_result(out, tmp_path / "ref")
+
+
+def test_unfreezing_a_frozen_batchnorm_after_a_move_keeps_the_moved_tensors_and_the_same_parameters():
+    model, _, plan, _ = frozen_model("timm", "test_resnet", bn="frozen", mode="head_only", schedule={1: "all"})
+    weight = model.layer1[0].bn1.weight
+    controller = FreezeController(model, plan, bn="frozen")
+    model.double()  # like .to("cuda"): buffers are replaced, parameters keep their identity
+    controller.unfreeze(1)
+    bn = model.layer1[0].bn1
+    assert type(bn) is nn.BatchNorm2d and bn.weight is weight and bn.weight.requires_grad
+    assert bn.running_mean.dtype == torch.float64 and bn.training == model.training
