@@ -30,7 +30,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any
 
@@ -296,7 +296,14 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_training_state(path: str | Path, state: dict[str, Any]) -> FileFacts:
-    return atomic_write_stream(path, lambda f: torch.save(state, f))
+    """``torch.save`` the state atomically. The zip's own CRC32 is skipped: the manifest's sha256,
+    computed while writing, already covers every byte (and ``torch.load`` reads such files)."""
+    crc = torch.serialization.get_crc32_options()
+    torch.serialization.set_crc32_options(False)
+    try:
+        return atomic_write_stream(path, lambda f: torch.save(state, f))
+    finally:
+        torch.serialization.set_crc32_options(crc)
 
 
 def load_training_state(path: str | Path, *, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -413,7 +420,11 @@ class CheckpointManager(TrainerHook):
     among the ``save_top_k`` best, and every ``every_n_epochs`` epochs ``last`` weights and
     ``last.ckpt``. Every ``every_n_steps`` optimizer updates, and when a stop is requested,
     ``last.ckpt`` alone (mid-epoch). Within a save point the training state is written
-    last, so it never claims a best or top-k file that is not on disk yet. Before
+    last, so it never claims a best or top-k file that is not on disk yet. Mid-epoch
+    ``every_n_steps`` saves run in the background: the state is copied at the update
+    boundary (so the file is exactly what a synchronous save would write) and written on
+    a thread while training goes on; every other save, and ``close``, waits for it first,
+    and a failure there (a full disk) stops the run at the next save. Before
     ``last.ckpt`` is replaced, its previous content is kept under ``epochEEE-stepSSSSSS.ckpt``
     (``keep_last_k`` of those). Files are replaced, never deleted first; the state this
     run resumed from is never pruned, nor is ``best``.
@@ -432,6 +443,8 @@ class CheckpointManager(TrainerHook):
         self.last_trusted = False  # last.ckpt on disk is the one its manifest entry describes
         self.last_saved: tuple[int, int, int] | None = None  # (epoch, step, batches) of last.ckpt
         self.last_value: float | None = None  # the monitored metric of the latest epoch
+        self._pending: threading.Thread | None = None  # a background save in flight
+        self._failure: BaseException | None = None  # what that save raised
         for stale in self.dir.glob(".*.tmp"):  # left by a kill during a save
             stale.unlink(missing_ok=True)
 
@@ -467,10 +480,11 @@ class CheckpointManager(TrainerHook):
             return
         epoch_end_saves = self.policy.every_n_epochs == 1 and state.batches_seen == state.epoch_batches
         if self.policy.save_last and not epoch_end_saves:
-            self.save_state(state)
+            self.save_state(state, background=True)
 
     def on_epoch_end(self, state: TrainState, logs: dict[str, float], result: EvalResult,
                      improved: bool) -> None:
+        self.wait()
         value = self.last_value = (result.scalars() | logs).get(self.monitor)
         if self.policy.save_best and improved:
             self._write_weights(f"best{self.policy.ext}", "best", state, value)
@@ -484,8 +498,10 @@ class CheckpointManager(TrainerHook):
     def on_interrupt(self, state: TrainState) -> None:
         if self.policy.save_last:
             self.save_state(state)
+        self.wait()
 
     def on_fit_end(self, state: TrainState) -> None:
+        self.wait()
         if self.policy.save_last and self.last_saved != (state.epoch, state.global_step, state.batches_seen):
             self.save_last(state, self.last_value)
 
@@ -494,15 +510,50 @@ class CheckpointManager(TrainerHook):
         self._write_weights(f"last{self.policy.ext}", "last", state, value)
         self.save_state(state)
 
-    def save_state(self, state: TrainState) -> None:
-        """Write ``last.ckpt`` (keeping the previous one as a periodic file), then prune."""
+    def save_state(self, state: TrainState, *, background: bool = False) -> None:
+        """Write ``last.ckpt`` (keeping the previous one as a periodic file), then prune.
+
+        ``background``: copy the state now, write it on a thread (see the class docstring).
+        """
         key = (state.epoch, state.global_step, state.batches_seen)
         if key == self.last_saved:
             return
+        self.wait()
+        self.last_saved = key
+        if not background:
+            self._write_state(self.training_state(state), replace(state))
+            return
+        snapshot = detached_copy(self.training_state(state))
+        self._pending = threading.Thread(target=self._write_in_background, args=(snapshot, replace(state)),
+                                         name="finetune-checkpoint")
+        self._pending.start()
+
+    def wait(self) -> None:
+        """Let a background save finish; re-raise what it raised."""
+        if self._pending is not None:
+            self._pending.join()
+            self._pending = None
+        if self._failure is not None:
+            failure, self._failure = self._failure, None
+            raise failure
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        except Exception as err:  # noqa: BLE001 - the run is ending anyway; say what was lost
+            log.error(f"the last background checkpoint was not written: {err}")
+
+    def _write_in_background(self, snapshot: dict[str, Any], state: TrainState) -> None:
+        try:
+            self._write_state(snapshot, state)
+        except BaseException as err:  # noqa: BLE001 - handed to the training thread by wait()
+            self._failure = err
+
+    def _write_state(self, snapshot: dict[str, Any], state: TrainState) -> None:
         self._keep_previous_state()
-        facts = self._guarded("last.ckpt", lambda p: save_training_state(p, self.training_state(state)))
+        facts = self._guarded("last.ckpt", lambda p: save_training_state(p, snapshot))
         self._record("last.ckpt", facts, "state", state, None)
-        self.last_trusted, self.last_saved = True, key
+        self.last_trusted = True
         self._prune_states()
 
     def _keep_previous_state(self) -> None:
@@ -514,6 +565,9 @@ class CheckpointManager(TrainerHook):
         self._guarded(name, lambda p: atomic_link(self.dir / "last.ckpt", p))
         self.manifest.files[name] = {**entry, "kind": "periodic"}
         self.manifest.save()
+        if "last.ckpt" in self.protected:  # the state this run resumed from lives on under its periodic name
+            self.protected.discard("last.ckpt")
+            self.protected.add(name)
 
     def _prune_states(self) -> None:
         """Keep the ``keep_last_k`` newest periodic states (and protected ones); delete the rest."""
@@ -568,6 +622,20 @@ class CheckpointManager(TrainerHook):
 
     def paths(self) -> dict[str, str]:
         return {name: str(self.dir / name) for name in self.manifest.files}
+
+
+def detached_copy(obj: Any) -> Any:
+    """A copy of nested dicts/lists/tuples whose tensors are cloned to the CPU (a snapshot)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        out = type(obj)((k, detached_copy(v)) for k, v in obj.items())
+        if hasattr(obj, "_metadata"):  # a module state_dict's per-module versions
+            out._metadata = obj._metadata
+        return out
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(detached_copy(v) for v in obj)
+    return obj
 
 
 class CheckpointWriteError(UserError):

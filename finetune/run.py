@@ -106,9 +106,9 @@ class RunLog:
             if issubclass(exc_type, TrainingInterrupted):
                 self.record["resume_with"] = f"python -m finetune resume={self.run_dir}"
         if self.trainer is not None:
-            self._add_training_facts()
-            for hook in self.trainer.hooks:
+            for hook in self.trainer.hooks:  # first: a background checkpoint save finishes here
                 hook.close()
+            self._add_training_facts()
         self.record["wall_seconds"] = round(time.time() - self.started, 2)
         try:
             atomic_write_text(self.run_dir / "summary.json", json.dumps(self.record, indent=2) + "\n")

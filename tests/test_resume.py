@@ -174,3 +174,14 @@ def test_run_time_settings_may_change_on_resume(reference, tmp_path):
     run(compose_config(overrides + ["resume=auto"] + changed), run_dir=out)
     assert load_training_state(out / "checkpoints" / "last.ckpt")["train_state"]["epoch"] == 4
 
+
+
+def test_the_state_resumed_from_is_never_pruned(reference, tmp_path):
+    ref, overrides = reference
+    out = copy_run(ref, tmp_path / "run")
+    run(compose_config(overrides + ["resume=auto", "trainer.max_epochs=4", "checkpoint.keep_last_k=1"]), run_dir=out)
+    manifest = Manifest(out / "checkpoints" / "manifest.json")
+    periodic = sorted(n for n, e in manifest.files.items() if e["kind"] == "periodic")
+    assert periodic == ["epoch003-step000015.ckpt", "epoch003-step000018.ckpt"]  # resumed-from + the newest 1
+    assert sorted(p.name for p in (out / "checkpoints").glob("*.ckpt")) == periodic + ["last.ckpt"]
+    assert (out / "checkpoints" / "best.safetensors").is_file()
