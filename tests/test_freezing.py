@@ -16,6 +16,7 @@ from finetune.freezing import (FreezeController, FrozenBatchNorm2d, FrozenParame
 from finetune.models import build_model
 from finetune.optim import build_optimizer, build_param_groups
 from finetune.trainer import Trainer, TrainerHook, TrainState
+from conftest_weights import single_thread  # noqa: F401  (autouse: one thread for tiny models)
 
 MODELS = [("timm", "test_resnet"), ("torchvision", "resnet18")]
 

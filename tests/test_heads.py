@@ -17,6 +17,7 @@ from finetune.heads import final_layer, init_head, match_classes, warm_start_sub
 from finetune.models import build_model
 from finetune.weights import load_pretrained
 from conftest import compose_config
+from conftest_weights import single_thread  # noqa: F401  (autouse: one thread for tiny models)
 
 INPUT = {"test_resnet": 32, "test_vit": 160, "test_convnext": 32, "resnet18": 32}
 HEADS = [("linear", {}), ("mlp", {"hidden": [16, 8], "norm": "batch", "activation": "gelu"}),

@@ -11,6 +11,7 @@ from timm.optim import param_groups_layer_decay
 from finetune.freezing import apply_freeze, plan_freeze
 from finetune.models import build_model
 from finetune.optim import build_optimizer, build_param_groups, build_scheduler
+from conftest_weights import single_thread  # noqa: F401  (autouse: one thread for tiny models)
 
 
 def scales_by_param(groups: list[dict]) -> dict[str, float]:
