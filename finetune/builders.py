@@ -27,7 +27,7 @@ from finetune.models import BackboneSpec, build_model, locate_library_weights
 from finetune.optim import build_optimizer, build_param_groups, build_scheduler
 from finetune.resume import ResumePoint
 from finetune.runtime import Runtime, package_versions
-from finetune.signals import StopRequest
+from finetune.signals import StopRequest, shield_workers
 from finetune.trainer import Trainer, TrainState, infer_mode
 from finetune.weights import load_pretrained
 
@@ -168,6 +168,8 @@ def build_trainer(cfg: DictConfig, *, model: nn.Module, spec: BackboneSpec, load
     ``finetune.resume.restore_training``); ``stop``: set by SIGTERM/SIGINT to stop after a save.
     """
     t = cfg.trainer
+    for loader in (loaders.train, loaders.val):  # a stop signal to the process group leaves workers alone
+        shield_workers(loader)
     weight = loaders.class_weights.to(rt.device) if loaders.class_weights is not None else None
     loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=t.label_smoothing)
     updates = -(-len(loaders.train) // t.accumulate)

@@ -10,10 +10,12 @@ atomic). Cluster preemption, which sends SIGTERM, goes through the same path.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 log = logging.getLogger("finetune")
 
@@ -60,3 +62,21 @@ def graceful_stop() -> Iterator[StopRequest]:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def shield_workers(loader: Any) -> None:
+    """Make ``loader``'s worker processes ignore SIGINT and SIGTERM (before they start).
+
+    A signal sent to the whole process group (Ctrl-C, ``timeout``, cluster schedulers)
+    would otherwise kill the workers at once and fail the run before the main process
+    could save; the main process stops them itself when it is done.
+    """
+    if getattr(loader, "num_workers", 0) > 0:
+        loader.worker_init_fn = functools.partial(_ignore_stop_signals, then=loader.worker_init_fn)
+
+
+def _ignore_stop_signals(worker_id: int, then: Callable[[int], None] | None) -> None:
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    if then is not None:
+        then(worker_id)

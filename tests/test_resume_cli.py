@@ -106,3 +106,21 @@ def test_resume_from_a_run_dir_reuses_its_overrides_and_directory(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "optim.lr: 0.001 -> 0.01" in result.stdout  # the warning names what changed
     assert torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["train_state"]["epoch"] == 3
+
+
+def test_sigterm_to_the_process_group_with_loader_workers_still_saves(tmp_path):
+    """``timeout``/schedulers signal every process of the job: the loader's workers must not die first."""
+    import os
+
+    root = make_image_folder(tmp_path / "images", train=8)
+    out = tmp_path / "run"
+    args = [a for a in tiny_overrides(root, epochs=50) if not a.startswith("data.num_workers")]
+    with (tmp_path / "console.txt").open("wb") as sink:
+        proc = subprocess.Popen([sys.executable, "-m", "finetune", *args, "data.num_workers=2",
+                                 "checkpoint.every_n_steps=2", f"hydra.run.dir={out}"], cwd=tmp_path,
+                                stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+    wait_for_a_save(out / "checkpoints" / "manifest.json", None, proc)
+    os.killpg(proc.pid, signal.SIGTERM)
+    assert proc.wait(timeout=120) == 128 + signal.SIGTERM, (tmp_path / "console.txt").read_text()[-3000:]
+    assert json.loads((out / "summary.json").read_text())["status"] == "interrupted"
+    assert torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["train_state"]["global_step"] > 0
