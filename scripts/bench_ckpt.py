@@ -12,20 +12,32 @@ or copied into the model), so memory-mapped readers cannot look free by reading 
 
 Prints one row per method, then ``ckpt_load_peak_rss_vs_bytes: RATIO (target <= 1.25)``:
 the worst ratio of ``finetune.weights`` loading a file into a model.
+
+Saving (issue 4, ``--part save``): the time of ``finetune.checkpoint.save_training_state``
+(hashed, fsynced, atomic) against writing the same bytes raw with one ``write`` and
+``fsync``, best of ``--rounds`` each, alternating, printing ``ckpt_save_vs_raw: RATIO``;
+then two identical training runs (``run(cfg)``, resnet18 from random init on generated
+64 px images, one epoch of ``--steps`` updates), without mid-epoch saves and with
+``checkpoint.every_n_steps=50``, alternating, best of ``--rounds`` each, printing
+``ckpt_every_50_steps_slowdown: RATIO``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 SIDE = 1024  # each tensor is SIDE x SIDE fp32 = 4 MiB
 TARGET_RATIO = 1.25
+TARGET_SAVE_VS_RAW = 1.3
+TARGET_EVERY_50_SLOWDOWN = 1.05
 
 # Each method is a snippet run in a fresh interpreter; ``path`` and ``model`` are given.
 METHODS: dict[str, tuple[str, str, str]] = {
@@ -96,12 +108,8 @@ def measure(name: str, path: Path, n: int) -> dict[str, float]:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def main() -> int:
+def bench_load(args: argparse.Namespace) -> bool:
     """Write the checkpoint, measure every method, print the table and the headline ratio."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mb", type=int, default=520, help="checkpoint size in MiB (default 520)")
-    parser.add_argument("--dir", default=None, help="where to write the temporary files")
-    args = parser.parse_args()
     n = max(1, args.mb // 4)
     weight_bytes = n * SIDE * SIDE * 4
     directory = Path(tempfile.mkdtemp(prefix="bench_ckpt_", dir=args.dir))
@@ -119,7 +127,101 @@ def main() -> int:
         shutil.rmtree(directory, ignore_errors=True)
     worst = max(ratios[name] for name in OURS_INTO_MODEL)
     print(f"ckpt_load_peak_rss_vs_bytes: {worst:.2f} (target <= {TARGET_RATIO})")
-    return 0 if worst <= TARGET_RATIO else 1
+    return worst <= TARGET_RATIO
+
+
+def bench_save_vs_raw(directory: Path, mb: int, rounds: int) -> float:
+    """Best-of-``rounds`` seconds: our atomic, hashed, fsynced save vs the same bytes written raw."""
+    import torch
+
+    from finetune.checkpoint import save_training_state
+
+    n = max(1, mb // 4)
+    state = {"format": "finetune.train_state/1", "model": {f"{i}.weight": torch.randn(SIDE, SIDE) for i in range(n)},
+             "train_state": {"epoch": 1, "global_step": 50}}
+    ours, raw = [], []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        save_training_state(directory / "last.ckpt", state)
+        ours.append(time.perf_counter() - start)
+        data = (directory / "last.ckpt").read_bytes()
+        start = time.perf_counter()
+        with open(directory / "raw.bin", "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        raw.append(time.perf_counter() - start)
+        del data
+        (directory / "raw.bin").unlink()
+    size = (directory / "last.ckpt").stat().st_size
+    print(f"save {size / 2**20:.0f} MiB: save_training_state {min(ours):.3f} s, raw write+fsync {min(raw):.3f} s "
+          f"(best of {rounds})")
+    return min(ours) / min(raw)
+
+
+def bench_every_n_steps(directory: Path, steps: int, rounds: int) -> float:
+    """Best-of-``rounds`` wall time of one training epoch with and without ``every_n_steps=50``."""
+    import numpy as np
+    from hydra import compose, initialize_config_dir
+    from PIL import Image
+
+    from finetune.__main__ import CONFIG_DIR
+    from finetune.run import run
+
+    batch, rng = 8, np.random.default_rng(0)
+    for c in range(4):
+        for split, count in (("train", steps * batch // 4), ("val", 4)):
+            folder = directory / "images" / split / f"class_{c}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    base = ["model=resnet18", "model.pretrained=false", "data=custom", f"data.root={directory / 'images'}",
+            "data.img_size=64", f"data.batch_size={batch}", "trainer.max_epochs=1", "logger.progress_bar=false",
+            "sched=none"]
+    variants = {"none": [], "every_50": ["checkpoint.every_n_steps=50"]}
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        run(compose(config_name="config", overrides=base), run_dir=directory / "warmup")  # first-call costs
+        for r in range(rounds):
+            for name, extra in variants.items():
+                out = directory / f"{name}_{r}"
+                start = time.perf_counter()
+                run(compose(config_name="config", overrides=base + extra), run_dir=out)
+                times[name].append(time.perf_counter() - start)
+                shutil.rmtree(out)
+    print(f"training {steps} updates (resnet18, 64 px, batch {batch}): no mid-epoch saves {min(times['none']):.2f} s, "
+          f"every_n_steps=50 {min(times['every_50']):.2f} s (best of {rounds}; all: "
+          f"{[round(t, 2) for t in times['none']]} vs {[round(t, 2) for t in times['every_50']]})")
+    return min(times["every_50"]) / min(times["none"])
+
+
+def bench_save(args: argparse.Namespace) -> bool:
+    directory = Path(tempfile.mkdtemp(prefix="bench_ckpt_save_", dir=args.dir))
+    try:
+        save_ratio = bench_save_vs_raw(directory, args.save_mb, args.rounds)
+        print(f"ckpt_save_vs_raw: {save_ratio:.2f} (target <= {TARGET_SAVE_VS_RAW})")
+        slowdown = bench_every_n_steps(directory, args.steps, args.rounds)
+        print(f"ckpt_every_50_steps_slowdown: {slowdown:.3f} (target <= {TARGET_EVERY_50_SLOWDOWN})")
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+    return save_ratio <= TARGET_SAVE_VS_RAW and slowdown <= TARGET_EVERY_50_SLOWDOWN
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mb", type=int, default=520, help="checkpoint size in MiB for loading (default 520)")
+    parser.add_argument("--dir", default=None, help="where to write the temporary files")
+    parser.add_argument("--part", choices=("all", "load", "save"), default="all", help="which benchmarks to run")
+    parser.add_argument("--save-mb", type=int, default=256, help="training-state size in MiB for saving (default 256)")
+    parser.add_argument("--steps", type=int, default=200, help="updates in the every_n_steps run (default 200)")
+    parser.add_argument("--rounds", type=int, default=3, help="repetitions of each save measurement (default 3)")
+    args = parser.parse_args()
+    ok = True
+    if args.part in ("all", "load"):
+        ok = bench_load(args) and ok
+    if args.part in ("all", "save"):
+        ok = bench_save(args) and ok
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":
