@@ -79,6 +79,7 @@ class RunLog:
         root = logging.getLogger()
         root.addHandler(self.handler)
         root.setLevel(min(root.level or logging.INFO, logging.INFO))
+        logging.captureWarnings(True)  # e.g. skipped unreadable images reach train.log too
         return self
 
     def track(self, trainer, *, resumed_from: Path | None = None) -> None:
@@ -115,6 +116,7 @@ class RunLog:
         except OSError as err:  # a full disk must not hide the error that ended the run
             logging.getLogger("finetune").error(f"could not write '{self.run_dir / 'summary.json'}': {err}")
         logging.getLogger().removeHandler(self.handler)
+        logging.captureWarnings(False)
         self.handler.close()
 
     def _add_training_facts(self) -> None:

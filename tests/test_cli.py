@@ -131,8 +131,11 @@ def test_unreadable_image_is_listed(tmp_path, folder):
     bad.write_bytes(b"not a png at all")
     result = run_cli(tiny_overrides(folder), cwd=tmp_path)
     assert_clean_error(result, "broken.png", "data.skip_bad_images=true")
-    result = run_cli(tiny_overrides(folder, epochs=1) + ["data.skip_bad_images=true"], cwd=tmp_path)
+    out = tmp_path / "skipped"
+    result = run_cli(tiny_overrides(folder, epochs=1) + ["data.skip_bad_images=true", f"hydra.run.dir={out}"],
+                     cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
+    assert "broken.png" in (out / "train.log").read_text()  # the skip warning is in the log
 
 
 def test_pretrained_weights_unreachable_offline_fail_fast(tmp_path, folder):
