@@ -149,7 +149,7 @@ def restore_training(trainer: Trainer, point: ResumePoint, *, run_dir: Path) -> 
         manager.resume_from(s.get("checkpoint_policy"), state=state,
                             resumed=point.path.name if point.in_place else None, invalid=point.invalid)
     if point.in_place:
-        rewind_metrics(run_dir / "metrics.jsonl", step=state.global_step)
+        rewind_metrics(run_dir / "metrics.jsonl", epochs_done=state.epoch)
     set_rng_state(s["rng"])  # last: nothing may draw from the RNGs between here and training
     return state
 
@@ -163,11 +163,15 @@ def _load_optional(part: Any, saved: dict | None, what: str) -> None:
     part.load_state_dict(saved)
 
 
-def rewind_metrics(path: Path, *, step: int) -> None:
-    """Drop ``metrics.jsonl`` records written after ``step`` (epochs that will run again)."""
+def rewind_metrics(path: Path, *, epochs_done: int) -> None:
+    """Drop ``metrics.jsonl`` records of epochs after ``epochs_done``: those epochs will run again.
+
+    Keyed on the epoch, not the step: a step checkpoint taken on an epoch's last update has that
+    epoch's final step but not its evaluation, so its record is written again on resume.
+    """
     if not path.exists():
         return
     lines = path.read_text().splitlines()
-    kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+    kept = [line for line in lines if line.strip() and json.loads(line)["epoch"] <= epochs_done]
     if len(kept) != len(lines):
         path.write_text("".join(line + "\n" for line in kept))

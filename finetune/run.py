@@ -48,7 +48,7 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, float]:
         summary.track(trainer, resumed_from=point.path if point else None)
         state = resume_lib.restore_training(trainer, point, run_dir=run_dir) if point else None
         if cfg.resume is not None and point is None:
-            resume_lib.rewind_metrics(run_dir / "metrics.jsonl", step=0)  # resume=auto starting fresh
+            resume_lib.rewind_metrics(run_dir / "metrics.jsonl", epochs_done=0)  # resume=auto starting fresh
         state = trainer.fit(loaders.train, loaders.val, state)
         final = summary.finish(state, cfg, wall=time.time() - started)
     return final

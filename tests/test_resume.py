@@ -91,6 +91,26 @@ def test_sigterm_finishes_the_step_saves_and_the_resumed_run_is_identical(refere
     assert train_loss_steps(out) == list(range(1, 16))
 
 
+def test_an_epoch_logged_but_not_checkpointed_is_logged_once_after_resume(reference, tmp_path, monkeypatch):
+    """Stopped on an epoch's last update, then killed after its metrics line but before its checkpoint."""
+    ref, overrides = reference
+    out = tmp_path / "run"
+    with_signals(monkeypatch, 5, signal.SIGTERM)  # the last update of epoch 1: its evaluation is still to come
+    with pytest.raises(TrainingInterrupted):
+        run(compose_config(overrides), run_dir=out)
+    monkeypatch.undo()
+    state = load_training_state(out / "checkpoints" / "last.ckpt")["train_state"]
+    assert (state["epoch"], state["global_step"]) == (0, 5)
+    first_epoch = (ref / "metrics.jsonl").read_text().splitlines()[0]
+    assert json.loads(first_epoch)["step"] == 5  # the same step as the state: a step rule would keep it
+    (out / "metrics.jsonl").write_text(first_epoch + "\n")  # what the killed resume had written
+    run(compose_config(overrides + ["resume=auto"]), run_dir=out)
+    assert_same_result(out, ref)
+    assert [json.loads(x)["epoch"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+    events = EventAccumulator(str(out / "tb"), size_guidance={"scalars": 0}).Reload()
+    assert [e.step for e in events.Scalars("val/acc1")] == [5, 10, 15]
+
+
 def test_a_second_sigint_aborts_at_once_without_saving(reference, tmp_path, monkeypatch):
     _, overrides = reference
     out = tmp_path / "run"
