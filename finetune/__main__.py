@@ -45,7 +45,22 @@ def train(cfg: DictConfig) -> float | None:
 
 def main() -> None:
     sys.argv[1:] = expand_resume_args(sys.argv[1:])
+    if refusal := fresh_run_refusal(sys.argv[1:]):
+        print(f"error: {refusal}", file=sys.stderr)
+        sys.exit(2)
     train()
+
+
+def fresh_run_refusal(args: list[str]) -> str | None:
+    """A fresh run aimed at a directory holding a run's checkpoints is refused here, before
+    Hydra writes its ``.hydra/`` files there (which ``resume=RUN_DIR`` replays); ``run``
+    refuses it again for other entry points."""
+    from finetune.resume import occupied_run_dir
+
+    given = {a.split("=", 1)[0].lstrip("+~"): a.split("=", 1)[1] for a in args if "=" in a and not a.startswith("-")}
+    if given.get("resume", "null") not in ("", "null") or "hydra.run.dir" not in given:
+        return None
+    return occupied_run_dir(Path(given["hydra.run.dir"]).expanduser())
 
 
 def expand_resume_args(args: list[str]) -> list[str]:

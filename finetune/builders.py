@@ -227,11 +227,26 @@ def build_hooks(cfg: DictConfig, *, trainer: Trainer, spec: BackboneSpec, run_di
     in_place = resume is not None and resume.in_place
     manager = CheckpointManager(run_dir / "checkpoints", policy=build_checkpoint_policy(cfg), metadata=metadata,
                                 weights_model=deploy_model, training_state=training_state, fresh=not in_place)
-    # Continuing in this run dir: TensorBoard drops events logged after the resumed step.
-    purge_step = (resume.step if in_place else 0) + 1 if cfg.resume is not None else None
     tb = TensorBoardLogger(run_dir / "tb", class_names=class_names, log_every_n_steps=cfg.logger.log_every_n_steps,
-                           purge_step=purge_step)
+                           **tensorboard_continuation(cfg, resume))
     return [tb, MetricsJsonl(run_dir / "metrics.jsonl"), manager]
+
+
+def tensorboard_continuation(cfg: DictConfig, resume: ResumePoint | None) -> dict[str, Any]:
+    """How TensorBoard continues a resumed run without a step logged twice.
+
+    In this run dir, events from the resumed step on are purged. When that step ended an epoch
+    whose evaluation is still to come, its ``val/*`` is logged again, so the purge starts at the
+    step itself and the step's own train scalars (saved in the state) are written back.
+    """
+    if cfg.resume is None:
+        return {}
+    if resume is None or not resume.in_place:
+        return {"purge_step": 1}
+    state = TrainState(**resume.state["train_state"])
+    if state.evaluation_pending:
+        return {"purge_step": resume.step, "replay": (resume.step, state.step_logs)}
+    return {"purge_step": resume.step + 1}
 
 
 def hparams(cfg: DictConfig) -> dict[str, Any]:

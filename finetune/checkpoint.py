@@ -453,12 +453,16 @@ class CheckpointManager(TrainerHook):
         return {"top_k": [dict(e) for e in self.top_k], "best": self.manifest.data.get("best")}
 
     def resume_from(self, policy_state: dict[str, Any] | None, *, state: TrainState, resumed: str | None,
-                    invalid: tuple[str, ...] = ()) -> None:
+                    invalid: tuple[str, ...] = (), source: Path | None = None) -> None:
         """Continue after ``state``; ``resumed`` names the file in this directory it came from.
 
         Files newer than ``state`` that its policy does not know (top-k files of epochs that
-        will be re-run) and files found ``invalid`` are dropped from the manifest.
+        will be re-run) and files found ``invalid`` are dropped from the manifest. ``source``:
+        the checkpoint directory of another run the state came from; its best and top-k files
+        of that moment are carried over.
         """
+        if source is not None:
+            self._carry_over(source, policy_state or {}, state)
         known = {e["name"] for e in (policy_state or {}).get("top_k", [])}
         self.top_k = [e for e in (policy_state or {}).get("top_k", []) if (self.dir / e["name"]).is_file()]
         for name, entry in list(self.manifest.files.items()):
@@ -472,6 +476,31 @@ class CheckpointManager(TrainerHook):
             self.last_trusted = resumed == "last.ckpt"
             self.last_saved = (state.epoch, state.global_step, state.batches_seen)
         self.manifest.save()
+
+    def _carry_over(self, source: Path, policy_state: dict[str, Any], state: TrainState) -> None:
+        """Copy (verified) the best and top-k weights the state knows of from ``source`` into this run."""
+        wanted = [(e["name"], "top_k", e["epoch"]) for e in policy_state.get("top_k", [])]
+        if policy_state.get("best") and state.best_epoch is not None:
+            wanted.insert(0, (policy_state["best"], "best", state.best_epoch))
+        if not wanted:
+            return
+        found = Manifest(source / "manifest.json") if (source / "manifest.json").is_file() else None
+        for name, kind, epoch in wanted:
+            entry = found.files.get(name) if found is not None else None
+            try:
+                if entry is None or entry.get("epoch") != epoch:
+                    raise UserError(f"'{source / name}' does not hold the {kind} weights of epoch {epoch}"
+                                    f"{'' if entry is None else ' (a later epoch replaced them)'}")
+                verify_file(source / name, entry)
+            except UserError as err:
+                log.warning(f"{err}: not carried over; this run writes its own {kind} file when it improves "
+                            f"on {self.monitor} {state.best_value if kind == 'best' else ''}".rstrip())
+                continue
+            self._guarded(name, lambda p: atomic_link(source / name, p))
+            self.manifest.files[name] = dict(entry)
+            if kind == "best":
+                self.manifest.set_best(name)
+            log.info(f"carried over {kind} weights of epoch {epoch} from '{source / name}'")
 
     # ------------------------------------------------------------ hooks
     def on_step(self, state: TrainState, logs: dict[str, float]) -> None:

@@ -7,6 +7,7 @@ Both are ``TrainerHook``s; tags are ``split/metric`` (``train/loss``, ``val/acc1
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -23,15 +24,23 @@ class TensorBoardLogger(TrainerHook):
     """Per-step ``train/loss`` and ``lr/*``, per-epoch ``val/*``, the confusion matrix, hparams."""
 
     def __init__(self, log_dir: str | Path, *, class_names: list[str], log_every_n_steps: int = 1,
-                 purge_step: int | None = None):
+                 purge_step: int | None = None, replay: tuple[int, dict[str, float]] | None = None):
+        """``purge_step``: TensorBoard hides this directory's events from that step on (a resume);
+        ``replay``: (step, logs) of a purged update to write again."""
+        wait_for_a_later_second(Path(log_dir))
         self.writer = SummaryWriter(str(log_dir), purge_step=purge_step)
         self.class_names = class_names
         self.every = log_every_n_steps
+        if replay is not None:
+            self._log_step(*replay)
 
     def on_step(self, state: TrainState, logs: dict[str, float]) -> None:
-        if state.global_step % self.every == 0:
+        self._log_step(state.global_step, logs)
+
+    def _log_step(self, step: int, logs: dict[str, float]) -> None:
+        if step % self.every == 0:
             for tag, value in logs.items():
-                self.writer.add_scalar(tag, value, state.global_step)
+                self.writer.add_scalar(tag, value, step)
 
     def on_epoch_end(self, state: TrainState, logs: dict[str, float], result: EvalResult,
                      improved: bool) -> None:
@@ -53,6 +62,20 @@ class TensorBoardLogger(TrainerHook):
 
     def close(self) -> None:
         self.writer.close()
+
+
+def wait_for_a_later_second(log_dir: Path) -> None:
+    """Let a new event file sort after the ones already in ``log_dir``.
+
+    TensorBoard reads a directory's files in name order, and purges by the order it reads
+    them. A name is ``events.out.tfevents.<second>.<host>.<pid>.<counter>``: within one second
+    and one process the counter decides, and it sorts "10" before "9". So a writer opened in
+    the same second as an existing file first waits for the next second (at most one).
+    """
+    seconds = [int(p.name.split(".")[3]) for p in log_dir.glob("events.out.tfevents.*")
+               if p.name.split(".")[3].isdigit()]
+    while seconds and time.time() < max(seconds) + 1:
+        time.sleep(0.05)
 
 
 class MetricsJsonl(TrainerHook):

@@ -32,8 +32,8 @@ from finetune.trainer import Trainer, TrainState
 log = logging.getLogger("finetune")
 
 # Keys that may differ from the saved run: they change how it runs, not what it computes
-# (checkpoint cadence included). ``trainer.max_epochs`` may change too: the restored
-# learning-rate schedule keeps its original length.
+# (checkpoint cadence included). ``trainer.max_epochs`` may change too: the learning-rate
+# schedule is then rebuilt for the new length (see ``restore_training``).
 ALLOWED_CHANGES = ("trainer.max_epochs", "data.num_workers", "trainer.device", "logger.", "resume",
                    "resume_allow_config_change", "checkpoint.every_n_steps", "checkpoint.every_n_epochs",
                    "checkpoint.keep_last_k")
@@ -56,9 +56,8 @@ class ResumePoint:
 def locate_resume(resume: str | None, *, checkpoint_dir: Path) -> ResumePoint | None:
     """The training state ``resume`` points at, verified; None for a fresh start."""
     if resume is None:
-        if (checkpoint_dir / "manifest.json").exists():
-            log.warning(f"'{checkpoint_dir}' already holds checkpoints: this fresh run replaces them "
-                        "(resume=auto continues the run instead)")
+        if refusal := occupied_run_dir(checkpoint_dir.parent):
+            raise UserError(refusal)
         return None
     if resume == "auto":
         point = newest_valid_state(checkpoint_dir, required=False)
@@ -73,6 +72,14 @@ def locate_resume(resume: str | None, *, checkpoint_dir: Path) -> ResumePoint | 
         verify_file(path, manifest.files.get(path.name) if manifest else None)
         return _point(path, load_training_state(path), checkpoint_dir, ())
     raise UserError(f"resume '{resume}' is not auto, a run directory or a training-state file (.ckpt)")
+
+
+def occupied_run_dir(run_dir: Path) -> str | None:
+    """Why a fresh run may not start in ``run_dir`` (it holds a run's checkpoints), else None."""
+    if (run_dir / "checkpoints" / "manifest.json").exists():
+        return (f"'{run_dir}' already holds the checkpoints of a run and a fresh run never replaces them: "
+                f"continue it with resume=auto, or choose another hydra.run.dir")
+    return None
 
 
 def newest_valid_state(directory: Path, *, required: bool, home: Path | None = None) -> ResumePoint | None:
@@ -137,21 +144,74 @@ def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
 def restore_training(trainer: Trainer, point: ResumePoint, *, run_dir: Path) -> TrainState:
     """Load every part of ``point`` into the built trainer; RNG last. Returns the loop's state."""
     s = point.state
+    state = TrainState(**s["train_state"])
+    saved_epochs = saved_max_epochs(s)
+    if trainer.max_epochs < state.epoch:
+        raise UserError(f"trainer.max_epochs={trainer.max_epochs} but '{point.path}' has already trained "
+                        f"{state.epoch} epochs: resume with trainer.max_epochs>={state.epoch}")
+    if trainer.max_epochs == state.epoch and not state.batches_seen:
+        log.info(f"'{point.path}' has already trained all {state.epoch} epochs: nothing left to train "
+                 "(raise trainer.max_epochs to train longer)")
     trainer.model.load_state_dict(s["model"])
-    trainer.optimizer.load_state_dict(s["optimizer"])  # moves the state to the parameters' device
-    _load_optional(trainer.scheduler, s.get("scheduler"), "scheduler")
+    configured = [{k: v for k, v in g.items() if k != "params"} for g in trainer.optimizer.param_groups]
+    load_optimizer(trainer.optimizer, s["optimizer"], source=point.path)
+    owned = {"lr"} if trainer.scheduler is not None else set()  # the current rate: the scheduler's
+    changes = [f"{g.get('name', i)}.{k}: {g.get(k)!r} -> {v!r}" for i, (g, c) in
+               enumerate(zip(trainer.optimizer.param_groups, configured)) for k, v in c.items()
+               if k not in owned and g.get(k) != v]
+    if saved_epochs not in (None, trainer.max_epochs):
+        changes.insert(0, f"trainer.max_epochs: {saved_epochs} -> {trainer.max_epochs}")
+    if changes:  # allowed changes of the experiment: they take effect from here on
+        restart_schedule(trainer, state, configured, changes)
+    else:
+        _load_optional(trainer.scheduler, s.get("scheduler"), "scheduler")
     _load_optional(trainer.grad_scaler, s.get("grad_scaler"), "grad scaler")
     _load_optional(trainer.ema, s.get("ema"), "EMA")
     _load_optional(trainer.freeze_schedule, s.get("freeze"), "freezing schedule")
-    state = TrainState(**s["train_state"])
     manager = next((h for h in trainer.hooks if isinstance(h, CheckpointManager)), None)
     if manager is not None:
         manager.resume_from(s.get("checkpoint_policy"), state=state,
-                            resumed=point.path.name if point.in_place else None, invalid=point.invalid)
+                            resumed=point.path.name if point.in_place else None, invalid=point.invalid,
+                            source=None if point.in_place else point.path.parent)
     if point.in_place:
         rewind_metrics(run_dir / "metrics.jsonl", epochs_done=state.epoch)
     set_rng_state(s["rng"])  # last: nothing may draw from the RNGs between here and training
     return state
+
+
+def saved_max_epochs(state: dict[str, Any]) -> int | None:
+    """``trainer.max_epochs`` of the run that wrote ``state`` (from its saved config)."""
+    saved = OmegaConf.create(state.get("config_yaml") or "{}")
+    return OmegaConf.select(saved, "trainer.max_epochs", default=None)
+
+
+def load_optimizer(optimizer: Any, saved: dict[str, Any], *, source: Path) -> None:
+    """The saved optimizer state (moved to the parameters' device); a different grouping is one clear line."""
+    try:
+        optimizer.load_state_dict(saved)
+    except ValueError as err:  # torch: "loaded state dict has a different number of parameter groups", ...
+        raise UserError(f"the optimizer state in '{source}' does not fit this run's parameter groups ({err}); "
+                        "resume with the settings it was saved with (freeze, head, optim)") from None
+
+
+def restart_schedule(trainer: Trainer, state: TrainState, configured: list[dict[str, Any]],
+                     changes: list[str]) -> None:
+    """Settings of the optimizer or the run's length changed on resume: they apply from this step.
+
+    The groups take their configured settings, and the saved scheduler state is not loaded
+    (it holds the old rates and length): the schedule built from this config is evaluated at
+    the resumed step, as timm's own training script does on resume. Moments and step counts
+    stay as saved.
+    """
+    before = trainer.optimizer.param_groups[0]["lr"]
+    for group, settings in zip(trainer.optimizer.param_groups, configured):
+        group.update(settings)
+    if trainer.scheduler is not None:
+        trainer.scheduler.step_update(num_updates=state.global_step)
+    after = trainer.optimizer.param_groups[0]["lr"]
+    log.warning(f"resumed with changed settings ({'; '.join(changes)}): they apply from step {state.global_step}, "
+                f"on the learning-rate schedule of this config; the rate of "
+                f"'{trainer.optimizer.param_groups[0].get('name', 0)}' moves from {before:.4g} to {after:.4g}")
 
 
 def _load_optional(part: Any, saved: dict | None, what: str) -> None:

@@ -111,10 +111,17 @@ class RunLog:
                 hook.close()
             self._add_training_facts()
         self.record["wall_seconds"] = round(time.time() - self.started, 2)
+        if self.trainer is None and exc_type is not None and (self.run_dir / "summary.json").exists():
+            logging.getLogger("finetune").error(f"stopped before training, '{self.run_dir / 'summary.json'}' "
+                                                f"left as it was: {exc}")
+            return self._close()  # refused before any work (a resume, a fresh run here): keep that run's summary
         try:
             atomic_write_text(self.run_dir / "summary.json", json.dumps(self.record, indent=2) + "\n")
         except OSError as err:  # a full disk must not hide the error that ended the run
             logging.getLogger("finetune").error(f"could not write '{self.run_dir / 'summary.json'}': {err}")
+        self._close()
+
+    def _close(self) -> None:
         logging.getLogger().removeHandler(self.handler)
         logging.captureWarnings(False)
         self.handler.close()

@@ -12,7 +12,7 @@ import logging
 import math
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -43,6 +43,12 @@ class TrainState:
     epoch_batches: int = 0  # batches in the current epoch, skipped ones included
     epoch_loss_sum: float = 0.0  # sum of per-image train losses so far this epoch
     epoch_images: int = 0  # images trained on so far this epoch
+    step_logs: dict[str, float] = field(default_factory=dict)  # what the last update logged (train/loss, lr/*)
+
+    @property
+    def evaluation_pending(self) -> bool:
+        """Every batch of the current epoch is trained on, its evaluation not yet done."""
+        return 0 < self.epoch_batches <= self.batches_seen
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -142,6 +148,7 @@ class Trainer:
             state.epoch_loss_sum, state.epoch_images = loss_sum, images
             logs = {"train/loss": loss, **self.learning_rates()}
             if update:
+                state.step_logs = logs
                 for hook in self.hooks:
                     hook.on_step(state, logs)
                 self._stop_if_requested(state)

@@ -45,6 +45,11 @@ def test_end_to_end_run_writes_every_file_and_each_loads(tmp_path):
     assert "epoch 1/2" in log and "epoch 2/2" in log
     assert "epoch 2/2" in result.stdout  # the per-epoch line on the console too
 
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != "train.log"}
+    again = run_cli(tiny_overrides(root) + [f"hydra.run.dir={out}", "optim.lr=0.5"], cwd=tmp_path)
+    assert_clean_error(again, f"'{out}' already holds the checkpoints of a run", "resume=auto")
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != "train.log"} == before
+
 
 def test_default_model_runs_from_the_packaged_weights(tmp_path):
     out = tmp_path / "run"

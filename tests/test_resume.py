@@ -15,7 +15,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from conftest import compose_config, make_image_folder, tiny_overrides
 from finetune import builders
-from finetune.checkpoint import Manifest, load_training_state, save_training_state
+from finetune.checkpoint import Manifest, load_training_state, save_training_state, verify_file
 from finetune.errors import UserError
 from finetune.run import run
 from finetune.signals import TrainingInterrupted
@@ -91,24 +91,38 @@ def test_sigterm_finishes_the_step_saves_and_the_resumed_run_is_identical(refere
     assert train_loss_steps(out) == list(range(1, 16))
 
 
+class CrashAfterLogging(TrainerHook):
+    """Stands in for a SIGKILL between an epoch's logs and its checkpoint (placed before the manager)."""
+
+    def on_epoch_end(self, state, logs, result, improved) -> None:
+        raise RuntimeError("killed")
+
+
 def test_an_epoch_logged_but_not_checkpointed_is_logged_once_after_resume(reference, tmp_path, monkeypatch):
-    """Stopped on an epoch's last update, then killed after its metrics line but before its checkpoint."""
+    """Stopped on epoch 1's last update, then killed after its evaluation was logged but not saved."""
     ref, overrides = reference
     out = tmp_path / "run"
-    with_signals(monkeypatch, 5, signal.SIGTERM)  # the last update of epoch 1: its evaluation is still to come
+    with_signals(monkeypatch, 5, signal.SIGTERM)
     with pytest.raises(TrainingInterrupted):
         run(compose_config(overrides), run_dir=out)
-    monkeypatch.undo()
     state = load_training_state(out / "checkpoints" / "last.ckpt")["train_state"]
-    assert (state["epoch"], state["global_step"]) == (0, 5)
-    first_epoch = (ref / "metrics.jsonl").read_text().splitlines()[0]
-    assert json.loads(first_epoch)["step"] == 5  # the same step as the state: a step rule would keep it
-    (out / "metrics.jsonl").write_text(first_epoch + "\n")  # what the killed resume had written
+    assert (state["epoch"], state["global_step"], state["batches_seen"]) == (0, 5, 5)  # evaluation to come
+    original = builders.build_hooks
+    monkeypatch.setattr(builders, "build_hooks", lambda *a, **kw: (lambda h: h[:2] + [CrashAfterLogging()] + h[2:])(
+        original(*a, **kw)))
+    with pytest.raises(RuntimeError, match="killed"):
+        run(compose_config(overrides + ["resume=auto"]), run_dir=out)
+    assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [5]
+    monkeypatch.undo()
+
     run(compose_config(overrides + ["resume=auto"]), run_dir=out)
     assert_same_result(out, ref)
     assert [json.loads(x)["epoch"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
     events = EventAccumulator(str(out / "tb"), size_guidance={"scalars": 0}).Reload()
     assert [e.step for e in events.Scalars("val/acc1")] == [5, 10, 15]
+    assert train_loss_steps(out) == list(range(1, 16))
+    ref_events = EventAccumulator(str(ref / "tb"), size_guidance={"scalars": 0}).Reload()
+    assert [e.value for e in events.Scalars("train/loss")] == [e.value for e in ref_events.Scalars("train/loss")]
 
 
 def test_a_second_sigint_aborts_at_once_without_saving(reference, tmp_path, monkeypatch):
@@ -139,6 +153,24 @@ def test_resume_auto_skips_a_corrupt_last_ckpt_with_a_warning_naming_it(referenc
     assert_same_result(out, ref)
 
 
+def test_a_fresh_run_never_replaces_a_runs_checkpoints(reference, tmp_path):
+    ref, overrides = reference
+    out = copy_run(ref, tmp_path / "run")
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != "train.log"}
+    with pytest.raises(UserError, match="already holds the checkpoints of a run .* continue it with resume=auto"):
+        run(compose_config(overrides), run_dir=out)
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != "train.log"} == before
+    assert "left as it was" in (out / "train.log").read_text()
+
+
+def test_a_refused_resume_keeps_the_runs_summary(reference, tmp_path):
+    ref, overrides = reference
+    out = copy_run(ref, tmp_path / "run")
+    with pytest.raises(UserError, match="optim.lr"):
+        run(compose_config(overrides + ["resume=auto", "optim.lr=0.5"]), run_dir=out)
+    assert (out / "summary.json").read_bytes() == (ref / "summary.json").read_bytes()
+
+
 def test_resume_auto_without_checkpoints_starts_fresh_with_a_notice(reference, tmp_path, caplog):
     ref, overrides = reference
     with caplog.at_level(logging.INFO, logger="finetune"):
@@ -151,6 +183,40 @@ def test_resume_from_a_file_into_a_new_run_dir(reference, tmp_path):
     ref, overrides = reference
     run(compose_config(overrides + [f"resume={ref / 'checkpoints' / 'epoch001-step000006.ckpt'}"]),
         run_dir=tmp_path / "new")
+    assert_same_result(tmp_path / "new", ref)
+
+
+def test_resume_from_a_file_into_a_new_run_dir_carries_over_best_and_top_k(tmp_path):
+    root = make_image_folder(tmp_path / "images")
+    overrides = tiny_overrides(root, epochs=3) + POLICY + ["checkpoint.save_top_k=2"]
+    ref = tmp_path / "ref"
+    run(compose_config(overrides), run_dir=ref)
+    ref_manifest = Manifest(ref / "checkpoints" / "manifest.json")
+    records = [json.loads(x) for x in (ref / "metrics.jsonl").read_text().splitlines()]
+    best_epoch = max(records, key=lambda r: (r["val/acc1"], -r["epoch"]))["epoch"]
+    state = next(n for n in ref_manifest.states() if ref_manifest.files[n]["epoch"] == best_epoch)
+
+    out = tmp_path / "new"
+    run(compose_config(overrides + [f"resume={ref / 'checkpoints' / state}"]), run_dir=out)
+    manifest = Manifest(out / "checkpoints" / "manifest.json")
+    assert manifest.data["best"] == "best.safetensors" and manifest.files["best.safetensors"]["epoch"] == best_epoch
+    assert (out / "checkpoints" / "best.safetensors").read_bytes() == \
+        (ref / "checkpoints" / "best.safetensors").read_bytes()  # carried over, and no later epoch beat it
+    top_k = sorted(n for n in manifest.files if manifest.files[n]["kind"] == "top_k")
+    assert top_k == sorted(n for n in ref_manifest.files if ref_manifest.files[n]["kind"] == "top_k")
+    for name in top_k:
+        verify_file(out / "checkpoints" / name, manifest.files[name])
+    assert_same_result(out, ref)
+
+
+def test_best_replaced_in_the_source_run_is_not_carried_over_and_that_is_said(reference, tmp_path, caplog):
+    ref, overrides = reference
+    records = [json.loads(x) for x in (ref / "metrics.jsonl").read_text().splitlines()]
+    assert records[0]["best"] and any(r["best"] for r in records[1:])  # epoch 1's best was replaced later
+    with caplog.at_level(logging.WARNING, logger="finetune"):
+        run(compose_config(overrides + [f"resume={ref / 'checkpoints' / 'epoch001-step000006.ckpt'}"]),
+            run_dir=tmp_path / "new")
+    assert "does not hold the best weights of epoch 1 (a later epoch replaced them)" in caplog.text
     assert_same_result(tmp_path / "new", ref)
 
 
@@ -194,6 +260,59 @@ def test_run_time_settings_may_change_on_resume(reference, tmp_path):
     run(compose_config(overrides + ["resume=auto"] + changed), run_dir=out)
     assert load_training_state(out / "checkpoints" / "last.ckpt")["train_state"]["epoch"] == 4
 
+
+
+def lr_curve(run_dir: Path) -> dict[int, float]:
+    events = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0}).Reload()
+    tag = sorted(t for t in events.Tags()["scalars"] if t.startswith("lr/"))[0]
+    return {e.step: e.value for e in events.Scalars(tag)}
+
+
+def test_raising_max_epochs_on_resume_continues_on_the_longer_schedule(reference, tmp_path, caplog):
+    ref, overrides = reference
+    out = copy_run(ref, tmp_path / "run")
+    with caplog.at_level(logging.WARNING, logger="finetune"):
+        run(compose_config(overrides + ["resume=auto", "trainer.max_epochs=5"]), run_dir=out)
+    assert "resumed with changed settings (trainer.max_epochs: 3 -> 5): they apply from step 15" in caplog.text
+    fresh = tmp_path / "fresh"
+    run(compose_config(overrides + ["trainer.max_epochs=5"]), run_dir=fresh)
+    resumed, planned = lr_curve(out), lr_curve(fresh)
+    assert sorted(resumed) == sorted(planned) == list(range(1, 26))
+    assert [resumed[k] for k in range(16, 26)] == [planned[k] for k in range(16, 26)]
+    assert resumed[16] > 5 * lr_curve(ref)[15]  # not stuck at the end of the 3-epoch cosine
+
+
+def test_an_allowed_rate_change_on_resume_takes_effect(reference, tmp_path, caplog):
+    ref, overrides = reference
+    out = copy_run(ref, tmp_path / "run")
+    state = out / "checkpoints" / "epoch001-step000006.ckpt"
+    with caplog.at_level(logging.WARNING, logger="finetune"):
+        run(compose_config(overrides + [f"resume={state}", "optim.lr=0.01", "resume_allow_config_change=true"]),
+            run_dir=out)
+    assert "they apply from step 6" in caplog.text
+    fresh = tmp_path / "fresh"
+    run(compose_config(overrides + ["optim.lr=0.01"]), run_dir=fresh)
+    resumed, planned = lr_curve(out), lr_curve(fresh)
+    assert [resumed[k] for k in range(7, 16)] == [planned[k] for k in range(7, 16)]
+    assert resumed[6] == lr_curve(ref)[6]  # before the resume: the old rate
+
+
+def test_lowering_max_epochs_below_what_was_trained_is_refused(reference, tmp_path):
+    ref, overrides = reference
+    out = copy_run(ref, tmp_path / "run")
+    with pytest.raises(UserError, match=r"trainer.max_epochs=2 but '.*last.ckpt' has already trained 3 epochs"):
+        run(compose_config(overrides + ["resume=auto", "trainer.max_epochs=2"]), run_dir=out)
+    assert_same_result(out, ref)  # nothing touched
+
+
+def test_resuming_a_finished_run_trains_nothing_and_says_so(reference, tmp_path, caplog):
+    ref, overrides = reference
+    out = copy_run(ref, tmp_path / "run")
+    with caplog.at_level(logging.INFO, logger="finetune"):
+        run(compose_config(overrides + ["resume=auto"]), run_dir=out)
+    assert "has already trained all 3 epochs: nothing left to train" in caplog.text
+    assert_same_result(out, ref)
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 3
 
 
 def test_the_state_resumed_from_is_never_pruned(reference, tmp_path):

@@ -13,12 +13,18 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import make_image_folder, run_cli, tiny_overrides
 from finetune.checkpoint import verify_file
 from test_checkpoint import assert_same_result
 from test_cli import assert_clean_error
 from test_resume import train_loss_steps
+
+
+def val_steps(run_dir: Path) -> list[int]:
+    events = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0}).Reload()
+    return [e.step for e in events.Scalars("val/acc1")]
 
 pytestmark = pytest.mark.slow
 
@@ -75,6 +81,7 @@ def test_killed_at_random_moments_and_resumed_ends_bit_identical(tmp_path):
     assert json.loads((out / "summary.json").read_text())["status"] == "completed"
     assert [json.loads(x)["epoch"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4, 5, 6]
     assert train_loss_steps(out) == train_loss_steps(ref) == list(range(1, 37))
+    assert val_steps(out) == val_steps(ref) == [6, 12, 18, 24, 30, 36]
     ckpt = out / "checkpoints"
     manifest = json.loads((ckpt / "manifest.json").read_text())
     for name, entry in manifest["files"].items():

@@ -139,8 +139,9 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(tmp_pat
     out = tmp_path / "out"
     run(compose_config(tiny_overrides(root, epochs=1)), run_dir=out)
     before = (out / "checkpoints" / "last.safetensors").read_bytes()
-    with pytest.raises(UserError, match=r"train/loss became (nan|inf)"):
-        run(compose_config(tiny_overrides(root, epochs=1) + ["optim.lr=1e30", "sched=none"]), run_dir=out)
+    with pytest.raises(UserError, match=r"train/loss became (nan|inf)"):  # a resume with a rate far too high
+        run(compose_config(tiny_overrides(root, epochs=2) + ["resume=auto", "optim.lr=1e30",
+                                                              "resume_allow_config_change=true"]), run_dir=out)
     assert (out / "checkpoints" / "last.safetensors").read_bytes() == before
     assert json.loads((out / "summary.json").read_text())["status"] == "failed"
 
