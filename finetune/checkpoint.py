@@ -128,18 +128,45 @@ def atomic_write_stream(path: str | Path, write: Callable[[IO[bytes]], None]) ->
             sink = HashingSink(file)
             try:
                 write(sink)
+                file.flush()
+                os.fchmod(file.fileno(), 0o666 & ~_UMASK)  # mkstemp makes 0600; give the usual permissions
+                os.fsync(file.fileno())  # while the hashing thread catches up
             finally:
                 facts = sink.finish()
-            file.flush()
-            os.fchmod(file.fileno(), 0o666 & ~_UMASK)  # mkstemp makes 0600; give the usual permissions
-            os.fsync(file.fileno())
         if tmp.stat().st_size != facts.bytes:
             raise OSError(errno.EIO, f"short write: {tmp.stat().st_size} of {facts.bytes} bytes reached the disk")
-        os.replace(tmp, path)
+        old = _set_aside(path)
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            if old is not None:
+                old.unlink(missing_ok=True)
+            raise
     finally:
         tmp.unlink(missing_ok=True)
     fsync_dir(path.parent)
+    if old is not None:  # freeing a large file's pages takes a while: not on the caller's time
+        threading.Thread(target=old.unlink, kwargs={"missing_ok": True}, name="finetune-unlink", daemon=True).start()
     return facts
+
+
+def _set_aside(path: Path, large: int = 16 << 20) -> Path | None:
+    """A second name for a large file about to be replaced, so ``os.replace`` doesn't free its data.
+
+    A leftover (``.*.tmp``, after a kill) is removed by the next ``CheckpointManager``.
+    """
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        return None
+    if info.st_nlink > 1 or info.st_size < large:  # another name keeps the data anyway, or it is small
+        return None
+    aside = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.old.tmp")
+    try:
+        os.link(path, aside)
+    except OSError:
+        return None
+    return aside
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:

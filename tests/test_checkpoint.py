@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -127,6 +128,27 @@ def test_atomic_write_failing_mid_write_leaves_the_old_file_and_no_temp(tmp_path
     with pytest.raises(OSError):
         atomic_write_stream(target, full_disk)
     assert target.read_bytes() == b"old content" and [p.name for p in tmp_path.iterdir()] == ["x.bin"]
+
+
+def test_replacing_a_large_file_frees_the_old_one_and_a_failure_keeps_it(tmp_path, monkeypatch):
+    """A replaced large file is set aside under a second name and unlinked off the caller's time."""
+    target, big = tmp_path / "last.ckpt", 20 << 20
+    atomic_write_stream(target, lambda f: f.write(b"a" * big))
+    facts = atomic_write_stream(target, lambda f: f.write(b"b" * big))
+    assert facts.sha256 == sha256_file(target) and target.read_bytes()[:1] == b"b"
+    for _ in range(500):  # the background unlink finishes (a liveness wait, not a timing check)
+        if [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]:
+            break
+        time.sleep(0.01)
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
+    def refuse(*args):
+        raise OSError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(checkpoint.os, "replace", refuse)
+    with pytest.raises(OSError):
+        atomic_write_stream(target, lambda f: f.write(b"c" * big))
+    assert target.read_bytes()[:1] == b"b" and [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
 
 
 def test_disk_full_during_a_save_is_reported_and_the_previous_checkpoint_survives(tmp_path, monkeypatch):
