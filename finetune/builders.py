@@ -116,7 +116,8 @@ def build_loaders(cfg: DictConfig, split: data_lib.DataSplit, spec: BackboneSpec
         split, train_transform=data_lib.build_transforms(data_config, img_size=cfg.img_size, train=True, **augment),
         eval_transform=data_lib.build_transforms(data_config, img_size=cfg.img_size, train=False),
         batch_size=cfg.batch_size, num_workers=cfg.num_workers, balance=cfg.balance, seed=seed,
-        pin_memory=pin_memory, drop_last=len(split.train) % cfg.batch_size == 1)  # BatchNorm can't train on 1
+        pin_memory=pin_memory, drop_last=len(split.train) % cfg.batch_size == 1,  # BatchNorm can't train on 1
+        channels=data_config["input_size"][0])
 
 
 def build_optimization(cfg: DictConfig, model: nn.Module, spec: BackboneSpec, *,

@@ -20,6 +20,7 @@ from finetune.data import (
     build_loaders,
     build_transforms,
     effective_data_config,
+    load_image,
     load_rgb,
 )
 from finetune.data.dataset import seeded_rng
@@ -63,6 +64,34 @@ def test_every_mode_becomes_a_three_channel_tensor(tmp_path, mode, fmt):
     Image.new(mode, (10, 6)).save(path, format=fmt)
     image, label = ImageDataset([(str(path), 4)], build_transforms(DATA_CONFIG, img_size=16, train=False))[0]
     assert image.shape == (3, 16, 16) and image.dtype == torch.float32 and label == 4
+
+
+@pytest.mark.parametrize("channels", [1, 4])
+@pytest.mark.parametrize("mode", ["L", "RGB", "RGBA", "P", "I;16"])
+def test_grey_and_rgba_models_get_one_and_four_channel_tensors(tmp_path, mode, channels):
+    path = tmp_path / "image.png"
+    Image.new(mode, (10, 6)).save(path)
+    config = effective_data_config({**DATA_CONFIG, "input_size": (channels, 16, 16),
+                                    "mean": DATA_CONFIG["mean"][:1] * channels, "std": DATA_CONFIG["std"][:1] * channels},
+                                   img_size=None)
+    for train in (True, False):
+        image, _ = ImageDataset([(str(path), 0)], build_transforms(config, img_size=16, train=train), channels)[0]
+        assert image.shape == (channels, 16, 16)
+
+
+def test_grey_is_the_luminance_and_rgba_keeps_alpha(tmp_path):
+    rgba = Image.new("RGBA", (2, 1), (255, 0, 0, 255))
+    rgba.putpixel((1, 0), (0, 0, 0, 0))
+    rgba.save(tmp_path / "a.png")
+    assert list(load_image(str(tmp_path / "a.png"), 1).getdata()) == [76, 255]  # red's luminance; clear -> white
+    assert list(load_image(str(tmp_path / "a.png"), 4).getdata()) == [(255, 0, 0, 255), (0, 0, 0, 0)]
+    Image.new("L", (1, 1), 9).save(tmp_path / "g.png")
+    assert list(load_image(str(tmp_path / "g.png"), 4).getdata()) == [(9, 9, 9, 255)]  # opaque where no alpha
+
+
+def test_other_channel_counts_are_refused_naming_in_chans():
+    with pytest.raises(UserError, match=r"model.in_chans=2: image files give 1 \(grey\), 3 \(RGB\) or 4"):
+        ImageDataset([], None, channels=2)
 
 
 def test_transparency_is_composited_on_white(tmp_path):

@@ -72,6 +72,22 @@ def test_resume_in_place_from_an_earlier_state_ends_bit_identical(reference, tmp
     assert train_loss_steps(out) == list(range(1, 16))  # TensorBoard purged the overlap: no step twice
 
 
+def test_resume_mid_epoch_with_gradient_accumulation_ends_bit_identical(tmp_path):
+    root = make_image_folder(tmp_path / "images")  # 18 images, batch 4: 5 batches, 3 updates per epoch
+    overrides = tiny_overrides(root, epochs=2) + ["trainer.accumulate=2", "checkpoint.every_n_steps=1",
+                                                  "checkpoint.keep_last_k=null"]
+    ref = tmp_path / "ref"
+    run(compose_config(overrides), run_dir=ref)
+    states = {n: load_training_state(ref / "checkpoints" / n)["train_state"]
+              for n in Manifest(ref / "checkpoints" / "manifest.json").states() if n != "last.ckpt"}
+    mid_epoch = sorted(n for n, s in states.items() if 0 < s["batches_seen"] < s["epoch_batches"])
+    assert [states[n]["batches_seen"] for n in mid_epoch] == [2, 4, 2, 4]  # updates after 2 and 4 batches
+    for name in (mid_epoch[1], mid_epoch[2]):
+        out = copy_run(ref, tmp_path / name)
+        run(compose_config(overrides + [f"resume={out / 'checkpoints' / name}"]), run_dir=out)
+        assert_same_result(out, ref)
+
+
 def test_sigterm_finishes_the_step_saves_and_the_resumed_run_is_identical(reference, tmp_path, monkeypatch):
     ref, overrides = reference
     out = tmp_path / "run"

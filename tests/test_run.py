@@ -151,3 +151,21 @@ def test_num_classes_comes_from_the_data_unless_set(tmp_path):
     run(compose_config(tiny_overrides(root, epochs=1) + ["model.num_classes=5"]), run_dir=tmp_path / "out")
     _, meta = load_model(tmp_path / "out" / "checkpoints" / "last.safetensors")
     assert meta.num_classes == 5
+
+
+@pytest.mark.parametrize("in_chans", [1, 4])
+def test_grey_and_rgba_models_train_on_image_folders(tmp_path, in_chans):
+    root = make_image_folder(tmp_path / "images")
+    out = tmp_path / "out"
+    run(compose_config(tiny_overrides(root, epochs=1) + [f"model.in_chans={in_chans}"]), run_dir=out)
+    model, meta = load_model(out / "checkpoints" / "last.safetensors")
+    assert meta.in_chans == in_chans and meta.data_config["input_size"] == (in_chans, 32, 32)
+    assert len(meta.data_config["mean"]) == in_chans
+    assert model(torch.randn(2, in_chans, 32, 32)).shape == (2, 3)
+
+
+def test_an_unreadable_channel_count_is_refused_before_training(tmp_path):
+    root = make_image_folder(tmp_path / "images")
+    with pytest.raises(UserError, match="model.in_chans=2: image files give"):
+        run(compose_config(tiny_overrides(root, epochs=1) + ["model.in_chans=2"]), run_dir=tmp_path / "out")
+    assert not (tmp_path / "out" / "checkpoints" / "last.ckpt").exists()

@@ -4,7 +4,7 @@ Flow: `ensure_demo_dataset` (demo only) -> `scan_image_folder` -> `build_transfo
 -> `build_loaders`. The demo set is an ordinary image folder, read by the same code.
 """
 
-from finetune.data.dataset import ImageDataset, convert_to_rgb, load_rgb
+from finetune.data.dataset import ImageDataset, convert_to_channels, convert_to_rgb, load_image, load_rgb
 from finetune.data.demo import SHAPES, ensure_demo_dataset
 from finetune.data.folder import IMAGE_EXTENSIONS, DataSplit, find_unreadable_images, scan_image_folder
 from finetune.data.loaders import BALANCE_CHOICES, Loaders, build_loaders, compute_class_weights
@@ -22,10 +22,12 @@ __all__ = [
     "build_loaders",
     "build_transforms",
     "compute_class_weights",
+    "convert_to_channels",
     "convert_to_rgb",
     "effective_data_config",
     "ensure_demo_dataset",
     "find_unreadable_images",
+    "load_image",
     "load_rgb",
     "scan_image_folder",
 ]

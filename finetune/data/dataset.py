@@ -47,6 +47,32 @@ def load_rgb(path: str) -> Image.Image:
         return convert_to_rgb(image)
 
 
+IMAGE_MODES = {1: "L", 3: "RGB", 4: "RGBA"}  # channels a model may take -> the PIL mode that gives them
+
+
+def load_image(path: str, channels: int = 3) -> Image.Image:
+    """Open an image file with ``channels`` channels: 1 grey, 3 RGB (`load_rgb`), 4 RGBA.
+
+    Grey is the luminance of the RGB image `load_rgb` gives (transparency composited on
+    white, high bit depths scaled); RGBA keeps the alpha channel (opaque where there is none).
+    """
+    if channels == 3:
+        return load_rgb(path)
+    with Image.open(path) as image:
+        return convert_to_channels(ImageOps.exif_transpose(image), channels)
+
+
+def convert_to_channels(image: Image.Image, channels: int) -> Image.Image:
+    """Convert a PIL image of any mode to ``channels`` 8-bit channels (see `load_image`)."""
+    if channels == 3:
+        return convert_to_rgb(image)
+    if channels == 1:
+        return convert_to_rgb(image).convert("L")
+    if image.mode.startswith("I") or image.mode == "F":
+        image = _scale_high_depth(image)
+    return image.convert("RGBA")
+
+
 def convert_to_rgb(image: Image.Image) -> Image.Image:
     """Convert a PIL image of any mode to 8-bit RGB (see `load_rgb`)."""
     if image.mode == "RGB":
@@ -92,20 +118,26 @@ def seeded_rng(seed: int) -> Iterator[None]:
 
 
 class ImageDataset(Dataset):
-    """``(path, label)`` samples read as RGB and transformed.
+    """``(path, label)`` samples read as RGB (or grey, RGBA) and transformed.
 
     Args:
         samples: ``(path, label)`` pairs.
-        transform: Applied to the RGB PIL image; None returns the image itself.
+        transform: Applied to the PIL image; None returns the image itself.
+        channels: 3 reads RGB, 1 grey, 4 RGBA (see `load_image`); the model's ``in_chans``.
 
     >>> ds = ImageDataset([("cat.png", 0)], transform=to_tensor)  # doctest: +SKIP
     >>> image, label = ds[0]                                       # doctest: +SKIP
     >>> image, label = ds[(0, 1234)]  # seeded per sample           # doctest: +SKIP
     """
 
-    def __init__(self, samples: Sequence[tuple[str, int]], transform: Transform | None = None) -> None:
+    def __init__(self, samples: Sequence[tuple[str, int]], transform: Transform | None = None,
+                 channels: int = 3) -> None:
+        if channels not in IMAGE_MODES:
+            raise UserError(f"model.in_chans={channels}: image files give 1 (grey), 3 (RGB) or 4 (RGBA) "
+                            "channels; set model.in_chans to one of those")
         self.samples = list(samples)
         self.transform = transform
+        self.channels = channels
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -114,7 +146,7 @@ class ImageDataset(Dataset):
         index, sample_seed = key if isinstance(key, tuple) else (key, None)
         path, label = self.samples[index]
         try:
-            image = load_rgb(path)
+            image = load_image(path, self.channels)
         except Exception as exc:  # PIL raises many types; name the file either way
             raise UserError(
                 f"cannot read image '{path}' ({exc}): fix or remove it, or set data.skip_bad_images=true"

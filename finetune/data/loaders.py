@@ -55,6 +55,7 @@ def build_loaders(
     seed: int = 0,
     pin_memory: bool = False,
     drop_last: bool = False,
+    channels: int = 3,
 ) -> Loaders:
     """Build the train and val loaders of a split.
 
@@ -69,6 +70,7 @@ def build_loaders(
         seed: Seed of the sampling order, the augmentation and the workers.
         pin_memory: Pin batches for faster host-to-GPU copies.
         drop_last: Drop the last incomplete training batch.
+        channels: Channels read from each image: 3 RGB, 1 grey, 4 RGBA (the model's ``in_chans``).
 
     Returns:
         The loaders, the train sampler and the class weights.
@@ -90,11 +92,11 @@ def build_loaders(
         common |= {"worker_init_fn": seed_worker, "persistent_workers": True}
     # Own generators: without one, every pass would draw worker seeds from the global RNG.
     train = DataLoader(
-        ImageDataset(split.train, train_transform), sampler=sampler, drop_last=drop_last,
+        ImageDataset(split.train, train_transform, channels), sampler=sampler, drop_last=drop_last,
         generator=torch.Generator().manual_seed(seed), **common,
     )
     val = DataLoader(
-        ImageDataset(split.val, eval_transform), shuffle=False, generator=torch.Generator().manual_seed(seed), **common
+        ImageDataset(split.val, eval_transform, channels), shuffle=False, generator=torch.Generator().manual_seed(seed), **common
     )
     weights = compute_class_weights(counts) if balance == "loss_weights" else None
     return Loaders(train, val, sampler, weights)
