@@ -13,7 +13,7 @@ import yaml
 from omegaconf import DictConfig
 
 from finetune.config import register_schema
-from finetune.errors import UserError
+from finetune.errors import UserError, message_of
 from finetune.signals import TrainingInterrupted
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
@@ -38,7 +38,7 @@ def train(cfg: DictConfig) -> float | None:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         logging.getLogger("finetune").debug("stopped by a user error", exc_info=True)
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {message_of(err)}", file=sys.stderr)
         sys.exit(2)
     return final.get("best/value")
 

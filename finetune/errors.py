@@ -9,3 +9,16 @@ says how to fix it.
 
 class UserError(Exception):
     """A problem with the user's input (config, files, data) rather than a bug."""
+
+
+def message_of(err: UserError) -> str:
+    """The one line to print for ``err``.
+
+    A `UserError` raised in a DataLoader worker reaches the main process re-raised by torch
+    with the worker's whole traceback as its message; its last line holds ours.
+    """
+    text = str(err)
+    if "Original Traceback" not in text:
+        return text
+    last = [line for line in text.splitlines() if line.strip()][-1]
+    return last.split(f"{UserError.__name__}: ", 1)[-1]

@@ -11,6 +11,7 @@ import pytest
 import timm
 import torch
 from PIL import Image
+from torch.utils.data import DataLoader
 from torchvision.transforms.functional import pil_to_tensor
 
 from finetune.data import (
@@ -24,7 +25,7 @@ from finetune.data import (
     load_rgb,
 )
 from finetune.data.dataset import seeded_rng
-from finetune.errors import UserError
+from finetune.errors import UserError, message_of
 
 DATA_CONFIG = {
     "input_size": (3, 224, 224),
@@ -83,10 +84,10 @@ def test_grey_is_the_luminance_and_rgba_keeps_alpha(tmp_path):
     rgba = Image.new("RGBA", (2, 1), (255, 0, 0, 255))
     rgba.putpixel((1, 0), (0, 0, 0, 0))
     rgba.save(tmp_path / "a.png")
-    assert list(load_image(str(tmp_path / "a.png"), 1).getdata()) == [76, 255]  # red's luminance; clear -> white
-    assert list(load_image(str(tmp_path / "a.png"), 4).getdata()) == [(255, 0, 0, 255), (0, 0, 0, 0)]
+    assert np.asarray(load_image(str(tmp_path / "a.png"), 1)).tolist() == [[76, 255]]  # red's luminance; clear: white
+    assert np.asarray(load_image(str(tmp_path / "a.png"), 4)).tolist() == [[[255, 0, 0, 255], [0, 0, 0, 0]]]
     Image.new("L", (1, 1), 9).save(tmp_path / "g.png")
-    assert list(load_image(str(tmp_path / "g.png"), 4).getdata()) == [(9, 9, 9, 255)]  # opaque where no alpha
+    assert np.asarray(load_image(str(tmp_path / "g.png"), 4)).tolist() == [[[9, 9, 9, 255]]]  # opaque: no alpha
 
 
 def test_other_channel_counts_are_refused_naming_in_chans():
@@ -128,6 +129,17 @@ def test_file_gone_bad_after_scanning_names_the_file(tmp_path):
     (tmp_path / "gone.png").write_bytes(b"junk")
     with pytest.raises(UserError, match="gone.png"):
         ImageDataset([(str(tmp_path / "gone.png"), 0)], None)[0]
+
+
+def test_an_error_in_a_loader_worker_is_told_in_one_line(tmp_path):
+    (tmp_path / "gone.png").write_bytes(b"junk")
+    loader = DataLoader(ImageDataset([(str(tmp_path / "gone.png"), 0)], None), num_workers=1,
+                        collate_fn=lambda batch: batch)
+    with pytest.raises(UserError) as err:
+        next(iter(loader))
+    assert "Original Traceback" in str(err.value)  # how torch re-raises it in the main process
+    line = message_of(err.value)
+    assert line.startswith(f"cannot read image '{tmp_path / 'gone.png'}'") and "\n" not in line
 
 
 def test_seeded_sample_leaves_global_rng_untouched():
