@@ -219,8 +219,9 @@ class Trainer:
         return next((h for h in self.hooks if hasattr(h, "freeze_controller")), None)
 
     def learning_rates(self) -> dict[str, float]:
-        """Current rate of each named parameter group: ``lr/<group>``."""
-        return {f"lr/{g.get('name', i)}": g["lr"] for i, g in enumerate(self.optimizer.param_groups)}
+        """Current rate of each named parameter group, ``lr/<group>``; 0 while all of its parameters are frozen."""
+        return {f"lr/{g.get('name', i)}": g["lr"] if any(p.requires_grad for p in g["params"]) else 0.0
+                for i, g in enumerate(self.optimizer.param_groups)}
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.autocast_dtype is None:

@@ -310,3 +310,20 @@ def test_unfreezing_a_frozen_batchnorm_after_a_move_keeps_the_moved_tensors_and_
     bn = model.layer1[0].bn1
     assert type(bn) is nn.BatchNorm2d and bn.weight is weight and bn.weight.requires_grad
     assert bn.running_mean.dtype == torch.float64 and bn.training == model.training
+
+
+def test_a_frozen_groups_rate_is_logged_as_zero_until_it_unfreezes(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from conftest import compose_config, make_image_folder, tiny_overrides
+    from finetune.run import run
+
+    root = make_image_folder(tmp_path / "images")  # 5 updates per epoch
+    run(compose_config(tiny_overrides(root, epochs=3) + ["freeze=head_only", "+freeze.schedule={1: layer4, 2: all}",
+                                                         "optim.layer_decay=0.8"]),
+        run_dir=tmp_path / "out")
+    events = EventAccumulator(str(tmp_path / "out" / "tb"), size_guidance={"scalars": 0}).Reload()
+    rates = {tag: [e.value for e in events.Scalars(tag)] for tag in events.Tags()["scalars"] if tag.startswith("lr/")}
+    unfrozen_from = {"lr/head": 1, "lr/backbone.layer4.0": 6, "lr/backbone.stem": 11}
+    for tag, step in unfrozen_from.items():
+        assert all(r == 0.0 for r in rates[tag][:step - 1]) and all(r > 0.0 for r in rates[tag][step - 1:]), tag
