@@ -241,6 +241,16 @@ def test_torchvision_vit_into_timm_by_preset(tmp_path: Path) -> None:
     assert_close(outputs(model, size=32), outputs(source, size=32), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
+def test_full_size_torchvision_vit_b_16_into_timm_vit_base(tmp_path: Path) -> None:
+    source = randomize(torchvision.models.vit_b_16(weights=None)).eval()
+    torch.save(source.state_dict(), tmp_path / "vit_b_16.pth")
+    model = timm.create_model("vit_base_patch16_224", pretrained=False).eval()
+    report = load_pretrained(model, tmp_path / "vit_b_16.pth")
+    assert report.sources[0]["method"] == "torchvision_vit"
+    assert_close(outputs(model, size=224), outputs(source, size=224), rtol=1e-4, atol=1e-4)
+
+
 def test_remap_rules_from_omegaconf(tmp_path: Path) -> None:
     source = randomize(TinyNet())
     torch.save({f"net.{k}": v for k, v in source.state_dict().items()}, tmp_path / "w.pth")
