@@ -72,9 +72,8 @@ def test_every_mode_becomes_a_three_channel_tensor(tmp_path, mode, fmt):
 def test_grey_and_rgba_models_get_one_and_four_channel_tensors(tmp_path, mode, channels):
     path = tmp_path / "image.png"
     Image.new(mode, (10, 6)).save(path)
-    config = effective_data_config({**DATA_CONFIG, "input_size": (channels, 16, 16),
-                                    "mean": DATA_CONFIG["mean"][:1] * channels, "std": DATA_CONFIG["std"][:1] * channels},
-                                   img_size=None)
+    grey_stats = {"mean": DATA_CONFIG["mean"][:1] * channels, "std": DATA_CONFIG["std"][:1] * channels}
+    config = effective_data_config({**DATA_CONFIG, "input_size": (channels, 16, 16), **grey_stats}, img_size=None)
     for train in (True, False):
         image, _ = ImageDataset([(str(path), 0)], build_transforms(config, img_size=16, train=train), channels)[0]
         assert image.shape == (channels, 16, 16)

@@ -96,7 +96,8 @@ def build_loaders(
         generator=torch.Generator().manual_seed(seed), **common,
     )
     val = DataLoader(
-        ImageDataset(split.val, eval_transform, channels), shuffle=False, generator=torch.Generator().manual_seed(seed), **common
+        ImageDataset(split.val, eval_transform, channels), shuffle=False,
+        generator=torch.Generator().manual_seed(seed), **common,
     )
     weights = compute_class_weights(counts) if balance == "loss_weights" else None
     return Loaders(train, val, sampler, weights)
