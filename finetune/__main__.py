@@ -57,10 +57,15 @@ def fresh_run_refusal(args: list[str]) -> str | None:
     refuses it again for other entry points."""
     from finetune.resume import occupied_run_dir
 
-    given = {a.split("=", 1)[0].lstrip("+~"): a.split("=", 1)[1] for a in args if "=" in a and not a.startswith("-")}
+    given = typed_overrides(args)
     if given.get("resume", "null") not in ("", "null") or "hydra.run.dir" not in given:
         return None
     return occupied_run_dir(Path(given["hydra.run.dir"]).expanduser())
+
+
+def typed_overrides(args: list[str]) -> dict[str, str]:
+    """``key=value`` overrides on the command line, by key (``+``/``~`` prefixes dropped)."""
+    return {a.split("=", 1)[0].lstrip("+~"): a.split("=", 1)[1] for a in args if "=" in a and not a.startswith("-")}
 
 
 def expand_resume_args(args: list[str]) -> list[str]:
@@ -76,7 +81,7 @@ def expand_resume_args(args: list[str]) -> list[str]:
     ``resume.allow_config_change=X`` is accepted for ``resume_allow_config_change=X``.
     """
     args = [re.sub(r"^resume\.allow_config_change=", "resume_allow_config_change=", a) for a in args]
-    given = {a.split("=", 1)[0].lstrip("+~"): a.split("=", 1)[1] for a in args if "=" in a and not a.startswith("-")}
+    given = typed_overrides(args)
     target = given.get("resume", "")
     if target in ("", "null"):
         return args
