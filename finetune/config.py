@@ -163,6 +163,7 @@ class Config:
     seed: int = 0
     resume: Optional[str] = None  # null | auto | RUN_DIR | FILE.ckpt
     resume_allow_config_change: bool = False  # resume even if overrides change the experiment
+    resume_allow_unverified: bool = False  # resume from a state that loads but does not match manifest.json
 
 
 def register_schema() -> None:

@@ -35,7 +35,7 @@ log = logging.getLogger("finetune")
 # (checkpoint cadence included). ``trainer.max_epochs`` may change too: the learning-rate
 # schedule is then rebuilt for the new length (see ``restore_training``).
 ALLOWED_CHANGES = ("trainer.max_epochs", "data.num_workers", "trainer.device", "logger.", "resume",
-                   "resume_allow_config_change", "checkpoint.every_n_steps", "checkpoint.every_n_epochs",
+                   "resume_allow_config_change", "resume_allow_unverified", "checkpoint.every_n_steps", "checkpoint.every_n_epochs",
                    "checkpoint.keep_last_k")
 
 
@@ -47,30 +47,37 @@ class ResumePoint:
     state: dict[str, Any]
     in_place: bool  # the file lives in this run's checkpoint directory
     invalid: tuple[str, ...] = field(default=())  # newer files of that directory that failed verification
+    unverified: bool = False  # it loads but did not match its manifest entry (resume_allow_unverified)
 
     @property
     def step(self) -> int:
         return int(self.state["train_state"]["global_step"])
 
 
-def locate_resume(resume: str | None, *, checkpoint_dir: Path) -> ResumePoint | None:
-    """The training state ``resume`` points at, verified; None for a fresh start."""
+def locate_resume(resume: str | None, *, checkpoint_dir: Path, allow_unverified: bool = False) -> ResumePoint | None:
+    """The training state ``resume`` points at, verified; None for a fresh start.
+
+    ``allow_unverified``: accept a state that fails its manifest check but loads as a valid
+    training state (a manifest written wrong, e.g. by an older version); refused by default.
+    """
     if resume is None:
         if refusal := occupied_run_dir(checkpoint_dir.parent):
             raise UserError(refusal)
         return None
     if resume == "auto":
-        point = newest_valid_state(checkpoint_dir, required=False)
+        point = newest_valid_state(checkpoint_dir, required=False, allow_unverified=allow_unverified)
         if point is None:
             log.info(f"resume=auto: no checkpoint in '{checkpoint_dir}' yet, starting fresh")
         return point
     path = Path(resume).expanduser()
     if path.is_dir():
-        return newest_valid_state(path / "checkpoints", required=True, home=checkpoint_dir)
+        return newest_valid_state(path / "checkpoints", required=True, home=checkpoint_dir,
+                                  allow_unverified=allow_unverified)
     if path.is_file():
         manifest = Manifest(path.parent / "manifest.json") if (path.parent / "manifest.json").exists() else None
-        verify_file(path, manifest.files.get(path.name) if manifest else None)
-        return _point(path, load_training_state(path), checkpoint_dir, ())
+        state, unverified = load_verified_state(path, manifest.files.get(path.name) if manifest else None,
+                                                allow_unverified=allow_unverified)
+        return _point(path, state, checkpoint_dir, (), unverified=unverified)
     raise UserError(f"resume '{resume}' is not auto, a run directory or a training-state file (.ckpt)")
 
 
@@ -82,7 +89,8 @@ def occupied_run_dir(run_dir: Path) -> str | None:
     return None
 
 
-def newest_valid_state(directory: Path, *, required: bool, home: Path | None = None) -> ResumePoint | None:
+def newest_valid_state(directory: Path, *, required: bool, home: Path | None = None,
+                       allow_unverified: bool = False) -> ResumePoint | None:
     """The newest training state listed in ``directory/manifest.json`` that verifies and loads."""
     manifest_path = directory / "manifest.json"
     names = Manifest(manifest_path).states() if manifest_path.exists() else []
@@ -94,20 +102,48 @@ def newest_valid_state(directory: Path, *, required: bool, home: Path | None = N
     manifest, invalid = Manifest(manifest_path), []
     for name in names:
         try:
-            verify_file(directory / name, manifest.files[name])
-            state = load_training_state(directory / name)
+            state, unverified = load_verified_state(directory / name, manifest.files[name],
+                                                    allow_unverified=allow_unverified)
         except UserError as err:
             log.warning(f"{err}: falling back to the previous checkpoint")
             invalid.append(name)
             continue
-        return _point(directory / name, state, home or directory, tuple(invalid))
+        return _point(directory / name, state, home or directory, tuple(invalid), unverified=unverified)
     raise UserError(f"no valid training state in '{directory}': {', '.join(invalid)} failed verification "
                     "(see the warnings above); start a new run or resume=FILE.ckpt from elsewhere")
 
 
-def _point(path: Path, state: dict[str, Any], checkpoint_dir: Path, invalid: tuple[str, ...]) -> ResumePoint:
+def load_verified_state(path: Path, entry: dict[str, Any] | None, *,
+                        allow_unverified: bool) -> tuple[dict[str, Any], bool]:
+    """Load the training state at ``path`` after checking it against its manifest ``entry``.
+
+    A file that fails the check but loads as a valid training state is reported as such (then
+    the manifest, not the file, may be wrong) and used only with ``allow_unverified``.
+    Returns the state and whether it was taken unverified.
+    """
+    try:
+        verify_file(path, entry)
+    except UserError as err:
+        if not path.is_file():
+            raise
+        try:
+            state = load_training_state(path)
+        except UserError:
+            raise err from None
+        if not allow_unverified:
+            raise UserError(f"{err}, but the file loads as a valid training state: the manifest may be wrong; "
+                            "to resume from it anyway pass resume_allow_unverified=true") from None
+        log.warning(f"{err}, but the file loads as a valid training state: resuming from it "
+                    "(resume_allow_unverified=true)")
+        return state, True
+    return load_training_state(path), False
+
+
+def _point(path: Path, state: dict[str, Any], checkpoint_dir: Path, invalid: tuple[str, ...], *,
+           unverified: bool = False) -> ResumePoint:
     in_place = path.parent.resolve() == checkpoint_dir.resolve()
-    point = ResumePoint(path=path, state=state, in_place=in_place, invalid=invalid if in_place else ())
+    point = ResumePoint(path=path, state=state, in_place=in_place, invalid=invalid if in_place else (),
+                        unverified=unverified)
     ts = state["train_state"]
     log.info(f"resuming from '{path}': epoch {ts['epoch']}, step {ts['global_step']}, "
              f"{ts['batches_seen']} batches into the next epoch")
@@ -172,6 +208,7 @@ def restore_training(trainer: Trainer, point: ResumePoint, *, run_dir: Path) -> 
     if manager is not None:
         manager.resume_from(s.get("checkpoint_policy"), state=state,
                             resumed=point.path.name if point.in_place else None, invalid=point.invalid,
+                            rehash=point.unverified,
                             source=None if point.in_place else point.path.parent)
     if point.in_place:
         rewind_metrics(run_dir / "metrics.jsonl", epochs_done=state.epoch)

@@ -14,7 +14,7 @@ from finetune import resume as resume_lib
 from finetune.checkpoint import atomic_write_text
 from finetune.config import check_config
 from finetune.runtime import setup_runtime
-from finetune.signals import TrainingInterrupted, graceful_stop
+from finetune.signals import TrainingInterrupted, graceful_stop, stop_workers
 
 log = logging.getLogger("finetune")
 
@@ -31,7 +31,8 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, float]:
     started = time.time()
     with RunLog(run_dir) as summary, graceful_stop() as stop:
         check_config(cfg)
-        point = resume_lib.locate_resume(cfg.resume, checkpoint_dir=run_dir / "checkpoints")
+        point = resume_lib.locate_resume(cfg.resume, checkpoint_dir=run_dir / "checkpoints",
+                                         allow_unverified=cfg.resume_allow_unverified)
         if point is not None:
             resume_lib.check_config_change(point.state["config_yaml"], cfg, source=point.path,
                                            allow=cfg.resume_allow_config_change)
@@ -45,7 +46,7 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, float]:
         loaders = builders.build_loaders(cfg.data, split, spec, seed=cfg.seed, pin_memory=rt.device.type == "cuda")
         trainer = builders.build_trainer(cfg, model=model, spec=spec, loaders=loaders, rt=rt, run_dir=run_dir,
                                          class_names=split.class_names, resume=point, stop=stop)
-        summary.track(trainer, resumed_from=point.path if point else None)
+        summary.track(trainer, loaders=(loaders.train, loaders.val), resumed_from=point.path if point else None)
         state = resume_lib.restore_training(trainer, point, run_dir=run_dir) if point else None
         if cfg.resume is not None and point is None:
             resume_lib.rewind_metrics(run_dir / "metrics.jsonl", epochs_done=0)  # resume=auto starting fresh
@@ -71,7 +72,7 @@ class RunLog:
         self.run_dir = run_dir
         self.handler = logging.FileHandler(run_dir / "train.log")
         self.handler.setFormatter(logging.Formatter("[%(asctime)s][%(levelname)s] %(message)s"))
-        self.trainer = None
+        self.trainer, self.loaders = None, ()
         self.record: dict = {"status": "running", "run_dir": str(run_dir)}
         self.started = time.time()
 
@@ -82,8 +83,8 @@ class RunLog:
         logging.captureWarnings(True)  # e.g. skipped unreadable images reach train.log too
         return self
 
-    def track(self, trainer, *, resumed_from: Path | None = None) -> None:
-        self.trainer = trainer
+    def track(self, trainer, *, loaders: tuple = (), resumed_from: Path | None = None) -> None:
+        self.trainer, self.loaders = trainer, loaders
         if resumed_from is not None:
             self.record["resumed_from"] = str(resumed_from)
 
@@ -106,6 +107,8 @@ class RunLog:
             self.record |= {"status": status, "error": f"{exc_type.__name__}: {exc}"}
             if issubclass(exc_type, TrainingInterrupted):
                 self.record["resume_with"] = f"python -m finetune resume={self.run_dir}"
+        for loader in self.loaders:  # however the run ended: no worker outlives it
+            stop_workers(loader)
         if self.trainer is not None:
             for hook in self.trainer.hooks:  # first: a background checkpoint save finishes here
                 hook.close()

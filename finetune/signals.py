@@ -80,3 +80,18 @@ def _ignore_stop_signals(worker_id: int, then: Callable[[int], None] | None) -> 
         signal.signal(sig, signal.SIG_IGN)
     if then is not None:
         then(worker_id)
+
+
+def stop_workers(loader: Any) -> None:
+    """Shut ``loader``'s worker processes down now, persistent ones included.
+
+    Needed on every way out of a run: the workers ignore SIGTERM (``shield_workers``), and a
+    failed run's traceback (which Hydra keeps) keeps the loader and its persistent iterator
+    alive, so at exit Python's ``multiprocessing`` would terminate them in vain and wait forever.
+    torch has no public call for this; ``_shutdown_workers`` is what its iterator's ``__del__`` runs.
+    """
+    iterator = getattr(loader, "_iterator", None)
+    if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+        iterator._shutdown_workers()
+    if iterator is not None:
+        loader._iterator = None

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import blake3
 import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir
@@ -61,3 +64,21 @@ def run_cli(args: list[str], *, cwd: Path, timeout: float = 600, env: dict | Non
     full_env.update(env or {})
     return subprocess.run([sys.executable, "-m", "finetune", *args], cwd=cwd, capture_output=True,
                           text=True, timeout=timeout, env=full_env)
+
+
+def assert_manifest_matches_files(checkpoint_dir: Path) -> dict:
+    """Every file ``manifest.json`` names exists with the recorded size and digest, re-read from disk.
+
+    The digest is recomputed here with the hash libraries directly, not with the code under test.
+    Returns the manifest.
+    """
+    manifest = json.loads((checkpoint_dir / "manifest.json").read_text())
+    assert manifest["files"], f"'{checkpoint_dir / 'manifest.json'}' lists no file"
+    for name, entry in manifest["files"].items():
+        data = (checkpoint_dir / name).read_bytes()
+        assert len(data) == entry["bytes"], f"{name}: {len(data)} bytes on disk, manifest says {entry['bytes']}"
+        if "blake3" in entry:
+            assert blake3.blake3(data).hexdigest() == entry["blake3"], f"{name}: blake3 differs from manifest.json"
+        else:
+            assert hashlib.sha256(data).hexdigest() == entry["sha256"], f"{name}: sha256 differs from manifest.json"
+    return manifest

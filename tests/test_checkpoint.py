@@ -13,9 +13,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import finetune.checkpoint as checkpoint
-from conftest import compose_config, make_image_folder, tiny_overrides
+from conftest import assert_manifest_matches_files, compose_config, make_image_folder, tiny_overrides
 from finetune import load_model
-from finetune.checkpoint import (CheckpointPolicy, atomic_write_stream, load_training_state, sha256_file,
+from finetune.checkpoint import (CheckpointPolicy, atomic_write_stream, file_digest, load_training_state,
                                  verify_file)
 from finetune.errors import UserError
 from finetune.run import run
@@ -52,8 +52,8 @@ def test_every_file_loads_weights_only_and_matches_its_manifest_entry(policy_run
     manifest = json.loads((out / "manifest.json").read_text())
     on_disk = {p.name for p in out.iterdir()} - {"manifest.json"}
     assert on_disk == set(manifest["files"]), "every file is in the manifest and nothing else is on disk"
+    assert_manifest_matches_files(out)
     for name, entry in manifest["files"].items():
-        assert sha256_file(out / name) == entry["sha256"] and (out / name).stat().st_size == entry["bytes"]
         if name.endswith(".ckpt"):
             state = torch.load(out / name, weights_only=True)
             assert state["train_state"]["global_step"] == entry["step"]
@@ -119,7 +119,7 @@ def test_torch_weights_format_writes_pt_files_that_load(tmp_path):
 def test_atomic_write_failing_mid_write_leaves_the_old_file_and_no_temp(tmp_path):
     target = tmp_path / "x.bin"
     facts = atomic_write_stream(target, lambda f: f.write(b"old content"))
-    assert facts.sha256 == sha256_file(target) and facts.bytes == 11
+    assert facts.digest == file_digest(target) and facts.bytes == 11
 
     def full_disk(f):
         f.write(b"new partial")
@@ -135,7 +135,7 @@ def test_replacing_a_large_file_frees_the_old_one_and_a_failure_keeps_it(tmp_pat
     target, big = tmp_path / "last.ckpt", 20 << 20
     atomic_write_stream(target, lambda f: f.write(b"a" * big))
     facts = atomic_write_stream(target, lambda f: f.write(b"b" * big))
-    assert facts.sha256 == sha256_file(target) and target.read_bytes()[:1] == b"b"
+    assert facts.digest == file_digest(target) and target.read_bytes()[:1] == b"b"
     for _ in range(500):  # the background unlink finishes (a liveness wait, not a timing check)
         if [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]:
             break
@@ -191,7 +191,7 @@ def test_damaged_files_are_named(policy_run, tmp_path):
     (work / "manifest.json").write_text(json.dumps({"files": {name: manifest["files"][name]}, "best": None}))
     flipped = bytearray(data)
     flipped[len(data) // 2] ^= 0xFF
-    cases = {bytes(flipped): "is corrupt: its sha256 does not match", data[: len(data) // 3]: "is truncated"}
+    cases = {bytes(flipped): "is corrupt: its blake3 does not match", data[: len(data) // 3]: "is truncated"}
     for content, message in cases.items():
         (work / name).write_bytes(content)
         with pytest.raises(UserError, match=message) as err:

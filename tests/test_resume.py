@@ -244,7 +244,7 @@ def test_a_worse_epoch_after_resume_does_not_replace_best(reference, tmp_path):
     state["train_state"]["best_value"] = 1.0  # no later epoch can beat it
     facts = save_training_state(ckpt / "epoch001-step000005.ckpt", state)
     manifest = Manifest(ckpt / "manifest.json")
-    manifest.files["epoch001-step000005.ckpt"] |= {"sha256": facts.sha256, "bytes": facts.bytes}
+    manifest.files["epoch001-step000005.ckpt"] |= facts.entry()
     manifest.save()
     best_before = (ckpt / "best.safetensors").read_bytes()
     run(compose_config(overrides + [f"resume={ckpt / 'epoch001-step000005.ckpt'}"]), run_dir=out)
