@@ -1,7 +1,8 @@
 """Checkpoint-file tools: ``python -m finetune.ckpt inspect|diff|convert``.
 
     python -m finetune.ckpt inspect PATH [--json]
-    python -m finetune.ckpt diff PATH --model NAME [--source timm|torchvision] [--remap R] [--num-classes N] [--in-chans C]
+    python -m finetune.ckpt diff PATH --model NAME [--source timm|torchvision] [--remap R]
+                                 [--num-classes N] [--in-chans C]
     python -m finetune.ckpt convert SRC DST [--max-shard-size 2GB] [--strip-wrappers]
 
 Plain argparse, no Hydra. Problems with the input print one ``error:`` line and exit 2.
@@ -37,18 +38,22 @@ def main(argv: list[str] | None = None) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     """The argument parser with its three subcommands."""
-    parser = argparse.ArgumentParser(prog="python -m finetune.ckpt", description="Inspect, diff and convert checkpoint files.")
+    parser = argparse.ArgumentParser(prog="python -m finetune.ckpt",
+                                     description="Inspect, diff and convert checkpoint files.")
     sub = parser.add_subparsers(required=True, dest="command")
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--trust-pickle", action="store_true", help="allow arbitrary pickled objects (runs code from the file!)")
+    common.add_argument("--trust-pickle", action="store_true",
+                        help="allow arbitrary pickled objects (runs code from the file!)")
     common.add_argument("--ema", action="store_true", help="prefer the EMA weights of a training checkpoint")
 
-    inspect = sub.add_parser("inspect", parents=[common], help="format, tensor and parameter counts, dtypes, prefixes, metadata")
+    inspect = sub.add_parser("inspect", parents=[common],
+                             help="format, tensor and parameter counts, dtypes, prefixes, metadata")
     inspect.add_argument("path")
     inspect.add_argument("--json", action="store_true", help="print JSON instead of text")
     inspect.set_defaults(func=inspect_command)
 
-    diff = sub.add_parser("diff", parents=[common], help="dry run: what would load into a model, be remapped, dropped, missing")
+    diff = sub.add_parser("diff", parents=[common],
+                          help="dry run: what would load into a model, be remapped, dropped, missing")
     diff.add_argument("path")
     diff.add_argument("--model", required=True, help="model name (timm or torchvision), built with random weights")
     diff.add_argument("--source", choices=("timm", "torchvision"), default="timm")
@@ -60,7 +65,8 @@ def _parser() -> argparse.ArgumentParser:
     diff.add_argument("--json", action="store_true", help="print the full load report as JSON")
     diff.set_defaults(func=diff_command)
 
-    convert = sub.add_parser("convert", parents=[common], help="to safetensors, sharded with an HF index above --max-shard-size")
+    convert = sub.add_parser("convert", parents=[common],
+                             help="to safetensors, sharded with an HF index above --max-shard-size")
     convert.add_argument("src")
     convert.add_argument("dst", help="a .safetensors file, or a directory (gets model.safetensors)")
     convert.add_argument("--max-shard-size", default="2GB", help="bytes, or e.g. 500MB, 2GB (default 2GB)")
@@ -150,13 +156,16 @@ def convert_command(args: argparse.Namespace) -> int:
         if len(tensors) != len(ckpt.tensors):
             raise UserError(f"--strip-wrappers makes two names in '{args.src}' equal: convert without it")
     size = int(args.max_shard_size) if args.max_shard_size.isdigit() else args.max_shard_size  # bytes, or "2GB"
-    written = save_safetensors(tensors, args.dst, max_shard_size=size, metadata={"format": "pt", "source_format": ckpt.format})
+    metadata = {"format": "pt", "source_format": ckpt.format}
+    written = save_safetensors(tensors, args.dst, max_shard_size=size, metadata=metadata)
     for path in written:
         print(path)
     return 0
 
 
-def save_safetensors(tensors: dict[str, torch.Tensor], dst: str | Path, *, max_shard_size: str | int, metadata: dict[str, str]) -> list[Path]:
+def save_safetensors(
+    tensors: dict[str, torch.Tensor], dst: str | Path, *, max_shard_size: str | int, metadata: dict[str, str]
+) -> list[Path]:
     """Save to one file, or to shards plus ``<file>.index.json`` (the Hugging Face layout).
 
     Shard planning is ``huggingface_hub.split_torch_state_dict_into_shards``; each
@@ -172,14 +181,16 @@ def save_safetensors(tensors: dict[str, torch.Tensor], dst: str | Path, *, max_s
     file.parent.mkdir(parents=True, exist_ok=True)
     tensors = _unshare(tensors)
     try:
-        split = split_torch_state_dict_into_shards(tensors, filename_pattern=file.stem + "{suffix}.safetensors", max_shard_size=max_shard_size)
+        split = split_torch_state_dict_into_shards(tensors, filename_pattern=file.stem + "{suffix}.safetensors",
+                                                   max_shard_size=max_shard_size)
     except ValueError as err:
         raise UserError(f"--max-shard-size {max_shard_size!r} is not a size ({err}): write e.g. 500MB or 2GB") from None
     written = []
     for name, keys in split.filename_to_tensors.items():
         written.append(_atomic_save({k: tensors[k] for k in keys}, file.parent / name, metadata))
     if split.is_sharded:
-        index = {"metadata": {**split.metadata, **metadata}, "weight_map": dict(sorted(split.tensor_to_filename.items()))}
+        index = {"metadata": {**split.metadata, **metadata},
+                 "weight_map": dict(sorted(split.tensor_to_filename.items()))}
         written.append(_atomic_write_text(json.dumps(index, indent=2), file.parent / f"{file.name}.index.json"))
     return written
 
@@ -189,7 +200,7 @@ def _unshare(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     seen: set[int] = set()
     result = {}
     for key, tensor in tensors.items():
-        ptr = tensor.untyped_storage().data_ptr()
+        ptr = tensor.untyped_storage().data_ptr()  # empty tensors may all report 0: never clone those
         result[key] = tensor.clone() if ptr in seen and tensor.numel() else tensor.contiguous()
         seen.add(ptr)
     return result

@@ -18,6 +18,7 @@ class EvalResult:
     confusion: torch.Tensor  # int64 [C, C]
 
     def scalars(self, prefix: str = "val") -> dict[str, float]:
+        """``{prefix}/loss``, ``{prefix}/acc1`` and, with at least 5 classes, ``{prefix}/acc5``."""
         out = {f"{prefix}/loss": self.loss, f"{prefix}/acc1": self.acc1}
         if self.acc5 is not None:
             out[f"{prefix}/acc5"] = self.acc5
@@ -35,16 +36,18 @@ class MetricAccumulator:
         self.confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64)
 
     def update(self, logits: torch.Tensor, target: torch.Tensor, loss_sum: float) -> None:
+        """Add one batch; ``loss_sum`` is its loss summed over samples (`result` takes the mean)."""
         self.loss_sum += loss_sum
         self.count += target.numel()
         pred = logits.argmax(dim=1)
-        index = (target * self.num_classes + pred).cpu()
+        index = (target * self.num_classes + pred).cpu()  # (true, predicted) as one flat index: one bincount
         self.confusion += torch.bincount(index, minlength=self.num_classes**2).view_as(self.confusion)
         if self.num_classes >= 5:
             top5 = logits.topk(5, dim=1).indices
             self.top5_hits += int((top5 == target[:, None]).any(dim=1).sum())
 
     def result(self) -> EvalResult:
+        """The metrics over every batch added so far."""
         count = max(self.count, 1)
         support = self.confusion.sum(dim=1).clamp(min=1)
         per_class = (self.confusion.diagonal() / support).tolist()

@@ -14,8 +14,8 @@ import os
 import socket
 import threading
 from dataclasses import dataclass, field
-from pathlib import Path
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import timm
@@ -190,7 +190,8 @@ def resolve_data_config(model: nn.Module, *, source: str, in_chans: int, input_s
 def locate_library_weights(name: str, source: str) -> Path:
     """Path of the library's own pretrained file: from its cache, else downloaded if the hub answers.
 
-    Raises UserError within seconds when the file is not cached and the hub is unreachable.
+    Raises:
+        UserError: Within seconds, when the file is not cached and the hub is unreachable.
     """
     locate = {"timm": _locate_timm_weights, "torchvision": _locate_torchvision_weights}[source]
     return locate(name)
@@ -249,6 +250,7 @@ def hub_reachable(host: str, port: int = 443, timeout: float = PROBE_TIMEOUT_S) 
         except OSError:
             result.append(False)
 
+    # The socket timeout does not bound name resolution; waiting on a daemon thread does.
     thread = threading.Thread(target=probe, daemon=True)
     thread.start()
     thread.join(timeout)

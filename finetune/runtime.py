@@ -17,6 +17,8 @@ AUTOCAST_DTYPES = {"32": None, "bf16": torch.bfloat16, "16": torch.float16}
 
 @dataclass(frozen=True)
 class Runtime:
+    """Where and in what precision the run computes (see `setup_runtime`)."""
+
     device: torch.device
     autocast_dtype: torch.dtype | None  # None: full fp32
     use_grad_scaler: bool  # fp16 on CUDA

@@ -113,14 +113,16 @@ def ensure_demo_dataset(
     try:
         cache.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise UserError(f"demo cache dir '{cache}' cannot be created ({exc.strerror}): choose a writable folder") from exc
+        raise UserError(f"demo cache dir '{cache}' cannot be created ({exc.strerror}): "
+                        "choose a writable folder") from exc
     _remove_stale_temps(cache, final.name)
     temp = cache / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         _write_dataset(temp, params)
         _publish(temp, final)
     except OSError as exc:
-        raise UserError(f"demo cache dir '{cache}' is not writable ({exc.strerror or exc}): choose a writable folder") from exc
+        raise UserError(f"demo cache dir '{cache}' is not writable ({exc.strerror or exc}): "
+                        "choose a writable folder") from exc
     finally:
         shutil.rmtree(temp, ignore_errors=True)
     return final
@@ -128,7 +130,8 @@ def ensure_demo_dataset(
 
 def _check_params(seed: int, num_classes: int, train_per_class: int, val_per_class: int, image_size: int) -> dict:
     if not 2 <= num_classes <= len(SHAPES):
-        raise UserError(f"demo num_classes must be between 2 and {len(SHAPES)}, got '{num_classes}': pick a value in range")
+        raise UserError(f"demo num_classes must be between 2 and {len(SHAPES)}, got '{num_classes}': "
+                        "pick a value in range")
     for name, value in (("train_per_class", train_per_class), ("val_per_class", val_per_class)):
         if value < 1:
             raise UserError(f"demo {name} must be a positive integer, got '{value}'")
@@ -246,7 +249,8 @@ def _draw_shape_mask(shape: str, size: int, centre: Point, radius: float, angle:
 
 def _draw_polygon(draw: ImageDraw.ImageDraw, shape: str, centre: Point, radius: float, angle: float) -> None:
     cos, sin = math.cos(angle), math.sin(angle)
-    points = [(centre[0] + radius * (x * cos - y * sin), centre[1] + radius * (x * sin + y * cos)) for x, y in POLYGONS[shape]]
+    points = [(centre[0] + radius * (x * cos - y * sin), centre[1] + radius * (x * sin + y * cos))
+              for x, y in POLYGONS[shape]]
     draw.polygon(points, fill=255)
 
 

@@ -57,6 +57,7 @@ class DataSplit:
 
     @property
     def num_classes(self) -> int:
+        """Number of classes (``len(class_names)``)."""
         return len(self.class_names)
 
     def class_counts(self, split: str = "train") -> list[int]:
@@ -79,7 +80,8 @@ class DataSplit:
             "seed": self.seed,
             "class_names": list(self.class_names),
             "counts": {split: dict(zip(self.class_names, self.class_counts(split))) for split in ("train", "val")},
-            "files": {split: [[self._relative(p), label] for p, label in self._samples(split)] for split in ("train", "val")},
+            "files": {split: [[self._relative(p), label] for p, label in self._samples(split)]
+                      for split in ("train", "val")},
             "skipped": [self._relative(p) for p in self.skipped],
         }
 

@@ -78,18 +78,10 @@ def build_loaders(
     Raises:
         UserError: ``batch_size``, ``num_workers`` or ``balance`` is invalid.
     """
-    _check_positive_int("data.batch_size", batch_size)
-    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
-        raise UserError(f"data.num_workers must be a non-negative integer, got '{num_workers}'")
-    if balance not in BALANCE_CHOICES:
-        choices = " | ".join(BALANCE_CHOICES)
-        raise UserError(f"data.balance must be one of {choices}, got '{balance}'")
+    _check_loader_args(batch_size, num_workers, balance)
     counts = split.class_counts("train")
-    sample_weights = [1.0 / counts[label] for _, label in split.train] if balance == "sampler" else None
-    sampler = EpochSampler(len(split.train), seed=seed, weights=sample_weights)
-    common = {"batch_size": batch_size, "num_workers": num_workers, "pin_memory": pin_memory}
-    if num_workers > 0:
-        common |= {"worker_init_fn": seed_worker, "persistent_workers": True}
+    sampler = _train_sampler(split, counts, balance=balance, seed=seed)
+    common = _loader_options(batch_size, num_workers, pin_memory)
     # Own generators: without one, every pass would draw worker seeds from the global RNG.
     train = DataLoader(
         ImageDataset(split.train, train_transform, channels), sampler=sampler, drop_last=drop_last,
@@ -103,9 +95,36 @@ def build_loaders(
     return Loaders(train, val, sampler, weights)
 
 
+def _check_loader_args(batch_size: int, num_workers: int, balance: str) -> None:
+    """Fail on a batch size, worker count or balance mode that a loader cannot use."""
+    _check_positive_int("data.batch_size", batch_size)
+    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+        raise UserError(f"data.num_workers must be a non-negative integer, got '{num_workers}'")
+    if balance not in BALANCE_CHOICES:
+        choices = " | ".join(BALANCE_CHOICES)
+        raise UserError(f"data.balance must be one of {choices}, got '{balance}'")
+
+
 def _check_positive_int(name: str, value: Any) -> None:
+    # bool is an int subclass: reject True/False explicitly so data.batch_size=true is an error.
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise UserError(f"{name} must be a positive integer, got '{value}'")
+
+
+def _train_sampler(split: DataSplit, counts: list[int], *, balance: str, seed: int) -> EpochSampler:
+    """A seeded shuffle; with ``balance="sampler"``, draws weighted by 1 / class size (classes evenly)."""
+    sample_weights = [1.0 / counts[label] for _, label in split.train] if balance == "sampler" else None
+    return EpochSampler(len(split.train), seed=seed, weights=sample_weights)
+
+
+def _loader_options(batch_size: int, num_workers: int, pin_memory: bool) -> dict[str, Any]:
+    """``DataLoader`` keyword arguments shared by the train and val loaders."""
+    options = {"batch_size": batch_size, "num_workers": num_workers, "pin_memory": pin_memory}
+    if num_workers > 0:
+        # seed_worker seeds python and numpy in each worker; persistent workers start once,
+        # not at every epoch.
+        options |= {"worker_init_fn": seed_worker, "persistent_workers": True}
+    return options
 
 
 def compute_class_weights(counts: list[int]) -> torch.Tensor:

@@ -16,8 +16,6 @@ from timm.data.constants import DEFAULT_CROP_PCT, IMAGENET_DEFAULT_MEAN, IMAGENE
 
 from finetune.errors import UserError
 
-DATA_CONFIG_KEYS = ("input_size", "mean", "std", "interpolation", "crop_pct", "crop_mode")
-
 
 def effective_data_config(data_config: Mapping[str, Any], img_size: int | None) -> dict[str, Any]:
     """The data config actually used: ``img_size`` applied, defaults filled, plain types.

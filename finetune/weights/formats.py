@@ -52,7 +52,6 @@ FOREIGN_MAGIC = {
     b"\x89HDF": "an HDF5 file (Keras/TensorFlow weights are not supported)",
     b"\x08": "possibly a protobuf/ONNX/TensorFlow file (not a PyTorch checkpoint)",
 }
-LEGACY_TORCH_MAGIC = b"\x80\x02\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19."
 TRUST_HINT = "set model.trust_pickle=true (CLI: --trust-pickle) only if you trust the file"
 
 
@@ -78,7 +77,9 @@ class Checkpoint:
     skipped: list[str] = field(default_factory=list)
 
 
-def read_state_dict(path: str | Path, *, trust_pickle: bool = False, ema: bool = False) -> dict[str, torch.Tensor]:
+def read_state_dict(
+    path: str | Path, *, trust_pickle: bool = False, ema: bool = False
+) -> dict[str, torch.Tensor]:
     """Read a checkpoint of any supported format into ``{name: Tensor}`` on CPU.
 
     Args:
@@ -112,7 +113,8 @@ def read_checkpoint(path: str | Path, *, trust_pickle: bool = False, ema: bool =
     if not file.exists():
         raise UserError(f"checkpoint '{file}' does not exist: check the path (model.weights)")
     if file.stat().st_size == 0:
-        raise UserError(f"checkpoint '{file}' is empty (0 bytes): the download or save was interrupted; get the file again")
+        raise UserError(f"checkpoint '{file}' is empty (0 bytes): the download or save was interrupted; "
+                        "get the file again")
     kind = detect_format(file)
     if kind in ("index-safetensors", "index-torch"):
         return _read_sharded(file, kind, trust_pickle=trust_pickle, ema=ema)
@@ -134,13 +136,15 @@ def detect_format(file: Path) -> str:
     size = file.stat().st_size
     if head.startswith(b"PK\x03\x04") or head.startswith(b"PK\x05\x06"):
         return _zip_kind(file)
+    # safetensors: a little-endian u64 header length, then the JSON header itself.
     if len(head) >= 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] <= size - 8:
         return "safetensors"
     if head.startswith(b"\x80") and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
         return "torch-legacy"  # torch.save legacy format, or a bare pickle: both go through torch.load
     if head.lstrip()[:1] == b"{":
         return _index_kind(file)
-    raise UserError(f"'{file}' is not a checkpoint: it looks like {_describe_foreign(head)}; expected a .pt/.pth/.bin/.ckpt (torch.save), .safetensors or a shard index")
+    raise UserError(f"'{file}' is not a checkpoint: it looks like {_describe_foreign(head)}; "
+                    "expected a .pt/.pth/.bin/.ckpt (torch.save), .safetensors or a shard index")
 
 
 def _describe_foreign(head: bytes) -> str:
@@ -159,12 +163,14 @@ def _zip_kind(file: Path) -> str:
         with zipfile.ZipFile(file) as zf:
             names = zf.namelist()
     except (zipfile.BadZipFile, OSError) as err:
-        raise UserError(f"checkpoint '{file}' is a truncated or corrupt zip archive ({err}): save or download it again") from None
+        raise UserError(f"checkpoint '{file}' is a truncated or corrupt zip archive ({err}): "
+                        "save or download it again") from None
     if any(n.endswith("/constants.pkl") for n in names) or any("/code/" in n for n in names):
         return "torchscript"
     if any(n.endswith("/data.pkl") for n in names):
         return "torch-zip"
-    raise UserError(f"'{file}' is a zip archive but not a torch.save checkpoint (no data.pkl inside): expected a .pt/.pth/.safetensors file")
+    raise UserError(f"'{file}' is a zip archive but not a torch.save checkpoint (no data.pkl inside): "
+                    "expected a .pt/.pth/.safetensors file")
 
 
 def _index_kind(file: Path) -> str:
@@ -172,9 +178,11 @@ def _index_kind(file: Path) -> str:
     try:
         index = json.loads(file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise UserError(f"'{file}' is not a checkpoint: it looks like broken JSON ({err}); expected a checkpoint or a shard index") from None
+        raise UserError(f"'{file}' is not a checkpoint: it looks like broken JSON ({err}); "
+                        "expected a checkpoint or a shard index") from None
     if not isinstance(index, dict) or not isinstance(index.get("weight_map"), dict):
-        raise UserError(f"'{file}' is a JSON file without a 'weight_map': not a shard index; point model.weights at the checkpoint itself")
+        raise UserError(f"'{file}' is a JSON file without a 'weight_map': not a shard index; "
+                        "point model.weights at the checkpoint itself")
     shards = set(index["weight_map"].values())
     return "index-safetensors" if all(str(s).endswith(".safetensors") for s in shards) else "index-torch"
 
@@ -188,7 +196,8 @@ def _find_in_directory(directory: Path) -> Path:
     if len(candidates) == 1:
         return candidates[0]
     found = ", ".join(p.name for p in candidates[:5]) or "no weights files"
-    raise UserError(f"directory '{directory}' has {found}: expected one of {', '.join(INDEX_NAMES + SINGLE_NAMES)}; point model.weights at the file")
+    raise UserError(f"directory '{directory}' has {found}: expected one of "
+                    f"{', '.join(INDEX_NAMES + SINGLE_NAMES)}; point model.weights at the file")
 
 
 def _read_single(file: Path, kind: str, *, trust_pickle: bool, ema: bool) -> Checkpoint:
@@ -213,7 +222,8 @@ def _read_safetensors(file: Path) -> tuple[dict[str, torch.Tensor], list[str], d
             metadata = dict(f.metadata() or {})
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as err:  # safetensors raises its own SafetensorError and OSError
-        raise UserError(f"checkpoint '{file}' is a truncated or corrupt safetensors file ({err}): save or download it again") from None
+        raise UserError(f"checkpoint '{file}' is a truncated or corrupt safetensors file ({err}): "
+                        "save or download it again") from None
     return tensors, [], metadata
 
 
@@ -234,12 +244,15 @@ def _torch_load(file: Path, *, mmap: bool, trust_pickle: bool) -> object:
 def _load_error(file: Path, err: Exception) -> UserError:
     """Turn a ``torch.load`` failure into one line naming the cause and the fix."""
     text = str(err)
-    blocked = re.search(r"GLOBAL ([\w.]+)", text) or re.search(r"Unsupported (?:global|operand)[^:]*: ([^\s.][^\n]*?)(?: was|\n|$)", text)
+    blocked = (re.search(r"GLOBAL ([\w.]+)", text)
+               or re.search(r"Unsupported (?:global|operand)[^:]*: ([^\s.][^\n]*?)(?: was|\n|$)", text))
     if "Weights only load failed" in text:
         what = f"the pickled object '{blocked.group(1)}'" if blocked else "pickled objects"
-        return UserError(f"checkpoint '{file}' needs {what}, which safe loading blocks: re-save it as plain tensors (python -m finetune.ckpt convert), or {TRUST_HINT}")
+        return UserError(f"checkpoint '{file}' needs {what}, which safe loading blocks: re-save it as plain tensors "
+                         f"(python -m finetune.ckpt convert), or {TRUST_HINT}")
     first = text.strip().splitlines()[0] if text.strip() else type(err).__name__
-    return UserError(f"checkpoint '{file}' could not be read: it is truncated or corrupt ({first[:160]}); save or download it again")
+    return UserError(f"checkpoint '{file}' could not be read: it is truncated or corrupt ({first[:160]}); "
+                     "save or download it again")
 
 
 def unwrap_container(
@@ -263,10 +276,12 @@ def unwrap_container(
     if isinstance(obj, torch.nn.Module):
         obj = obj.state_dict()
     if not isinstance(obj, Mapping):
-        raise UserError(f"checkpoint '{file}' holds a {type(obj).__name__}, not a state dict: expected a dict of tensors")
+        raise UserError(f"checkpoint '{file}' holds a {type(obj).__name__}, not a state dict: "
+                        "expected a dict of tensors")
     tensors, skipped = flatten_tensors(obj)
     if not tensors:
-        raise UserError(f"checkpoint '{file}' has no tensors (top-level keys: {', '.join(map(str, list(obj)[:8]))}): expected a state dict")
+        tops = ", ".join(map(str, list(obj)[:8]))
+        raise UserError(f"checkpoint '{file}' has no tensors (top-level keys: {tops}): expected a state dict")
     return tensors, container, metadata, skipped
 
 
@@ -299,13 +314,15 @@ def _read_sharded(index_file: Path, kind: str, *, trust_pickle: bool, ema: bool)
     shards = list(dict.fromkeys(weight_map.values()))
     missing = [s for s in shards if not (index_file.parent / s).exists()]
     if missing:
-        raise UserError(f"shard index '{index_file}' names {len(missing)} missing shard(s), first '{missing[0]}': download every shard next to the index")
+        raise UserError(f"shard index '{index_file}' names {len(missing)} missing shard(s), first '{missing[0]}': "
+                        "download every shard next to the index")
     tensors: dict[str, torch.Tensor] = {}
     for shard in shards:
         file = index_file.parent / shard
         tensors.update(_read_single(file, detect_format(file), trust_pickle=trust_pickle, ema=ema).tensors)
     absent = [k for k in weight_map if k not in tensors]
     if absent:
-        raise UserError(f"shard index '{index_file}' lists tensor '{absent[0]}' (and {len(absent) - 1} more) that no shard holds: the shards do not belong to this index")
+        raise UserError(f"shard index '{index_file}' lists tensor '{absent[0]}' (and {len(absent) - 1} more) "
+                        "that no shard holds: the shards do not belong to this index")
     fmt = "sharded-safetensors" if kind == "index-safetensors" else "sharded-torch"
     return Checkpoint(str(index_file), fmt, tensors)

@@ -88,21 +88,28 @@ def load_pretrained(
     """
     specs = normalize_sources(source)
     remap = to_plain(remap)
-    tensors = model.state_dict()  # detached views sharing storage with the parameters
-    target = _Target(tensors, head_prefixes(model, classifier), first_conv_key(model, first_conv, tensors), tuple(allow_mismatch))
-    _check_in_chans(in_chans, target)
-    report = LoadReport(model=type(model).__name__, target_tensors=len(tensors))
-    plan: dict[str, _Placement] = {}
-    for index, spec in enumerate(specs):
-        plan.update(_plan_source(index, spec, target, remap=remap, trust_pickle=trust_pickle, several=len(specs) > 1, report=report))
+    target = _describe_target(model, classifier, first_conv, allow_mismatch, in_chans)
+    report = LoadReport(model=type(model).__name__, target_tensors=len(target.tensors))
+    plan = _plan_sources(specs, target, remap=remap, trust_pickle=trust_pickle, report=report)
     _account(plan, target, (*ALWAYS_ALLOWED_MISSING, *allow_missing), report)
     report.loaded_fraction = loaded_fraction(model, set(plan), target.heads)
-    if report.problems and not dry_run:
+    if dry_run:
+        return report
+    if report.problems:
         more = f" (+{len(report.problems) - 1} more problem(s))" if len(report.problems) > 1 else ""
         raise LoadError(report.problems[0] + more, report)
-    if not dry_run:
-        _copy_into(plan, tensors)
+    _copy_into(plan, target.tensors)
     return report
+
+
+def _describe_target(model: nn.Module, classifier: str | Sequence[str] | None, first_conv: str | None,
+                     allow_mismatch: Sequence[str], in_chans: int | None) -> _Target:
+    """The model's tensors, head and first conv, checked against ``in_chans``."""
+    tensors = model.state_dict()  # detached views sharing storage with the parameters
+    target = _Target(tensors, head_prefixes(model, classifier), first_conv_key(model, first_conv, tensors),
+                     tuple(allow_mismatch))
+    _check_in_chans(in_chans, target)
+    return target
 
 
 def head_prefixes(model: nn.Module, classifier: str | Sequence[str] | None) -> list[str]:
@@ -125,7 +132,8 @@ def first_conv_key(model: nn.Module, first_conv: str | None, tensors: dict[str, 
         return next((k for k, v in tensors.items() if v.ndim == 4 and k.endswith("weight")), None)
     key = f"{first_conv}.weight"
     if key not in tensors:
-        raise UserError(f"first_conv '{first_conv}' is not a module with a weight in {type(model).__name__}: pass the dotted name of the first convolution")
+        raise UserError(f"first_conv '{first_conv}' is not a module with a weight in {type(model).__name__}: "
+                        "pass the dotted name of the first convolution")
     return key
 
 
@@ -135,7 +143,20 @@ def _check_in_chans(in_chans: int | None, target: _Target) -> None:
         return
     built = target.tensors[target.first_conv].shape[1]
     if built != in_chans:
-        raise UserError(f"model.in_chans={in_chans} but the model's first conv '{target.first_conv.removesuffix('.weight')}' takes {built} channels: build the model with in_chans={in_chans}")
+        conv = target.first_conv.removesuffix(".weight")
+        raise UserError(f"model.in_chans={in_chans} but the model's first conv '{conv}' takes {built} channels: "
+                        f"build the model with in_chans={in_chans}")
+
+
+def _plan_sources(
+    specs: Sequence[SourceSpec], target: _Target, *, remap: Any, trust_pickle: bool, report: LoadReport
+) -> dict[str, _Placement]:
+    """Plan every source in order; a later source's tensor replaces an earlier one's."""
+    plan: dict[str, _Placement] = {}
+    for index, spec in enumerate(specs):
+        plan.update(_plan_source(index, spec, target, remap=remap, trust_pickle=trust_pickle,
+                                 several=len(specs) > 1, report=report))
+    return plan
 
 
 def _plan_source(
@@ -172,7 +193,8 @@ def _plan_source(
         "dropped": result.dropped, "unexpected": len(unexpected), "placed": len(plan), "non_tensor": ckpt.skipped,
     })
     if not result.mapping and several:
-        report.problems.append(f"weights '{ckpt.path}' have no tensor whose name fits the model (source keys like '{next(iter(tensors))}'): check model.name, or give model.remap rules or a preset")
+        report.problems.append(f"weights '{ckpt.path}' have no tensor whose name fits the model (source keys like "
+                               f"'{next(iter(tensors))}'): check model.name, or give model.remap rules or a preset")
     return plan
 
 
@@ -183,7 +205,8 @@ def _select(tensors: dict[str, torch.Tensor], select: str | None, path: str) -> 
     chosen = {k[len(select) + 1:]: v for k, v in tensors.items() if k.startswith(f"{select}.")}
     if not chosen:
         tops = sorted({k.split(".", 1)[0] for k in tensors})[:8]
-        raise UserError(f"select '{select}' matches no tensor in '{path}': its top-level prefixes are {', '.join(tops)}")
+        raise UserError(f"select '{select}' matches no tensor in '{path}': "
+                        f"its top-level prefixes are {', '.join(tops)}")
     return chosen
 
 
@@ -193,11 +216,14 @@ def _target_view(tensors: dict[str, torch.Tensor], prefix: str | None) -> dict[s
         return {k: k for k in tensors}
     view = {k[len(prefix) + 1:]: k for k in tensors if k.startswith(f"{prefix}.")}
     if not view:
-        raise UserError(f"weights prefix '{prefix}' is not a submodule with weights in the model: use a dotted module name")
+        raise UserError(f"weights prefix '{prefix}' is not a submodule with weights in the model: "
+                        "use a dotted module name")
     return view
 
 
-def _place(index: int, src_key: str, tensor: torch.Tensor, full: str, target: _Target, path: str, report: LoadReport) -> _Placement | None:
+def _place(
+    index: int, src_key: str, tensor: torch.Tensor, full: str, target: _Target, path: str, report: LoadReport
+) -> _Placement | None:
     """Decide how one source tensor goes into ``full``; record anything but a plain copy."""
     src, dst = tuple(tensor.shape), tuple(target.tensors[full].shape)
     entry = {"key": full, "source_shape": src, "target_shape": dst}
@@ -214,18 +240,22 @@ def _place(index: int, src_key: str, tensor: torch.Tensor, full: str, target: _T
     elif matches_any(full, target.allow_mismatch):
         report.mismatched.append(entry)
     else:
-        report.problems.append(f"shape mismatch: '{src_key}' {src} in '{path}' vs model '{full}' {dst}: fix model.remap, or allow it with model.allow_mismatch=['{full}']")
+        report.problems.append(f"shape mismatch: '{src_key}' {src} in '{path}' vs model '{full}' {dst}: "
+                               f"fix model.remap, or allow it with model.allow_mismatch=['{full}']")
     return None
 
 
-def _adapt_first_conv(index: int, src_key: str, tensor: torch.Tensor, dst: tuple[int, ...], entry: dict, path: str, report: LoadReport) -> _Placement | None:
+def _adapt_first_conv(
+    index: int, src_key: str, tensor: torch.Tensor, dst: tuple[int, ...], entry: dict, path: str, report: LoadReport
+) -> _Placement | None:
     """Adapt the first conv to the model's input channels (timm's ``adapt_input_conv``)."""
     try:
         adapted = adapt_input_conv(dst[1], tensor)
     except (NotImplementedError, AssertionError):
         adapted = None
     if adapted is None or tuple(adapted.shape) != dst:
-        report.problems.append(f"first conv '{src_key}' in '{path}' has {tensor.shape[1]} input channels and cannot be adapted to {dst[1]}: only 3-channel weights adapt to other in_chans")
+        report.problems.append(f"first conv '{src_key}' in '{path}' has {tensor.shape[1]} input channels and "
+                               f"cannot be adapted to {dst[1]}: only 3-channel weights adapt to other in_chans")
         return None
     report.adapted.append({**entry, "how": "adapt_input_conv (1: sum over RGB; N: repeat RGB, scale 3/N)"})
     return _Placement(index, src_key, adapted, "adapt")
@@ -281,9 +311,11 @@ def _missing_message(keys: list[str], low_fit: bool, report: LoadReport) -> str:
     names = ", ".join(f"'{k}'" for k in keys[:3]) + (f" (+{len(keys) - 3} more)" if len(keys) > 3 else "")
     paths = ", ".join(f"'{s['path']}'" for s in report.sources)
     if low_fit:
-        return (f"weights {paths} fit only {len(report.loaded)} of {report.target_tensors} tensors of {report.model} (missing {names}): "
-                "they look like weights for another architecture; check model.name, or give model.remap rules or a preset")
-    return f"{len(keys)} model tensor(s) got no weights from {paths}: {names}; fix model.remap, or allow them with model.allow_missing=['PATTERN']"
+        return (f"weights {paths} fit only {len(report.loaded)} of {report.target_tensors} tensors of "
+                f"{report.model} (missing {names}): they look like weights for another architecture; "
+                "check model.name, or give model.remap rules or a preset")
+    return (f"{len(keys)} model tensor(s) got no weights from {paths}: {names}; "
+            "fix model.remap, or allow them with model.allow_missing=['PATTERN']")
 
 
 def loaded_fraction(model: nn.Module, loaded: set[str], heads: Sequence[str]) -> float:

@@ -52,14 +52,15 @@ EFFICIENTNET_PYTORCH = Preset(
     kind_marker={"_expand_conv": "inverted_residual"},
     default_kind="depthwise_separable",
     block_tables={
-        "depthwise_separable": {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2", **_SE},
+        "depthwise_separable": {
+            "_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2", **_SE,
+        },
         "inverted_residual": {
             "_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
             "_project_conv": "conv_pwl", "_bn2": "bn3", **_SE,
         },
     },
 )
-
 
 
 @dataclass(frozen=True)
@@ -134,14 +135,16 @@ def apply_preset(preset: Preset, source_keys: list[str], target_keys: list[str])
         if found:
             index, module, leaf = int(found[1]), found[2], found[3]
             if index >= len(blocks):
-                raise UserError(f"remap preset '{preset.name}': source block {index} has no counterpart (the model has {len(blocks)} blocks): the weights are for a bigger architecture")
+                raise UserError(f"remap preset '{preset.name}': source block {index} has no counterpart (the model "
+                                f"has {len(blocks)} blocks): the weights are for a bigger architecture")
             table = preset.block_tables[kinds[index]]
             target = f"{blocks[index]}.{table[module]}.{leaf}" if module in table else None
         else:
             module, _, leaf = key.rpartition(".")
             target = f"{root}{preset.top[module]}.{leaf}" if module in preset.top else None
         if target is None:
-            raise UserError(f"remap preset '{preset.name}' has no rule for source key '{key}': use model.remap=auto or give rename rules")
+            raise UserError(f"remap preset '{preset.name}' has no rule for source key '{key}': "
+                            "use model.remap=auto or give rename rules")
         mapping[key] = target
     return mapping
 
@@ -168,5 +171,6 @@ def _target_blocks(preset: Preset, target_keys: list[str]) -> tuple[str, list[st
             roots.add(found[1])
             blocks[f"{found[1]}blocks.{found[2]}.{found[3]}"] = None
     if len(roots) != 1:
-        raise UserError(f"remap preset '{preset.name}' needs a model with one 'blocks.S.I' list (found {len(roots)}): pick a timm EfficientNet model")
+        raise UserError(f"remap preset '{preset.name}' needs a model with one 'blocks.S.I' list "
+                        f"(found {len(roots)}): pick a timm EfficientNet model")
     return roots.pop(), list(blocks)

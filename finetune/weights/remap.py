@@ -89,7 +89,9 @@ def remap_keys(
         return Remapped(check_one_to_one({k: k for k in source if k in target}), "none")
     if remap == "auto":
         preset = detect_preset([strip_wrappers(k)[0] for k in source])
-        return _remap_by_preset(preset.name, source, target) if preset else _remap_auto(source, target, heads, first_conv)
+        if preset:
+            return _remap_by_preset(preset.name, source, target)
+        return _remap_auto(source, target, heads, first_conv)
     if isinstance(remap, str) and remap in PRESETS:
         return _remap_by_preset(remap, source, target)
     choices = ", ".join(["auto", "none", *PRESETS, "{rename: [[regex, repl]], ...}"])
@@ -103,7 +105,8 @@ def _remap_by_preset(name: str, source: Mapping[str, Shape], target: Mapping[str
     if isinstance(preset, RulePreset):
         result = _remap_by_rules(list(bare.values()), target, preset.rules)
         original = {v: k for k, v in bare.items()}
-        return Remapped({original[s]: t for s, t in result.mapping.items()}, name, dropped=[original[d] for d in result.dropped])
+        return Remapped({original[s]: t for s, t in result.mapping.items()}, name,
+                        dropped=[original[d] for d in result.dropped])
     mapping = apply_preset(preset, list(bare.values()), list(target))
     return Remapped(check_one_to_one({k: mapping[bare[k]] for k in source}), name)
 
@@ -162,7 +165,8 @@ def check_one_to_one(mapping: Mapping[str, str]) -> dict[str, str]:
     seen: dict[str, str] = {}
     for src, tgt in mapping.items():
         if tgt in seen:
-            raise UserError(f"source keys '{seen[tgt]}' and '{src}' both map to '{tgt}': fix model.remap (drop one, or select a sub-tree)")
+            raise UserError(f"source keys '{seen[tgt]}' and '{src}' both map to '{tgt}': "
+                            "fix model.remap (drop one, or select a sub-tree)")
         seen[tgt] = src
     return dict(mapping)
 
@@ -188,7 +192,9 @@ def strip_wrappers(key: str) -> tuple[str, str]:
     return name, "".join(f"{p}." for p in removed)
 
 
-def _remap_auto(source: Mapping[str, Shape], target: Mapping[str, Shape], heads: Sequence[str], first_conv: str | None) -> Remapped:
+def _remap_auto(
+    source: Mapping[str, Shape], target: Mapping[str, Shape], heads: Sequence[str], first_conv: str | None
+) -> Remapped:
     """Exact names, then wrapper prefixes, then structural alignment."""
     result = Remapped({}, "auto")
     names: dict[str, str] = {}
@@ -216,7 +222,8 @@ def _fit_prefixes(names: dict[str, str], target: Mapping[str, Shape], result: Re
         if best is None:
             return
         strip, add = best
-        fitted = {k: f"{add}{n[len(strip):]}" for k, n in left.items() if n.startswith(strip) and f"{add}{n[len(strip):]}" in free}
+        fitted = {k: f"{add}{n[len(strip):]}" for k, n in left.items()
+                  if n.startswith(strip) and f"{add}{n[len(strip):]}" in free}
         result.mapping.update(check_one_to_one(fitted))
         if strip:
             result.stripped[strip] = result.stripped.get(strip, 0) + len(fitted)
@@ -232,7 +239,8 @@ def _best_prefix_pair(names: Mapping[str, str], free: set[str]) -> tuple[str, st
     for strip in strips:
         for add in adds:
             if strip or add:
-                scores[(strip, add)] = sum(n.startswith(strip) and f"{add}{n[len(strip):]}" in free for n in names.values())
+                scores[(strip, add)] = sum(n.startswith(strip) and f"{add}{n[len(strip):]}" in free
+                                           for n in names.values())
     ranked = sorted(scores.items(), key=lambda item: (-item[1], len(item[0][0]) + len(item[0][1])))
     if not ranked or ranked[0][1] == 0:
         return None
@@ -262,7 +270,11 @@ def _cut_points(run: str) -> list[int]:
 
 
 def align_by_structure(
-    source: Mapping[str, Shape], target: Mapping[str, Shape], *, heads: Sequence[str] = (), first_conv: str | None = None
+    source: Mapping[str, Shape],
+    target: Mapping[str, Shape],
+    *,
+    heads: Sequence[str] = (),
+    first_conv: str | None = None,
 ) -> dict[str, str]:
     """Pair unmatched source and target tensors by module order and shapes.
 
@@ -354,7 +366,9 @@ def _embed(tgt: list, src: list, flex: list[int | None]) -> list[tuple[int, int]
         return None
     if ways[0][0] > 1:
         example = tgt[0][1][0][0]
-        raise UserError(f"structural alignment is ambiguous: {n} unmatched model modules (first '{example}') fit the checkpoint in more than one way; give model.remap rules ({{rename: [[regex, repl]]}}) or a preset")
+        raise UserError(f"structural alignment is ambiguous: {n} unmatched model modules (first '{example}') fit "
+                        "the checkpoint in more than one way; give model.remap rules ({rename: [[regex, repl]]}) "
+                        "or a preset")
     pairs, j = [], 0
     for i in range(n):
         while not (_compatible(tgt[i][1], src[j][1], flex[i]) and ways[i + 1][j + 1]):

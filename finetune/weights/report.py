@@ -70,8 +70,10 @@ class LoadReport:
         for src in self.sources:
             prefixes = ", ".join(f"-{p!r} x{n}" for p, n in src["stripped"].items())
             prefixes += "".join(f", +{p!r} x{n}" for p, n in src["added"].items())
-            lines.append(f"  [{src['index']}] {src['path']}  {src['format']}  {src['tensors']} tensors  remap={src['method']}"
-                         + (f"  aligned={len(src['aligned'])}" if src["aligned"] else "") + (f"  prefixes: {prefixes}" if prefixes else ""))
+            lines.append(f"  [{src['index']}] {src['path']}  {src['format']}  {src['tensors']} tensors  "
+                         f"remap={src['method']}"
+                         + (f"  aligned={len(src['aligned'])}" if src["aligned"] else "")
+                         + (f"  prefixes: {prefixes}" if prefixes else ""))
         rows = [
             ("loaded", len(self.loaded), f"{len(self.remapped)} renamed" if self.remapped else ""),
             ("head reinit", len(self.head), _shapes(self.head, max_items)),
@@ -82,7 +84,8 @@ class LoadReport:
             ("missing", len(self.missing), _names(self.missing, max_items)),
             ("unexpected", len(self.unexpected), _names(self.unexpected, max_items)),
         ]
-        lines += [f"  {name:<12}{count:>6}  {detail}".rstrip() for name, count, detail in rows if count or name in ("loaded", "missing")]
+        lines += [f"  {name:<12}{count:>6}  {detail}".rstrip()
+                  for name, count, detail in rows if count or name in ("loaded", "missing")]
         lines.append(f"  backbone parameters loaded: {100 * self.loaded_fraction:.1f}%")
         lines += [f"  ERROR: {p}" for p in self.problems]
         return "\n".join(lines)
@@ -90,7 +93,8 @@ class LoadReport:
 
 def _shapes(items: list[dict[str, Any]], limit: int) -> str:
     """``key (a, b) -> (c, d)`` for the first few items."""
-    text = "; ".join(f"{i['key']} {_shape(i['source_shape'])} -> {_shape(i['target_shape'])}" for i in items[:limit])
+    text = "; ".join(f"{i['key']} {_shape(i['source_shape'])} -> {_shape(i['target_shape'])}"
+                     for i in items[:limit])
     return text + (f"; +{len(items) - limit} more" if len(items) > limit else "")
 
 

