@@ -6,14 +6,15 @@ import json
 from pathlib import Path
 
 import pytest
+import timm
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
-from conftest import compose_config, make_image_folder, tiny_overrides
+from conftest import assert_manifest_matches_files, compose_config, make_image_folder, tiny_overrides
 from finetune import load_model
-from finetune.checkpoint import sha256_file
 from finetune.errors import UserError
 from finetune.run import run
 
@@ -46,15 +47,17 @@ def test_run_writes_every_output_and_each_loads(finished_run):
     assert "val/acc5" not in lines[0]  # 3 classes: no top-5
     assert "epoch 3/3" in (out / "train.log").read_text()
     assert json.loads((out / "load_report.json").read_text())["source"] is None
+    split = json.loads((out / "split.json").read_text())
+    assert split["layout"] == "train_val" and split["class_names"] == ["class_0", "class_1", "class_2"]
+    assert split["counts"] == {"train": dict.fromkeys(split["class_names"], 6),
+                               "val": dict.fromkeys(split["class_names"], 3)}
+    assert set(load_file(ckpt / "best.safetensors")) == set(state["model"])
 
 
 def test_manifest_checksums_match_the_files(finished_run):
-    out = finished_run[0] / "checkpoints"
-    manifest = json.loads((out / "manifest.json").read_text())
+    manifest = assert_manifest_matches_files(finished_run[0] / "checkpoints")
     assert manifest["best"] == "best.safetensors"
-    for name, entry in manifest["files"].items():
-        assert sha256_file(out / name) == entry["sha256"]
-        assert (out / name).stat().st_size == entry["bytes"]
+    assert {"best.safetensors", "last.safetensors", "last.ckpt"} <= set(manifest["files"])
 
 
 def test_tensorboard_events_hold_the_curves(finished_run):
@@ -66,8 +69,23 @@ def test_tensorboard_events_hold_the_curves(finished_run):
     assert len(events.Scalars("lr/head")) == steps and len(events.Scalars("lr/backbone")) == steps
     assert [e.step for e in events.Scalars("val/acc1")] == [steps // 3, 2 * steps // 3, steps]
     assert "val/confusion_matrix" in tags["images"]
-    hparam_runs = [p for p in (out / "tb").rglob("events.out.tfevents.*")]
-    assert len(hparam_runs) >= 1
+
+
+def test_tensorboard_hparams_hold_the_settings_and_the_best_value(finished_run):
+    out, _, root = finished_run
+    events = EventAccumulator(str(out / "tb"), size_guidance={"scalars": 0}).Reload()
+    plugin = {tag.removeprefix("_hparams_/"): HParamsPluginData.FromString(content)
+              for tag, content in events.PluginTagToContent("hparams").items()}
+    assert {"experiment", "session_start_info", "session_end_info"} <= set(plugin)
+    hparams = plugin["session_start_info"].session_start_info.hparams
+    assert hparams["model.name"].string_value == "test_resnet"
+    assert hparams["data.root"].string_value == str(root)
+    assert hparams["trainer.max_epochs"].number_value == 3
+    assert hparams["data.batch_size"].number_value == 4
+    assert hparams["trainer.ema"].number_value == 1  # true
+    assert [m.name.tag for m in plugin["experiment"].experiment.metric_infos] == ["hparam/best"]
+    best = json.loads((out / "summary.json").read_text())["best"]["value"]
+    assert [e.value for e in events.Scalars("hparam/best")] == [pytest.approx(best, rel=1e-6)]  # a float32 there
 
 
 def test_weights_file_rebuilds_the_model_with_classes_and_preprocessing(finished_run):
@@ -78,11 +96,20 @@ def test_weights_file_rebuilds_the_model_with_classes_and_preprocessing(finished
     with safe_open(str(out / "checkpoints" / "best.safetensors"), framework="pt") as f:
         assert set(f.keys()) == set(model.state_dict())
         assert f.metadata()["model_name"] == "test_resnet"
-    x = torch.randn(2, 3, 32, 32)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     reloaded, _ = load_model(out / "checkpoints" / "last.ckpt")
     state = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
-    assert model(x).shape == (2, 3)
-    torch.testing.assert_close(reloaded(x), reloaded(x))
+    # the same weights put into a model built here with timm alone
+    best = timm.create_model("test_resnet", num_classes=3).eval()
+    best.load_state_dict(load_file(out / "checkpoints" / "best.safetensors"))
+    trained = timm.create_model("test_resnet", num_classes=3).eval()
+    trained.load_state_dict(state["model"])  # the raw model at the end of training (EMA is deployed, not this)
+    with torch.no_grad():
+        assert model(x).shape == (2, 3)
+        torch.testing.assert_close(model(x), best(x), rtol=0, atol=0)
+        torch.testing.assert_close(reloaded(x), trained(x), rtol=0, atol=0)
+        assert not torch.allclose(reloaded(x), best(x))  # two different checkpoints, told apart
+    assert reloaded.state_dict().keys() == state["model"].keys()
     assert all(torch.equal(state["model"][k], v) for k, v in reloaded.state_dict().items())
 
 
