@@ -1,15 +1,16 @@
 """Config -> parts. The only code besides ``run`` that reads the config.
 
-Each builder takes the config node it needs and returns a ready part; what is
-below them (models, data, weights, optim, trainer) takes named arguments only.
+Each builder takes the config node it needs and returns a ready part; what is below them
+(models, data, weights, freezing, optim, trainer, checkpoint) takes named arguments only.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -17,23 +18,52 @@ from timm.utils import ModelEmaV3
 from torch import nn
 
 from finetune import data as data_lib
-from finetune.checkpoint import CheckpointManager, CheckpointPolicy, rng_state, weights_metadata
-from finetune.config import Config
+from finetune import resume as resume_lib
+from finetune.checkpoint import CheckpointManager, CheckpointPolicy, ModelDescription, RunFacts, TrainingParts
 from finetune.errors import UserError
-from finetune.freezing import FreezeController, FreezePlan, apply_freeze, plan_freeze
+from finetune.freezing import FreezeController, apply_freeze, plan_freeze
 from finetune.heads import init_head, warm_start_subset
 from finetune.loggers import MetricsJsonl, TensorBoardLogger
 from finetune.models import BackboneSpec, build_model, locate_library_weights
 from finetune.optim import build_optimizer, build_param_groups, build_scheduler
-from finetune.resume import ResumePoint
 from finetune.runtime import Runtime, package_versions
 from finetune.signals import StopRequest, shield_workers
-from finetune.trainer import Trainer, TrainState, infer_mode
+from finetune.trainer import Trainer
 from finetune.weights import load_pretrained
 
 log = logging.getLogger("finetune")
 
 
+class Logger(Protocol):
+    """Where a run's settings go next to its result (TensorBoard's HPARAMS tab)."""
+
+    def log_hparams(self, hparams: dict[str, Any], metrics: dict[str, float]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class Checkpointer(Protocol):
+    """What the end of a run asks of the checkpoint writer."""
+
+    def paths(self) -> dict[str, str]: ...
+
+    def best(self) -> dict[str, Any]: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass
+class RunParts:
+    """The built run, by role: the loop, and the hooks ``run`` and ``finetune.resume`` address by name."""
+
+    trainer: Trainer
+    training: TrainingParts
+    logger: Logger
+    metrics: MetricsJsonl
+    checkpointer: Checkpointer
+
+
+# ---------------------------------------------------------------- data
 def build_split(cfg: DictConfig, *, run_dir: Path) -> data_lib.DataSplit:
     """Find the images (generating the demo set once if asked) and record the split in the run dir."""
     if cfg.name == "demo":
@@ -52,26 +82,47 @@ def build_split(cfg: DictConfig, *, run_dir: Path) -> data_lib.DataSplit:
     return split
 
 
-def build_network(cfg: DictConfig, *, head: DictConfig, num_classes: int) -> tuple[nn.Module, BackboneSpec]:
+def build_data_config(cfg: DictConfig, spec: BackboneSpec) -> dict[str, Any]:
+    """The preprocessing of this run: the backbone's data config at ``data.img_size``."""
+    return data_lib.effective_data_config(spec.data_config, cfg.img_size)
+
+
+def build_loaders(cfg: DictConfig, split: data_lib.DataSplit, data_config: dict[str, Any], *, seed: int,
+                  pin_memory: bool) -> data_lib.Loaders:
+    augment = {"scale": tuple(cfg.crop_scale), "hflip": cfg.hflip, "color_jitter": cfg.color_jitter,
+               "auto_augment": cfg.auto_augment}
+    loaders = data_lib.build_loaders(
+        split, train_transform=data_lib.build_transforms(data_config, img_size=cfg.img_size, train=True, **augment),
+        eval_transform=data_lib.build_transforms(data_config, img_size=cfg.img_size, train=False),
+        batch_size=cfg.batch_size, num_workers=cfg.num_workers, balance=cfg.balance, seed=seed,
+        pin_memory=pin_memory, drop_last=len(split.train) % cfg.batch_size == 1,  # BatchNorm can't train on 1
+        channels=data_config["input_size"][0])
+    for loader in (loaders.train, loaders.val):  # a stop signal to the process group leaves workers alone
+        shield_workers(loader)
+    return loaders
+
+
+# --------------------------------------------------------------- model
+def build_classifier(cfg: DictConfig, *, head: DictConfig, num_classes: int) -> tuple[nn.Module, BackboneSpec]:
+    """The backbone with the configured head for ``num_classes`` (``model.num_classes`` may add spare rows)."""
     if cfg.num_classes is not None and cfg.num_classes < num_classes:
         raise UserError(f"model.num_classes '{cfg.num_classes}' is smaller than the {num_classes} class folders "
                         "in the data: raise it, or leave it null to take the count from the data")
     if head.name == "features":
         raise UserError("head=features builds an embedding model without a classifier, which cannot be trained "
                         "here: use head=linear or head=mlp (build_model(head='features') gives the embeddings)")
-    model, spec = build_model(name=cfg.name, source=cfg.source, num_classes=cfg.num_classes or num_classes,
-                              in_chans=cfg.in_chans, input_size=cfg.input_size, pool=head.pool,
-                              dropout=head.dropout, drop_path_rate=cfg.drop_path_rate, head=head.name,
-                              hidden=list(head.hidden), activation=head.activation, norm=head.norm)
-    spec.subset = head.subset  # read by load_weights: warm-start rows of the pretrained classifier
-    return model, spec
+    return build_model(name=cfg.name, source=cfg.source, num_classes=cfg.num_classes or num_classes,
+                       in_chans=cfg.in_chans, input_size=cfg.input_size, pool=head.pool, dropout=head.dropout,
+                       drop_path_rate=cfg.drop_path_rate, head=head.name, hidden=list(head.hidden),
+                       activation=head.activation, norm=head.norm)
 
 
-def load_weights(cfg: DictConfig, model: nn.Module, spec: BackboneSpec, *, head_init: str,
-                 run_dir: Path) -> dict[str, Any]:
+def init_weights(cfg: DictConfig, model: nn.Module, spec: BackboneSpec, *, head: DictConfig,
+                 class_names: list[str], run_dir: Path) -> dict[str, Any]:
     """Initialise from ``model.weights`` or the library's own weights; write ``load_report.json``.
 
-    A classifier the weights did not provide (new class count, or no weights) starts as ``head.init`` says.
+    A classifier the weights did not provide (new class count, or no weights) starts as ``head.init``
+    says; with ``head.subset``, rows of known classes start from the pretrained classifier.
     """
     source = OmegaConf.to_container(cfg.weights) if OmegaConf.is_config(cfg.weights) else cfg.weights
     if source is None and cfg.pretrained:
@@ -86,13 +137,12 @@ def load_weights(cfg: DictConfig, model: nn.Module, spec: BackboneSpec, *, head_
         log.info("pretrained weights:\n" + loaded.format_table())
         report = loaded.to_dict()
     if source is None or report["head"]:
-        init_head(model, spec.classifier, head_init)
-    subset = spec.subset
-    if subset is not None:
+        init_head(model, spec.classifier, head.init)
+    if head.subset is not None:
         if source is None:
-            raise UserError(f"head.subset '{subset}' starts the head from pretrained rows, but no weights are "
+            raise UserError(f"head.subset '{head.subset}' starts the head from pretrained rows, but no weights are "
                             "loaded: set model.weights or model.pretrained=true")
-        warm = warm_start_subset(model, spec.classifier, class_names=_class_names(run_dir), subset=subset,
+        warm = warm_start_subset(model, spec.classifier, class_names=class_names, subset=head.subset,
                                  report=loaded, trust_pickle=cfg.trust_pickle)
         log.info(f"head.subset: {len(warm['warm_started'])} classes warm-started from pretrained rows "
                  f"{warm['warm_started']}; new: {warm['not_found']}")
@@ -101,39 +151,36 @@ def load_weights(cfg: DictConfig, model: nn.Module, spec: BackboneSpec, *, head_
     return report
 
 
-def _class_names(run_dir: Path) -> list[str]:
-    """The class names of this run, from the ``split.json`` that ``build_split`` wrote."""
-    return json.loads((run_dir / "split.json").read_text())["class_names"]
+# ------------------------------------------------------------ training
+def build_freeze(cfg: DictConfig, model: nn.Module, spec: BackboneSpec) -> FreezeController | None:
+    """Freeze as ``freeze.*`` says (before the optimizer exists); the controller that unfreezes on
+    ``freeze.schedule`` and verifies frozen tensors each epoch, or None when nothing is frozen."""
+    f = cfg.freeze
+    schedule = {int(k): (list(v) if OmegaConf.is_list(v) else v) for k, v in f.schedule.items()}
+    plan = plan_freeze(model, mode=f.name, head=spec.classifier, until=f.until, include=list(f.include),
+                       exclude=list(f.exclude), schedule=schedule, max_epochs=cfg.trainer.max_epochs)
+    frozen = apply_freeze(model, plan, bn=f.bn)
+    if frozen:
+        log.info(f"frozen: {len(frozen)} parameter tensors (freeze={f.name})")
+    if f.name == "none" and not f.schedule:
+        return None
+    return FreezeController(model, plan, bn=f.bn, verify=f.verify)
 
 
-def build_loaders(cfg: DictConfig, split: data_lib.DataSplit, spec: BackboneSpec, *, seed: int,
-                  pin_memory: bool) -> data_lib.Loaders:
-    data_config = data_lib.effective_data_config(spec.data_config, cfg.img_size)
-    spec.data_config = data_config  # what inference must reproduce
-    augment = {"scale": tuple(cfg.crop_scale), "hflip": cfg.hflip, "color_jitter": cfg.color_jitter,
-               "auto_augment": cfg.auto_augment}
-    return data_lib.build_loaders(
-        split, train_transform=data_lib.build_transforms(data_config, img_size=cfg.img_size, train=True, **augment),
-        eval_transform=data_lib.build_transforms(data_config, img_size=cfg.img_size, train=False),
-        batch_size=cfg.batch_size, num_workers=cfg.num_workers, balance=cfg.balance, seed=seed,
-        pin_memory=pin_memory, drop_last=len(split.train) % cfg.batch_size == 1,  # BatchNorm can't train on 1
-        channels=data_config["input_size"][0])
+def updates_per_epoch(cfg: DictConfig, loaders: data_lib.Loaders) -> int:
+    # Ceiling division: the trainer also updates on an epoch's last, partial accumulation window.
+    return -(-len(loaders.train) // cfg.trainer.accumulate)
 
 
 def build_optimization(cfg: DictConfig, model: nn.Module, spec: BackboneSpec, *,
                        updates_per_epoch: int) -> tuple[torch.optim.Optimizer, Any]:
-    """Freeze, then the optimizer over stable named groups (all parameters), then the per-update scheduler."""
-    frozen = apply_freeze(model, build_freeze_plan(cfg, model, spec), bn=cfg.freeze.bn)
-    if frozen:
-        log.info(f"frozen: {len(frozen)} parameter tensors (freeze={cfg.freeze.name})")
-    o = cfg.optim
+    """The optimizer over stable named groups (all parameters, frozen ones too), then the per-update scheduler."""
+    o, s = cfg.optim, cfg.sched
     groups = build_param_groups(model, head=spec.classifier, weight_decay=o.weight_decay,
                                 decay_norm_and_bias=o.decay_norm_and_bias,
                                 head_lr_scale=(o.head_lr or o.lr) / o.lr, backbone_lr_mult=o.backbone_lr_mult,
                                 layer_decay=o.layer_decay)
-    optimizer = build_optimizer(groups, name=cfg.optim.name, lr=cfg.optim.lr, momentum=cfg.optim.momentum,
-                                betas=cfg.optim.betas)
-    s = cfg.sched
+    optimizer = build_optimizer(groups, name=o.name, lr=o.lr, momentum=o.momentum, betas=o.betas)
     scheduler = build_scheduler(optimizer, name=s.name, epochs=cfg.trainer.max_epochs,
                                 updates_per_epoch=updates_per_epoch, warmup_epochs=s.warmup_epochs,
                                 warmup_lr=s.warmup_lr, min_lr=s.min_lr, decay_epochs=s.decay_epochs,
@@ -141,55 +188,15 @@ def build_optimization(cfg: DictConfig, model: nn.Module, spec: BackboneSpec, *,
     return optimizer, scheduler
 
 
-def build_freeze_plan(cfg: DictConfig, model: nn.Module, spec: BackboneSpec) -> FreezePlan:
-    """``freeze.*`` resolved against this model (stages, frozen names, schedule); fails on unknown names."""
-    f = cfg.freeze
-    schedule = {int(k): (list(v) if OmegaConf.is_list(v) else v) for k, v in f.schedule.items()}
-    return plan_freeze(model, mode=f.name, head=spec.classifier, until=f.until, include=list(f.include),
-                       exclude=list(f.exclude), schedule=schedule, max_epochs=cfg.trainer.max_epochs)
+def build_ema(cfg: DictConfig, model: nn.Module) -> ModelEmaV3 | None:
+    return ModelEmaV3(model, decay=cfg.trainer.ema_decay) if cfg.trainer.ema else None
 
 
-def build_freeze_hooks(cfg: DictConfig, model: nn.Module, spec: BackboneSpec) -> list[FreezeController]:
-    """The hook that unfreezes on ``freeze.schedule`` and verifies frozen tensors each epoch.
-
-    The plan is resolved again (deterministic) from the model ``build_optimization`` froze.
-    """
-    if cfg.freeze.name == "none" and not cfg.freeze.schedule:
-        return []
-    return [FreezeController(model, build_freeze_plan(cfg, model, spec), bn=cfg.freeze.bn,
-                             verify=cfg.freeze.verify)]
+def build_grad_scaler(rt: Runtime) -> torch.amp.GradScaler | None:
+    return torch.amp.GradScaler(rt.device.type) if rt.use_grad_scaler else None
 
 
-def build_trainer(cfg: DictConfig, *, model: nn.Module, spec: BackboneSpec, loaders: data_lib.Loaders,
-                  rt: Runtime, run_dir: Path, class_names: list[str], resume: ResumePoint | None = None,
-                  stop: StopRequest | None = None) -> Trainer:
-    """The loop with its loss, EMA, grad scaler and hooks (TensorBoard, metrics.jsonl, checkpoints).
-
-    ``resume``: the training state this run continues from (its parts are restored later, by
-    ``finetune.resume.restore_training``); ``stop``: set by SIGTERM/SIGINT to stop after a save.
-    """
-    t = cfg.trainer
-    for loader in (loaders.train, loaders.val):  # a stop signal to the process group leaves workers alone
-        shield_workers(loader)
-    weight = loaders.class_weights.to(rt.device) if loaders.class_weights is not None else None
-    loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=t.label_smoothing)
-    updates = -(-len(loaders.train) // t.accumulate)
-    optimizer, scheduler = build_optimization(cfg, model, spec, updates_per_epoch=updates)
-    ema = ModelEmaV3(model, decay=t.ema_decay) if t.ema else None
-    scaler = torch.amp.GradScaler(rt.device.type) if rt.use_grad_scaler else None
-    trainer = Trainer(model=model, optimizer=optimizer, loss_fn=loss_fn, device=rt.device,
-                      num_classes=spec.num_classes, max_epochs=t.max_epochs, scheduler=scheduler,
-                      autocast_dtype=rt.autocast_dtype, grad_scaler=scaler, accumulate=t.accumulate,
-                      grad_clip=t.grad_clip, ema=ema, channels_last=t.channels_last,
-                      monitor=cfg.checkpoint.monitor, mode=cfg.checkpoint.mode,
-                      patience=t.early_stopping.patience, min_delta=t.early_stopping.min_delta,
-                      progress_bar=cfg.logger.progress_bar, stop=stop)
-    trainer.hooks = build_hooks(cfg, trainer=trainer, spec=spec, run_dir=run_dir, class_names=class_names,
-                                batch_size=loaders.train.batch_size, resume=resume)
-    trainer.hooks += build_freeze_hooks(cfg, model, spec)
-    return trainer
-
-
+# ----------------------------------------------------- hooks and trainer
 def build_checkpoint_policy(cfg: DictConfig) -> CheckpointPolicy:
     c = cfg.checkpoint
     return CheckpointPolicy(monitor=c.monitor, mode=c.mode, save_best=c.save_best, save_last=c.save_last,
@@ -198,56 +205,39 @@ def build_checkpoint_policy(cfg: DictConfig) -> CheckpointPolicy:
                             weights_format=c.weights_format)
 
 
-def build_hooks(cfg: DictConfig, *, trainer: Trainer, spec: BackboneSpec, run_dir: Path,
-                class_names: list[str], batch_size: int | None = None,
-                resume: ResumePoint | None = None) -> list:
-    """TensorBoard, metrics.jsonl and the checkpoint manager, continuing ``resume`` when given."""
+def build_run(cfg: DictConfig, training: TrainingParts, *, spec: BackboneSpec, data_config: dict[str, Any],
+              class_names: list[str], loaders: data_lib.Loaders, rt: Runtime, run_dir: Path,
+              resume: resume_lib.ResumePoint | None, stop: StopRequest | None = None) -> RunParts:
+    """TensorBoard, ``metrics.jsonl`` and the checkpoint manager (continuing ``resume`` when given),
+    and the trainer that calls them in that order, then the freezing controller."""
     versions = package_versions()
-    config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
-
-    def metadata(**kw: Any) -> dict[str, str]:
-        return weights_metadata(spec, class_names=class_names, versions=versions, **kw)
-
-    def training_state(state: TrainState) -> dict[str, Any]:
-        freeze = trainer.freeze_schedule  # the freezing schedule's hook, when there is one
-        return {"format": "finetune.train_state/1", "model": trainer.model.state_dict(),
-                "optimizer": trainer.optimizer.state_dict(),
-                "scheduler": trainer.scheduler.state_dict() if trainer.scheduler else None,
-                "grad_scaler": trainer.grad_scaler.state_dict() if trainer.grad_scaler else None,
-                "ema": trainer.ema.state_dict() if trainer.ema else None,
-                "freeze": freeze.state_dict() if freeze is not None else None,
-                "train_state": state.to_dict(), "rng": rng_state(),
-                "data_order": {"seed": cfg.seed, "epoch": state.epoch, "batches_seen": state.batches_seen,
-                               "batch_size": batch_size},
-                "checkpoint_policy": manager.state_dict(), "config_yaml": config_yaml,
-                "versions": versions, "weights_metadata": metadata(epoch=state.epoch)}
-
-    def deploy_model() -> nn.Module:
-        return trainer.ema.module if trainer.ema is not None else trainer.model
-
-    in_place = resume is not None and resume.in_place
-    manager = CheckpointManager(run_dir / "checkpoints", policy=build_checkpoint_policy(cfg), metadata=metadata,
-                                weights_model=deploy_model, training_state=training_state, fresh=not in_place)
-    tb = TensorBoardLogger(run_dir / "tb", class_names=class_names, log_every_n_steps=cfg.logger.log_every_n_steps,
-                           **tensorboard_continuation(cfg, resume))
-    return [tb, MetricsJsonl(run_dir / "metrics.jsonl"), manager]
+    checkpointer = CheckpointManager(
+        run_dir / "checkpoints", policy=build_checkpoint_policy(cfg), parts=training,
+        model=ModelDescription(spec, class_names=class_names, data_config=data_config, versions=versions),
+        run=RunFacts(config_yaml=OmegaConf.to_yaml(cfg, resolve=True), versions=versions, seed=cfg.seed,
+                     batch_size=loaders.train.batch_size),
+        fresh=resume is None or not resume.in_place)
+    logger = TensorBoardLogger(run_dir / "tb", class_names=class_names, log_every_n_steps=cfg.logger.log_every_n_steps,
+                               **resume_lib.tensorboard_continuation(resume, resuming=cfg.resume is not None))
+    metrics = MetricsJsonl(run_dir / "metrics.jsonl")
+    hooks = [logger, metrics, checkpointer] + ([training.freeze] if training.freeze is not None else [])
+    trainer = build_trainer(cfg, training, loaders=loaders, rt=rt, num_classes=spec.num_classes, hooks=hooks,
+                            stop=stop)
+    return RunParts(trainer=trainer, training=training, logger=logger, metrics=metrics, checkpointer=checkpointer)
 
 
-def tensorboard_continuation(cfg: DictConfig, resume: ResumePoint | None) -> dict[str, Any]:
-    """How TensorBoard continues a resumed run without a step logged twice.
-
-    In this run dir, events from the resumed step on are purged. When that step ended an epoch
-    whose evaluation is still to come, its ``val/*`` is logged again, so the purge starts at the
-    step itself and the step's own train scalars (saved in the state) are written back.
-    """
-    if cfg.resume is None:
-        return {}
-    if resume is None or not resume.in_place:
-        return {"purge_step": 1}
-    state = TrainState(**resume.state["train_state"])
-    if state.evaluation_pending:
-        return {"purge_step": resume.step, "replay": (resume.step, state.step_logs)}
-    return {"purge_step": resume.step + 1}
+def build_trainer(cfg: DictConfig, training: TrainingParts, *, loaders: data_lib.Loaders, rt: Runtime,
+                  num_classes: int, hooks: list, stop: StopRequest | None = None) -> Trainer:
+    """The loop with its loss; ``stop`` is set by SIGTERM/SIGINT to stop after a save."""
+    t = cfg.trainer
+    weight = loaders.class_weights.to(rt.device) if loaders.class_weights is not None else None
+    return Trainer(model=training.model, optimizer=training.optimizer,
+                   loss_fn=nn.CrossEntropyLoss(weight=weight, label_smoothing=t.label_smoothing), device=rt.device,
+                   num_classes=num_classes, max_epochs=t.max_epochs, scheduler=training.scheduler,
+                   autocast_dtype=rt.autocast_dtype, grad_scaler=training.grad_scaler, accumulate=t.accumulate,
+                   grad_clip=t.grad_clip, ema=training.ema, channels_last=t.channels_last,
+                   monitor=cfg.checkpoint.monitor, mode=cfg.checkpoint.mode, patience=t.early_stopping.patience,
+                   min_delta=t.early_stopping.min_delta, hooks=hooks, progress_bar=cfg.logger.progress_bar, stop=stop)
 
 
 def hparams(cfg: DictConfig) -> dict[str, Any]:
@@ -264,11 +254,3 @@ def hparams(cfg: DictConfig) -> dict[str, Any]:
 
     walk(flat, "")
     return out
-
-
-def monitor_mode(cfg: DictConfig) -> str:
-    return cfg.checkpoint.mode or infer_mode(cfg.checkpoint.monitor)
-
-
-__all__ = ["Config", "build_split", "build_network", "load_weights", "build_loaders", "build_trainer",
-           "hparams", "monitor_mode"]

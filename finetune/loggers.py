@@ -79,10 +79,11 @@ def wait_for_a_later_second(log_dir: Path) -> None:
 
 
 class MetricsJsonl(TrainerHook):
-    """``metrics.jsonl``: one JSON object per epoch, appended and flushed at once."""
+    """``metrics.jsonl``: one JSON object per epoch, appended and flushed at once; ``last`` is the newest."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        self.last: dict[str, Any] = {}
 
     def on_epoch_end(self, state: TrainState, logs: dict[str, float], result: EvalResult,
                      improved: bool) -> None:
@@ -92,6 +93,22 @@ class MetricsJsonl(TrainerHook):
                   "seconds": logs["seconds"], "best": improved}
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+        self.last = record
+
+    def rewind(self, *, epochs_done: int) -> None:
+        """Drop the records of epochs after ``epochs_done`` (a resume runs them again); ``last`` is the
+        newest record kept.
+
+        Keyed on the epoch, not the step: a step checkpoint taken on an epoch's last update has that
+        epoch's final step but not its evaluation, so its record is written again on resume.
+        """
+        if not self.path.exists():
+            return
+        lines = self.path.read_text().splitlines()
+        kept = [line for line in lines if line.strip() and json.loads(line)["epoch"] <= epochs_done]
+        if len(kept) != len(lines):
+            self.path.write_text("".join(line + "\n" for line in kept))
+        self.last = json.loads(kept[-1]) if kept else {}
 
 
 def render_confusion(confusion: torch.Tensor, class_names: list[str], cell: int = 28) -> np.ndarray:

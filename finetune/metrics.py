@@ -7,6 +7,21 @@ from dataclasses import dataclass
 import torch
 
 
+def infer_mode(monitor: str) -> str:
+    """``min`` for losses and errors, ``max`` for everything else (accuracies)."""
+    return "min" if "loss" in monitor or "err" in monitor else "max"
+
+
+def is_better(value: float, than: float | None, *, mode: str, min_delta: float = 0.0) -> bool:
+    """Whether ``value`` improves on ``than`` by more than ``min_delta`` (``None``: nothing to beat).
+
+    The one definition of "better" for early stopping, ``best``, and the top-k files.
+    """
+    if than is None:
+        return True
+    return (value - than if mode == "max" else than - value) > min_delta
+
+
 @dataclass
 class EvalResult:
     """Loss, top-k accuracy, per-class accuracy and the confusion matrix (rows = true class)."""

@@ -17,17 +17,19 @@ policy, the loop's counters, and finally every RNG.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, OmegaConf
 
 from finetune.checkpoint import CheckpointManager, Manifest, load_training_state, set_rng_state, verify_file
 from finetune.errors import UserError
-from finetune.trainer import Trainer, TrainState
+from finetune.trainer import TrainState
+
+if TYPE_CHECKING:
+    from finetune.builders import RunParts
 
 log = logging.getLogger("finetune")
 
@@ -35,8 +37,8 @@ log = logging.getLogger("finetune")
 # (checkpoint cadence included). ``trainer.max_epochs`` may change too: the learning-rate
 # schedule is then rebuilt for the new length (see ``restore_training``).
 ALLOWED_CHANGES = ("trainer.max_epochs", "data.num_workers", "trainer.device", "logger.", "resume",
-                   "resume_allow_config_change", "resume_allow_unverified", "checkpoint.every_n_steps", "checkpoint.every_n_epochs",
-                   "checkpoint.keep_last_k")
+                   "resume_allow_config_change", "resume_allow_unverified", "checkpoint.every_n_steps",
+                   "checkpoint.every_n_epochs", "checkpoint.keep_last_k")
 
 
 @dataclass
@@ -52,6 +54,16 @@ class ResumePoint:
     @property
     def step(self) -> int:
         return int(self.state["train_state"]["global_step"])
+
+
+def locate(cfg: DictConfig, *, run_dir: Path) -> ResumePoint | None:
+    """What this run continues from (``cfg.resume``), verified, with the config change checked; None
+    for a fresh start (refused in a directory that holds a run's checkpoints)."""
+    point = locate_resume(cfg.resume, checkpoint_dir=run_dir / "checkpoints",
+                          allow_unverified=cfg.resume_allow_unverified)
+    if point is not None:
+        check_config_change(point.state["config_yaml"], cfg, source=point.path, allow=cfg.resume_allow_config_change)
+    return point
 
 
 def locate_resume(resume: str | None, *, checkpoint_dir: Path, allow_unverified: bool = False) -> ResumePoint | None:
@@ -177,43 +189,108 @@ def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------ restore
-def restore_training(trainer: Trainer, point: ResumePoint, *, run_dir: Path) -> TrainState:
-    """Load every part of ``point`` into the built trainer; RNG last. Returns the loop's state."""
-    s = point.state
+def tensorboard_continuation(point: ResumePoint | None, *, resuming: bool) -> dict[str, Any]:
+    """How TensorBoard continues a resumed run without a step logged twice.
+
+    In this run dir, events from the resumed step on are purged. When that step ended an epoch
+    whose evaluation is still to come, its ``val/*`` is logged again, so the purge starts at the
+    step itself and the step's own train scalars (saved in the state) are written back.
+    ``resuming`` with no point (``resume=auto`` starting fresh): everything earlier is purged.
+    """
+    if not resuming:
+        return {}
+    if point is None or not point.in_place:
+        return {"purge_step": 1}
+    state = TrainState(**point.state["train_state"])
+    if state.evaluation_pending:
+        return {"purge_step": point.step, "replay": (point.step, state.step_logs)}
+    return {"purge_step": point.step + 1}
+
+
+def restore(point: ResumePoint | None, run: RunParts, *, resuming: bool) -> TrainState | None:
+    """Put the built run where ``point`` left off (None: a fresh start, with the metrics of an
+    earlier attempt dropped when ``resuming``). Returns the loop's state to continue from."""
+    if point is None:
+        if resuming:  # resume=auto with nothing saved yet
+            run.metrics.rewind(epochs_done=0)
+        return None
+    return restore_training(run, point)
+
+
+def restore_training(run: RunParts, point: ResumePoint) -> TrainState:
+    """Load every part of ``point`` into the built run; RNG last. Returns the loop's state."""
+    s, trainer, parts = point.state, run.trainer, run.training
     state = TrainState(**s["train_state"])
-    saved_epochs = saved_max_epochs(s)
-    if trainer.max_epochs < state.epoch:
-        raise UserError(f"trainer.max_epochs={trainer.max_epochs} but '{point.path}' has already trained "
-                        f"{state.epoch} epochs: resume with trainer.max_epochs>={state.epoch}")
-    if trainer.max_epochs == state.epoch and not state.batches_seen:
-        log.info(f"'{point.path}' has already trained all {state.epoch} epochs: nothing left to train "
-                 "(raise trainer.max_epochs to train longer)")
-    trainer.model.load_state_dict(s["model"])
-    configured = [{k: v for k, v in g.items() if k != "params"} for g in trainer.optimizer.param_groups]
-    load_optimizer(trainer.optimizer, s["optimizer"], source=point.path)
-    owned = {"lr"} if trainer.scheduler is not None else set()  # the current rate: the scheduler's
-    changes = [f"{g.get('name', i)}.{k}: {g.get(k)!r} -> {v!r}" for i, (g, c) in
-               enumerate(zip(trainer.optimizer.param_groups, configured)) for k, v in c.items()
-               if k not in owned and g.get(k) != v]
-    if saved_epochs not in (None, trainer.max_epochs):
-        changes.insert(0, f"trainer.max_epochs: {saved_epochs} -> {trainer.max_epochs}")
+    check_length(trainer.max_epochs, state, source=point.path)
+    parts.model.load_state_dict(s["model"])
+    configured = [{k: v for k, v in g.items() if k != "params"} for g in parts.optimizer.param_groups]
+    load_optimizer(parts.optimizer, s["optimizer"], source=point.path)
+    changes = changed_settings(run, configured, saved_epochs=saved_max_epochs(s))
     if changes:  # allowed changes of the experiment: they take effect from here on
-        restart_schedule(trainer, state, configured, changes)
+        restart_schedule(run, state, configured, changes)
     else:
-        _load_optional(trainer.scheduler, s.get("scheduler"), "scheduler")
-    _load_optional(trainer.grad_scaler, s.get("grad_scaler"), "grad scaler")
-    _load_optional(trainer.ema, s.get("ema"), "EMA")
-    _load_optional(trainer.freeze_schedule, s.get("freeze"), "freezing schedule")
-    manager = next((h for h in trainer.hooks if isinstance(h, CheckpointManager)), None)
-    if manager is not None:
-        manager.resume_from(s.get("checkpoint_policy"), state=state,
-                            resumed=point.path.name if point.in_place else None, invalid=point.invalid,
-                            rehash=point.unverified,
-                            source=None if point.in_place else point.path.parent)
+        _load_optional(parts.scheduler, s.get("scheduler"), "scheduler")
+    _load_optional(parts.grad_scaler, s.get("grad_scaler"), "grad scaler")
+    _load_optional(parts.ema, s.get("ema"), "EMA")
+    _load_optional(parts.freeze, s.get("freeze"), "freezing schedule")
+    continue_checkpoints(run.checkpointer, point, state)
     if point.in_place:
-        rewind_metrics(run_dir / "metrics.jsonl", epochs_done=state.epoch)
+        run.metrics.rewind(epochs_done=state.epoch)
     set_rng_state(s["rng"])  # last: nothing may draw from the RNGs between here and training
     return state
+
+
+def check_length(max_epochs: int, state: TrainState, *, source: Path) -> None:
+    if max_epochs < state.epoch:
+        raise UserError(f"trainer.max_epochs={max_epochs} but '{source}' has already trained "
+                        f"{state.epoch} epochs: resume with trainer.max_epochs>={state.epoch}")
+    if max_epochs == state.epoch and not state.batches_seen:
+        log.info(f"'{source}' has already trained all {state.epoch} epochs: nothing left to train "
+                 "(raise trainer.max_epochs to train longer)")
+
+
+def changed_settings(run: RunParts, configured: list[dict[str, Any]], *, saved_epochs: int | None) -> list[str]:
+    """Optimizer settings and the run's length that this config changes against the saved state."""
+    owned = {"lr"} if run.training.scheduler is not None else set()  # the current rate: the scheduler's
+    groups = run.training.optimizer.param_groups
+    changes = [f"{g.get('name', i)}.{k}: {g.get(k)!r} -> {v!r}" for i, (g, c) in enumerate(zip(groups, configured))
+               for k, v in c.items() if k not in owned and g.get(k) != v]
+    if saved_epochs not in (None, run.trainer.max_epochs):
+        changes.insert(0, f"trainer.max_epochs: {saved_epochs} -> {run.trainer.max_epochs}")
+    return changes
+
+
+def continue_checkpoints(manager: CheckpointManager, point: ResumePoint, state: TrainState) -> None:
+    """The checkpoint policy goes on from ``point``: its top-k list, the file resumed from kept; from
+    another run's directory, that run's best and top-k files of that moment carried over."""
+    policy_state = point.state.get("checkpoint_policy") or {}
+    if not point.in_place:
+        carry_over(manager, point.path.parent, policy_state, state)
+    manager.restore(policy_state, progress=state, resumed=point.path.name if point.in_place else None,
+                    invalid=point.invalid, rehash=point.unverified)
+
+
+def carry_over(manager: CheckpointManager, source: Path, policy_state: dict[str, Any], state: TrainState) -> None:
+    """Link (verified) the best and top-k weights the state knows of from ``source`` into this run."""
+    wanted = [(e["name"], "top_k", e["epoch"]) for e in policy_state.get("top_k", [])]
+    if policy_state.get("best") and state.best_epoch is not None:
+        wanted.insert(0, (policy_state["best"], "best", state.best_epoch))
+    if not wanted:
+        return
+    found = Manifest(source / "manifest.json") if (source / "manifest.json").is_file() else None
+    for name, kind, epoch in wanted:
+        entry = found.files.get(name) if found is not None else None
+        try:
+            if entry is None or entry.get("epoch") != epoch:
+                raise UserError(f"'{source / name}' does not hold the {kind} weights of epoch {epoch}"
+                                f"{'' if entry is None else ' (a later epoch replaced them)'}")
+            verify_file(source / name, entry)
+        except UserError as err:
+            log.warning(f"{err}: not carried over; this run writes its own {kind} file when it improves "
+                        f"on {manager.monitor} {state.best_value if kind == 'best' else ''}".rstrip())
+            continue
+        manager.adopt(source / name, entry, kind=kind)
+        log.info(f"carried over {kind} weights of epoch {epoch} from '{source / name}'")
 
 
 def saved_max_epochs(state: dict[str, Any]) -> int | None:
@@ -231,7 +308,7 @@ def load_optimizer(optimizer: Any, saved: dict[str, Any], *, source: Path) -> No
                         "resume with the settings it was saved with (freeze, head, optim)") from None
 
 
-def restart_schedule(trainer: Trainer, state: TrainState, configured: list[dict[str, Any]],
+def restart_schedule(run: RunParts, state: TrainState, configured: list[dict[str, Any]],
                      changes: list[str]) -> None:
     """Settings of the optimizer or the run's length changed on resume: they apply from this step.
 
@@ -240,15 +317,16 @@ def restart_schedule(trainer: Trainer, state: TrainState, configured: list[dict[
     the resumed step, as timm's own training script does on resume. Moments and step counts
     stay as saved.
     """
-    before = trainer.optimizer.param_groups[0]["lr"]
-    for group, settings in zip(trainer.optimizer.param_groups, configured):
+    optimizer, scheduler = run.training.optimizer, run.training.scheduler
+    before = optimizer.param_groups[0]["lr"]
+    for group, settings in zip(optimizer.param_groups, configured):
         group.update(settings)
-    if trainer.scheduler is not None:
-        trainer.scheduler.step_update(num_updates=state.global_step)
-    after = trainer.optimizer.param_groups[0]["lr"]
+    if scheduler is not None:
+        scheduler.step_update(num_updates=state.global_step)
+    after = optimizer.param_groups[0]["lr"]
     log.warning(f"resumed with changed settings ({'; '.join(changes)}): they apply from step {state.global_step}, "
                 f"on the learning-rate schedule of this config; the rate of "
-                f"'{trainer.optimizer.param_groups[0].get('name', 0)}' moves from {before:.4g} to {after:.4g}")
+                f"'{optimizer.param_groups[0].get('name', 0)}' moves from {before:.4g} to {after:.4g}")
 
 
 def _load_optional(part: Any, saved: dict | None, what: str) -> None:
@@ -258,17 +336,3 @@ def _load_optional(part: Any, saved: dict | None, what: str) -> None:
         raise UserError(f"the training state {'has' if saved is not None else 'lacks'} a {what} state but this "
                         f"run {'has none' if part is None else 'has one'}: resume with the saved settings")
     part.load_state_dict(saved)
-
-
-def rewind_metrics(path: Path, *, epochs_done: int) -> None:
-    """Drop ``metrics.jsonl`` records of epochs after ``epochs_done``: those epochs will run again.
-
-    Keyed on the epoch, not the step: a step checkpoint taken on an epoch's last update has that
-    epoch's final step but not its evaluation, so its record is written again on resume.
-    """
-    if not path.exists():
-        return
-    lines = path.read_text().splitlines()
-    kept = [line for line in lines if line.strip() and json.loads(line)["epoch"] <= epochs_done]
-    if len(kept) != len(lines):
-        path.write_text("".join(line + "\n" for line in kept))

@@ -6,15 +6,17 @@ import json
 import logging
 import time
 from pathlib import Path
+from typing import Any
 
 from omegaconf import DictConfig
 
 from finetune import builders
 from finetune import resume as resume_lib
-from finetune.checkpoint import atomic_write_text
+from finetune.checkpoint import TrainingParts, atomic_write_text
 from finetune.config import check_config
 from finetune.runtime import setup_runtime
 from finetune.signals import TrainingInterrupted, graceful_stop, stop_workers
+from finetune.trainer import TrainState
 
 log = logging.getLogger("finetune")
 
@@ -28,31 +30,30 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, float]:
     SIGTERM/SIGINT stop after the current step with ``last.ckpt`` saved (``TrainingInterrupted``).
     """
     run_dir = resolve_run_dir(run_dir)
-    started = time.time()
-    with RunLog(run_dir) as summary, graceful_stop() as stop:
+    with RunRecord(run_dir) as record, graceful_stop() as stop:
         check_config(cfg)
-        point = resume_lib.locate_resume(cfg.resume, checkpoint_dir=run_dir / "checkpoints",
-                                         allow_unverified=cfg.resume_allow_unverified)
-        if point is not None:
-            resume_lib.check_config_change(point.state["config_yaml"], cfg, source=point.path,
-                                           allow=cfg.resume_allow_config_change)
+        point = resume_lib.locate(cfg, run_dir=run_dir)
         rt = setup_runtime(seed=cfg.seed, device=cfg.trainer.device, precision=cfg.trainer.precision,
                            deterministic=cfg.trainer.deterministic)
         split = builders.build_split(cfg.data, run_dir=run_dir)
-        model, spec = builders.build_network(cfg.model, head=cfg.head, num_classes=len(split.class_names))
+        model, spec = builders.build_classifier(cfg.model, head=cfg.head, num_classes=len(split.class_names))
         if point is None:  # a resumed model gets its weights from the training state
-            builders.load_weights(cfg.model, model, spec, head_init=cfg.head.init, run_dir=run_dir)
+            builders.init_weights(cfg.model, model, spec, head=cfg.head, class_names=split.class_names, run_dir=run_dir)
         model = model.to(rt.device)
-        loaders = builders.build_loaders(cfg.data, split, spec, seed=cfg.seed, pin_memory=rt.device.type == "cuda")
-        trainer = builders.build_trainer(cfg, model=model, spec=spec, loaders=loaders, rt=rt, run_dir=run_dir,
-                                         class_names=split.class_names, resume=point, stop=stop)
-        summary.track(trainer, loaders=(loaders.train, loaders.val), resumed_from=point.path if point else None)
-        state = resume_lib.restore_training(trainer, point, run_dir=run_dir) if point else None
-        if cfg.resume is not None and point is None:
-            resume_lib.rewind_metrics(run_dir / "metrics.jsonl", epochs_done=0)  # resume=auto starting fresh
-        state = trainer.fit(loaders.train, loaders.val, state)
-        final = summary.finish(state, cfg, wall=time.time() - started)
-    return final
+        data_config = builders.build_data_config(cfg.data, spec)
+        loaders = record.watch(builders.build_loaders(cfg.data, split, data_config, seed=cfg.seed,
+                                                      pin_memory=rt.device.type == "cuda"))
+        freeze = builders.build_freeze(cfg, model, spec)
+        optimizer, scheduler = builders.build_optimization(cfg, model, spec,
+                                                           updates_per_epoch=builders.updates_per_epoch(cfg, loaders))
+        training = TrainingParts(model, optimizer, scheduler, grad_scaler=builders.build_grad_scaler(rt),
+                                 ema=builders.build_ema(cfg, model), freeze=freeze)
+        parts = record.track(builders.build_run(cfg, training, spec=spec, data_config=data_config,
+                                                class_names=split.class_names, loaders=loaders, rt=rt,
+                                                run_dir=run_dir, resume=point, stop=stop), resumed_from=point)
+        state = resume_lib.restore(point, parts, resuming=cfg.resume is not None)
+        state = parts.trainer.fit(loaders.train, loaders.val, state)
+        return record.finish(state, hparams=builders.hparams(cfg))
 
 
 def resolve_run_dir(run_dir: str | Path | None) -> Path:
@@ -65,40 +66,48 @@ def resolve_run_dir(run_dir: str | Path | None) -> Path:
     return path
 
 
-class RunLog:
-    """``train.log`` for the run's duration and ``summary.json`` however the run ends."""
+class RunRecord:
+    """A run's own account of itself: ``train.log`` while it runs, ``summary.json`` however it ends.
+
+    It also ends what the run started, whatever ended the run: the hooks are closed (a background
+    checkpoint save finishes) and the loaders' worker processes are shut down.
+    """
 
     def __init__(self, run_dir: Path):
         self.run_dir = run_dir
         self.handler = logging.FileHandler(run_dir / "train.log")
         self.handler.setFormatter(logging.Formatter("[%(asctime)s][%(levelname)s] %(message)s"))
-        self.trainer, self.loaders = None, ()
+        self.parts: builders.RunParts | None = None
+        self.loaders: Any = None
         self.record: dict = {"status": "running", "run_dir": str(run_dir)}
         self.started = time.time()
 
-    def __enter__(self) -> "RunLog":
+    def __enter__(self) -> RunRecord:
         root = logging.getLogger()
         root.addHandler(self.handler)
         root.setLevel(min(root.level or logging.INFO, logging.INFO))
         logging.captureWarnings(True)  # e.g. skipped unreadable images reach train.log too
         return self
 
-    def track(self, trainer, *, loaders: tuple = (), resumed_from: Path | None = None) -> None:
-        self.trainer, self.loaders = trainer, loaders
-        if resumed_from is not None:
-            self.record["resumed_from"] = str(resumed_from)
+    def watch(self, loaders: Any) -> Any:
+        """Returns ``loaders``, whose workers are shut down when the run ends."""
+        self.loaders = loaders
+        return loaders
 
-    def finish(self, state, cfg: DictConfig, *, wall: float) -> dict[str, float]:
-        metrics_path = self.run_dir / "metrics.jsonl"
-        lines = metrics_path.read_text().splitlines() if metrics_path.exists() else []
-        last = json.loads(lines[-1]) if lines else {}
+    def track(self, parts: builders.RunParts, *, resumed_from: resume_lib.ResumePoint | None) -> builders.RunParts:
+        """Returns ``parts``, whose hooks are closed and whose files are listed when the run ends."""
+        self.parts = parts
+        if resumed_from is not None:
+            self.record["resumed_from"] = str(resumed_from.path)
+        return parts
+
+    def finish(self, state: TrainState, *, hparams: dict[str, Any]) -> dict[str, float]:
+        """The run completed: its final metrics (the last epoch's, and ``best/value``)."""
+        last = self.parts.metrics.last
         final = {k: v for k, v in last.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         final["best/value"] = state.best_value
-        self.record |= {"status": "completed", "epochs": state.epoch, "steps": state.global_step,
-                        "final": final}
-        tb = next((h for h in self.trainer.hooks if hasattr(h, "log_hparams")), None)
-        if tb is not None:
-            tb.log_hparams(builders.hparams(cfg), {"best": state.best_value})
+        self.record |= {"status": "completed", "epochs": state.epoch, "steps": state.global_step, "final": final}
+        self.parts.logger.log_hparams(hparams, {"best": state.best_value})
         return final
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -107,21 +116,20 @@ class RunLog:
             self.record |= {"status": status, "error": f"{exc_type.__name__}: {exc}"}
             if issubclass(exc_type, TrainingInterrupted):
                 self.record["resume_with"] = f"python -m finetune resume={self.run_dir}"
-        for loader in self.loaders:  # however the run ended: no worker outlives it
-            stop_workers(loader)
-        if self.trainer is not None:
-            for hook in self.trainer.hooks:  # first: a background checkpoint save finishes here
+        for loader in (self.loaders.train, self.loaders.val) if self.loaders is not None else ():
+            stop_workers(loader)  # however the run ended: no worker process outlives it
+        if self.parts is not None:
+            for hook in self.parts.trainer.hooks:  # first: a background checkpoint save finishes here
                 hook.close()
             self._add_training_facts()
         self.record["wall_seconds"] = round(time.time() - self.started, 2)
-        if self.trainer is None and exc_type is not None and (self.run_dir / "summary.json").exists():
-            logging.getLogger("finetune").error(f"stopped before training, '{self.run_dir / 'summary.json'}' "
-                                                f"left as it was: {exc}")
+        if self.parts is None and exc_type is not None and (self.run_dir / "summary.json").exists():
+            log.error(f"stopped before training, '{self.run_dir / 'summary.json'}' left as it was: {exc}")
             return self._close()  # refused before any work (a resume, a fresh run here): keep that run's summary
         try:
             atomic_write_text(self.run_dir / "summary.json", json.dumps(self.record, indent=2) + "\n")
         except OSError as err:  # a full disk must not hide the error that ended the run
-            logging.getLogger("finetune").error(f"could not write '{self.run_dir / 'summary.json'}': {err}")
+            log.error(f"could not write '{self.run_dir / 'summary.json'}': {err}")
         self._close()
 
     def _close(self) -> None:
@@ -130,12 +138,9 @@ class RunLog:
         self.handler.close()
 
     def _add_training_facts(self) -> None:
-        manager = next((h for h in self.trainer.hooks if hasattr(h, "manifest")), None)
-        paths = manager.paths() if manager else {}
-        best_file = manager.manifest.data.get("best") if manager else None
-        best = manager.manifest.data["files"].get(best_file, {}) if best_file else {}
-        self.record["best"] = {"metric": self.trainer.monitor, "value": best.get("value"),
+        best = self.parts.checkpointer.best()
+        self.record["best"] = {"metric": self.parts.trainer.monitor, "value": best.get("value"),
                                "epoch": best.get("epoch")}
-        self.record["paths"] = {"run_dir": str(self.run_dir), **paths,
+        self.record["paths"] = {"run_dir": str(self.run_dir), **self.parts.checkpointer.paths(),
                                 "tensorboard": str(self.run_dir / "tb"),
                                 "metrics": str(self.run_dir / "metrics.jsonl")}

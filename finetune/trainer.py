@@ -20,7 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from finetune.errors import UserError
-from finetune.metrics import EvalResult, MetricAccumulator
+from finetune.metrics import EvalResult, MetricAccumulator, infer_mode, is_better
 from finetune.signals import StopRequest, TrainingInterrupted
 
 log = logging.getLogger("finetune")
@@ -75,11 +75,6 @@ class TrainerHook:
 
     def close(self) -> None:
         """The run is over (however it ended)."""
-
-
-def infer_mode(monitor: str) -> str:
-    """``min`` for losses and errors, ``max`` for everything else (accuracies)."""
-    return "min" if "loss" in monitor or "err" in monitor else "max"
 
 
 class Trainer:
@@ -213,11 +208,6 @@ class Trainer:
         return acc.result()
 
     # ------------------------------------------------------------- helpers
-    @property
-    def freeze_schedule(self) -> Any:
-        """The freezing-schedule hook (``state_dict``/``load_state_dict``) when there is one."""
-        return next((h for h in self.hooks if hasattr(h, "freeze_controller")), None)
-
     def learning_rates(self) -> dict[str, float]:
         """Current rate of each named parameter group, ``lr/<group>``; 0 while all of its parameters are frozen."""
         return {f"lr/{g.get('name', i)}": g["lr"] if any(p.requires_grad for p in g["params"]) else 0.0
@@ -240,9 +230,8 @@ class Trainer:
         if self.monitor not in metrics:
             raise UserError(f"checkpoint.monitor '{self.monitor}' is not a metric of this run; "
                             f"choose one of {', '.join(sorted(k for k in metrics if '/' in k))}")
-        value, best = metrics[self.monitor], state.best_value
-        sign = 1.0 if self.mode == "max" else -1.0
-        improved = best is None or sign * (value - best) > self.min_delta
+        value = metrics[self.monitor]
+        improved = is_better(value, state.best_value, mode=self.mode, min_delta=self.min_delta)
         if improved:
             state.best_value, state.best_epoch, state.stale_epochs = value, state.epoch + 1, 0
         else:

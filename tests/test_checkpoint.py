@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import time
 from pathlib import Path
 
@@ -12,7 +13,6 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-import finetune.checkpoint as checkpoint
 from conftest import assert_manifest_matches_files, compose_config, make_image_folder, tiny_overrides
 from finetune import load_model
 from finetune.checkpoint import (CheckpointPolicy, atomic_write_stream, file_digest, load_training_state,
@@ -145,7 +145,7 @@ def test_replacing_a_large_file_frees_the_old_one_and_a_failure_keeps_it(tmp_pat
     def refuse(*args):
         raise OSError(errno.EACCES, "Permission denied")
 
-    monkeypatch.setattr(checkpoint.os, "replace", refuse)
+    monkeypatch.setattr(os, "replace", refuse)
     with pytest.raises(OSError):
         atomic_write_stream(target, lambda f: f.write(b"c" * big))
     assert target.read_bytes()[:1] == b"b" and [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
@@ -165,10 +165,10 @@ def test_disk_full_during_a_save_is_reported_and_the_previous_checkpoint_survive
         saved.append((ckpt / "last.ckpt").exists())
         return real_save(obj, f, *args, **kwargs)
 
-    monkeypatch.setattr(checkpoint.torch, "save", save_until_full)
+    monkeypatch.setattr(torch, "save", save_until_full)
     with pytest.raises(UserError, match=r"could not write checkpoint '.*last\.ckpt': No space left on device \(ENOSPC\)"):
         run(compose_config(overrides), run_dir=out)
-    monkeypatch.setattr(checkpoint.torch, "save", real_save)
+    monkeypatch.setattr(torch, "save", real_save)
     assert torch.load(ckpt / "last.ckpt", weights_only=True)["train_state"]["epoch"] == 1
     manifest = json.loads((ckpt / "manifest.json").read_text())
     assert manifest["files"]["last.ckpt"]["epoch"] == 1

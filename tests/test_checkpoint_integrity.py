@@ -101,7 +101,7 @@ def test_a_full_disk_inside_torch_save_is_the_os_error_not_torchs(tmp_path, monk
 
     target = tmp_path / "last.ckpt"
     target.write_bytes(b"previous")
-    monkeypatch.setattr(checkpoint.os, "write", write_until_full)
+    monkeypatch.setattr(os, "write", write_until_full)
     with pytest.raises(OSError) as err:
         save_training_state(target, many_layer_state())
     assert err.value.errno == errno.ENOSPC and target.read_bytes() == b"previous"

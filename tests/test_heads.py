@@ -118,11 +118,10 @@ def test_subset_through_the_config_and_a_mapping_file(pretrained, tmp_path):
     _, path = pretrained
     mapping = tmp_path / "map.yaml"
     mapping.write_text("my_own_class: 7\nGoldfish: 'goldfish'\n")
-    (tmp_path / "split.json").write_text(json.dumps({"class_names": CLASSES}))
     cfg = compose_config(["model=resnet18", "model.name=test_resnet", f"model.weights={path}",
                           f"head.subset={mapping}"])
-    model, spec = builders.build_network(cfg.model, head=cfg.head, num_classes=len(CLASSES))
-    report = builders.load_weights(cfg.model, model, spec, head_init=cfg.head.init, run_dir=tmp_path)
+    model, spec = builders.build_classifier(cfg.model, head=cfg.head, num_classes=len(CLASSES))
+    report = builders.init_weights(cfg.model, model, spec, head=cfg.head, class_names=CLASSES, run_dir=tmp_path)
     assert report["subset"]["warm_started"] == {"my_own_class": 7, "Goldfish": 1}
     saved = json.loads((tmp_path / "load_report.json").read_text())
     assert saved["subset"]["not_found"] == ["tench", "great_white_shark"]

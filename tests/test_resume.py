@@ -10,7 +10,6 @@ import signal
 from pathlib import Path
 
 import pytest
-import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import compose_config, make_image_folder, tiny_overrides
@@ -52,9 +51,20 @@ class SignalAt(TrainerHook):
                 os.kill(os.getpid(), sig)
 
 
+def with_hook(monkeypatch, hook, *, at: int | None = None) -> None:
+    """Runs built by ``run`` get ``hook`` among the trainer's hooks (at index ``at``; default: last)."""
+    original = builders.build_trainer
+
+    def build_trainer(*args, **kwargs):
+        trainer = original(*args, **kwargs)
+        trainer.hooks.insert(len(trainer.hooks) if at is None else at, hook)
+        return trainer
+
+    monkeypatch.setattr(builders, "build_trainer", build_trainer)
+
+
 def with_signals(monkeypatch, step: int, *signals: int) -> None:
-    original = builders.build_hooks
-    monkeypatch.setattr(builders, "build_hooks", lambda *a, **kw: original(*a, **kw) + [SignalAt(step, *signals)])
+    with_hook(monkeypatch, SignalAt(step, *signals))
 
 
 def train_loss_steps(run_dir: Path) -> list[int]:
@@ -123,9 +133,7 @@ def test_an_epoch_logged_but_not_checkpointed_is_logged_once_after_resume(refere
         run(compose_config(overrides), run_dir=out)
     state = load_training_state(out / "checkpoints" / "last.ckpt")["train_state"]
     assert (state["epoch"], state["global_step"], state["batches_seen"]) == (0, 5, 5)  # evaluation to come
-    original = builders.build_hooks
-    monkeypatch.setattr(builders, "build_hooks", lambda *a, **kw: (lambda h: h[:2] + [CrashAfterLogging()] + h[2:])(
-        original(*a, **kw)))
+    with_hook(monkeypatch, CrashAfterLogging(), at=2)  # after TensorBoard and metrics.jsonl, before checkpoints
     with pytest.raises(RuntimeError, match="killed"):
         run(compose_config(overrides + ["resume=auto"]), run_dir=out)
     assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [5]

@@ -32,7 +32,7 @@ class FreezeController(TrainerHook):
     Resume: ``state_dict()`` records which schedule entries were applied; ``load_state_dict``
     re-applies them at once. Entries due by ``state.epoch`` are also applied by
     ``on_epoch_start``, so a restored ``TrainState`` alone puts the model right.
-    Reach it as ``next(h for h in trainer.hooks if hasattr(h, "freeze_controller"))``.
+    The run holds it by name (``TrainingParts.freeze``); it is also one of the trainer's hooks.
     """
 
     def __init__(self, model: nn.Module, plan: FreezePlan, *, bn: str, verify: bool = True):
@@ -47,11 +47,6 @@ class FreezeController(TrainerHook):
         self.applied: list[int] = []
         self.fingerprints: dict[str, torch.Tensor] | None = None
         self.table_logged = False
-
-    @property
-    def freeze_controller(self) -> "FreezeController":
-        """This hook itself: the attribute the trainer looks for to find it among its hooks."""
-        return self
 
     # ------------------------------------------------------------ hooks
     def on_epoch_start(self, state: Any) -> None:

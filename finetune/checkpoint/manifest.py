@@ -1,0 +1,72 @@
+"""``manifest.json``: what every checkpoint file of a run must be (digest, size), and which is best."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from finetune.checkpoint.atomic import DIGESTS, FileFacts, atomic_write_text, file_digest
+from finetune.errors import UserError
+
+def verify_file(path: str | Path, entry: dict[str, Any] | None) -> None:
+    """Check ``path`` against its manifest ``entry`` (size, then digest); raise naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint '{path}' is listed in manifest.json but missing")
+    if entry is None:
+        return
+    size = path.stat().st_size
+    if size != entry["bytes"]:
+        raise UserError(f"checkpoint '{path}' is truncated or changed: {size} bytes, "
+                        f"manifest.json says {entry['bytes']}")
+    algorithm = next((a for a in DIGESTS if a in entry), None)
+    if algorithm is None:
+        raise UserError(f"manifest.json names no digest for '{path}' (expected one of {', '.join(DIGESTS)})")
+    if file_digest(path, algorithm) != entry[algorithm]:
+        raise UserError(f"checkpoint '{path}' is corrupt: its {algorithm} does not match manifest.json")
+
+
+
+class Manifest:
+    """``manifest.json``: digest (blake3), size, kind, epoch, step, metric of every checkpoint file; which is best.
+
+    ``fresh=True`` starts an empty manifest (a new run) without reading or touching the file
+    until the first ``save``.
+    """
+
+    def __init__(self, path: str | Path, *, fresh: bool = False):
+        self.path = Path(path)
+        self.data: dict[str, Any] = {"files": {}, "best": None}
+        if not fresh and self.path.exists():
+            try:
+                self.data = json.loads(self.path.read_text())
+            except (OSError, ValueError) as err:
+                raise UserError(f"'{self.path}' cannot be read ({err}): it lists the run's checkpoints; "
+                                "resume from a file with resume=FILE.ckpt instead") from None
+
+    @property
+    def files(self) -> dict[str, dict[str, Any]]:
+        return self.data["files"]
+
+    def record(self, name: str, facts: FileFacts | None = None, *, kind: str, epoch: int, step: int,
+               metric: str, value: float | None) -> None:
+        """Describe ``name`` (already in place); ``facts`` from the write, else hashed from disk."""
+        file = self.path.parent / name
+        facts = facts or FileFacts(file_digest(file), file.stat().st_size)
+        self.files[name] = {**facts.entry(), "kind": kind, "epoch": epoch,
+                            "step": step, "metric": metric, "value": value,
+                            "written": time.strftime("%Y-%m-%dT%H:%M:%S")}
+
+    def set_best(self, name: str) -> None:
+        self.data["best"] = name
+
+    def states(self) -> list[str]:
+        """Training-state files, newest first (``last.ckpt`` before its equal-step twin)."""
+        names = [n for n in self.files if n.endswith(".ckpt")]
+        return sorted(names, key=lambda n: (self.files[n]["step"], self.files[n]["epoch"], n == "last.ckpt"),
+                      reverse=True)
+
+    def save(self) -> None:
+        atomic_write_text(self.path, json.dumps(self.data, indent=2) + "\n")

@@ -1,0 +1,115 @@
+"""Deployable weights files: the model's own ``state_dict()`` keys plus string metadata
+(architecture, classes, head, preprocessing), enough to rebuild the model alone."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from finetune.checkpoint.atomic import FileFacts, atomic_write_stream
+from finetune.errors import UserError
+from finetune.models import BackboneSpec, build_model
+
+WEIGHTS_FORMAT = "finetune.weights/1"
+WEIGHTS_EXTENSIONS = {"safetensors": ".safetensors", "torch": ".pt"}  # checkpoint.weights_format -> extension
+
+@dataclass(frozen=True)
+class ModelDescription:
+    """What every weights file of a run says about its model: fixed once the data config is known."""
+
+    spec: BackboneSpec
+    class_names: list[str]
+    data_config: dict[str, Any]  # the preprocessing inference must reproduce
+    versions: dict[str, str]
+
+    def metadata(self, *, monitor: str | None = None, value: float | None = None,
+                 epoch: int | None = None) -> dict[str, str]:
+        """String metadata for a weights file: enough to rebuild the model and its preprocessing."""
+        spec = self.spec
+        return {
+            "format": WEIGHTS_FORMAT, "model_name": spec.name, "model_source": spec.source,
+            "num_classes": str(spec.num_classes), "in_chans": str(spec.in_chans),
+            "class_names": json.dumps(self.class_names), "head": json.dumps(spec.head),
+            "classifier": spec.classifier, "first_conv": spec.first_conv,
+            "data_config": json.dumps(self.data_config), "monitor": json.dumps(monitor),
+            "value": json.dumps(value), "epoch": json.dumps(epoch), "versions": json.dumps(self.versions),
+        }
+
+
+def portable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """CPU, contiguous, unshared copies of the model's own state_dict (what safetensors needs)."""
+    out, seen = {}, set()
+    for key, tensor in model.state_dict().items():
+        tensor = tensor.detach().to("cpu").contiguous()
+        if tensor.data_ptr() in seen:  # tied weights: safetensors refuses shared storage
+            tensor = tensor.clone()
+        seen.add(tensor.data_ptr())
+        out[key] = tensor
+    return out
+
+
+def save_weights(path: str | Path, model: nn.Module, metadata: dict[str, str],
+                 weights_format: str = "safetensors") -> FileFacts:
+    """Write the model's weights with ``metadata``: safetensors, or a ``torch.save`` dict (``.pt``)."""
+    tensors = portable_state_dict(model)
+    if weights_format == "torch":
+        payload = {"format": WEIGHTS_FORMAT, "model": tensors, "weights_metadata": metadata}
+        return atomic_write_stream(path, lambda f: torch.save(payload, f))
+    data = safetensors.torch.save(tensors, metadata=metadata)
+    return atomic_write_stream(path, lambda f: f.write(data))
+
+
+@dataclass
+class ModelMeta:
+    """What a weights file says about its model, parsed."""
+
+    name: str
+    source: str
+    num_classes: int
+    in_chans: int
+    class_names: list[str]
+    head: dict[str, Any]
+    data_config: dict[str, Any]
+    extra: dict[str, Any] = field(default_factory=dict)  # monitor, value, epoch, versions
+
+    @classmethod
+    def from_metadata(cls, meta: dict[str, str], path: Path) -> ModelMeta:
+        if meta.get("format") != WEIGHTS_FORMAT:
+            raise UserError(f"'{path}' is not a finetune weights file (no '{WEIGHTS_FORMAT}' metadata): "
+                            "to start from other weights use model.weights=PATH")
+        data_config = json.loads(meta["data_config"])
+        data_config["input_size"] = tuple(data_config["input_size"])
+        return cls(name=meta["model_name"], source=meta["model_source"], num_classes=int(meta["num_classes"]),
+                   in_chans=int(meta["in_chans"]), class_names=json.loads(meta["class_names"]),
+                   head=json.loads(meta["head"]), data_config=data_config,
+                   extra={k: json.loads(meta[k]) for k in ("monitor", "value", "epoch", "versions") if k in meta})
+
+
+def load_model(path: str | Path, *, device: str | torch.device = "cpu") -> tuple[nn.Module, ModelMeta]:
+    """Rebuild a fine-tuned model from a ``.safetensors`` weights file or a ``last.ckpt``.
+
+    Returns the model in eval mode and its metadata (class names, data config for preprocessing).
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise UserError(f"checkpoint '{path}' does not exist")
+    if path.suffix == ".safetensors":
+        with safe_open(str(path), framework="pt") as f:
+            meta = ModelMeta.from_metadata(f.metadata() or {}, path)
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        meta = ModelMeta.from_metadata(state.get("weights_metadata", {}), path)
+        tensors = state["model"]
+    input_size = meta.data_config["input_size"][-1]
+    model, _ = build_model(name=meta.name, source=meta.source, num_classes=meta.num_classes,
+                           in_chans=meta.in_chans, input_size=input_size, **meta.head)
+    model.load_state_dict(tensors)  # strict: the file holds exactly this model's keys
+    return model.to(device).eval(), meta
