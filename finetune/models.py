@@ -13,8 +13,8 @@ import difflib
 import os
 import socket
 import threading
-from dataclasses import dataclass, field
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 

@@ -24,10 +24,7 @@ from timm.models import group_parameters
 from torch import nn
 
 from finetune.freezing import find_stages, group_label
-
-
-def _in_head(name: str, head: str) -> bool:
-    return name == head or name.startswith(head + ".")
+from finetune.weights.remap import is_under
 
 
 def layer_ids(model: nn.Module, *, head: str) -> tuple[dict[str, int], dict[int, str]]:
@@ -64,7 +61,7 @@ def build_param_groups(model: nn.Module, *, head: str, weight_decay: float, deca
     groups: dict[str, dict] = {}
     for name, param in model.named_parameters():
         no_decay = not decay_norm_and_bias and (param.ndim <= 1 or name in skip)
-        if _in_head(name, head):
+        if is_under(name, head):
             part, scale = "head", head_lr_scale
         elif layer_decay is None:
             part, scale = "backbone", backbone_lr_mult

@@ -14,6 +14,8 @@ from typing import Any
 from timm.models import group_parameters
 from torch import nn
 
+from finetune.weights.remap import is_under
+
 HEAD_STAGE = "head"
 
 
@@ -32,7 +34,7 @@ def find_stages(model: nn.Module, *, head: str) -> list[Stage]:
     >>> [s.name for s in find_stages(timm.create_model("test_resnet"), head="fc")]
     ['stem', 'layer1', 'layer2', 'layer3', 'layer4', 'head']
     """
-    body = [(n, p) for n, p in model.named_parameters() if not _under(n, head)]
+    body = [(n, p) for n, p in model.named_parameters() if not is_under(n, head)]
     if hasattr(model, "group_matcher"):
         matcher = model.group_matcher(coarse=True)
         groups = group_parameters(_Named(body), matcher)
@@ -40,14 +42,9 @@ def find_stages(model: nn.Module, *, head: str) -> list[Stage]:
                   for i, (_, names) in enumerate(sorted(groups.items()))]
     else:
         stages = _child_stages(model, [n for n, _ in body])
-    head_params = [n for n, _ in model.named_parameters() if _under(n, head)]
+    head_params = [n for n, _ in model.named_parameters() if is_under(n, head)]
     stages += [Stage(HEAD_STAGE, head_params)] if head_params else []
     return _unique(stages)
-
-
-def _under(name: str, prefix: str) -> bool:
-    """Whether ``name`` is the module/parameter ``prefix`` or inside it (an empty prefix holds nothing)."""
-    return bool(prefix) and (name == prefix or name.startswith(prefix + "."))
 
 
 class _Named:
@@ -73,7 +70,7 @@ def _child_stages(model: nn.Module, names: list[str]) -> list[Stage]:
             prefixes += [f"{child_name}.{sub}" for sub, _ in child.named_children()]
         else:
             prefixes.append(child_name)
-    stages = [Stage(p, [n for n in names if _under(n, p)]) for p in prefixes]
+    stages = [Stage(p, [n for n in names if is_under(n, p)]) for p in prefixes]
     direct = [n for n in names if "." not in n]  # parameters on the root module itself
     return ([Stage("root", direct)] if direct else []) + [s for s in stages if s.params]
 

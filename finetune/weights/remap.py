@@ -308,9 +308,6 @@ def align_by_structure(
     return mapping
 
 
-def is_under(name: str, prefixes: Sequence[str]) -> bool:
-    """Whether a module name is one of ``prefixes`` or inside one."""
-    return any(name == p or name.startswith(f"{p}.") for p in prefixes)
 
 
 def _group_modules(shapes: Mapping[str, Shape]) -> list[tuple[str, list[tuple[str, Shape]]]]:
@@ -376,3 +373,16 @@ def _embed(tgt: list, src: list, flex: list[int | None]) -> list[tuple[int, int]
         pairs.append((i, j))
         j += 1
     return pairs
+
+
+def is_under(name: str, prefixes: str | Sequence[str]) -> bool:
+    """Whether ``name`` is one of the module paths ``prefixes`` or inside one.
+
+    >>> is_under("fc.weight", "fc"), is_under("fc2.weight", "fc"), is_under("fc", ["head", "fc"])
+    (True, False, True)
+
+    An empty prefix covers nothing (a model without a classifier has the head ``""``).
+    """
+    if isinstance(prefixes, str):
+        prefixes = (prefixes,)
+    return any(p and (name == p or name.startswith(f"{p}.")) for p in prefixes)
