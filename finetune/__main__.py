@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.resources
 import logging
 import os
 import re
@@ -16,12 +17,15 @@ from finetune.config import register_schema
 from finetune.errors import UserError, message_of
 from finetune.signals import TrainingInterrupted
 
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+# The configs ship inside the package (pyproject.toml maps the repository's conf/ to finetune.conf):
+# Hydra reads them as pkg://finetune.conf; CONFIG_DIR is the same tree as a directory.
+CONFIG_PACKAGE = "finetune.conf"
+CONFIG_DIR = str(importlib.resources.files(CONFIG_PACKAGE))
 
 register_schema()
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
+@hydra.main(version_base="1.3", config_path=f"pkg://{CONFIG_PACKAGE}", config_name="config")
 def train(cfg: DictConfig) -> float | None:
     """Run one fine-tune; returns the best monitored value (what a Hydra sweeper optimises)."""
     from finetune.run import run

@@ -13,8 +13,9 @@ from finetune.__main__ import CONFIG_DIR
 from finetune.config import check_config
 from finetune.errors import UserError
 
+# experiment/ is a + group (whole recipes, tested in test_packaging.py); hydra/ is Hydra's own.
 GROUP_OPTIONS = {group.name: sorted(p.stem for p in group.glob("*.yaml"))
-                 for group in Path(CONFIG_DIR).iterdir() if group.is_dir() and group.name != "hydra"}
+                 for group in Path(CONFIG_DIR).iterdir() if group.is_dir() and group.name not in ("hydra", "experiment")}
 
 
 def test_default_is_the_offline_demo():
