@@ -171,23 +171,36 @@ def register_schema() -> None:
     ConfigStore.instance().store(name="finetune_schema", node=Config)
 
 
-# The allowed values of string keys a type cannot restrict: data, not an if-ladder.
-CHOICES = {
-    "model.source": ("timm", "torchvision"),
-    "data.name": ("demo", "custom"),
-    "data.balance": ("none", "sampler", "loss_weights"),
-    "head.name": ("linear", "mlp", "features"),
-    "head.pool": (None, "", "avg", "max", "avgmax", "catavgmax", "token", "avg_token", "map"),
-    "head.norm": (None, "batch", "layer"),
-    "head.init": ("default", "zeros", "trunc_normal"),
-    "freeze.name": ("none", "head_only", "until", "patterns"),
-    "freeze.bn": ("train", "eval", "frozen"),
-    "sched.name": ("cosine", "step", "multistep", "poly", "tanh", "none"),
-    "trainer.precision": ("32", "bf16", "16"),
-    "checkpoint.mode": (None, "max", "min"),
-    "checkpoint.weights_format": ("safetensors", "torch"),
-    "logger.name": ("tensorboard",),
-}
+def choices() -> dict[str, tuple]:
+    """The allowed values of string keys a type cannot restrict: data, not an if-ladder.
+
+    Each table is the one the code that uses the value looks it up in; imported here, not at the
+    top, so composing a config (``--cfg job``, ``--help``) does not import torch.
+    """
+    from finetune.checkpoint import WEIGHTS_EXTENSIONS
+    from finetune.data import BALANCE_CHOICES
+    from finetune.freezing import BN_MODES, FREEZE_MODES
+    from finetune.heads import HEAD_INITS, NORMS
+    from finetune.models import HEADS, SOURCES
+    from finetune.optim import SCHEDULERS
+    from finetune.runtime import AUTOCAST_DTYPES
+
+    return {
+        "model.source": SOURCES,
+        "data.name": ("demo", "custom"),
+        "data.balance": BALANCE_CHOICES,
+        "head.name": HEADS,
+        "head.pool": (None, "", "avg", "max", "avgmax", "catavgmax", "token", "avg_token", "map"),  # timm's
+        "head.norm": tuple(NORMS),
+        "head.init": HEAD_INITS,
+        "freeze.name": tuple(FREEZE_MODES),
+        "freeze.bn": BN_MODES,
+        "sched.name": SCHEDULERS,
+        "trainer.precision": tuple(AUTOCAST_DTYPES),
+        "checkpoint.mode": (None, "max", "min"),
+        "checkpoint.weights_format": tuple(WEIGHTS_EXTENSIONS),
+        "logger.name": ("tensorboard",),
+    }
 
 POSITIVE = ("optim.lr", "data.batch_size", "trainer.max_epochs", "trainer.accumulate",
             "model.in_chans", "logger.log_every_n_steps")
@@ -195,7 +208,7 @@ POSITIVE = ("optim.lr", "data.batch_size", "trainer.max_epochs", "trainer.accumu
 
 def check_config(cfg: DictConfig) -> None:
     """Raise a one-line UserError for values the schema's types cannot rule out."""
-    for key, allowed in CHOICES.items():
+    for key, allowed in choices().items():
         value = _get(cfg, key)
         if value not in allowed:
             shown = ", ".join(str(a) for a in allowed if a is not None)

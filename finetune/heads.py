@@ -23,6 +23,7 @@ from finetune.errors import UserError
 from finetune.weights import LoadReport, read_checkpoint
 
 HEAD_STD = 0.02
+HEAD_INITS = ("default", "zeros", "trunc_normal")  # head.init, see init_head
 NORMS = {None: None, "batch": nn.BatchNorm1d, "layer": nn.LayerNorm}
 LABEL_SETS = ("imagenet", "imagenet-1k", "imagenet-21k", "imagenet-22k", "imagenet-12k")
 

@@ -28,6 +28,8 @@ from finetune.errors import UserError
 from finetune.heads import build_mlp_head
 
 PROBE_TIMEOUT_S = 3.0
+SOURCES = ("timm", "torchvision")  # model.source
+HEADS = ("linear", "mlp", "features")  # head.name: the library's classifier, an MLP, or none (embeddings)
 
 
 @dataclass
@@ -62,7 +64,7 @@ def build_model(*, name: str, source: str, num_classes: int, in_chans: int = 3,
     settings = {"pool": pool, "dropout": dropout}
     if head != "linear":  # only non-default heads are recorded, so older weights files still rebuild
         settings |= {"head": head, "hidden": list(hidden), "activation": activation, "norm": norm}
-    builder = {"timm": _build_timm, "torchvision": _build_torchvision}[source]
+    builder = BUILDERS[source]
     model, classifier, first_conv = builder(name, num_classes, in_chans, settings, drop_path_rate)
     num_classes = _replace_head(model, classifier, head, num_classes, settings)
     data_config = resolve_data_config(model, source=source, in_chans=in_chans, input_size=input_size)
@@ -117,8 +119,8 @@ def _replace_head(model: nn.Module, classifier: str, head: str, num_classes: int
     """Swap the library's classifier for an MLP or nothing; returns the output width's class count."""
     if head == "linear":
         return num_classes
-    if head not in ("mlp", "features"):
-        raise UserError(f"head.name '{head}' is not known: use linear, mlp or features")
+    if head not in HEADS:
+        raise UserError(f"head.name '{head}' is not known: use {', '.join(HEADS)}")
     parent, leaf = _split_path(model, classifier)
     old = getattr(parent, leaf)
     if not isinstance(old, nn.Linear):
@@ -255,3 +257,6 @@ def hub_reachable(host: str, port: int = 443, timeout: float = PROBE_TIMEOUT_S) 
     thread.start()
     thread.join(timeout)
     return bool(result and result[0])
+
+
+BUILDERS = {"timm": _build_timm, "torchvision": _build_torchvision}  # model.source -> builder

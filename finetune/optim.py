@@ -88,6 +88,10 @@ def build_optimizer(param_groups: list[dict], *, name: str, lr: float, momentum:
     return timm.optim.create_optimizer_v2(groups, opt=name, lr=lr, **kwargs)
 
 
+# sched.name: the timm schedules stepped per update that take these arguments, or none (constant rate)
+SCHEDULERS = ("cosine", "step", "multistep", "poly", "tanh", "none")
+
+
 def build_scheduler(optimizer: torch.optim.Optimizer, *, name: str, epochs: int, updates_per_epoch: int,
                     warmup_epochs: float, warmup_lr: float, min_lr: float = 0.0,
                     decay_epochs: float = 30.0, decay_rate: float = 0.1) -> timm.scheduler.Scheduler | None:
