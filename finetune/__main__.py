@@ -61,15 +61,20 @@ def fresh_run_refusal(args: list[str]) -> str | None:
     refuses it again for other entry points."""
     from finetune.resume import occupied_run_dir
 
-    given = typed_overrides(args)
+    given = overrides_by_key(args)
     if given.get("resume", "null") not in ("", "null") or "hydra.run.dir" not in given:
         return None
     return occupied_run_dir(Path(given["hydra.run.dir"]).expanduser())
 
 
-def typed_overrides(args: list[str]) -> dict[str, str]:
-    """``key=value`` overrides on the command line, by key (``+``/``~`` prefixes dropped)."""
-    return {a.split("=", 1)[0].lstrip("+~"): a.split("=", 1)[1] for a in args if "=" in a and not a.startswith("-")}
+def overrides_by_key(args: list[str]) -> dict[str, str]:
+    """The ``key=value`` overrides among command-line ``args``, by key (``+``/``~`` prefixes dropped)."""
+    return {override_key(a): a.split("=", 1)[1] for a in args if "=" in a and not a.startswith("-")}
+
+
+def override_key(override: str) -> str:
+    """``+data.root=DIR`` -> ``data.root``."""
+    return override.split("=", 1)[0].lstrip("+~")
 
 
 def expand_resume_args(args: list[str]) -> list[str]:
@@ -85,7 +90,7 @@ def expand_resume_args(args: list[str]) -> list[str]:
     ``resume.allow_config_change=X`` is accepted for ``resume_allow_config_change=X``.
     """
     args = [re.sub(r"^resume\.allow_config_change=", "resume_allow_config_change=", a) for a in args]
-    given = typed_overrides(args)
+    given = overrides_by_key(args)
     target = given.get("resume", "")
     if target in ("", "null"):
         return args
@@ -95,8 +100,7 @@ def expand_resume_args(args: list[str]) -> list[str]:
     if target == "auto" or not run_dir.is_dir():
         return args + extra
     saved = [str(o) for o in yaml.safe_load(saved_file.read_text()) or []] if saved_file.exists() else []
-    replay = [o for o in saved if o.split("=", 1)[0].lstrip("+~") not in given
-              and not o.split("=", 1)[0].lstrip("+~").startswith(("resume", "hydra."))]
+    replay = [o for o in saved if override_key(o) not in given and not override_key(o).startswith(("resume", "hydra."))]
     placed = [] if "hydra.run.dir" in given else [f"hydra.run.dir={run_dir.resolve()}"]
     return replay + args + placed + extra
 

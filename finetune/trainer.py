@@ -40,7 +40,8 @@ class TrainState:
     best_value: float | None = None
     best_epoch: int | None = None
     stale_epochs: int = 0  # epochs since the monitored metric last improved
-    epoch_batches: int = 0  # batches in the current epoch, skipped ones included
+    epoch_batches: int = 0  # length of the current epoch in batches, those trained before a resume included
+    # (the field names are part of last.ckpt's format: renaming them would break older states)
     epoch_loss_sum: float = 0.0  # sum of per-image train losses so far this epoch
     epoch_images: int = 0  # images trained on so far this epoch
     step_logs: dict[str, float] = field(default_factory=dict)  # what the last update logged (train/loss, lr/*)
@@ -131,6 +132,8 @@ class Trainer:
         self.model.train()
         for hook in self.hooks:
             hook.on_epoch_start(state)
+        # Resumed mid-epoch, the sampler starts after the batches already trained on, so the loader
+        # yields only the rest: the epoch's full length adds those back.
         total_batches = state.epoch_batches = len(loader) + state.batches_seen
         loss_sum, images, started = state.epoch_loss_sum, state.epoch_images, time.perf_counter()
         bar = tqdm(loader, total=total_batches, initial=state.batches_seen, disable=not self.progress_bar,
