@@ -203,6 +203,12 @@ def bench_every_n_steps(directory: Path, steps: int, rounds: int) -> float:
 def bench_save(args: argparse.Namespace) -> bool:
     directory = Path(tempfile.mkdtemp(prefix="bench_ckpt_save_", dir=args.dir))
     try:
+        if args.compare_sha256:  # the same save with the manifest's older digest, for comparison
+            from finetune.checkpoint import atomic
+
+            atomic.DIGEST = "sha256"
+            print(f"with sha256 instead of blake3: {bench_save_vs_raw(directory, args.save_mb, args.rounds):.2f}")
+            atomic.DIGEST = "blake3"
         save_ratio = bench_save_vs_raw(directory, args.save_mb, args.rounds)
         print(f"ckpt_save_vs_raw: {save_ratio:.2f} (target <= {TARGET_SAVE_VS_RAW})")
         slowdown = bench_every_n_steps(directory, args.steps, args.rounds)
@@ -220,6 +226,8 @@ def main() -> int:
     parser.add_argument("--save-mb", type=int, default=256, help="training-state size in MiB for saving (default 256)")
     parser.add_argument("--steps", type=int, default=200, help="updates in the every_n_steps run (default 200)")
     parser.add_argument("--rounds", type=int, default=3, help="repetitions of each save measurement (default 3)")
+    parser.add_argument("--compare-sha256", action="store_true",
+                        help="also time the save with sha256 as the digest (the manifest's older algorithm)")
     args = parser.parse_args()
     ok = True
     if args.part in ("all", "load"):

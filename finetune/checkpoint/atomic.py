@@ -66,11 +66,13 @@ class HashingSink(io.RawIOBase):
     SLICE = 8 << 20  # bytes per os.write; the hashing thread follows slice by slice
     READ = 1 << 20  # bytes per read-back; one buffer, reused (no page faults per chunk)
 
-    def __init__(self, fd: int):
+    def __init__(self, fd: int, algorithm: str | None = None):
+        """``fd``: the open temporary file (read and write); ``algorithm``: a key of ``DIGESTS``."""
         super().__init__()
         self.fd, self.count = fd, 0
         self.error: OSError | None = None
-        self._digest = DIGESTS[DIGEST]()
+        self.algorithm = algorithm or DIGEST  # read at call time: a benchmark may switch it
+        self._digest = DIGESTS[self.algorithm]()
         self._hashed = 0
         self._hash_error: BaseException | None = None
         self._done = False
@@ -119,7 +121,7 @@ class HashingSink(io.RawIOBase):
         self._stop()
         if self._hash_error is not None:
             raise self._hash_error
-        return FileFacts(self._digest.hexdigest(), self.count)
+        return FileFacts(self._digest.hexdigest(), self.count, self.algorithm)
 
     def _stop(self) -> None:
         with self._landed:
