@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.resources
 import logging
 import os
@@ -48,7 +49,11 @@ def train(cfg: DictConfig) -> float | None:
 
 
 def main() -> None:
-    sys.argv[1:] = expand_resume_args(sys.argv[1:])
+    try:
+        sys.argv[1:] = expand_resume_args(sys.argv[1:])
+    except UserError as err:
+        print(f"error: {message_of(err)}", file=sys.stderr)
+        sys.exit(2)
     if refusal := fresh_run_refusal(sys.argv[1:]):
         print(f"error: {refusal}", file=sys.stderr)
         sys.exit(2)
@@ -98,11 +103,43 @@ def expand_resume_args(args: list[str]) -> list[str]:
     saved_file = run_dir / ".hydra" / "overrides.yaml"
     extra = [] if "hydra.output_subdir" in given or not saved_file.exists() else ["hydra.output_subdir=.hydra/resume"]
     if target == "auto" or not run_dir.is_dir():
-        return args + extra
-    saved = [str(o) for o in yaml.safe_load(saved_file.read_text()) or []] if saved_file.exists() else []
+        return extra + args
+    saved = saved_overrides(saved_file) if saved_file.exists() else []
     replay = [o for o in saved if override_key(o) not in given and not override_key(o).startswith(("resume", "hydra."))]
     placed = [] if "hydra.run.dir" in given else [f"hydra.run.dir={run_dir.resolve()}"]
-    return replay + args + placed + extra
+    return replay + placed + extra + args  # flags such as --cfg job stay last, where Hydra's parser wants them
+
+
+# What a recorded override may look like: [+|++]key=value or ~key[=value], key a dotted config path
+# or a group (``model=resnet18``, ``data.root=DIR``, ``+experiment=NAME``). Nothing that starts with "-".
+_KEY = r"[A-Za-z_][\w-]*([./][\w-]+)*"
+OVERRIDE = re.compile(rf"^((\+{{1,2}})?{_KEY}=|~{_KEY}(=|$))")
+
+
+def saved_overrides(path: Path) -> list[str]:
+    """The overrides recorded in a run's ``.hydra/overrides.yaml``, checked before they are replayed.
+
+    The file is someone else's data when the run dir is: only well-formed overrides of this app's
+    own config (its top-level keys and groups) pass; anything else (a flag such as ``--info``, a
+    ``hydra/...`` group, a scalar instead of a list) refuses the file, naming the entry.
+    """
+    from finetune.config import Config
+
+    try:
+        saved = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as err:
+        raise UserError(f"'{path}' cannot be read ({str(err).splitlines()[0]}): resume with "
+                         "resume=auto hydra.run.dir=RUN_DIR and the overrides typed again") from None
+    if saved is None:
+        return []
+    known = {f.name for f in dataclasses.fields(Config)} | {"experiment"}
+    for entry in saved if isinstance(saved, list) else [saved]:
+        if not isinstance(saved, list) or not isinstance(entry, str) or not OVERRIDE.match(entry) \
+                or re.split(r"[./=]", override_key(entry))[0] not in known:
+            raise UserError(f"'{path}' holds {entry!r:.120}, which is not an override of this app's "
+                             "config: refused to replay it; resume with resume=auto hydra.run.dir=RUN_DIR "
+                             "and the overrides typed again")
+    return saved
 
 
 if __name__ == "__main__":

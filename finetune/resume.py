@@ -24,7 +24,8 @@ from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from finetune.checkpoint import CheckpointManager, Manifest, load_training_state, set_rng_state, verify_file
+from finetune.checkpoint import (CheckpointManager, Manifest, check_policy_state, load_training_state, set_rng_state,
+                                 verify_file)
 from finetune.errors import UserError
 from finetune.trainer import TrainState
 
@@ -263,7 +264,8 @@ def changed_settings(run: RunParts, configured: list[dict[str, Any]], *, saved_e
 def continue_checkpoints(manager: CheckpointManager, point: ResumePoint, state: TrainState) -> None:
     """The checkpoint policy goes on from ``point``: its top-k list, the file resumed from kept; from
     another run's directory, that run's best and top-k files of that moment carried over."""
-    policy_state = point.state.get("checkpoint_policy") or {}
+    policy_state = check_policy_state(point.state.get("checkpoint_policy"), directory=point.path.parent,
+                                      named_in=point.path)
     if not point.in_place:
         carry_over(manager, point.path.parent, policy_state, state)
     manager.restore(policy_state, progress=state, resumed=point.path.name if point.in_place else None,

@@ -14,7 +14,7 @@ from finetune import builders
 from finetune import resume as resume_lib
 from finetune.checkpoint import TrainingParts, atomic_write_text
 from finetune.config import check_config
-from finetune.runtime import setup_runtime
+from finetune.runtime import hold_run_dir, setup_runtime
 from finetune.signals import TrainingInterrupted, graceful_stop, stop_workers
 from finetune.trainer import TrainState
 
@@ -30,7 +30,7 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, float]:
     SIGTERM/SIGINT stop after the current step with ``last.ckpt`` saved (``TrainingInterrupted``).
     """
     run_dir = resolve_run_dir(run_dir)
-    with RunRecord(run_dir) as record, graceful_stop() as stop:
+    with hold_run_dir(run_dir), RunRecord(run_dir) as record, graceful_stop() as stop:
         check_config(cfg)
         point = resume_lib.locate(cfg, run_dir=run_dir)
         rt = setup_runtime(seed=cfg.seed, device=cfg.trainer.device, precision=cfg.trainer.precision,

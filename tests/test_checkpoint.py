@@ -50,7 +50,7 @@ def policy_run(tmp_path_factory) -> tuple[Path, Path]:
 def test_every_file_loads_weights_only_and_matches_its_manifest_entry(policy_run):
     out = policy_run[0] / "checkpoints"
     manifest = json.loads((out / "manifest.json").read_text())
-    on_disk = {p.name for p in out.iterdir()} - {"manifest.json"}
+    on_disk = {p.name for p in out.iterdir()} - {"manifest.json", ".lock"}  # .lock: the run-dir lock
     assert on_disk == set(manifest["files"]), "every file is in the manifest and nothing else is on disk"
     assert_manifest_matches_files(out)
     for name, entry in manifest["files"].items():

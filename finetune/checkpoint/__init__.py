@@ -42,7 +42,8 @@ from finetune.checkpoint.atomic import (DIGEST, DIGESTS, FileFacts, HashingSink,
                                         atomic_write_text, file_digest, fsync_dir)
 from finetune.checkpoint.manager import CheckpointManager, CheckpointWriteError
 from finetune.checkpoint.manifest import Manifest, verify_file
-from finetune.checkpoint.policy import STATE_FILE, CheckpointPolicy, state_file_name, top_k_file_name
+from finetune.checkpoint.policy import (STATE_FILE, CheckpointPolicy, check_policy_state, state_file_name,
+                                       top_k_file_name)
 from finetune.checkpoint.training_state import (STATE_FORMAT, RunFacts, TrainingParts, detached_copy,
                                                 load_training_state, rng_state, save_training_state,
                                                 set_rng_state, training_state)
@@ -53,7 +54,7 @@ __all__ = [
     "DIGEST", "DIGESTS", "STATE_FILE", "STATE_FORMAT", "WEIGHTS_EXTENSIONS", "WEIGHTS_FORMAT",
     "CheckpointManager", "CheckpointPolicy", "CheckpointWriteError", "FileFacts", "HashingSink", "Manifest",
     "ModelDescription", "ModelMeta", "RunFacts", "TrainingParts",
-    "atomic_link", "atomic_write_stream", "atomic_write_text", "detached_copy", "file_digest", "fsync_dir",
+    "atomic_link", "atomic_write_stream", "check_policy_state", "atomic_write_text", "detached_copy", "file_digest", "fsync_dir",
     "load_model", "load_training_state", "portable_state_dict", "rng_state", "save_training_state",
     "save_weights", "set_rng_state", "state_file_name", "top_k_file_name", "training_state", "verify_file",
 ]

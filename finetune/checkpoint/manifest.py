@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune.checkpoint.atomic import DIGESTS, FileFacts, atomic_write_text, file_digest
+from finetune.confine import confined
 from finetune.errors import UserError
 
 def verify_file(path: str | Path, entry: dict[str, Any] | None) -> None:
@@ -45,6 +46,24 @@ class Manifest:
             except (OSError, ValueError) as err:
                 raise UserError(f"'{self.path}' cannot be read ({err}): it lists the run's checkpoints; "
                                 "resume from a file with resume=FILE.ckpt instead") from None
+            self._check()
+
+    def _check(self) -> None:
+        """Refuse a manifest whose shape is wrong or that names a file outside its directory.
+
+        Its names are later read, hard-linked and deleted: each must stay inside the directory.
+        """
+        files = self.data.get("files") if isinstance(self.data, dict) else None
+        if not isinstance(files, dict) or not isinstance(self.data.get("best"), (str, type(None))):
+            raise UserError(f"'{self.path}' is not a finetune manifest (no 'files' table): refused")
+        for name, entry in files.items():
+            confined(self.path.parent, name, named_in=self.path)
+            numbers = [entry.get(k) for k in ("bytes", "epoch", "step")] if isinstance(entry, dict) else [None]
+            if not all(isinstance(n, int) and not isinstance(n, bool) for n in numbers):
+                raise UserError(f"'{self.path}' has a malformed entry for '{name}' (bytes, epoch and step must be "
+                                f"integers): {entry!r:.200}")
+        if self.data["best"] is not None:
+            confined(self.path.parent, self.data["best"], named_in=self.path)
 
     @property
     def files(self) -> dict[str, dict[str, Any]]:

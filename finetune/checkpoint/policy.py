@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 from finetune.checkpoint.weights_file import WEIGHTS_EXTENSIONS
+from finetune.confine import confined
+from finetune.errors import UserError
 from finetune.metrics import infer_mode, is_better
 
 STATE_FILE = re.compile(r"^epoch\d{3,}-step\d{6,}\.ckpt$")  # periodic training states
@@ -42,3 +46,24 @@ def state_file_name(epoch: int, step: int) -> str:
 
 def top_k_file_name(epoch: int, metric: str, value: float, ext: str) -> str:
     return f"epoch{epoch:03d}-{re.sub(r'[^A-Za-z0-9_.]+', '_', metric)}-{value:.4f}{ext}"
+
+
+def check_policy_state(saved: Any, *, directory: Path, named_in: Path) -> dict[str, Any]:
+    """The checkpoint-policy state saved in a training state, checked before any name in it is used.
+
+    Its top-k and best names are later read, linked and deleted in ``directory``: each must stay
+    inside it (``confined``), and each top-k entry must carry its value, epoch and step.
+    """
+    if saved is None:
+        return {}
+    top_k = saved.get("top_k", []) if isinstance(saved, dict) else None
+    if not isinstance(top_k, list):
+        raise UserError(f"'{named_in}' holds a malformed checkpoint-policy state: refused")
+    for entry in top_k:
+        if not isinstance(entry, dict) or not isinstance(entry.get("value"), (int, float)) \
+                or not all(isinstance(entry.get(k), int) for k in ("epoch", "step")):
+            raise UserError(f"'{named_in}' holds a malformed top-k entry {entry!r:.200}: refused")
+        confined(directory, entry.get("name"), named_in=named_in)
+    if saved.get("best") is not None:
+        confined(directory, saved["best"], named_in=named_in)
+    return saved
