@@ -42,9 +42,8 @@ class BackboneSpec:
     in_chans: int
     classifier: str  # dotted module path of the final layer
     first_conv: str  # dotted module path of the input convolution
-    data_config: dict[str, Any] = field(default_factory=dict)  # timm data config
+    data_config: dict[str, Any] = field(default_factory=dict)  # the library's data config (before data.img_size)
     head: dict[str, Any] = field(default_factory=dict)  # head settings used to build it
-    subset: str | None = None  # head.subset: label set or mapping file to warm-start the head from
 
 
 def build_model(*, name: str, source: str, num_classes: int, in_chans: int = 3,
