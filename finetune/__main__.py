@@ -39,13 +39,35 @@ def train(cfg: DictConfig) -> float | None:
     except KeyboardInterrupt as err:  # a second SIGINT: aborted at once
         print(f"aborted: {err}", file=sys.stderr)
         sys.exit(130)
-    except UserError as err:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+    except Exception as err:  # noqa: BLE001 - sorted below: a sweep's job, a user error, a bug
+        full_error = os.environ.get("HYDRA_FULL_ERROR") == "1"
+        if in_a_sweep() and not full_error:
+            # One job of a sweep: its summary.json says how it ended; the other jobs go on, and the
+            # sweep's exit status reports failures once its summary is written (finetune.sweep).
+            print(f"job failed: {job_error_line(err)}", file=sys.stderr)
+            return None
+        if not isinstance(err, UserError) or full_error:
             raise
         logging.getLogger("finetune").debug("stopped by a user error", exc_info=True)
         print(f"error: {message_of(err)}", file=sys.stderr)
         sys.exit(2)
     return final.get("best/value")
+
+
+def in_a_sweep() -> bool:
+    """Whether this job is one of a Hydra multirun (``-m``)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def job_error_line(err: BaseException) -> str:
+    """The one line that says why a job ended: a user error's message, else the exception's type and first line."""
+    if isinstance(err, UserError):
+        return message_of(err)
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}".rstrip(": ")
 
 
 def main() -> None:
@@ -58,6 +80,10 @@ def main() -> None:
         print(f"error: {refusal}", file=sys.stderr)
         sys.exit(2)
     train()
+    from finetune.sweep import sweep_failed
+
+    if sweep_failed():
+        sys.exit(1)
 
 
 def fresh_run_refusal(args: list[str]) -> str | None:

@@ -221,6 +221,11 @@ def build_run(cfg: DictConfig, training: TrainingParts, *, spec: BackboneSpec, d
                                **resume_lib.tensorboard_continuation(resume, resuming=cfg.resume is not None))
     metrics = MetricsJsonl(run_dir / "metrics.jsonl")
     hooks = [logger, metrics, checkpointer] + ([training.freeze] if training.freeze is not None else [])
+    if cfg.sweep.trial is not None:  # a sweeper's trial: report each epoch (after its save); stop when pruned
+        from finetune.optuna_trial import TrialReporter
+
+        hooks.insert(3, TrialReporter(study=cfg.sweep.study, storage=cfg.sweep.storage, trial=cfg.sweep.trial,
+                                      monitor=cfg.checkpoint.monitor))
     trainer = build_trainer(cfg, training, loaders=loaders, rt=rt, num_classes=spec.num_classes, hooks=hooks,
                             stop=stop)
     return RunParts(trainer=trainer, training=training, logger=logger, metrics=metrics, checkpointer=checkpointer)
@@ -240,8 +245,12 @@ def build_trainer(cfg: DictConfig, training: TrainingParts, *, loaders: data_lib
                    min_delta=t.early_stopping.min_delta, hooks=hooks, progress_bar=cfg.logger.progress_bar, stop=stop)
 
 
-def hparams(cfg: DictConfig) -> dict[str, Any]:
-    """Flat ``group.key`` settings for TensorBoard's HPARAMS tab."""
+def hparams(cfg: DictConfig, *, only: list[str] | None = None) -> dict[str, Any]:
+    """Flat ``group.key`` settings for TensorBoard's HPARAMS tab (``only``: the keys under these).
+
+    In a sweep, ``only`` is the job's overrides: TensorBoard pointed at the sweep dir then shows
+    one table of what varied, not every setting of every job.
+    """
     flat = OmegaConf.to_container(cfg, resolve=True)
     out: dict[str, Any] = {}
 
@@ -253,4 +262,24 @@ def hparams(cfg: DictConfig) -> dict[str, Any]:
             out[prefix[:-1]] = node
 
     walk(flat, "")
-    return out
+    if only is None:
+        return out
+    return {k: v for k, v in out.items() if any(k == key or k.startswith(f"{key}.") for key in only)}
+
+
+def job_number() -> int:
+    """This job's number in a sweep (``hydra.job.num``); 0 outside one."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return int(HydraConfig.get().job.get("num", 0) or 0) if HydraConfig.initialized() else 0
+
+
+def swept_keys() -> list[str] | None:
+    """The keys this job of a sweep overrides (Hydra's task overrides); None outside a sweep."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return None
+    keys = [o.split("=", 1)[0].lstrip("+~") for o in HydraConfig.get().overrides.task if "=" in o]
+    return [k.replace("/", ".") for k in keys if not k.startswith(("hydra", "sweep."))]

@@ -131,7 +131,7 @@ class EarlyStoppingConfig:
 class TrainerConfig:
     max_epochs: int = 6
     precision: str = "32"  # 32 | bf16 | 16
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | per_job (GPU = sweep job number modulo the GPUs)
     accumulate: int = 1
     grad_clip: Optional[float] = None  # max global grad norm
     label_smoothing: float = 0.0
@@ -150,6 +150,15 @@ class LoggerConfig:
 
 
 @dataclass
+class SweepConfig:
+    """Set by a sweeper for the job it launches (not by hand): the Optuna trial this run reports to."""
+
+    study: Optional[str] = None  # the study's name
+    storage: Optional[str] = None  # its storage URL (sqlite:///SWEEP_DIR/optuna.db)
+    trial: Optional[int] = None  # the trial number; null: not part of a study
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -164,6 +173,7 @@ class Config:
     resume: Optional[str] = None  # null | auto | RUN_DIR | FILE.ckpt
     resume_allow_config_change: bool = False  # resume even if overrides change the experiment
     resume_allow_unverified: bool = False  # resume from a state that loads but does not match manifest.json
+    sweep: SweepConfig = field(default_factory=SweepConfig)
 
 
 def register_schema() -> None:

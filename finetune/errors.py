@@ -22,3 +22,7 @@ def message_of(err: UserError) -> str:
         return text
     last = [line for line in text.splitlines() if line.strip()][-1]
     return last.split(f"{UserError.__name__}: ", 1)[-1]
+
+
+class RunPruned(Exception):
+    """A sweep's pruner stopped this run early (its trial looked hopeless); the run is recorded as ``pruned``."""

@@ -39,7 +39,7 @@ log = logging.getLogger("finetune")
 # schedule is then rebuilt for the new length (see ``restore_training``).
 ALLOWED_CHANGES = ("trainer.max_epochs", "data.num_workers", "trainer.device", "logger.", "resume",
                    "resume_allow_config_change", "resume_allow_unverified", "checkpoint.every_n_steps",
-                   "checkpoint.every_n_epochs", "checkpoint.keep_last_k")
+                   "checkpoint.every_n_epochs", "checkpoint.keep_last_k", "sweep.")
 
 
 @dataclass

@@ -14,11 +14,13 @@ from finetune import builders
 from finetune import resume as resume_lib
 from finetune.checkpoint import TrainingParts, atomic_write_text
 from finetune.config import check_config
+from finetune.errors import RunPruned
 from finetune.runtime import hold_run_dir, setup_runtime
 from finetune.signals import TrainingInterrupted, graceful_stop, stop_workers
 from finetune.trainer import TrainState
 
 log = logging.getLogger("finetune")
+FINAL_HPARAM_METRICS = ("val/acc1", "val/loss", "train/loss")  # next to the best value in TensorBoard's HPARAMS
 
 
 def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, float]:
@@ -34,7 +36,7 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, float]:
         check_config(cfg)
         point = resume_lib.locate(cfg, run_dir=run_dir)
         rt = setup_runtime(seed=cfg.seed, device=cfg.trainer.device, precision=cfg.trainer.precision,
-                           deterministic=cfg.trainer.deterministic)
+                           deterministic=cfg.trainer.deterministic, job=builders.job_number())
         split = builders.build_split(cfg.data, run_dir=run_dir)
         model, spec = builders.build_classifier(cfg.model, head=cfg.head, num_classes=len(split.class_names))
         if point is None:  # a resumed model gets its weights from the training state
@@ -53,7 +55,7 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, float]:
                                                 run_dir=run_dir, resume=point, stop=stop), resumed_from=point)
         state = resume_lib.restore(point, parts, resuming=cfg.resume is not None)
         state = parts.trainer.fit(loaders.train, loaders.val, state)
-        return record.finish(state, hparams=builders.hparams(cfg))
+        return record.finish(state, hparams=builders.hparams(cfg, only=builders.swept_keys()))
 
 
 def resolve_run_dir(run_dir: str | Path | None) -> Path:
@@ -107,12 +109,14 @@ class RunRecord:
         final = {k: v for k, v in last.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         final["best/value"] = state.best_value
         self.record |= {"status": "completed", "epochs": state.epoch, "steps": state.global_step, "final": final}
-        self.parts.logger.log_hparams(hparams, {"best": state.best_value})
+        self.parts.logger.log_hparams(hparams, {"best": state.best_value} |
+                                      {f"final/{k}": v for k, v in final.items() if k in FINAL_HPARAM_METRICS})
         return final
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
-            status = "interrupted" if issubclass(exc_type, KeyboardInterrupt) else "failed"
+            status = ("interrupted" if issubclass(exc_type, KeyboardInterrupt)
+                      else "pruned" if issubclass(exc_type, RunPruned) else "failed")
             self.record |= {"status": status, "error": f"{exc_type.__name__}: {exc}"}
             if issubclass(exc_type, TrainingInterrupted):
                 self.record["resume_with"] = f"python -m finetune resume={self.run_dir}"

@@ -43,10 +43,16 @@ def set_deterministic(enabled: bool) -> None:
     torch.backends.cudnn.benchmark = not enabled
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` picks CUDA when present; an unavailable CUDA request is an error."""
+def resolve_device(name: str, *, job: int = 0) -> torch.device:
+    """``auto`` picks CUDA when present; an unavailable CUDA request is an error.
+
+    ``per_job``: one GPU per job of a sweep whose jobs run in parallel (``job`` modulo the GPUs
+    this process sees), the CPU when there is none.
+    """
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "per_job":
+        return torch.device(device_for_job(job, torch.cuda.device_count() if torch.cuda.is_available() else 0))
     try:
         device = torch.device(name)
     except RuntimeError:
@@ -58,11 +64,20 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def setup_runtime(*, seed: int, device: str, precision: str, deterministic: bool = True) -> Runtime:
+def device_for_job(job: int, gpus: int) -> str:
+    """The device of job number ``job`` of a parallel sweep on a machine with ``gpus`` GPUs.
+
+    >>> [device_for_job(j, 2) for j in range(3)], device_for_job(5, 0)
+    (['cuda:0', 'cuda:1', 'cuda:0'], 'cpu')
+    """
+    return f"cuda:{job % gpus}" if gpus else "cpu"
+
+
+def setup_runtime(*, seed: int, device: str, precision: str, deterministic: bool = True, job: int = 0) -> Runtime:
     """Seed, pick the device and the autocast dtype for ``trainer.precision``."""
     seed_everything(seed)
     set_deterministic(deterministic)
-    dev = resolve_device(device)
+    dev = resolve_device(device, job=job)
     dtype = AUTOCAST_DTYPES[precision]
     if dtype is torch.float16 and dev.type != "cuda":
         raise UserError("trainer.precision '16' (fp16 with a GradScaler) needs CUDA; "

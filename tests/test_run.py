@@ -83,9 +83,14 @@ def test_tensorboard_hparams_hold_the_settings_and_the_best_value(finished_run):
     assert hparams["trainer.max_epochs"].number_value == 3
     assert hparams["data.batch_size"].number_value == 4
     assert hparams["trainer.ema"].number_value == 1  # true
-    assert [m.name.tag for m in plugin["experiment"].experiment.metric_infos] == ["hparam/best"]
-    best = json.loads((out / "summary.json").read_text())["best"]["value"]
-    assert [e.value for e in events.Scalars("hparam/best")] == [pytest.approx(best, rel=1e-6)]  # a float32 there
+    finals = ["val/acc1", "val/loss", "train/loss"]
+    assert sorted(m.name.tag for m in plugin["experiment"].experiment.metric_infos) == \
+        sorted(["hparam/best"] + [f"hparam/final/{k}" for k in finals])
+    summary = json.loads((out / "summary.json").read_text())
+    assert [e.value for e in events.Scalars("hparam/best")] == [pytest.approx(summary["best"]["value"], rel=1e-6)]
+    for key in finals:  # float32 in the event file
+        assert [e.value for e in events.Scalars(f"hparam/final/{key}")] == [pytest.approx(summary["final"][key],
+                                                                                          rel=1e-6)]
 
 
 def test_weights_file_rebuilds_the_model_with_classes_and_preprocessing(finished_run):
