@@ -54,7 +54,8 @@ __all__ = [
     "DIGEST", "DIGESTS", "STATE_FILE", "STATE_FORMAT", "WEIGHTS_EXTENSIONS", "WEIGHTS_FORMAT",
     "CheckpointManager", "CheckpointPolicy", "CheckpointWriteError", "FileFacts", "HashingSink", "Manifest",
     "ModelDescription", "ModelMeta", "RunFacts", "TrainingParts",
-    "atomic_link", "atomic_write_stream", "check_policy_state", "atomic_write_text", "detached_copy", "file_digest", "fsync_dir",
+    "atomic_link", "atomic_write_stream", "atomic_write_text", "check_policy_state", "detached_copy", "file_digest",
+    "fsync_dir",
     "load_model", "load_training_state", "portable_state_dict", "rng_state", "save_training_state",
     "save_weights", "set_rng_state", "state_file_name", "top_k_file_name", "training_state", "verify_file",
 ]
