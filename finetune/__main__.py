@@ -15,7 +15,7 @@ import yaml
 from omegaconf import DictConfig
 
 from finetune.config import register_schema
-from finetune.errors import UserError, message_of
+from finetune.errors import UserError, describe_error, message_of
 from finetune.signals import TrainingInterrupted
 
 # The configs ship inside the package (pyproject.toml maps the repository's conf/ to finetune.conf):
@@ -64,10 +64,7 @@ def in_a_sweep() -> bool:
 
 def job_error_line(err: BaseException) -> str:
     """The one line that says why a job ended: a user error's message, else the exception's type and first line."""
-    if isinstance(err, UserError):
-        return message_of(err)
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0] if text else ''}".rstrip(": ")
+    return message_of(err) if isinstance(err, UserError) else describe_error(err)
 
 
 def main() -> None:

@@ -23,6 +23,7 @@ import torch
 
 from finetune.errors import UserError
 from finetune.weights import load_pretrained, read_checkpoint
+from finetune.weights.load import check_patterns
 from finetune.weights.remap import strip_wrappers
 
 
@@ -112,6 +113,8 @@ def describe_checkpoint(path: str, *, trust_pickle: bool = False, ema: bool = Fa
 
 def diff_command(args: argparse.Namespace) -> int:
     """Build the model with random weights and dry-run the load."""
+    check_patterns(args.allow_missing, key="--allow-missing")
+    check_patterns(args.allow_mismatch, key="--allow-mismatch")
     model = build_model(args.model, source=args.source, num_classes=args.num_classes, in_chans=args.in_chans)
     remap = json.loads(args.remap) if args.remap.lstrip().startswith("{") else args.remap
     report = load_pretrained(

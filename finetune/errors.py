@@ -26,3 +26,13 @@ def message_of(err: UserError) -> str:
 
 class RunPruned(Exception):
     """A sweep's pruner stopped this run early (its trial looked hopeless); the run is recorded as ``pruned``."""
+
+
+def describe_error(err: BaseException, *, limit: int = 200) -> str:
+    """``Type: first line of the message`` (shortened): the real cause of a failure, in one line.
+
+    >>> describe_error(ValueError("bad header\\nmore"))
+    'ValueError: bad header'
+    """
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0][:limit]}" if lines else type(err).__name__

@@ -19,7 +19,7 @@ from timm.data import ImageNetInfo
 from timm.layers import get_act_layer
 from torch import nn
 
-from finetune.errors import UserError
+from finetune.errors import UserError, describe_error
 from finetune.weights import LoadReport, read_checkpoint
 
 HEAD_STD = 0.02
@@ -135,8 +135,12 @@ def _read_mapping(path: str) -> dict[str, Any]:
     file = Path(path).expanduser()
     if not file.is_file():
         raise UserError(f"head.subset '{path}' is neither a label set ({', '.join(LABEL_SETS)}) nor a mapping file")
-    text = file.read_text()
-    data = json.loads(text) if file.suffix == ".json" else yaml.safe_load(text)
+    try:
+        text = file.read_text()
+        data = json.loads(text) if file.suffix == ".json" else yaml.safe_load(text)  # data only, never objects
+    except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as err:
+        raise UserError(f"head.subset file '{path}' cannot be read ({describe_error(err)}): "
+                        "write it as YAML or JSON mapping class names to pretrained rows or names") from None
     if not isinstance(data, Mapping):
         raise UserError(f"head.subset file '{path}' must map class names to pretrained rows or names")
     return dict(data)

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from finetune.checkpoint.atomic import FileFacts, atomic_write_stream
-from finetune.errors import UserError
+from finetune.errors import UserError, describe_error
 from finetune.trainer import TrainState
 
 STATE_FORMAT = "finetune.train_state/1"
@@ -56,8 +56,7 @@ def load_training_state(path: str | Path, *, map_location: str | torch.device = 
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unreadable file gets the same clear message
-        raise UserError(f"training state '{path}' cannot be read ({type(err).__name__}: "
-                        f"{str(err).splitlines()[0][:160]})") from None
+        raise UserError(f"training state '{path}' cannot be read ({describe_error(err, limit=160)})") from None
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         raise UserError(f"'{path}' is not a finetune training state (last.ckpt)")
     return state

@@ -14,7 +14,7 @@ from safetensors import safe_open
 from torch import nn
 
 from finetune.checkpoint.atomic import FileFacts, atomic_write_stream
-from finetune.errors import UserError
+from finetune.errors import UserError, describe_error
 from finetune.models import BackboneSpec, build_model
 
 WEIGHTS_FORMAT = "finetune.weights/1"
@@ -100,16 +100,27 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu") -> tuple
     path = Path(path).expanduser()
     if not path.is_file():
         raise UserError(f"checkpoint '{path}' does not exist")
-    if path.suffix == ".safetensors":
-        with safe_open(str(path), framework="pt") as f:
-            meta = ModelMeta.from_metadata(f.metadata() or {}, path)
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        meta = ModelMeta.from_metadata(state.get("weights_metadata", {}), path)
-        tensors = state["model"]
+    meta, tensors = _read_weights(path)
     input_size = meta.data_config["input_size"][-1]
     model, _ = build_model(name=meta.name, source=meta.source, num_classes=meta.num_classes,
                            in_chans=meta.in_chans, input_size=input_size, **meta.head)
     model.load_state_dict(tensors)  # strict: the file holds exactly this model's keys
     return model.to(device).eval(), meta
+
+
+def _read_weights(path: Path) -> tuple[ModelMeta, dict[str, torch.Tensor]]:
+    """The metadata and tensors of a weights file or training state; an unreadable file is one line."""
+    try:
+        if path.suffix == ".safetensors":
+            with safe_open(str(path), framework="pt") as f:
+                meta = ModelMeta.from_metadata(f.metadata() or {}, path)
+                return meta, {k: f.get_tensor(k) for k in f.keys()}
+        state = torch.load(path, map_location="cpu", weights_only=True)  # never unpickles code
+    except UserError:
+        raise
+    except Exception as err:  # noqa: BLE001 - torch, safetensors and zip errors alike: one clear line
+        raise UserError(f"'{path}' cannot be read as a finetune weights file ({describe_error(err)}): it is "
+                        "truncated, corrupt, or not a plain-tensor file (load_model never runs pickled code)") from None
+    if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
+        raise UserError(f"'{path}' is not a finetune weights file or training state (no 'model' tensors)")
+    return ModelMeta.from_metadata(state.get("weights_metadata") or {}, path), state["model"]

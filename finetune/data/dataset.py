@@ -23,10 +23,33 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
-from finetune.errors import UserError
+from finetune.errors import UserError, describe_error
 
 Transform = Callable[[Image.Image], Any]
 WHITE = (255, 255, 255)
+# Larger images are refused from their header, before a pixel is decoded: a few-KB PNG or GIF
+# can claim 100k x 100k pixels (a decompression bomb) and exhaust a loader worker's memory.
+# 128 Mpx is ~11600 x 11600 (384 MiB as 8-bit RGB), far above what a classifier is trained on.
+MAX_IMAGE_PIXELS = 128 * 2**20
+Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS  # PIL's own guard (it warns above this and raises above twice it)
+
+
+def open_image(path: str) -> Image.Image:
+    """``Image.open`` (reads the header only), refusing an image over `MAX_IMAGE_PIXELS` before decoding.
+
+    Raises:
+        PIL.Image.DecompressionBombError: The header claims too many pixels.
+        OSError, ValueError, ...: Whatever PIL raises for an unreadable file.
+    """
+    image = Image.open(path)
+    width, height = image.size
+    if width * height > MAX_IMAGE_PIXELS:
+        image.close()
+        raise Image.DecompressionBombError(
+            f"{width}x{height} = {width * height} pixels, over the limit of {MAX_IMAGE_PIXELS} "
+            "(finetune.data.dataset.MAX_IMAGE_PIXELS): a decompression bomb, or an image to downscale first"
+        )
+    return image
 
 
 def load_rgb(path: str) -> Image.Image:
@@ -41,8 +64,11 @@ def load_rgb(path: str) -> Image.Image:
 
     Returns:
         An RGB image, fully loaded (the file is closed).
+
+    Raises:
+        PIL.Image.DecompressionBombError: Over `MAX_IMAGE_PIXELS` (nothing is decoded).
     """
-    with Image.open(path) as image:
+    with open_image(path) as image:
         image = ImageOps.exif_transpose(image)
         return convert_to_rgb(image)
 
@@ -58,7 +84,7 @@ def load_image(path: str, channels: int = 3) -> Image.Image:
     """
     if channels == 3:
         return load_rgb(path)
-    with Image.open(path) as image:
+    with open_image(path) as image:
         return convert_to_channels(ImageOps.exif_transpose(image), channels)
 
 
@@ -148,9 +174,8 @@ class ImageDataset(Dataset):
         try:
             image = load_image(path, self.channels)
         except Exception as exc:  # PIL raises many types; name the file either way
-            raise UserError(
-                f"cannot read image '{path}' ({exc}): fix or remove it, or set data.skip_bad_images=true"
-            ) from exc
+            raise UserError(f"cannot read image '{path}' ({describe_error(exc)}): fix or remove it, "
+                            "or set data.skip_bad_images=true") from exc
         if self.transform is None:
             return image, label
         if sample_seed is None:

@@ -20,9 +20,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from PIL import Image
-
-from finetune.errors import UserError
+from finetune.data.dataset import open_image
+from finetune.errors import UserError, describe_error
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 LAYOUT_HINT = "expected DIR/<class>/<image> or DIR/train/<class>/<image> with DIR/val/<class>/<image>"
@@ -172,9 +171,19 @@ def _collect_classes(folder: Path) -> dict[str, list[str]]:
 
 
 def _list_images(folder: Path) -> list[str]:
-    images = []
+    """Image files under ``folder``; links to folders are followed, but each real folder is listed once.
+
+    A link back up the tree (a loop) or a second link to a folder already listed is not entered,
+    so the walk ends and no image is counted twice.
+    """
+    images, seen = [], set()
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        real = os.stat(dirpath)
+        if (real.st_dev, real.st_ino) in seen:
+            dirnames[:] = []
+            continue
+        seen.add((real.st_dev, real.st_ino))
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))  # sorted: which alias is kept is stable
         images += [
             os.path.join(dirpath, name)
             for name in filenames
@@ -247,7 +256,8 @@ def find_unreadable_images(paths: list[str], *, max_workers: int | None = None) 
     """Decode each image once and return ``(path, reason)`` for those that fail.
 
     Decoding (not just ``verify()``) catches truncated files; JPEGs are decoded at
-    reduced size via ``draft`` to keep a full check of a large folder quick.
+    reduced size via ``draft`` to keep a full check of a large folder quick. An image whose
+    header claims more than ``MAX_IMAGE_PIXELS`` (a decompression bomb) is reported, not decoded.
     """
     workers = max_workers or min(16, 2 * (os.cpu_count() or 1))
     with ThreadPoolExecutor(max_workers=workers) as pool:
@@ -257,13 +267,12 @@ def find_unreadable_images(paths: list[str], *, max_workers: int | None = None) 
 
 def _read_error(path: str) -> str | None:
     try:
-        with Image.open(path) as image:
+        with open_image(path) as image:
             if image.format == "JPEG":
                 image.draft("RGB", (64, 64))
             image.load()
     except Exception as exc:  # PIL raises many types (OSError, SyntaxError, ValueError, ...)
-        reason = str(exc).split("\n")[0].replace(f" '{path}'", "").replace(path, "file")
-        return reason or type(exc).__name__
+        return describe_error(exc).replace(f" '{path}'", "").replace(path, "file")
     return None
 
 

@@ -38,9 +38,10 @@ def resolve_target(value: str, stages: Sequence[Stage], names: Sequence[str], *,
         return set(by_name[value])
     try:
         pattern = re.compile(value)
-    except re.error:
-        pattern = None  # not a regex either: falls through to the error below
-    matched = {n for n in names if pattern is not None and pattern.search(n)}
+    except re.error as err:
+        raise UserError(f"{what}: '{value}' is not a valid regular expression ({err}) nor a stage name: use a stage "
+                        f"({', '.join(by_name)}, or 'all') or a Python regex searched in parameter names") from None
+    matched = {n for n in names if pattern.search(n)}
     if not matched:
         raise UserError(f"{what} '{value}' is neither a stage nor a pattern matching any parameter; the stages of "
                         f"this model are: {', '.join(by_name)} (or 'all')")

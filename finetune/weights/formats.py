@@ -3,13 +3,16 @@
 The format is detected from the file's first bytes, never from its name:
 
 - zip archives: ``torch.save`` (loaded with ``weights_only=True, mmap=True``) or a
-  TorchScript archive (its ``state_dict()``);
+  TorchScript archive (its ``state_dict()``, read as data without loading the program; see
+  `finetune.weights.torchscript`);
 - legacy (non-zip) ``torch.save`` pickles (``weights_only=True``, no mmap possible);
 - safetensors files (memory-mapped);
 - a shard index (``model.safetensors.index.json``, ``pytorch_model.bin.index.json``) or
   a directory holding one, or holding a single weights file.
 
-Nothing executes code from a file unless ``trust_pickle=True``, which warns loudly.
+Nothing executes code from a file unless ``trust_pickle=True``, which warns loudly: pickles
+are read weights-only, and a TorchScript program is never loaded (``torch.jit.load``) unless
+trusted. Every file name a shard index holds is confined to the index's directory.
 Containers (``state_dict``, ``model``, ...) are unwrapped here; key prefixes are not
 touched (that is the remapper's job, so that it can report what it stripped).
 """
@@ -29,7 +32,9 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from finetune.errors import UserError
+from finetune.confine import confined
+from finetune.errors import UserError, describe_error
+from finetune.weights.torchscript import NotPlainData, read_script_tensors
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +57,7 @@ FOREIGN_MAGIC = {
     b"\x89HDF": "an HDF5 file (Keras/TensorFlow weights are not supported)",
     b"\x08": "possibly a protobuf/ONNX/TensorFlow file (not a PyTorch checkpoint)",
 }
+MAX_INFLATED_BYTES = 64 * 2**20  # a compressed entry (TorchScript code/ text) may inflate to this much
 TRUST_HINT = "set model.trust_pickle=true (CLI: --trust-pickle) only if you trust the file"
 
 
@@ -137,7 +143,11 @@ def detect_format(file: Path) -> str:
     if head.startswith(b"PK\x03\x04") or head.startswith(b"PK\x05\x06"):
         return _zip_kind(file)
     # safetensors: a little-endian u64 header length, then the JSON header itself.
-    if len(head) >= 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] <= size - 8:
+    if len(head) >= 9 and head[8:9] == b"{":
+        claimed = struct.unpack("<Q", head[:8])[0]
+        if claimed > size - 8:
+            raise UserError(f"checkpoint '{file}' is a truncated or corrupt safetensors file (its header claims "
+                            f"{claimed} bytes, the whole file has {size}): save or download it again")
         return "safetensors"
     if head.startswith(b"\x80") and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
         return "torch-legacy"  # torch.save legacy format, or a bare pickle: both go through torch.load
@@ -159,13 +169,9 @@ def _describe_foreign(head: bytes) -> str:
 
 def _zip_kind(file: Path) -> str:
     """Tell a TorchScript archive from a ``torch.save`` zip, checking the archive is whole."""
-    try:
-        with zipfile.ZipFile(file) as zf:
-            names = zf.namelist()
-    except (zipfile.BadZipFile, OSError) as err:
-        raise UserError(f"checkpoint '{file}' is a truncated or corrupt zip archive ({err}): "
-                        "save or download it again") from None
-    if any(n.endswith("/constants.pkl") for n in names) or any("/code/" in n for n in names):
+    with _open_zip(file) as zf:
+        names = zf.namelist()
+    if any(n.rpartition("/")[2] == "constants.pkl" or "/code/" in f"/{n}" for n in names):
         return "torchscript"
     if any(n.endswith("/data.pkl") for n in names):
         return "torch-zip"
@@ -173,17 +179,52 @@ def _zip_kind(file: Path) -> str:
                     "expected a .pt/.pth/.safetensors file")
 
 
+def _open_zip(file: Path) -> zipfile.ZipFile:
+    """Open a zip checkpoint, refusing entries torch never writes before anything reads them.
+
+    ``torch.save`` stores every entry uncompressed, ``torch.jit.save`` all but its ``code/``
+    text. Any other compressed entry (a repacked file, or a zip bomb: a few bytes that inflate
+    to gigabytes), a ``code/`` entry inflating past `MAX_INFLATED_BYTES`, and an entry that
+    claims more bytes than the file holds are refused before anything is read.
+    """
+    try:
+        archive = zipfile.ZipFile(file)
+    except (zipfile.BadZipFile, OSError, ValueError) as err:
+        raise UserError(f"checkpoint '{file}' is a truncated or corrupt zip archive ({describe_error(err)}): "
+                        "save or download it again") from None
+    try:
+        _check_zip_entries(file, archive.infolist())
+    except UserError:
+        archive.close()
+        raise
+    return archive
+
+
+def _check_zip_entries(file: Path, entries: list[zipfile.ZipInfo]) -> None:
+    """Each entry stored (or small ``code/`` text) and inside the file."""
+    size = file.stat().st_size
+    for info in entries:
+        stored = info.compress_type == zipfile.ZIP_STORED
+        if not stored and ("/code/" not in f"/{info.filename}" or info.file_size > MAX_INFLATED_BYTES):
+            raise UserError(f"checkpoint '{file}' has a compressed entry '{info.filename}' ({info.compress_size} "
+                            f"bytes inflating to {info.file_size}), which torch never writes: refused (a repacked "
+                            "or forged archive); re-save the weights with torch.save")
+        if (stored and info.file_size != info.compress_size) or info.header_offset + info.compress_size > size:
+            raise UserError(f"checkpoint '{file}' is a truncated or corrupt zip archive (entry '{info.filename}' "
+                            f"claims {info.file_size} bytes, the whole file has {size}): save or download it again")
+
+
 def _index_kind(file: Path) -> str:
     """Tell which shard index a JSON file is, or say why it is not one."""
     try:
         index = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise UserError(f"'{file}' is not a checkpoint: it looks like broken JSON ({err}); "
+    except (ValueError, RecursionError) as err:  # JSONDecodeError, UnicodeDecodeError; nesting too deep
+        raise UserError(f"'{file}' is not a checkpoint: it looks like broken JSON ({describe_error(err)}); "
                         "expected a checkpoint or a shard index") from None
     if not isinstance(index, dict) or not isinstance(index.get("weight_map"), dict):
         raise UserError(f"'{file}' is a JSON file without a 'weight_map': not a shard index; "
                         "point model.weights at the checkpoint itself")
-    shards = set(index["weight_map"].values())
+    shards = index["weight_map"].values()
     return "index-safetensors" if all(str(s).endswith(".safetensors") for s in shards) else "index-torch"
 
 
@@ -205,14 +246,43 @@ def _read_single(file: Path, kind: str, *, trust_pickle: bool, ema: bool) -> Che
     if kind == "safetensors":
         return Checkpoint(str(file), kind, *_read_safetensors(file))
     if kind == "torchscript":
-        try:
-            module = torch.jit.load(str(file), map_location="cpu")  # TorchScript runs no Python code
-        except RuntimeError as err:
-            raise _load_error(file, err) from None
-        return Checkpoint(str(file), kind, {k: v.detach() for k, v in module.state_dict().items()})
+        return Checkpoint(str(file), kind, _read_torchscript(file, trust_pickle=trust_pickle))
     obj = _torch_load(file, mmap=kind == "torch-zip", trust_pickle=trust_pickle)
     tensors, container, metadata, skipped = unwrap_container(obj, file, ema=ema)
     return Checkpoint(str(file), kind, tensors, container, metadata, skipped)
+
+
+def _read_torchscript(file: Path, *, trust_pickle: bool) -> dict[str, torch.Tensor]:
+    """A TorchScript archive's ``state_dict()``: read as data; its program is loaded only when trusted.
+
+    ``torch.jit.load`` compiles the archive's code and runs parts of it (``__setstate__``)
+    while loading, so it is code from the file, like an unpickled object.
+    """
+    try:
+        with _open_zip(file) as archive:
+            return read_script_tensors(file, archive)
+    except NotPlainData as err:
+        if not trust_pickle:
+            raise UserError(f"checkpoint '{file}' is a TorchScript program whose weights cannot be read without "
+                            f"running its code ({err}): re-save model.state_dict() with torch.save or safetensors, "
+                            f"or {TRUST_HINT}") from None
+        reason = str(err)
+    except UserError:
+        raise
+    except Exception as err:  # zip, pickle and storage errors have no common base class
+        raise _load_error(file, err) from None
+    _warn_trusted(file, f"loading the TorchScript program in '{file}' with torch.jit.load ({reason})")
+    try:
+        module = torch.jit.load(str(file), map_location="cpu")
+    except Exception as err:  # the TorchScript compiler and unpickler raise RuntimeError and others
+        raise _load_error(file, err) from None
+    return {k: v.detach() for k, v in module.state_dict().items()}
+
+
+def _warn_trusted(file: Path, what: str) -> None:
+    """The loud warning for ``trust_pickle=True``: code from ``file`` may run."""
+    warnings.warn(f"trust_pickle=true: {what} can run arbitrary code from the file", stacklevel=4)
+    log.warning("TRUST_PICKLE: %s; this can run code from '%s'", what, file)
 
 
 def _read_safetensors(file: Path) -> tuple[dict[str, torch.Tensor], list[str], dict[str, str]]:
@@ -222,16 +292,15 @@ def _read_safetensors(file: Path) -> tuple[dict[str, torch.Tensor], list[str], d
             metadata = dict(f.metadata() or {})
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as err:  # safetensors raises its own SafetensorError and OSError
-        raise UserError(f"checkpoint '{file}' is a truncated or corrupt safetensors file ({err}): "
-                        "save or download it again") from None
+        raise UserError(f"checkpoint '{file}' could not be read as safetensors ({describe_error(err)}): it is "
+                        "truncated or corrupt; save or download it again") from None
     return tensors, [], metadata
 
 
 def _torch_load(file: Path, *, mmap: bool, trust_pickle: bool) -> object:
     """``torch.load`` on CPU, weights-only unless trusted, with one-line errors."""
     if trust_pickle:
-        warnings.warn(f"trust_pickle=true: loading '{file}' can run arbitrary code from the file", stacklevel=3)
-        log.warning("TRUST_PICKLE: unpickling '%s' with weights_only=False; this can run code from the file", file)
+        _warn_trusted(file, f"unpickling '{file}' with weights_only=False")
     try:
         if file.name.endswith(".safetensors"):  # torch.load would treat the path as safetensors
             with open(file, "rb") as f:  # a file object: no mmap, but read by content
@@ -250,8 +319,7 @@ def _load_error(file: Path, err: Exception) -> UserError:
         what = f"the pickled object '{blocked.group(1)}'" if blocked else "pickled objects"
         return UserError(f"checkpoint '{file}' needs {what}, which safe loading blocks: re-save it as plain tensors "
                          f"(python -m finetune.ckpt convert), or {TRUST_HINT}")
-    first = text.strip().splitlines()[0] if text.strip() else type(err).__name__
-    return UserError(f"checkpoint '{file}' could not be read: it is truncated or corrupt ({first[:160]}); "
+    return UserError(f"checkpoint '{file}' could not be read ({describe_error(err)}): it is truncated or corrupt; "
                      "save or download it again")
 
 
@@ -309,20 +377,35 @@ def flatten_tensors(obj: Mapping, prefix: str = "") -> tuple[dict[str, torch.Ten
 
 
 def _read_sharded(index_file: Path, kind: str, *, trust_pickle: bool, ema: bool) -> Checkpoint:
-    """Read every shard named by an index, after checking they are all present."""
-    weight_map: dict[str, str] = json.loads(index_file.read_text())["weight_map"]
-    shards = list(dict.fromkeys(weight_map.values()))
-    missing = [s for s in shards if not (index_file.parent / s).exists()]
+    """Read every shard named by an index, after checking they are all inside its directory and present."""
+    weight_map: dict[str, object] = json.loads(index_file.read_text())["weight_map"]
+    files = _shard_files(index_file, weight_map)
+    missing = [s for s, file in files.items() if not file.is_file()]
     if missing:
         raise UserError(f"shard index '{index_file}' names {len(missing)} missing shard(s), first '{missing[0]}': "
                         "download every shard next to the index")
     tensors: dict[str, torch.Tensor] = {}
-    for shard in shards:
-        file = index_file.parent / shard
-        tensors.update(_read_single(file, detect_format(file), trust_pickle=trust_pickle, ema=ema).tensors)
+    for shard, file in files.items():
+        shard_kind = detect_format(file)
+        if shard_kind.startswith("index-"):
+            raise UserError(f"shard index '{index_file}' names '{shard}', which is itself a shard index: "
+                            "the index must name weights files")
+        tensors.update(_read_single(file, shard_kind, trust_pickle=trust_pickle, ema=ema).tensors)
     absent = [k for k in weight_map if k not in tensors]
     if absent:
         raise UserError(f"shard index '{index_file}' lists tensor '{absent[0]}' (and {len(absent) - 1} more) "
                         "that no shard holds: the shards do not belong to this index")
     fmt = "sharded-safetensors" if kind == "index-safetensors" else "sharded-torch"
     return Checkpoint(str(index_file), fmt, tensors)
+
+
+def _shard_files(index_file: Path, weight_map: Mapping[str, object]) -> dict[str, Path]:
+    """``{shard name: path}``, each name confined to the index's directory (no absolute, ``..`` or link out)."""
+    files: dict[str, Path] = {}
+    for key, shard in weight_map.items():
+        try:
+            path = confined(index_file.parent, shard, named_in=index_file)
+        except UserError as err:
+            raise UserError(f"shard index entry '{key}': {err}") from None
+        files.setdefault(str(shard), path)
+    return files

@@ -9,7 +9,6 @@ with ``Tensor.copy_`` (which also casts dtype and moves across devices).
 
 from __future__ import annotations
 
-import fnmatch
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -70,9 +69,8 @@ def load_pretrained(
         source: A path, ``builtin:NAME``, or a list of ``{path, select, prefix, remap}``
             (later sources override earlier ones); OmegaConf containers accepted.
         remap: ``auto``, ``none``, a preset name or rules (see `finetune.weights.remap`).
-        allow_missing: Patterns (regex searched, or glob) of model tensors that may stay
-            at their initialisation.
-        allow_mismatch: Patterns of model tensors whose shape may differ (left at init).
+        allow_missing: Regexes (searched) of model tensors that may stay at their initialisation.
+        allow_mismatch: Regexes of model tensors whose shape may differ (left at init).
         trust_pickle: Allow unpickling arbitrary objects (runs code from the file).
         classifier: Dotted name(s) of the head; default ``model.pretrained_cfg['classifier']``.
         first_conv: Dotted name of the first conv; default ``pretrained_cfg['first_conv']``.
@@ -84,8 +82,10 @@ def load_pretrained(
 
     Raises:
         LoadError: Some tensor could not be accounted for (the report is attached).
-        UserError: A source could not be read.
+        UserError: A source could not be read, or a pattern is not a valid regex.
     """
+    check_patterns(allow_missing, key="model.allow_missing")
+    check_patterns(allow_mismatch, key="model.allow_mismatch")
     specs = normalize_sources(source)
     remap = to_plain(remap)
     target = _describe_target(model, classifier, first_conv, allow_mismatch, in_chans)
@@ -268,16 +268,19 @@ def _note_cast(src: torch.Tensor, dst: torch.Tensor, report: LoadReport) -> None
         report.cast[name] = report.cast.get(name, 0) + 1
 
 
-def matches_any(key: str, patterns: Sequence[str]) -> bool:
-    """Whether ``key`` matches a pattern: a regex (searched), or a glob if not a valid regex."""
+def check_patterns(patterns: Sequence[str], *, key: str) -> None:
+    """Every pattern must be a valid regex: a typo is an error naming ``key``, never a silent non-match."""
     for pattern in patterns:
         try:
-            if re.search(pattern, key):
-                return True
-        except re.error:
-            if fnmatch.fnmatchcase(key, pattern):
-                return True
-    return False
+            re.compile(pattern)
+        except (re.error, TypeError) as err:
+            raise UserError(f"{key}: '{pattern}' is not a valid regular expression ({err}): write a Python regex "
+                            r"searched in tensor names, e.g. '\.bias$' (not a glob like '*.bias')") from None
+
+
+def matches_any(key: str, patterns: Sequence[str]) -> bool:
+    """Whether a regex in ``patterns`` (checked by `check_patterns`) is found in ``key``."""
+    return any(re.search(pattern, key) for pattern in patterns)
 
 
 def _account(plan: dict[str, _Placement], target: _Target, allowed: Sequence[str], report: LoadReport) -> None:
