@@ -111,7 +111,8 @@ def test_a_killed_sweep_is_rebuilt_from_its_job_dirs(tmp_path):
 def test_parallel_jobs_with_the_joblib_launcher_and_one_device_per_job(tmp_path):
     root = make_image_folder(tmp_path / "images")
     sweep_dir = tmp_path / "sweep"
-    result = run_cli(["-m", *tiny_overrides(root, epochs=1), "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
+    args = [a for a in tiny_overrides(root, epochs=1) if not a.startswith("data.num_workers")]
+    result = run_cli(["-m", *args, "data.num_workers=2", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
                       "trainer.device=per_job", "optim.lr=1e-3,3e-4", f"hydra.sweep.dir={sweep_dir}"], cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = read_csv(sweep_dir / "sweep_summary.csv")

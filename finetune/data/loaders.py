@@ -9,6 +9,8 @@ the trainer's global RNG, and results are the same for any ``num_workers``.
 
 from __future__ import annotations
 
+import multiprocessing
+
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -123,8 +125,22 @@ def _loader_options(batch_size: int, num_workers: int, pin_memory: bool) -> dict
     if num_workers > 0:
         # seed_worker seeds python and numpy in each worker; persistent workers start once,
         # not at every epoch.
-        options |= {"worker_init_fn": seed_worker, "persistent_workers": True}
+        options |= {"worker_init_fn": seed_worker, "persistent_workers": True,
+                    "multiprocessing_context": worker_context()}
     return options
+
+
+def worker_context() -> multiprocessing.context.BaseContext | None:
+    """The start method for loader workers: the platform's own, also inside a parallel sweep's job.
+
+    joblib's loky launcher makes its own start method the default in the processes it runs, and
+    torch's workers cannot start through it ("'Process' object has no attribute 'env'"); there,
+    the standard one is asked for by name. None (torch's default) everywhere else.
+    """
+    method = multiprocessing.get_start_method(allow_none=True)
+    if method in (None, *multiprocessing.get_all_start_methods()):
+        return None
+    return multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
 
 
 def compute_class_weights(counts: list[int]) -> torch.Tensor:
