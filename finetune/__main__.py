@@ -15,7 +15,7 @@ import yaml
 from omegaconf import DictConfig
 
 from finetune.config import register_schema
-from finetune.errors import UserError, describe_error, message_of
+from finetune.errors import RunPruned, UserError, describe_error, message_of
 from finetune.signals import TrainingInterrupted
 
 # The configs ship inside the package (pyproject.toml maps the repository's conf/ to finetune.conf):
@@ -44,7 +44,7 @@ def train(cfg: DictConfig) -> float | None:
         if in_a_sweep() and not full_error:
             # One job of a sweep: its summary.json says how it ended; the other jobs go on, and the
             # sweep's exit status reports failures once its summary is written (finetune.sweep).
-            print(f"job failed: {job_error_line(err)}", file=sys.stderr)
+            print(f"job {'pruned' if isinstance(err, RunPruned) else 'failed'}: {job_error_line(err)}", file=sys.stderr)
             return None
         if not isinstance(err, UserError) or full_error:
             raise

@@ -225,7 +225,7 @@ def build_run(cfg: DictConfig, training: TrainingParts, *, spec: BackboneSpec, d
         from finetune.optuna_trial import TrialReporter
 
         hooks.insert(3, TrialReporter(study=cfg.sweep.study, storage=cfg.sweep.storage, trial=cfg.sweep.trial,
-                                      monitor=cfg.checkpoint.monitor))
+                                      monitor=cfg.checkpoint.monitor, logger=logger))
     trainer = build_trainer(cfg, training, loaders=loaders, rt=rt, num_classes=spec.num_classes, hooks=hooks,
                             stop=stop)
     return RunParts(trainer=trainer, training=training, logger=logger, metrics=metrics, checkpointer=checkpointer)

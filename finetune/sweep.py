@@ -28,6 +28,8 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from finetune.metrics import infer_mode
+
 SUMMARY_JSONL, SUMMARY_CSV = "sweep_summary.jsonl", "sweep_summary.csv"
 FAILED = ("failed", "crashed")  # statuses that make a sweep's exit status non-zero
 SWEEP_SYNTAX = re.compile(r"^(range|choice|interval|glob|tag|shuffle|sort)\(|,")  # a swept value, not a fixed one
@@ -87,12 +89,13 @@ def summarise(sweep_dir: Path) -> list[dict[str, Any]]:
 
 
 def _rank(row: dict[str, Any]) -> tuple:
-    """Jobs with a value first, best first (by the monitor's mode); then the rest by job number."""
+    """Completed jobs best first (by the monitor's mode), then stopped ones with a value (pruned,
+    interrupted: their value is partial), then the rest by job number."""
     value = row["best"]
     if not isinstance(value, (int, float)) or not math.isfinite(value):
-        return (1, 0.0, row["job"])
-    mode = row["mode"] or ("min" if "loss" in (row["monitor"] or "") or "err" in (row["monitor"] or "") else "max")
-    return (0, -value if mode == "max" else value, row["job"])
+        return (2, 0.0, row["job"])
+    mode = row["mode"] or infer_mode(row["monitor"] or "")
+    return (0 if row["status"] == "completed" else 1, -value if mode == "max" else value, row["job"])
 
 
 def swept_keys(sweep_dir: Path, rows: list[dict[str, Any]]) -> list[str]:
@@ -101,7 +104,7 @@ def swept_keys(sweep_dir: Path, rows: list[dict[str, Any]]) -> list[str]:
     hydra = _read_yaml(sweep_dir / "multirun.yaml").get("hydra", {})
     given = [str(o) for o in hydra.get("overrides", {}).get("task", [])]
     keys = [o.split("=", 1)[0].lstrip("+~") for o in given if "=" in o and SWEEP_SYNTAX.search(o.split("=", 1)[1])]
-    keys += [k for k in (hydra.get("sweeper") or {}).get("params") or {} if k not in keys]
+    keys += [k.lstrip("+~") for k in (hydra.get("sweeper") or {}).get("params") or {} if k.lstrip("+~") not in keys]
     if keys:
         return keys
     values = [dict(_split(o) for o in r["overrides"]) for r in rows]
@@ -143,7 +146,8 @@ def format_summary(rows: list[dict[str, Any]], keys: list[str]) -> str:
     best = rows[0]
     if _rank(best)[0] == 0:
         lines.append(f"best: job {best['job']}, {monitor} {best['best']:.4f} at epoch {best['best_epoch']}")
-        lines.append(f"reproduce: python -m finetune {' '.join(best['overrides'])}".rstrip())
+        command = [o for o in best["overrides"] if not _split(o)[0].startswith("sweep.")]  # a sweeper's own
+        lines.append(f"reproduce: python -m finetune {' '.join(command)}".rstrip())
     lines += [f"job {r['job']} {r['status']}: {r['error'] or 'no summary.json (killed?)'}"
               for r in rows if r["status"] in FAILED]
     return "\n".join(lines)

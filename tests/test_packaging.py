@@ -55,8 +55,10 @@ def write_user_configs(root: Path) -> Path:
 def test_pyproject_lists_every_subpackage():
     """The package list is explicit (conf/ is mapped into it), so a new subpackage must be added."""
     listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
-    on_disk = {".".join(p.parent.relative_to(REPO).parts) for p in (REPO / "finetune").rglob("__init__.py")}
-    assert on_disk | {"finetune.conf"} == listed, f"pyproject.toml [tool.setuptools] packages: add {sorted(on_disk - listed)}"
+    on_disk = {".".join(p.parent.relative_to(REPO).parts)
+               for top in ("finetune", "hydra_plugins") for p in (REPO / top).rglob("__init__.py")}
+    assert on_disk | {"finetune.conf", "hydra_plugins"} == listed, \
+        f"pyproject.toml [tool.setuptools] packages: add {sorted(on_disk - listed)}"
 
 
 def test_config_dir_is_the_tree_the_cli_loads():
@@ -130,7 +132,7 @@ def copy_project(dest: Path) -> Path:
     (pip builds in place: build/ and *.egg-info next to the sources)."""
     dest.mkdir()
     skip = shutil.ignore_patterns("__pycache__", "*.pyc")
-    for name in ("pyproject.toml", "README.md", "MANIFEST.in", "LICENSE", "finetune", "conf"):
+    for name in ("pyproject.toml", "README.md", "MANIFEST.in", "LICENSE", "finetune", "hydra_plugins", "conf"):
         source = REPO / name
         if source.is_dir():
             shutil.copytree(source, dest / name, ignore=skip)
@@ -155,7 +157,8 @@ def test_wheel_ships_the_configs_and_runs_outside_the_repository(tmp_path):
     configs = {f"finetune/conf/{p.relative_to(REPO / 'conf').as_posix()}" for p in (REPO / "conf").rglob("*.yaml")}
     assert {"finetune/conf/config.yaml", "finetune/conf/experiment/example.yaml"} <= configs
     assert configs <= names, sorted(configs - names)
-    modules = {p.relative_to(REPO).as_posix() for p in (REPO / "finetune").rglob("*.py")}
+    modules = {p.relative_to(REPO).as_posix()
+               for top in ("finetune", "hydra_plugins") for p in (REPO / top).rglob("*.py")}
     assert modules <= names, f"missing from pyproject's package list: {sorted(modules - names)}"
 
     site = tmp_path / "site"

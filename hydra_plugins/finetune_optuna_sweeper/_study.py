@@ -1,0 +1,157 @@
+"""The study behind a sweep: opened or continued, each job's outcome told to its trial, the best trial shown.
+
+A trial's user attributes record its job: ``job`` (number), ``job_dir``, ``overrides`` (what the
+job was launched with, ``sweep.*`` left out), ``status`` (its ``summary.json``'s) and ``error``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shlex
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import optuna
+from hydra.core.utils import JobReturn, JobStatus
+from hydra.utils import instantiate
+from optuna.trial import Trial, TrialState
+
+from finetune.optuna_trial import PRUNER_ATTR, build_pruner
+from hydra_plugins.finetune_optuna_sweeper._search_space import SearchSpace
+
+FINISHED = {TrialState.COMPLETE: "complete", TrialState.PRUNED: "pruned", TrialState.FAIL: "failed"}  # -> words
+FIXED_ATTR = "finetune.fixed_overrides"  # the study's user attribute: what every job of it was given
+# ``sampler: NAME`` -> the optuna.samplers class, seeded with the config's ``seed``.
+SAMPLERS = {"tpe": "TPESampler", "random": "RandomSampler", "grid": "GridSampler", "cmaes": "CmaEsSampler",
+            "qmc": "QMCSampler", "gp": "GPSampler"}
+
+
+def open_study(*, name: str, storage: str, direction: str, sampler: str | Mapping, pruner: Any,
+               space: SearchSpace, seed: int) -> optuna.Study:
+    """Create the study, or load it to continue it with the same fixed overrides."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # the sweeper says what happens, once
+    study = optuna.create_study(study_name=name, storage=storage, direction=direction, load_if_exists=True)
+    if study.direction.name.lower() != direction:
+        raise ValueError(f"study '{name}' in '{storage}' was created to {study.direction.name.lower()}, "
+                         f"not to {direction}: start another with hydra.sweeper.study_name=NEW_NAME")
+    check_same_fixed_overrides(study, space.fixed)
+    study.sampler = build_sampler(sampler, space, seed=seed, offset=len(study.trials))
+    study.pruner = build_pruner(pruner)
+    study.set_user_attr(PRUNER_ATTR, pruner)  # what each job's TrialReporter prunes with
+    return study
+
+
+def check_same_fixed_overrides(study: optuna.Study, fixed: dict[str, str]) -> None:
+    """A continued study must run the same experiment: trials given other data or settings
+    would not be comparable with those already in it."""
+    before = study.user_attrs.get(FIXED_ATTR)
+    if before is None:
+        study.set_user_attr(FIXED_ATTR, sorted(fixed.values()))
+        return
+    added, dropped = set(fixed.values()) - set(before), set(before) - set(fixed.values())
+    if added or dropped:
+        change = ", ".join([f"+{o}" for o in sorted(added)] + [f"-{o}" for o in sorted(dropped)])
+        raise ValueError(f"study '{study.study_name}' was run with other overrides ({change}): continue it with "
+                         "the same ones, or start another with hydra.sweeper.study_name=NEW_NAME "
+                         "or hydra.sweep.dir=NEW_DIR")
+
+
+def build_sampler(spec: str | Mapping, space: SearchSpace, *, seed: int, offset: int) -> optuna.samplers.BaseSampler:
+    """The sampler ``spec`` names: one of ``SAMPLERS`` (seeded with ``seed``) or
+    ``{_target_: optuna.samplers.NAME, ...}``. A grid gets the search space; any other seeded
+    sampler gets its seed + ``offset`` (the trials already in the study), so a continued study does
+    not replay the proposals of its first run."""
+    if isinstance(spec, str):
+        if spec not in SAMPLERS:
+            raise ValueError(f"hydra.sweeper.sampler '{spec}' is unknown: use one of {', '.join(SAMPLERS)} "
+                             "or {_target_: optuna.samplers.NAME, ...}")
+        spec = {"_target_": f"optuna.samplers.{SAMPLERS[spec]}", "seed": seed}
+    spec = dict(spec)
+    if spec.get("_target_") == "optuna.samplers.GridSampler":
+        spec["search_space"] = space.grid()
+    elif spec.get("seed") is not None:
+        spec["seed"] = int(spec["seed"]) + offset
+    return instantiate(spec, _convert_="all")
+
+
+def retry_interrupted(study: optuna.Study) -> list[int]:
+    """Trials a killed sweep left running: failed now, and queued again with the same params.
+    One sweeper per study at a time (another one's running trials would be taken for dead)."""
+    stale = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    for trial in stale:
+        study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
+        tell(study, trial.number, TrialState.FAIL)
+    return [t.number for t in stale]
+
+
+def trials_to_go(study: optuna.Study, n_trials: int, space: SearchSpace) -> int:
+    """How many trials the study still lacks: finished ones count, those a retry replaces don't;
+    a grid has no more trials than points."""
+    if isinstance(study.sampler, optuna.samplers.GridSampler):
+        n_trials = min(n_trials, math.prod(len(values) for values in space.grid().values()))
+    trials = study.get_trials(deepcopy=False)
+    retried = {t.user_attrs.get("retry_of") for t in trials}
+    return n_trials - sum(t.state in FINISHED and t.number not in retried for t in trials)
+
+
+def next_job_number(study: optuna.Study, sweep_dir: Path) -> int:
+    """After every job this study or this sweep dir has seen (numbered dirs on disk included)."""
+    numbers = [t.user_attrs["job"] for t in study.get_trials(deepcopy=False) if "job" in t.user_attrs]
+    numbers += [int(p.name) for p in sweep_dir.iterdir() if p.is_dir() and p.name.isdigit()]
+    return max(numbers, default=-1) + 1
+
+
+def record_outcome(study: optuna.Study, trial: Trial, job: JobReturn) -> str:
+    """Tell ``trial`` how its job ended: COMPLETE with its value, PRUNED, or FAIL (a failed job, or a
+    value that is missing or not finite: optuna never sees NaN or inf). Returns it in words."""
+    job_dir = Path(job.hydra_cfg.hydra.runtime.output_dir)
+    summary = read_summary(job_dir / "summary.json")
+    status = summary.get("status", "failed")
+    value = job.return_value if job.status == JobStatus.COMPLETED else None
+    if status == "pruned":
+        state = TrialState.PRUNED  # its value: the last one its job reported
+    elif status == "completed" and isinstance(value, (int, float)) and math.isfinite(value):
+        state = TrialState.COMPLETE
+    else:
+        state = TrialState.FAIL
+    trial.set_user_attr("status", status)
+    error = summary.get("error") or ("" if summary else f"no readable {job_dir / 'summary.json'}")
+    if error:
+        trial.set_user_attr("error", str(error)[:500])
+    tell(study, trial, state, float(value) if state == TrialState.COMPLETE else None)
+    return f"{FINISHED[state]} ({value:.4g})" if state == TrialState.COMPLETE else f"{FINISHED[state]} ({error})"
+
+
+def read_summary(path: Path) -> dict:
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return summary if isinstance(summary, dict) else {}
+
+
+def tell(study: optuna.Study, trial: Trial | int, state: TrialState, value: float | None = None) -> None:
+    """``study.tell``, outside ``optimize()``."""
+    try:
+        study.tell(trial, value, state=state)
+    except RuntimeError as err:  # GridSampler calls study.stop() once the grid is done: for optimize() only
+        if "Study.stop" not in str(err):
+            raise
+
+
+def report(study: optuna.Study, *, storage: str, monitor: str, extra: list[str]) -> str:
+    """What the study holds, and the best trial as a command to paste: its job's overrides, then ``extra``."""
+    trials = study.get_trials(deepcopy=False, states=tuple(FINISHED))
+    counts = ", ".join(f"{sum(t.state == state for t in trials)} {word}" for state, word in FINISHED.items())
+    lines = [f"study '{study.study_name}' ({storage}): {len(trials)} trials, {counts}"]
+    if not any(t.state == TrialState.COMPLETE for t in trials):
+        return "\n".join(lines + ["no trial completed: no best trial"])
+    best = study.best_trial
+    overrides = best.user_attrs.get("overrides") or [f"{k}={v}" for k, v in best.params.items()]
+    command = shlex.join(["python", "-m", "finetune", *overrides, *extra])
+    lines.append(f"best trial {best.number} ({monitor} {best.value:.4g}): {command}")
+    if "job_dir" in best.user_attrs:
+        lines.append(f"  its run: {best.user_attrs['job_dir']}")
+    return "\n".join(lines)
