@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -15,7 +16,7 @@ from finetune import resume as resume_lib
 from finetune.checkpoint import TrainingParts, atomic_write_text
 from finetune.config import check_config
 from finetune.errors import RunPruned
-from finetune.runtime import hold_run_dir, setup_runtime
+from finetune.runtime import RunDirInUse, hold_run_dir, setup_runtime
 from finetune.signals import TrainingInterrupted, graceful_stop, stop_workers
 from finetune.trainer import TrainState
 
@@ -32,8 +33,9 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, float]:
     SIGTERM/SIGINT stop after the current step with ``last.ckpt`` saved (``TrainingInterrupted``).
     """
     run_dir = resolve_run_dir(run_dir)
-    with hold_run_dir(run_dir), RunRecord(run_dir) as record, graceful_stop() as stop:
+    with RunRecord(run_dir) as record, graceful_stop() as stop:
         check_config(cfg)
+        record.hold()  # this process alone writes into the run dir from here on
         point = resume_lib.locate(cfg, run_dir=run_dir)
         rt = setup_runtime(seed=cfg.seed, device=cfg.trainer.device, precision=cfg.trainer.precision,
                            deterministic=cfg.trainer.deterministic, job=builders.job_number())
@@ -77,7 +79,8 @@ class RunRecord:
 
     def __init__(self, run_dir: Path):
         self.run_dir = run_dir
-        self.handler = logging.FileHandler(run_dir / "train.log")
+        self.handler = logging.FileHandler(run_dir / "train.log", delay=True)  # created by the first line
+        self.lock = contextlib.ExitStack()
         self.handler.setFormatter(logging.Formatter("[%(asctime)s][%(levelname)s] %(message)s"))
         self.parts: builders.RunParts | None = None
         self.loaders: Any = None
@@ -90,6 +93,10 @@ class RunRecord:
         root.setLevel(min(root.level or logging.INFO, logging.INFO))
         logging.captureWarnings(True)  # e.g. skipped unreadable images reach train.log too
         return self
+
+    def hold(self) -> None:
+        """Lock the run dir for this run's life (``hold_run_dir``); refused when another process holds it."""
+        self.lock.enter_context(hold_run_dir(self.run_dir))
 
     def watch(self, loaders: Any) -> Any:
         """Returns ``loaders``, whose workers are shut down when the run ends."""
@@ -114,6 +121,8 @@ class RunRecord:
         return final
 
     def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None and issubclass(exc_type, RunDirInUse):  # another run's dir: write nothing there
+            return self._close()
         if exc_type is not None:
             status = ("interrupted" if issubclass(exc_type, KeyboardInterrupt)
                       else "pruned" if issubclass(exc_type, RunPruned) else "failed")
@@ -137,6 +146,7 @@ class RunRecord:
         self._close()
 
     def _close(self) -> None:
+        self.lock.close()
         logging.getLogger().removeHandler(self.handler)
         logging.captureWarnings(False)
         self.handler.close()

@@ -97,6 +97,10 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
+class RunDirInUse(UserError):
+    """Another process is running in this run dir."""
+
+
 @contextlib.contextmanager
 def hold_run_dir(run_dir: Path) -> Iterator[None]:
     """Hold an exclusive lock on ``run_dir`` for a run's life; refuse when another process holds it.
@@ -114,8 +118,8 @@ def hold_run_dir(run_dir: Path) -> Iterator[None]:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-            raise UserError(f"run dir '{run_dir}' is in use by pid {holder}: wait for that run to end (or stop "
-                            "it), or choose another hydra.run.dir") from None
+            raise RunDirInUse(f"run dir '{run_dir}' is in use by pid {holder}: wait for that run to end (or stop "
+                              "it), or choose another hydra.run.dir") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         yield
