@@ -8,6 +8,7 @@ sentinel file beside it must survive. The weights-file corpus is in ``test_hosti
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import signal
 import subprocess
@@ -175,3 +176,35 @@ def test_a_second_process_on_a_run_dir_in_use_is_refused_and_a_killed_ones_lock_
                      [f"trainer.max_epochs={done + 1}", "resume=auto"], cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((out / "summary.json").read_text())["status"] == "completed"
+
+
+class WritesAMarker:
+    """A pickle that, if ever unpickled with code allowed, creates ``path``."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.write_text, (self.path, "pwned"))
+
+
+def test_a_pickled_payload_as_a_training_state_runs_nothing(finished, tmp_path, caplog):
+    """A last.ckpt that carries code: resume=FILE.ckpt refuses it in one line; resume=auto skips it
+    (it fails its manifest check) and continues from the previous valid state. Nothing runs."""
+    import torch
+
+    ref, overrides = finished
+    out = tmp_path / "run"
+    shutil.copytree(ref, out)
+    marker = tmp_path / "pwned"
+    state_path = out / "checkpoints" / "last.ckpt"
+    torch.save({"format": "finetune.train_state/1", "payload": WritesAMarker(marker)}, state_path)
+    (tmp_path / "loose").mkdir()
+    shutil.copy(state_path, tmp_path / "loose" / "last.ckpt")  # a file with no manifest entry to check it against
+    with pytest.raises(UserError, match="cannot be read") as err:
+        run(compose_config(overrides + ["trainer.max_epochs=3", f"resume={tmp_path / 'loose' / 'last.ckpt'}"]),
+            run_dir=tmp_path / "elsewhere")
+    assert "\n" not in str(err.value)
+    run(compose_config(overrides + ["trainer.max_epochs=3", "resume=auto"]), run_dir=out)
+    assert re.search(r"last\.ckpt' is (corrupt|truncated)", caplog.text) and "falling back to the previous" in caplog.text
+    assert not marker.exists()
