@@ -172,20 +172,60 @@ def updates_per_epoch(cfg: DictConfig, loaders: data_lib.Loaders) -> int:
     return -(-len(loaders.train) // cfg.trainer.accumulate)
 
 
-def build_optimization(cfg: DictConfig, model: nn.Module, spec: BackboneSpec, *,
+def build_optimization(cfg: DictConfig, model: nn.Module, spec: BackboneSpec, *, lr: float,
                        updates_per_epoch: int) -> tuple[torch.optim.Optimizer, Any]:
-    """The optimizer over stable named groups (all parameters, frozen ones too), then the per-update scheduler."""
-    o, s = cfg.optim, cfg.sched
-    groups = build_param_groups(model, head=spec.classifier, weight_decay=o.weight_decay,
-                                decay_norm_and_bias=o.decay_norm_and_bias,
-                                head_lr_scale=(o.head_lr or o.lr) / o.lr, backbone_lr_mult=o.backbone_lr_mult,
-                                layer_decay=o.layer_decay)
-    optimizer = build_optimizer(groups, name=o.name, lr=o.lr, momentum=o.momentum, betas=o.betas)
+    """The optimizer over stable named groups (all parameters, frozen ones too) at the peak rate ``lr``,
+    then the per-update scheduler."""
+    optimizer = build_optimizer_at(cfg, model, spec, lr=lr)
+    s = cfg.sched
     scheduler = build_scheduler(optimizer, name=s.name, epochs=cfg.trainer.max_epochs,
                                 updates_per_epoch=updates_per_epoch, warmup_epochs=s.warmup_epochs,
                                 warmup_lr=s.warmup_lr, min_lr=s.min_lr, decay_epochs=s.decay_epochs,
                                 decay_rate=s.decay_rate)
     return optimizer, scheduler
+
+
+def build_optimizer_at(cfg: DictConfig, model: nn.Module, spec: BackboneSpec, *, lr: float) -> torch.optim.Optimizer:
+    """``optim.*``'s optimizer and groups (each with its ``lr_scale``: head, backbone multiplier, layer decay)."""
+    o = cfg.optim
+    head_lr_scale = o.head_lr / lr if o.head_lr is not None else 1.0
+    groups = build_param_groups(model, head=spec.classifier, weight_decay=o.weight_decay,
+                                decay_norm_and_bias=o.decay_norm_and_bias, head_lr_scale=head_lr_scale,
+                                backbone_lr_mult=o.backbone_lr_mult, layer_decay=o.layer_decay)
+    return build_optimizer(groups, name=o.name, lr=lr, momentum=o.momentum, betas=o.betas)
+
+
+def choose_lr(cfg: DictConfig, model: nn.Module, spec: BackboneSpec, *, loaders: data_lib.Loaders, rt: Runtime,
+              resume: resume_lib.ResumePoint | None) -> tuple[float, dict[str, Any] | None]:
+    """The peak learning rate, and the record of how ``optim.lr=auto`` chose it (None for a given rate).
+
+    A resumed run takes the rate its training state recorded: it never searches again. Otherwise the
+    range test runs on the model exactly as it will train (``finetune.lr_find``), and everything it
+    changed is put back before the real optimizer exists.
+    """
+    o = cfg.optim
+    if o.lr != "auto":
+        return float(o.lr), None
+    if resume is not None and resume.state.get("lr_find"):
+        record = dict(resume.state["lr_find"])
+        log.info(f"optim.lr=auto: the rate chosen before, {record['lr']:.4g}, from '{resume.path}' (no new search)")
+        return float(record["lr"]), record
+    from finetune import lr_find
+
+    def trainer_for(optimizer: torch.optim.Optimizer) -> Trainer:  # the real loop's step: precision, clipping
+        parts = TrainingParts(model, optimizer, grad_scaler=build_grad_scaler(rt))
+        return build_trainer(cfg, parts, loaders=loaders, rt=rt, num_classes=spec.num_classes, hooks=[])
+
+    result = lr_find.search(model, optimizer=build_optimizer_at(cfg, model, spec, lr=o.lr_find.start_lr),
+                            trainer=trainer_for, loader=loaders.train, accumulate=cfg.trainer.accumulate,
+                            start_lr=o.lr_find.start_lr, end_lr=o.lr_find.end_lr,
+                            num_updates=o.lr_find.num_updates, rule=o.lr_find.rule)
+    lr = result.chosen if result.chosen is not None else float(o.lr_find.fallback_lr)
+    if result.chosen is None:
+        log.warning(f"optim.lr=auto: {result.reason}; training with optim.lr_find.fallback_lr={lr:.4g}")
+    else:
+        log.info(f"optim.lr=auto: chose {lr:.4g} ({result.reason})")
+    return lr, {"lr": lr, **result.to_dict()}
 
 
 def build_ema(cfg: DictConfig, model: nn.Module) -> ModelEmaV3 | None:
@@ -207,18 +247,22 @@ def build_checkpoint_policy(cfg: DictConfig) -> CheckpointPolicy:
 
 def build_run(cfg: DictConfig, training: TrainingParts, *, spec: BackboneSpec, data_config: dict[str, Any],
               class_names: list[str], loaders: data_lib.Loaders, rt: Runtime, run_dir: Path,
-              resume: resume_lib.ResumePoint | None, stop: StopRequest | None = None) -> RunParts:
+              resume: resume_lib.ResumePoint | None, stop: StopRequest | None = None,
+              lr_find: dict[str, Any] | None = None) -> RunParts:
     """TensorBoard, ``metrics.jsonl`` and the checkpoint manager (continuing ``resume`` when given),
-    and the trainer that calls them in that order, then the freezing controller."""
+    and the trainer that calls them in that order, then the freezing controller. ``lr_find``: how
+    ``optim.lr=auto`` chose the rate (kept in every training state, drawn in TensorBoard)."""
     versions = package_versions()
     checkpointer = CheckpointManager(
         run_dir / "checkpoints", policy=build_checkpoint_policy(cfg), parts=training,
         model=ModelDescription(spec, class_names=class_names, data_config=data_config, versions=versions),
         run=RunFacts(config_yaml=OmegaConf.to_yaml(cfg, resolve=True), versions=versions, seed=cfg.seed,
-                     batch_size=loaders.train.batch_size),
+                     batch_size=loaders.train.batch_size, lr_find=lr_find),
         fresh=resume is None or not resume.in_place)
     logger = TensorBoardLogger(run_dir / "tb", class_names=class_names, log_every_n_steps=cfg.logger.log_every_n_steps,
                                **resume_lib.tensorboard_continuation(resume, resuming=cfg.resume is not None))
+    if lr_find is not None and resume is None:  # a resume took the rate from its state: drawn when it was chosen
+        logger.log_lr_find(lr_find)
     metrics = MetricsJsonl(run_dir / "metrics.jsonl")
     hooks = [logger, metrics, checkpointer] + ([training.freeze] if training.freeze is not None else [])
     if cfg.sweep.trial is not None:  # a sweeper's trial: report each epoch (after its save); stop when pruned

@@ -86,9 +86,20 @@ class FreezeConfig:
 
 
 @dataclass
+class LRFindConfig:
+    """The learning-rate range test that ``optim.lr=auto`` runs before training (``finetune.lr_find``)."""
+
+    start_lr: float = 1e-7
+    end_lr: float = 10.0
+    num_updates: Optional[int] = None  # null: about 100, fewer when the training set is smaller
+    rule: str = "valley"  # how the rate is picked from the curve (finetune.lr_find)
+    fallback_lr: float = 1e-3  # used, with a warning, when the curve gives no trustworthy rate
+
+
+@dataclass
 class OptimConfig:
     name: str = "adamw"  # any timm optimizer name: adamw, sgd, ...
-    lr: float = 1e-3
+    lr: Any = 1e-3  # a positive rate, or auto: an LR range test picks it before training
     weight_decay: float = 0.05
     momentum: float = 0.9  # sgd only
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adam-family only
@@ -96,6 +107,7 @@ class OptimConfig:
     head_lr: Optional[float] = None  # the head's rate; null = lr
     backbone_lr_mult: float = 1.0  # backbone rate = lr * backbone_lr_mult (x layer decay)
     layer_decay: Optional[float] = None  # e.g. 0.75: each layer down from the top learns this much slower
+    lr_find: LRFindConfig = field(default_factory=LRFindConfig)
 
 
 @dataclass
@@ -212,7 +224,7 @@ def choices() -> dict[str, tuple]:
         "logger.name": ("tensorboard",),
     }
 
-POSITIVE = ("optim.lr", "data.batch_size", "trainer.max_epochs", "trainer.accumulate",
+POSITIVE = ("data.batch_size", "trainer.max_epochs", "trainer.accumulate",
             "model.in_chans", "logger.log_every_n_steps")
 
 
@@ -223,6 +235,7 @@ def check_config(cfg: DictConfig) -> None:
         if value not in allowed:
             shown = ", ".join(str(a) for a in allowed if a is not None)
             raise UserError(f"{key} must be one of {shown}; got '{value}'")
+    _check_lr(cfg.optim)
     for key in POSITIVE:
         value = _get(cfg, key)
         if not value > 0:
@@ -244,6 +257,23 @@ def check_config(cfg: DictConfig) -> None:
     if cfg.model.num_classes is not None and cfg.model.num_classes < 2:
         raise UserError(f"model.num_classes must be at least 2 (or null to take it from the data), "
                         f"got '{cfg.model.num_classes}'")
+
+
+def _check_lr(o: DictConfig) -> None:
+    if o.lr == "auto":
+        if o.head_lr is not None:
+            raise UserError(f"optim.head_lr '{o.head_lr}' needs a numeric optim.lr to set the head's ratio; with "
+                            "optim.lr=auto leave it null (the finder keeps backbone_lr_mult and layer_decay ratios)")
+        for key in ("start_lr", "end_lr", "fallback_lr"):
+            if not o.lr_find[key] > 0:
+                raise UserError(f"optim.lr_find.{key} must be positive, got '{o.lr_find[key]}'")
+        if not o.lr_find.start_lr < o.lr_find.end_lr:
+            raise UserError(f"optim.lr_find.start_lr '{o.lr_find.start_lr}' must be below end_lr '{o.lr_find.end_lr}'")
+        return
+    if isinstance(o.lr, bool) or not isinstance(o.lr, (int, float)):
+        raise UserError(f"optim.lr must be a positive number or auto, got '{o.lr}'")
+    if not o.lr > 0:
+        raise UserError(f"optim.lr must be positive, got '{float(o.lr)}'")
 
 
 def _check_checkpoint(c: DictConfig) -> None:

@@ -55,6 +55,14 @@ class TensorBoardLogger(TrainerHook):
         self.writer.add_image("val/confusion_matrix", image, step, dataformats="HWC")
         self.writer.flush()
 
+    def log_lr_find(self, record: dict[str, Any]) -> None:
+        """``optim.lr=auto``'s range test: the curve with the chosen point (image) and the choice (text), at step 0."""
+        from finetune.lr_find import draw_curve, from_record
+
+        self.writer.add_image("lr_find/curve", draw_curve(from_record(record)), 0, dataformats="HWC")
+        self.writer.add_text("lr_find/choice", f"lr {record['lr']:.4g}: {record['reason']}", 0)
+        self.writer.flush()
+
     def log_hparams(self, hparams: dict[str, Any], metrics: dict[str, float]) -> None:
         """The run's settings next to its best metric (TensorBoard's HPARAMS tab)."""
         clean = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in hparams.items()}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import time
@@ -10,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig
+from PIL import Image
 
 from finetune import builders
 from finetune import resume as resume_lib
@@ -48,16 +50,46 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, float]:
         loaders = record.watch(builders.build_loaders(cfg.data, split, data_config, seed=cfg.seed,
                                                       pin_memory=rt.device.type == "cuda"))
         freeze = builders.build_freeze(cfg, model, spec)
-        optimizer, scheduler = builders.build_optimization(cfg, model, spec,
+        lr, lr_find = record.note_lr(*builders.choose_lr(cfg, model, spec, loaders=loaders, rt=rt, resume=point))
+        optimizer, scheduler = builders.build_optimization(cfg, model, spec, lr=lr,
                                                            updates_per_epoch=builders.updates_per_epoch(cfg, loaders))
         training = TrainingParts(model, optimizer, scheduler, grad_scaler=builders.build_grad_scaler(rt),
                                  ema=builders.build_ema(cfg, model), freeze=freeze)
         parts = record.track(builders.build_run(cfg, training, spec=spec, data_config=data_config,
                                                 class_names=split.class_names, loaders=loaders, rt=rt,
-                                                run_dir=run_dir, resume=point, stop=stop), resumed_from=point)
+                                                run_dir=run_dir, resume=point, stop=stop, lr_find=lr_find),
+                             resumed_from=point)
         state = resume_lib.restore(point, parts, resuming=cfg.resume is not None)
         state = parts.trainer.fit(loaders.train, loaders.val, state)
         return record.finish(state, hparams=builders.hparams(cfg, only=builders.swept_keys()))
+
+
+def find_lr(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
+    """Only the range test of ``optim.lr=auto`` (``python -m finetune.lr_find``), on the model as ``cfg``
+    would train it; writes ``lr_find.json`` and ``lr_find.png`` into ``run_dir`` and returns the record."""
+    from finetune.lr_find import draw_curve, from_record
+
+    run_dir = resolve_run_dir(run_dir)
+    cfg = copy.deepcopy(cfg)  # the caller's config stays as it was
+    cfg.optim.lr = "auto"
+    check_config(cfg)
+    rt = setup_runtime(seed=cfg.seed, device=cfg.trainer.device, precision=cfg.trainer.precision,
+                       deterministic=cfg.trainer.deterministic)
+    split = builders.build_split(cfg.data, run_dir=run_dir)
+    model, spec = builders.build_classifier(cfg.model, head=cfg.head, num_classes=len(split.class_names))
+    builders.init_weights(cfg.model, model, spec, head=cfg.head, class_names=split.class_names, run_dir=run_dir)
+    model = model.to(rt.device)
+    loaders = builders.build_loaders(cfg.data, split, builders.build_data_config(cfg.data, spec), seed=cfg.seed,
+                                     pin_memory=rt.device.type == "cuda")
+    try:
+        builders.build_freeze(cfg, model, spec)
+        _, record = builders.choose_lr(cfg, model, spec, loaders=loaders, rt=rt, resume=None)
+    finally:
+        for loader in (loaders.train, loaders.val):
+            stop_workers(loader)
+    atomic_write_text(run_dir / "lr_find.json", json.dumps(record, indent=1) + "\n")
+    Image.fromarray(draw_curve(from_record(record))).save(run_dir / "lr_find.png")
+    return record
 
 
 def resolve_run_dir(run_dir: str | Path | None) -> Path:
@@ -97,6 +129,13 @@ class RunRecord:
     def hold(self) -> None:
         """Lock the run dir for this run's life (``hold_run_dir``); refused when another process holds it."""
         self.lock.enter_context(hold_run_dir(self.run_dir))
+
+    def note_lr(self, lr: float, lr_find: dict[str, Any] | None) -> tuple[float, dict[str, Any] | None]:
+        """Returns its arguments; ``optim.lr=auto``'s choice goes into ``summary.json`` and ``lr_find.json``."""
+        if lr_find is not None:
+            self.record["lr_find"] = {k: lr_find[k] for k in ("lr", "chosen", "rule", "reason")}
+            atomic_write_text(self.run_dir / "lr_find.json", json.dumps(lr_find, indent=1) + "\n")
+        return lr, lr_find
 
     def watch(self, loaders: Any) -> Any:
         """Returns ``loaders``, whose workers are shut down when the run ends."""

@@ -75,7 +75,7 @@ def job_row(job_dir: Path) -> dict[str, Any]:
             "status": summary.get("status", "crashed"), "monitor": best.get("metric", checkpoint.get("monitor")),
             "mode": checkpoint.get("mode"), "best": best.get("value"), "best_epoch": best.get("epoch"),
             "epochs": epochs, "wall_seconds": summary.get("wall_seconds"), "run_dir": str(job_dir),
-            "error": summary.get("error")}
+            "error": summary.get("error"), "chosen_lr": (summary.get("lr_find") or {}).get("lr")}
 
 
 def summarise(sweep_dir: Path) -> list[dict[str, Any]]:
@@ -121,14 +121,15 @@ def _split(override: str) -> tuple[str, str]:
 def write_csv(path: Path, rows: list[dict[str, Any]], keys: list[str]) -> None:
     monitor = next((r["monitor"] for r in rows if r["monitor"]), "best")
     header = ["job", "trial", *keys, "status", f"best {monitor}", "best_epoch", "epochs", "wall_seconds",
-              "run_dir", "error"]
+              "run_dir", "error", "chosen_lr"]
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(header)
         for r in rows:
             values = dict(_split(o) for o in r["overrides"])
             writer.writerow([r["job"], r["trial"], *(values.get(k, "") for k in keys), r["status"], r["best"],
-                             r["best_epoch"], r["epochs"], r["wall_seconds"], r["run_dir"], r["error"] or ""])
+                             r["best_epoch"], r["epochs"], r["wall_seconds"], r["run_dir"], r["error"] or "",
+                             r["chosen_lr"] if r["chosen_lr"] is not None else ""])
 
 
 def format_summary(rows: list[dict[str, Any]], keys: list[str]) -> str:
@@ -137,8 +138,10 @@ def format_summary(rows: list[dict[str, Any]], keys: list[str]) -> str:
         return "sweep summary: no job has started yet"
     monitor = next((r["monitor"] for r in rows if r["monitor"]), "best")
     with_trial = any(r["trial"] is not None for r in rows)
-    header = ["job", *(["trial"] if with_trial else []), *keys, "status", monitor, "epoch", "epochs", "seconds"]
-    table = [header] + [_cells(r, keys, with_trial=with_trial) for r in rows]
+    with_lr = any(r.get("chosen_lr") is not None for r in rows)  # optim.lr=auto: the rate each job chose
+    header = ["job", *(["trial"] if with_trial else []), *keys, *(["lr chosen"] if with_lr else []), "status",
+              monitor, "epoch", "epochs", "seconds"]
+    table = [header] + [_cells(r, keys, with_trial=with_trial, with_lr=with_lr) for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in table]
     counts = {s: sum(r["status"] == s for r in rows) for s in dict.fromkeys(r["status"] for r in rows)}
@@ -153,12 +156,13 @@ def format_summary(rows: list[dict[str, Any]], keys: list[str]) -> str:
     return "\n".join(lines)
 
 
-def _cells(row: dict[str, Any], keys: list[str], *, with_trial: bool) -> list[str]:
+def _cells(row: dict[str, Any], keys: list[str], *, with_trial: bool, with_lr: bool = False) -> list[str]:
     values = dict(_split(o) for o in row["overrides"])
     value = f"{row['best']:.4f}" if isinstance(row["best"], (int, float)) else "-"
     trial = [str(row["trial"]) if row["trial"] is not None else "-"] if with_trial else []
     seconds = f"{row['wall_seconds']:.0f}" if isinstance(row["wall_seconds"], (int, float)) else "-"
-    return [str(row["job"]), *trial, *(values.get(k, "") for k in keys), row["status"], value,
+    chosen = [f"{row['chosen_lr']:.4g}" if row.get("chosen_lr") is not None else "-"] if with_lr else []
+    return [str(row["job"]), *trial, *(values.get(k, "") for k in keys), *chosen, row["status"], value,
             str(row["best_epoch"] if row["best_epoch"] is not None else "-"), str(row["epochs"]), seconds]
 
 

@@ -70,12 +70,14 @@ def test_misspelled_key_in_a_yaml_file_is_named(tmp_path):
 
 def test_wrong_type_stops_composition_naming_it():
     with pytest.raises(ConfigCompositionException) as info:
-        compose_config(["optim.lr=fast"])
-    assert isinstance(info.value.__cause__, ValidationError) and "optim.lr" in str(info.value.__cause__)
+        compose_config(["optim.weight_decay=fast"])
+    assert isinstance(info.value.__cause__, ValidationError) and "optim.weight_decay" in str(info.value.__cause__)
 
 
 @pytest.mark.parametrize("override, message", [
     ("optim.lr=0", "optim.lr must be positive, got '0.0'"),
+    ("optim.lr=fast", "optim.lr must be a positive number or auto, got 'fast'"),  # lr takes auto too: checked here
+    ("optim.lr=auto optim.head_lr=0.01", "optim.head_lr '0.01' needs a numeric optim.lr"),
     ("data.batch_size=-4", "data.batch_size must be positive, got '-4'"),
     ("trainer.accumulate=0", "trainer.accumulate must be positive, got '0'"),
     ("optim.weight_decay=-1", "optim.weight_decay must not be negative, got '-1.0'"),
@@ -88,5 +90,5 @@ def test_wrong_type_stops_composition_naming_it():
 ])
 def test_values_a_type_cannot_rule_out(override, message):
     with pytest.raises(UserError) as info:
-        check_config(compose_config([override]))
+        check_config(compose_config(override.split()))
     assert message in str(info.value) and "\n" not in str(info.value)

@@ -104,6 +104,7 @@ class RunFacts:
     versions: dict[str, str]
     seed: int
     batch_size: int | None
+    lr_find: dict[str, Any] | None = None  # how optim.lr=auto chose the rate: a resume takes it, never searches
 
 
 def training_state(parts: TrainingParts, progress: TrainState, *, run: RunFacts, policy: dict[str, Any],
@@ -117,4 +118,4 @@ def training_state(parts: TrainingParts, progress: TrainState, *, run: RunFacts,
             "data_order": {"seed": run.seed, "epoch": progress.epoch, "batches_seen": progress.batches_seen,
                            "batch_size": run.batch_size},
             "checkpoint_policy": policy, "config_yaml": run.config_yaml, "versions": run.versions,
-            "weights_metadata": weights_metadata}
+            "weights_metadata": weights_metadata, "lr_find": run.lr_find}

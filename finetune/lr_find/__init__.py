@@ -1,0 +1,84 @@
+"""The learning-rate range test behind ``optim.lr=auto`` (and ``python -m finetune.lr_find``).
+
+Modules: ``curve`` (the updates at rising rates, the smoothed curve and the rule that picks a
+rate, documented there), ``snapshot`` (everything the test changes, put back after it) and
+``plot`` (the curve as an image). `search` runs them on a built model.
+
+Under several processes (DDP, not yet supported by the trainer) the plan is: search on rank 0
+with its own data shard and broadcast the chosen rate, so every rank trains at the same rate.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from finetune.errors import UserError
+from finetune.lr_find.curve import (RULES, LRFind, num_updates_for, per_update_beta, range_test, smooth_losses,
+                                    suggest, valley_pick)
+from finetune.lr_find.plot import draw_curve
+from finetune.lr_find.snapshot import Snapshot
+from finetune.trainer import TrainingDiverged, TrainState
+
+
+def search(model: nn.Module, *, optimizer: torch.optim.Optimizer, trainer: Callable[[torch.optim.Optimizer], Any],
+           loader: Any, accumulate: int = 1, start_lr: float = 1e-7, end_lr: float = 10.0,
+           num_updates: int | None = None, rule: str = "valley") -> LRFind:
+    """The range test on ``model`` exactly as it will train, then everything it changed put back.
+
+    Args:
+        model: The model, frozen as it will start training (the first phase of a freezing schedule).
+        optimizer: A throwaway optimizer over the run's own parameter groups; each group keeps its
+            ``lr_scale`` (head rate, backbone multiplier, layer decay), so the peak rate is searched
+            and the ratios kept.
+        trainer: Builds the run's loop around ``optimizer``: the test steps with its ``train_step``
+            (same precision, accumulation and clipping as training).
+        loader: The training loader, cycled when the test needs more updates than an epoch has.
+        accumulate: Batches per update (``trainer.accumulate``).
+        num_updates: Updates in the test; None: about 100, fewer for a small training set.
+    """
+    if rule not in RULES:
+        raise UserError(f"optim.lr_find.rule '{rule}' is not known: use {', '.join(RULES)}")
+    loop = trainer(optimizer)
+    updates = num_updates or num_updates_for(len(loader), accumulate=accumulate)
+    snapshot = Snapshot.take(model, loader, extras=[p for p in (loop.grad_scaler,) if p is not None])
+    batches, progress = _cycle(loader), TrainState()
+
+    def step(rate: float) -> float:
+        for group in optimizer.param_groups:
+            group["lr"] = rate * group.get("lr_scale", 1.0)
+        loss = float("nan")
+        for micro in range(accumulate):
+            inputs, target = next(batches)
+            try:
+                loss = loop.train_step(inputs, target, progress, update=micro == accumulate - 1)
+            except TrainingDiverged:  # the loss left the finite numbers: the test stops here
+                return float("nan")
+        return loss
+
+    model.train()
+    try:
+        rates, losses = range_test(step, num_updates=updates, start_lr=start_lr, end_lr=end_lr)
+    finally:
+        batches.close()
+        optimizer.zero_grad(set_to_none=True)
+        snapshot.restore()
+    return suggest(rates, losses, rule=rule)
+
+
+def _cycle(loader: Any) -> Iterator[Any]:
+    while True:
+        yield from loader
+
+
+def from_record(record: dict[str, Any]) -> LRFind:
+    """The `LRFind` of a saved record (``lr_find.json``, the training state)."""
+    fields = ("rates", "losses", "smoothed", "rule", "chosen", "reason", "chosen_index")
+    return LRFind(**{k: record[k] for k in fields if k in record})
+
+
+__all__ = ["RULES", "LRFind", "Snapshot", "draw_curve", "from_record", "num_updates_for", "per_update_beta",
+           "range_test", "search", "smooth_losses", "suggest", "valley_pick"]
