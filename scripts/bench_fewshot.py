@@ -46,7 +46,7 @@ def one_run(extra: list[str], *, seed: int, args: argparse.Namespace, out: Path)
     overrides = [f"data.demo.train_per_class={args.per_class}", "data.demo.val_per_class=20",
                  f"data.cache_dir={out / 'data'}", f"data.img_size={args.img_size}", "data.batch_size=16",
                  f"trainer.max_epochs={args.epochs}", f"seed={seed}", "logger.progress_bar=false", *extra]
-    run_dir = out / f"{len(list(out.glob('run*')))}-run"
+    run_dir = out / f"run-{len(list(out.glob('run-*')))}"
     started = time.perf_counter()
     final = run(compose_config(overrides), run_dir=run_dir)
     summary = json.loads((run_dir / "summary.json").read_text())
