@@ -14,7 +14,7 @@ import hydra
 import yaml
 from omegaconf import DictConfig
 
-from finetune.config import register_schema
+from finetune.config import in_a_sweep, register_schema, split_override
 from finetune.errors import RunPruned, UserError, describe_error, message_of
 from finetune.signals import TrainingInterrupted
 
@@ -52,14 +52,6 @@ def train(cfg: DictConfig) -> float | None:
         print(f"error: {message_of(err)}", file=sys.stderr)
         sys.exit(2)
     return final.get("best/value")
-
-
-def in_a_sweep() -> bool:
-    """Whether this job is one of a Hydra multirun (``-m``)."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 def job_error_line(err: BaseException) -> str:
@@ -102,7 +94,7 @@ def overrides_by_key(args: list[str]) -> dict[str, str]:
 
 def override_key(override: str) -> str:
     """``+data.root=DIR`` -> ``data.root``."""
-    return override.split("=", 1)[0].lstrip("+~")
+    return split_override(override)[0]
 
 
 def expand_resume_args(args: list[str]) -> list[str]:

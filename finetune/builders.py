@@ -20,6 +20,7 @@ from torch import nn
 from finetune import data as data_lib
 from finetune import resume as resume_lib
 from finetune.checkpoint import CheckpointManager, CheckpointPolicy, ModelDescription, RunFacts, TrainingParts
+from finetune.config import in_a_sweep, split_override
 from finetune.errors import UserError
 from finetune.freezing import FreezeController, apply_freeze, plan_freeze
 from finetune.heads import init_head, warm_start_subset
@@ -321,9 +322,8 @@ def job_number() -> int:
 def swept_keys() -> list[str] | None:
     """The keys this job of a sweep overrides (Hydra's task overrides); None outside a sweep."""
     from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
 
-    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+    if not in_a_sweep():
         return None
-    keys = [o.split("=", 1)[0].lstrip("+~") for o in HydraConfig.get().overrides.task if "=" in o]
+    keys = [split_override(o)[0] for o in HydraConfig.get().overrides.task if "=" in o]
     return [k.replace("/", ".") for k in keys if not k.startswith(("hydra", "sweep."))]

@@ -291,3 +291,17 @@ def _get(cfg: DictConfig, dotted: str) -> Any:
     for part in dotted.split("."):
         node = node[part]
     return node
+
+
+def split_override(override: str) -> tuple[str, str]:
+    """A command-line override as (key, value): ``+data.root=DIR`` -> ``("data.root", "DIR")``."""
+    key, _, value = override.partition("=")
+    return key.lstrip("+~"), value
+
+
+def in_a_sweep() -> bool:
+    """Whether this process runs a job of a Hydra multirun (``-m``)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN

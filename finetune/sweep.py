@@ -25,9 +25,9 @@ from typing import Any
 import yaml
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
-from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from finetune.config import in_a_sweep, split_override
 from finetune.metrics import infer_mode
 
 SUMMARY_JSONL, SUMMARY_CSV = "sweep_summary.jsonl", "sweep_summary.csv"
@@ -40,9 +40,9 @@ class SweepSummary(Callback):
     """Hydra callback: a summary row per job as it ends, the table when the sweep ends."""
 
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
-        hydra = HydraConfig.get()
-        if hydra.mode != RunMode.MULTIRUN:
+        if not in_a_sweep():
             return
+        hydra = HydraConfig.get()
         row = job_row(Path(hydra.runtime.output_dir))
         with (Path(hydra.sweep.dir) / SUMMARY_JSONL).open("a") as f:
             f.write(json.dumps(row) + "\n")
@@ -103,18 +103,13 @@ def swept_keys(sweep_dir: Path, rows: list[dict[str, Any]]) -> list[str]:
     the overrides whose values differ between jobs."""
     hydra = _read_yaml(sweep_dir / "multirun.yaml").get("hydra", {})
     given = [str(o) for o in hydra.get("overrides", {}).get("task", [])]
-    keys = [o.split("=", 1)[0].lstrip("+~") for o in given if "=" in o and SWEEP_SYNTAX.search(o.split("=", 1)[1])]
+    keys = [split_override(o)[0] for o in given if "=" in o and SWEEP_SYNTAX.search(split_override(o)[1])]
     keys += [k.lstrip("+~") for k in (hydra.get("sweeper") or {}).get("params") or {} if k.lstrip("+~") not in keys]
     if keys:
         return keys
-    values = [dict(_split(o) for o in r["overrides"]) for r in rows]
+    values = [dict(split_override(o) for o in r["overrides"]) for r in rows]
     every = sorted({k for v in values for k in v})
     return [k for k in every if len({v.get(k) for v in values}) > 1]
-
-
-def _split(override: str) -> tuple[str, str]:
-    key, _, value = override.partition("=")
-    return key.lstrip("+~"), value
 
 
 # ---------------------------------------------------------------- output
@@ -126,7 +121,7 @@ def write_csv(path: Path, rows: list[dict[str, Any]], keys: list[str]) -> None:
         writer = csv.writer(f)
         writer.writerow(header)
         for r in rows:
-            values = dict(_split(o) for o in r["overrides"])
+            values = dict(split_override(o) for o in r["overrides"])
             writer.writerow([r["job"], r["trial"], *(values.get(k, "") for k in keys), r["status"], r["best"],
                              r["best_epoch"], r["epochs"], r["wall_seconds"], r["run_dir"], r["error"] or "",
                              r["chosen_lr"] if r["chosen_lr"] is not None else ""])
@@ -149,7 +144,7 @@ def format_summary(rows: list[dict[str, Any]], keys: list[str]) -> str:
     best = rows[0]
     if _rank(best)[0] == 0:
         lines.append(f"best: job {best['job']}, {monitor} {best['best']:.4f} at epoch {best['best_epoch']}")
-        command = [o for o in best["overrides"] if not _split(o)[0].startswith("sweep.")]  # a sweeper's own
+        command = [o for o in best["overrides"] if not split_override(o)[0].startswith("sweep.")]  # a sweeper's own
         lines.append(f"reproduce: python -m finetune {' '.join(command)}".rstrip())
     lines += [f"job {r['job']} {r['status']}: {r['error'] or 'no summary.json (killed?)'}"
               for r in rows if r["status"] in FAILED]
@@ -157,7 +152,7 @@ def format_summary(rows: list[dict[str, Any]], keys: list[str]) -> str:
 
 
 def _cells(row: dict[str, Any], keys: list[str], *, with_trial: bool, with_lr: bool = False) -> list[str]:
-    values = dict(_split(o) for o in row["overrides"])
+    values = dict(split_override(o) for o in row["overrides"])
     value = f"{row['best']:.4f}" if isinstance(row["best"], (int, float)) else "-"
     trial = [str(row["trial"]) if row["trial"] is not None else "-"] if with_trial else []
     seconds = f"{row['wall_seconds']:.0f}" if isinstance(row["wall_seconds"], (int, float)) else "-"
