@@ -7,6 +7,7 @@ import importlib.resources
 import logging
 import os
 import re
+import signal
 import sys
 from pathlib import Path
 
@@ -31,13 +32,19 @@ def train(cfg: DictConfig) -> float | None:
     """Run one fine-tune; returns the best monitored value (what a Hydra sweeper optimises)."""
     from finetune.run import run
 
+    from finetune.distributed import current
+
+    rank = current().rank  # under torchrun, messages of the processes other than rank 0 say which they are
+    tag = f"[rank {rank}] " if rank else ""
     try:
         final = run(cfg)
-    except TrainingInterrupted as err:  # SIGTERM/SIGINT: last.ckpt saved, summary says interrupted
-        print(f"interrupted: {err}; continue with: python -m finetune resume=RUN_DIR", file=sys.stderr)
+    except TrainingInterrupted as err:  # SIGTERM/SIGINT/SIGUSR2: last.ckpt saved, summary says interrupted
+        print(f"{tag}interrupted: {err}; continue with: python -m finetune resume=RUN_DIR", file=sys.stderr)
+        if err.signum == signal.SIGUSR2:
+            hand_over_to_requeue(err.signum)
         sys.exit(err.exit_code)
     except KeyboardInterrupt as err:  # a second SIGINT: aborted at once
-        print(f"aborted: {err}", file=sys.stderr)
+        print(f"{tag}aborted: {err}", file=sys.stderr)
         sys.exit(130)
     except Exception as err:  # noqa: BLE001 - sorted below: a sweep's job, a user error, a bug
         full_error = os.environ.get("HYDRA_FULL_ERROR") == "1"
@@ -49,9 +56,17 @@ def train(cfg: DictConfig) -> float | None:
         if not isinstance(err, UserError) or full_error:
             raise
         logging.getLogger("finetune").debug("stopped by a user error", exc_info=True)
-        print(f"error: {message_of(err)}", file=sys.stderr)
+        print(f"{tag}error: {message_of(err)}", file=sys.stderr)
         sys.exit(2)
     return final.get("best/value")
+
+
+def hand_over_to_requeue(signum: int) -> None:
+    """After a SIGUSR2 stop has saved: the handler that was there before the run's own (submitit's,
+    in a SLURM job it launched) gets the signal, and requeues the job; nothing happens without one."""
+    handler = signal.getsignal(signum)
+    if callable(handler):
+        handler(signum, None)
 
 
 def job_error_line(err: BaseException) -> str:
@@ -68,7 +83,12 @@ def main() -> None:
     if refusal := fresh_run_refusal(sys.argv[1:]):
         print(f"error: {refusal}", file=sys.stderr)
         sys.exit(2)
-    train()
+    from finetune.distributed import close
+
+    try:
+        train()
+    finally:
+        close()  # under torchrun: leave the process group
     from finetune.sweep import sweep_failed
 
     if sweep_failed():

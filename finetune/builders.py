@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -19,12 +19,14 @@ from torch import nn
 
 from finetune import data as data_lib
 from finetune import resume as resume_lib
-from finetune.checkpoint import CheckpointManager, CheckpointPolicy, ModelDescription, RunFacts, TrainingParts
+from finetune.checkpoint import (CheckpointFollower, CheckpointManager, CheckpointPolicy, ModelDescription, RunFacts,
+                                 TrainingParts)
 from finetune.config import in_a_sweep, split_override
+from finetune.distributed import SINGLE, World
 from finetune.errors import UserError
 from finetune.freezing import FreezeController, apply_freeze, plan_freeze
 from finetune.heads import init_head, warm_start_subset
-from finetune.loggers import MetricsJsonl, TensorBoardLogger
+from finetune.loggers import MetricsJsonl, NullLogger, TensorBoardLogger
 from finetune.models import BackboneSpec, build_model, locate_library_weights
 from finetune.optim import build_optimizer, build_param_groups, build_scheduler
 from finetune.runtime import Runtime, package_versions
@@ -65,8 +67,9 @@ class RunParts:
 
 
 # ---------------------------------------------------------------- data
-def build_split(cfg: DictConfig, *, run_dir: Path) -> data_lib.DataSplit:
-    """Find the images (generating the demo set once if asked) and record the split in the run dir."""
+def build_split(cfg: DictConfig, *, run_dir: Path, write: bool = True) -> data_lib.DataSplit:
+    """Find the images (generating the demo set once if asked) and record the split in the run dir
+    (``write``: this process writes the run's files; under DDP rank 0 alone)."""
     if cfg.name == "demo":
         demo = cfg.demo
         root = data_lib.ensure_demo_dataset(cfg.cache_dir, seed=demo.seed, num_classes=demo.num_classes,
@@ -79,7 +82,8 @@ def build_split(cfg: DictConfig, *, run_dir: Path) -> data_lib.DataSplit:
         root = cfg.root
     split = data_lib.scan_image_folder(root, val_split=cfg.val_split, seed=cfg.split_seed,
                                        skip_bad_images=cfg.skip_bad_images)
-    (run_dir / "split.json").write_text(json.dumps(split.to_record(), indent=1) + "\n")
+    if write:
+        (run_dir / "split.json").write_text(json.dumps(split.to_record(), indent=1) + "\n")
     return split
 
 
@@ -89,15 +93,15 @@ def build_data_config(cfg: DictConfig, spec: BackboneSpec) -> dict[str, Any]:
 
 
 def build_loaders(cfg: DictConfig, split: data_lib.DataSplit, data_config: dict[str, Any], *, seed: int,
-                  pin_memory: bool) -> data_lib.Loaders:
+                  pin_memory: bool, world: World = SINGLE) -> data_lib.Loaders:
+    """This process's loaders: ``data.batch_size`` images per batch and process, its shard under DDP."""
     augment = {"scale": tuple(cfg.crop_scale), "hflip": cfg.hflip, "color_jitter": cfg.color_jitter,
                "auto_augment": cfg.auto_augment}
     loaders = data_lib.build_loaders(
         split, train_transform=data_lib.build_transforms(data_config, img_size=cfg.img_size, train=True, **augment),
         eval_transform=data_lib.build_transforms(data_config, img_size=cfg.img_size, train=False),
         batch_size=cfg.batch_size, num_workers=cfg.num_workers, balance=cfg.balance, seed=seed,
-        pin_memory=pin_memory, drop_last=len(split.train) % cfg.batch_size == 1,  # BatchNorm can't train on 1
-        channels=data_config["input_size"][0])
+        pin_memory=pin_memory, channels=data_config["input_size"][0], rank=world.rank, world_size=world.size)
     for loader in (loaders.train, loaders.val):  # a stop signal to the process group leaves workers alone
         shield_workers(loader)
     return loaders
@@ -119,7 +123,7 @@ def build_classifier(cfg: DictConfig, *, head: DictConfig, num_classes: int) -> 
 
 
 def init_weights(cfg: DictConfig, model: nn.Module, spec: BackboneSpec, *, head: DictConfig,
-                 class_names: list[str], run_dir: Path) -> dict[str, Any]:
+                 class_names: list[str], run_dir: Path, write: bool = True) -> dict[str, Any]:
     """Initialise from ``model.weights`` or the library's own weights; write ``load_report.json``.
 
     A classifier the weights did not provide (new class count, or no weights) starts as ``head.init``
@@ -148,8 +152,23 @@ def init_weights(cfg: DictConfig, model: nn.Module, spec: BackboneSpec, *, head:
         log.info(f"head.subset: {len(warm['warm_started'])} classes warm-started from pretrained rows "
                  f"{warm['warm_started']}; new: {warm['not_found']}")
         report["subset"] = warm
-    (run_dir / "load_report.json").write_text(json.dumps(report, indent=1) + "\n")
+    if write:
+        (run_dir / "load_report.json").write_text(json.dumps(report, indent=1) + "\n")
     return report
+
+
+def prepare_for_ddp(cfg: DictConfig, model: nn.Module, *, rt: Runtime) -> nn.Module:
+    """``trainer.sync_bn``: BatchNorm layers that normalise over the global batch (before the optimizer
+    exists; the layers keep their parameter tensors). Checked here: it needs CUDA and several processes."""
+    if not cfg.trainer.sync_bn:
+        return model
+    if not rt.world.distributed:
+        log.warning("trainer.sync_bn=true has no effect in a single process (start several with torchrun)")
+        return model
+    if rt.device.type != "cuda":
+        raise UserError(f"trainer.sync_bn=true needs CUDA (torch's SyncBatchNorm), but this run is on "
+                        f"'{rt.device}': drop trainer.sync_bn or train on GPUs")
+    return nn.SyncBatchNorm.convert_sync_batchnorm(model)
 
 
 # ------------------------------------------------------------ training
@@ -207,6 +226,9 @@ def choose_lr(cfg: DictConfig, model: nn.Module, spec: BackboneSpec, *, loaders:
     o = cfg.optim
     if o.lr != "auto":
         return float(o.lr), None
+    if rt.world.distributed:  # each process searches on its own shard, every process trains at rank 0's choice
+        return rt.world.broadcast(choose_lr(cfg, model, spec, loaders=loaders, rt=replace(rt, world=SINGLE),
+                                            resume=resume))
     if resume is not None and resume.state.get("lr_find"):
         record = dict(resume.state["lr_find"])
         log.info(f"optim.lr=auto: the rate chosen before, {record['lr']:.4g}, from '{resume.path}' (no new search)")
@@ -253,17 +275,27 @@ def build_run(cfg: DictConfig, training: TrainingParts, *, spec: BackboneSpec, d
     """TensorBoard, ``metrics.jsonl`` and the checkpoint manager (continuing ``resume`` when given),
     and the trainer that calls them in that order, then the freezing controller. ``lr_find``: how
     ``optim.lr=auto`` chose the rate (kept in every training state, drawn in TensorBoard)."""
-    versions = package_versions()
+    versions, world = package_versions(), rt.world
+    facts = RunFacts(config_yaml=OmegaConf.to_yaml(cfg, resolve=True), versions=versions, seed=cfg.seed,
+                     batch_size=loaders.train.batch_size, lr_find=lr_find, world_size=world.size)
+    if not world.main:  # under DDP only rank 0 writes; the others take part in its saves
+        checkpointer = CheckpointFollower(policy=build_checkpoint_policy(cfg), parts=training, run=facts, world=world)
+        logger, metrics = NullLogger(), MetricsJsonl(None)
+        hooks = [checkpointer] + ([training.freeze] if training.freeze is not None else [])
+        trainer = build_trainer(cfg, training, loaders=loaders, rt=rt, num_classes=spec.num_classes, hooks=hooks,
+                                stop=stop)
+        return RunParts(trainer=trainer, training=training, logger=logger, metrics=metrics, checkpointer=checkpointer)
     checkpointer = CheckpointManager(
         run_dir / "checkpoints", policy=build_checkpoint_policy(cfg), parts=training,
         model=ModelDescription(spec, class_names=class_names, data_config=data_config, versions=versions),
-        run=RunFacts(config_yaml=OmegaConf.to_yaml(cfg, resolve=True), versions=versions, seed=cfg.seed,
-                     batch_size=loaders.train.batch_size, lr_find=lr_find),
-        fresh=resume is None or not resume.in_place)
+        run=facts, fresh=resume is None or not resume.in_place, world=world)
     logger = TensorBoardLogger(run_dir / "tb", class_names=class_names, log_every_n_steps=cfg.logger.log_every_n_steps,
                                **resume_lib.tensorboard_continuation(resume, resuming=cfg.resume is not None))
     if lr_find is not None and resume is None:  # a resume took the rate from its state: drawn when it was chosen
         logger.log_lr_find(lr_find)
+    if world.distributed:
+        log.info(f"DDP: {world.size} processes x data.batch_size {loaders.train.batch_size} = global batch "
+                 f"{world.size * loaders.train.batch_size} ({rt.device.type})")
     metrics = MetricsJsonl(run_dir / "metrics.jsonl")
     hooks = [logger, metrics, checkpointer] + ([training.freeze] if training.freeze is not None else [])
     if cfg.sweep.trial is not None:  # a sweeper's trial: report each epoch (after its save); stop when pruned
@@ -287,7 +319,9 @@ def build_trainer(cfg: DictConfig, training: TrainingParts, *, loaders: data_lib
                    autocast_dtype=rt.autocast_dtype, grad_scaler=training.grad_scaler, accumulate=t.accumulate,
                    grad_clip=t.grad_clip, ema=training.ema, channels_last=t.channels_last,
                    monitor=cfg.checkpoint.monitor, mode=cfg.checkpoint.mode, patience=t.early_stopping.patience,
-                   min_delta=t.early_stopping.min_delta, hooks=hooks, progress_bar=cfg.logger.progress_bar, stop=stop)
+                   min_delta=t.early_stopping.min_delta, hooks=hooks,
+                   progress_bar=cfg.logger.progress_bar and rt.world.main, stop=stop, world=rt.world,
+                   ddp_options={"device_ids": [rt.device.index]} if rt.device.type == "cuda" else {})
 
 
 def hparams(cfg: DictConfig, *, only: list[str] | None = None) -> dict[str, Any]:

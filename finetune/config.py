@@ -150,6 +150,7 @@ class TrainerConfig:
     ema: bool = False
     ema_decay: float = 0.998
     channels_last: bool = False
+    sync_bn: bool = False  # under DDP: BatchNorm statistics over the global batch (SyncBatchNorm, CUDA)
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
     deterministic: bool = True  # deterministic kernels where torch has them
 

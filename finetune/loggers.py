@@ -86,11 +86,24 @@ def wait_for_a_later_second(log_dir: Path) -> None:
         time.sleep(0.05)
 
 
-class MetricsJsonl(TrainerHook):
-    """``metrics.jsonl``: one JSON object per epoch, appended and flushed at once; ``last`` is the newest."""
+class NullLogger:
+    """The logger of a DDP process other than rank 0: rank 0 alone writes TensorBoard."""
 
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
+    def log_hparams(self, hparams: dict[str, Any], metrics: dict[str, float]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class MetricsJsonl(TrainerHook):
+    """``metrics.jsonl``: one JSON object per epoch, appended and flushed at once; ``last`` is the newest.
+
+    ``path=None`` keeps ``last`` only (a DDP process other than rank 0).
+    """
+
+    def __init__(self, path: str | Path | None):
+        self.path = Path(path) if path is not None else None
         self.last: dict[str, Any] = {}
 
     def on_epoch_end(self, state: TrainState, logs: dict[str, float], result: EvalResult,
@@ -99,8 +112,9 @@ class MetricsJsonl(TrainerHook):
                   **result.scalars(), "val/per_class_acc": result.per_class_acc,
                   "lr": {k.removeprefix("lr/"): v for k, v in logs.items() if k.startswith("lr/")},
                   "seconds": logs["seconds"], "best": improved}
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        if self.path is not None:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
         self.last = record
 
     def rewind(self, *, epochs_done: int) -> None:
@@ -110,7 +124,7 @@ class MetricsJsonl(TrainerHook):
         Keyed on the epoch, not the step: a step checkpoint taken on an epoch's last update has that
         epoch's final step but not its evaluation, so its record is written again on resume.
         """
-        if not self.path.exists():
+        if self.path is None or not self.path.exists():
             return
         lines = self.path.read_text().splitlines()
         kept = [line for line in lines if line.strip() and json.loads(line)["epoch"] <= epochs_done]

@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from finetune.checkpoint import (CheckpointManager, Manifest, check_policy_state, load_training_state, set_rng_state,
                                  verify_file)
+from finetune.distributed import SINGLE, World
 from finetune.errors import UserError
 from finetune.trainer import TrainState
 
@@ -51,6 +52,7 @@ class ResumePoint:
     in_place: bool  # the file lives in this run's checkpoint directory
     invalid: tuple[str, ...] = field(default=())  # newer files of that directory that failed verification
     unverified: bool = False  # it loads but did not match its manifest entry (resume_allow_unverified)
+    rescaled: str | None = None  # saved at another world size: what changed (``at_world_size``)
 
     @property
     def step(self) -> int:
@@ -190,6 +192,39 @@ def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------ restore
+def at_world_size(point: ResumePoint | None, world: World, *, loaders: Any, accumulate: int) -> ResumePoint | None:
+    """``point`` as this world size continues it: unchanged when it was saved at the same size.
+
+    At another size (DDP with more or fewer processes) the run continues from the same number of
+    samples seen: the epoch's position is rounded down to an update of the new global batch (the
+    few images past it are trained on again), the step counter and the learning-rate schedule are
+    placed by samples seen, and the data order of the rest differs from what the old size would
+    have trained (a warning says so). Weights, optimizer moments and EMA are restored as saved.
+    """
+    if point is None:
+        return None
+    order = point.state.get("data_order") or {}
+    saved = int(order.get("world_size") or 1)
+    if saved == world.size:
+        return point
+    ts, sampler = point.state["train_state"], loaders.train_sampler
+    batch_size = int(order.get("batch_size") or sampler.batch_size)
+    pending = 0 < ts["epoch_batches"] <= ts["batches_seen"]  # all of the epoch trained, its evaluation not done
+    seen = min(ts["batches_seen"] * batch_size * saved, sampler.epoch_length())
+    batches = len(loaders.train) if pending else seen // (sampler.global_batch * accumulate) * accumulate
+    updates_per_epoch = -(-len(loaders.train) // accumulate)
+    before = ts["global_step"]
+    ts.update(batches_seen=batches, epoch_batches=len(loaders.train) if batches else 0,
+              global_step=ts["epoch"] * updates_per_epoch + -(-batches // accumulate))
+    again = 0 if pending else seen - batches * sampler.global_batch
+    point.rescaled = f"world size {saved} -> {world.size}"
+    log.warning(f"'{point.path}' was saved by {saved} process(es), this run has {world.size}: it continues from the "
+                f"same samples seen (epoch {ts['epoch']}, step {before} -> {ts['global_step']} in updates of "
+                f"{sampler.global_batch} images{f', {again} images of this epoch trained again' if again else ''}); "
+                "the data order from here on differs from an uninterrupted run at either size")
+    return point
+
+
 def tensorboard_continuation(point: ResumePoint | None, *, resuming: bool) -> dict[str, Any]:
     """How TensorBoard continues a resumed run without a step logged twice.
 
@@ -208,18 +243,19 @@ def tensorboard_continuation(point: ResumePoint | None, *, resuming: bool) -> di
     return {"purge_step": point.step + 1}
 
 
-def restore(point: ResumePoint | None, run: RunParts, *, resuming: bool) -> TrainState | None:
+def restore(point: ResumePoint | None, run: RunParts, *, resuming: bool, world: World = SINGLE) -> TrainState | None:
     """Put the built run where ``point`` left off (None: a fresh start, with the metrics of an
     earlier attempt dropped when ``resuming``). Returns the loop's state to continue from."""
     if point is None:
         if resuming:  # resume=auto with nothing saved yet
             run.metrics.rewind(epochs_done=0)
         return None
-    return restore_training(run, point)
+    return restore_training(run, point, world=world)
 
 
-def restore_training(run: RunParts, point: ResumePoint) -> TrainState:
-    """Load every part of ``point`` into the built run; RNG last. Returns the loop's state."""
+def restore_training(run: RunParts, point: ResumePoint, *, world: World = SINGLE) -> TrainState:
+    """Load every part of ``point`` into the built run; RNG last (this process's own under DDP).
+    Returns the loop's state."""
     s, trainer, parts = point.state, run.trainer, run.training
     state = TrainState(**s["train_state"])
     check_length(trainer.max_epochs, state, source=point.path)
@@ -227,6 +263,7 @@ def restore_training(run: RunParts, point: ResumePoint) -> TrainState:
     configured = [{k: v for k, v in g.items() if k != "params"} for g in parts.optimizer.param_groups]
     load_optimizer(parts.optimizer, s["optimizer"], source=point.path)
     changes = changed_settings(run, configured, saved_epochs=saved_max_epochs(s))
+    changes += [point.rescaled] if point.rescaled else []
     if changes:  # allowed changes of the experiment: they take effect from here on
         restart_schedule(run, state, configured, changes)
     else:
@@ -237,7 +274,9 @@ def restore_training(run: RunParts, point: ResumePoint) -> TrainState:
     continue_checkpoints(run.checkpointer, point, state)
     if point.in_place:
         run.metrics.rewind(epochs_done=state.epoch)
-    set_rng_state(s["rng"])  # last: nothing may draw from the RNGs between here and training
+    rngs = s.get("rng_per_rank") or [s["rng"]]
+    if world.rank < len(rngs):  # a process the saved run did not have keeps its own seed_ranks stream
+        set_rng_state(rngs[world.rank])  # last: nothing may draw from the RNGs between here and training
     return state
 
 

@@ -10,15 +10,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
-from finetune import builders
+from finetune import builders, distributed
 from finetune import resume as resume_lib
 from finetune.checkpoint import TrainingParts, atomic_write_text
 from finetune.config import check_config
 from finetune.errors import RunPruned
-from finetune.runtime import RunDirInUse, hold_run_dir, setup_runtime
+from finetune.runtime import RunDirInUse, hold_run_dir, seed_ranks, setup_runtime
 from finetune.signals import TrainingInterrupted, graceful_stop, stop_workers
 from finetune.trainer import TrainState
 
@@ -33,22 +33,29 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, float]:
     With ``cfg.resume`` set, continues from a training state (``finetune.resume``): the
     pretrained load is skipped and everything is restored right before training.
     SIGTERM/SIGINT stop after the current step with ``last.ckpt`` saved (``TrainingInterrupted``).
+    Started by torchrun (or srun), every process calls it: one data-parallel run (``finetune.distributed``),
+    whose files rank 0 alone writes.
     """
     run_dir = resolve_run_dir(run_dir)
-    with RunRecord(run_dir) as record, graceful_stop() as stop:
+    world = distributed.init()
+    with RunRecord(run_dir, writes=world.main) as record, graceful_stop() as stop:
         check_config(cfg)
+        world.check_same_config(OmegaConf.to_yaml(cfg, resolve=True))
         record.hold()  # this process alone writes into the run dir from here on
         point = resume_lib.locate(cfg, run_dir=run_dir)
+        world.barrier()  # every process knows where it starts before rank 0 writes anything
         rt = setup_runtime(seed=cfg.seed, device=cfg.trainer.device, precision=cfg.trainer.precision,
-                           deterministic=cfg.trainer.deterministic, job=builders.job_number())
-        split = builders.build_split(cfg.data, run_dir=run_dir)
+                           deterministic=cfg.trainer.deterministic, job=builders.job_number(), world=world)
+        split = builders.build_split(cfg.data, run_dir=run_dir, write=world.main)
         model, spec = builders.build_classifier(cfg.model, head=cfg.head, num_classes=len(split.class_names))
         if point is None:  # a resumed model gets its weights from the training state
-            builders.init_weights(cfg.model, model, spec, head=cfg.head, class_names=split.class_names, run_dir=run_dir)
-        model = model.to(rt.device)
+            builders.init_weights(cfg.model, model, spec, head=cfg.head, class_names=split.class_names,
+                                  run_dir=run_dir, write=world.main)
+        model = builders.prepare_for_ddp(cfg, model.to(rt.device), rt=rt)
         data_config = builders.build_data_config(cfg.data, spec)
         loaders = record.watch(builders.build_loaders(cfg.data, split, data_config, seed=cfg.seed,
-                                                      pin_memory=rt.device.type == "cuda"))
+                                                      pin_memory=rt.device.type == "cuda", world=world))
+        point = resume_lib.at_world_size(point, world, loaders=loaders, accumulate=cfg.trainer.accumulate)
         freeze = builders.build_freeze(cfg, model, spec)
         lr, lr_find = record.note_lr(*builders.choose_lr(cfg, model, spec, loaders=loaders, rt=rt, resume=point))
         optimizer, scheduler = builders.build_optimization(cfg, model, spec, lr=lr,
@@ -59,7 +66,8 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, float]:
                                                 class_names=split.class_names, loaders=loaders, rt=rt,
                                                 run_dir=run_dir, resume=point, stop=stop, lr_find=lr_find),
                              resumed_from=point)
-        state = resume_lib.restore(point, parts, resuming=cfg.resume is not None)
+        seed_ranks(cfg.seed, world)
+        state = resume_lib.restore(point, parts, resuming=cfg.resume is not None, world=world)
         state = parts.trainer.fit(loaders.train, loaders.val, state)
         return record.finish(state, hparams=builders.hparams(cfg, only=builders.swept_keys()))
 
@@ -109,8 +117,9 @@ class RunRecord:
     checkpoint save finishes) and the loaders' worker processes are shut down.
     """
 
-    def __init__(self, run_dir: Path):
-        self.run_dir = run_dir
+    def __init__(self, run_dir: Path, *, writes: bool = True):
+        """``writes``: this process writes the run's files (under DDP, rank 0 alone)."""
+        self.run_dir, self.writes = run_dir, writes
         self.handler = logging.FileHandler(run_dir / "train.log", delay=True)  # created by the first line
         self.lock = contextlib.ExitStack()
         self.handler.setFormatter(logging.Formatter("[%(asctime)s][%(levelname)s] %(message)s"))
@@ -121,19 +130,22 @@ class RunRecord:
 
     def __enter__(self) -> RunRecord:
         root = logging.getLogger()
-        root.addHandler(self.handler)
-        root.setLevel(min(root.level or logging.INFO, logging.INFO))
+        if self.writes:  # a DDP process other than rank 0 logs as its launcher set up (errors only)
+            root.addHandler(self.handler)
+            root.setLevel(min(root.level or logging.INFO, logging.INFO))
         logging.captureWarnings(True)  # e.g. skipped unreadable images reach train.log too
         return self
 
     def hold(self) -> None:
         """Lock the run dir for this run's life (``hold_run_dir``); refused when another process holds it."""
-        self.lock.enter_context(hold_run_dir(self.run_dir))
+        if self.writes:
+            self.lock.enter_context(hold_run_dir(self.run_dir))
 
     def note_lr(self, lr: float, lr_find: dict[str, Any] | None) -> tuple[float, dict[str, Any] | None]:
         """Returns its arguments; ``optim.lr=auto``'s choice goes into ``summary.json`` and ``lr_find.json``."""
         if lr_find is not None:
             self.record["lr_find"] = {k: lr_find[k] for k in ("lr", "chosen", "rule", "reason")}
+        if lr_find is not None and self.writes:
             atomic_write_text(self.run_dir / "lr_find.json", json.dumps(lr_find, indent=1) + "\n")
         return lr, lr_find
 
@@ -175,6 +187,8 @@ class RunRecord:
                 hook.close()
             self._add_training_facts()
         self.record["wall_seconds"] = round(time.time() - self.started, 2)
+        if not self.writes:
+            return self._close()
         if self.parts is None and exc_type is not None and (self.run_dir / "summary.json").exists():
             log.error(f"stopped before training, '{self.run_dir / 'summary.json'}' left as it was: {exc}")
             return self._close()  # refused before any work (a resume, a fresh run here): keep that run's summary

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from finetune.distributed import SINGLE, World
 from finetune.errors import UserError
 
 AUTOCAST_DTYPES = {"32": None, "bf16": torch.bfloat16, "16": torch.float16}
@@ -26,6 +27,7 @@ class Runtime:
     device: torch.device
     autocast_dtype: torch.dtype | None  # None: full fp32
     use_grad_scaler: bool  # fp16 on CUDA
+    world: World = SINGLE  # the data-parallel processes of this run (DDP), one by default
 
 
 def seed_everything(seed: int) -> None:
@@ -43,12 +45,22 @@ def set_deterministic(enabled: bool) -> None:
     torch.backends.cudnn.benchmark = not enabled
 
 
-def resolve_device(name: str, *, job: int = 0) -> torch.device:
+def resolve_device(name: str, *, job: int = 0, world: World = SINGLE) -> torch.device:
     """``auto`` picks CUDA when present; an unavailable CUDA request is an error.
 
     ``per_job``: one GPU per job of a sweep whose jobs run in parallel (``job`` modulo the GPUs
-    this process sees), the CPU when there is none.
+    this process sees), the CPU when there is none. Under DDP each process takes the GPU of its
+    local rank (``auto``, ``cuda``, ``per_job``), or the CPU.
     """
+    if world.distributed:
+        if name not in ("auto", "cuda", "cpu", "per_job"):
+            raise UserError(f"trainer.device '{name}' names one device, but under DDP each process takes the GPU of "
+                            "its local rank: use trainer.device=auto, cuda or cpu")
+        if name == "cpu" or not torch.cuda.is_available():
+            if name == "cuda":
+                raise UserError("trainer.device 'cuda' asked for CUDA but torch sees no GPU: use trainer.device=cpu")
+            return torch.device("cpu")
+        return torch.device(f"cuda:{world.local_rank % torch.cuda.device_count()}")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "per_job":
@@ -73,16 +85,28 @@ def device_for_job(job: int, gpus: int) -> str:
     return f"cuda:{job % gpus}" if gpus else "cpu"
 
 
-def setup_runtime(*, seed: int, device: str, precision: str, deterministic: bool = True, job: int = 0) -> Runtime:
-    """Seed, pick the device and the autocast dtype for ``trainer.precision``."""
+def setup_runtime(*, seed: int, device: str, precision: str, deterministic: bool = True, job: int = 0,
+                  world: World = SINGLE) -> Runtime:
+    """Seed, pick the device and the autocast dtype for ``trainer.precision``.
+
+    Every process of a DDP run is seeded alike, so that they build the same model; `seed_ranks`
+    gives each its own stream before training.
+    """
     seed_everything(seed)
     set_deterministic(deterministic)
-    dev = resolve_device(device, job=job)
+    dev = resolve_device(device, job=job, world=world)
     dtype = AUTOCAST_DTYPES[precision]
     if dtype is torch.float16 and dev.type != "cuda":
         raise UserError("trainer.precision '16' (fp16 with a GradScaler) needs CUDA; "
                         "on CPU use trainer.precision=bf16 or 32")
-    return Runtime(device=dev, autocast_dtype=dtype, use_grad_scaler=dtype is torch.float16)
+    return Runtime(device=dev, autocast_dtype=dtype, use_grad_scaler=dtype is torch.float16, world=world)
+
+
+def seed_ranks(seed: int, world: World) -> None:
+    """Under DDP, each process its own random stream for training (dropout, drop-path) from here on:
+    seeded with ``seed + rank``. One process keeps its stream as it is."""
+    if world.distributed:
+        seed_everything(seed + world.rank)
 
 
 def package_versions() -> dict[str, str]:

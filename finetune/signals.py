@@ -1,10 +1,12 @@
-"""Graceful stops: SIGTERM or SIGINT finish the current step, save, and stop the run.
+"""Graceful stops: SIGTERM, SIGINT or SIGUSR2 finish the current step, save, and stop the run.
 
 The first signal only sets a flag (`StopRequest`); the trainer polls it at each
 optimizer-update boundary, lets its hooks save ``last.ckpt`` (mid-epoch), and raises
 `TrainingInterrupted`. A second SIGINT or SIGTERM raises ``KeyboardInterrupt`` at once
 (abort without saving; the files on disk stay consistent because every write is
-atomic). Cluster preemption, which sends SIGTERM, goes through the same path.
+atomic). Cluster preemption goes through the same path: SLURM sends SIGTERM, submitit sends SIGUSR2
+before a job's time limit (after the save, ``finetune.__main__`` hands SIGUSR2 to submitit's own
+handler, which requeues the job). Under DDP a signal to any process stops them all at one step.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Any
 
 log = logging.getLogger("finetune")
 
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2)
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -32,7 +34,7 @@ class TrainingInterrupted(KeyboardInterrupt):
 
 
 class StopRequest:
-    """Set by the first SIGTERM/SIGINT; ``signum`` is None until then."""
+    """Set by the first SIGTERM/SIGINT/SIGUSR2; ``signum`` is None until then."""
 
     def __init__(self) -> None:
         self.signum: int | None = None
@@ -48,7 +50,7 @@ class StopRequest:
 
 @contextlib.contextmanager
 def graceful_stop() -> Iterator[StopRequest]:
-    """Route SIGINT and SIGTERM to a `StopRequest` for the duration; restore the old handlers after.
+    """Route SIGINT, SIGTERM and SIGUSR2 to a `StopRequest` for the duration; restore the old handlers after.
 
     Outside the main thread (where Python cannot install handlers) the request is never set.
     """

@@ -19,9 +19,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from finetune.distributed import SINGLE, World
 from finetune.errors import UserError
 from finetune.metrics import EvalResult, MetricAccumulator, infer_mode, is_better
-from finetune.signals import StopRequest, TrainingInterrupted
+from finetune.signals import STOP_SIGNALS, StopRequest, TrainingInterrupted
 
 log = logging.getLogger("finetune")
 
@@ -79,7 +80,16 @@ class TrainerHook:
 
 
 class Trainer:
-    """Fits a classifier: per-update scheduling, accumulation, clipping, AMP, EMA, early stopping."""
+    """Fits a classifier: per-update scheduling, accumulation, clipping, AMP, EMA, early stopping.
+
+    Under DDP (``world`` of several processes) the model trains wrapped in
+    ``DistributedDataParallel`` (re-wrapped when a freezing schedule changes what trains), the
+    non-final micro-batches of an accumulation window skip the gradient all-reduce (``no_sync``),
+    and each process's loss is scaled so that the averaged gradient is the single-process gradient
+    of the global batch, however unevenly its last batch is split. The logged losses, the
+    evaluation and the stop decision (a signal on any process) are reduced over the processes, so
+    every process takes the same decisions at the same step.
+    """
 
     def __init__(self, *, model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: nn.Module,
                  device: torch.device, num_classes: int, max_epochs: int, scheduler: Any = None,
@@ -87,7 +97,8 @@ class Trainer:
                  accumulate: int = 1, grad_clip: float | None = None, ema: Any = None,
                  channels_last: bool = False, monitor: str = "val/acc1", mode: str | None = None,
                  patience: int | None = None, min_delta: float = 0.0, hooks: Sequence[TrainerHook] = (),
-                 progress_bar: bool = True, stop: StopRequest | None = None):
+                 progress_bar: bool = True, stop: StopRequest | None = None, world: World = SINGLE,
+                 ddp_options: dict[str, Any] | None = None):
         self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
         self.scheduler, self.grad_scaler, self.ema = scheduler, grad_scaler, ema
         self.device, self.num_classes, self.max_epochs = device, num_classes, max_epochs
@@ -98,6 +109,11 @@ class Trainer:
         self.hooks, self.progress_bar = list(hooks), progress_bar
         self.stop = stop  # polled at optimizer-update boundaries; set by SIGTERM/SIGINT
         self.eval_loss = nn.CrossEntropyLoss(reduction="sum")
+        self.world, self.ddp_options = world, dict(ddp_options or {})
+        self.train_model: nn.Module = model  # what the forward of a training step calls (DDP's wrapper under DDP)
+        self._trainable: tuple[bool, ...] | None = None  # which parameters the DDP wrapper was built for
+        self._window = [0.0, 0.0]  # loss sum and images of the micro-batches since the last update (this process)
+        self._last = (0.0, 0)  # loss sum and images of the latest micro-batch (this process)
 
     # ----------------------------------------------------------------- fit
     def fit(self, train_loader: Iterable, val_loader: Iterable, state: TrainState | None = None) -> TrainState:
@@ -114,7 +130,7 @@ class Trainer:
             for hook in self.hooks:
                 hook.on_epoch_end(state, logs, result, improved)
             self._stop_if_requested(state)
-            if self.patience is not None and state.stale_epochs >= self.patience:
+            if self.world.broadcast(self.patience is not None and state.stale_epochs >= self.patience):
                 log.info(f"early stopping: {self.monitor} did not improve for {state.stale_epochs} epochs")
                 break
         for hook in self.hooks:
@@ -128,10 +144,12 @@ class Trainer:
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(state.epoch)
         if state.batches_seen and hasattr(sampler, "set_start"):  # resumed mid-epoch: skip, at the index level
-            sampler.set_start(min(state.batches_seen * loader.batch_size, sampler.num_samples))
+            per_update = getattr(sampler, "global_batch", loader.batch_size)  # positions per batch, all processes
+            sampler.set_start(min(state.batches_seen * per_update, sampler.num_samples))
         self.model.train()
         for hook in self.hooks:
             hook.on_epoch_start(state)
+        self._wrap_for_training()  # after the hooks: a freezing schedule may have changed what trains
         # Resumed mid-epoch, the sampler starts after the batches already trained on, so the loader
         # yields only the rest: the epoch's full length adds those back.
         total_batches = state.epoch_batches = len(loader) + state.batches_seen
@@ -142,10 +160,14 @@ class Trainer:
             state.batches_seen += 1
             update = state.batches_seen % self.accumulate == 0 or state.batches_seen == total_batches
             loss = self.train_step(inputs, target, state, update=update)
-            loss_sum, images = loss_sum + loss * target.shape[0], images + target.shape[0]
-            state.epoch_loss_sum, state.epoch_images = loss_sum, images
+            if not self.world.distributed:
+                loss_sum, images = loss_sum + loss * target.shape[0], images + target.shape[0]
+                state.epoch_loss_sum, state.epoch_images = loss_sum, images
             logs = {"train/loss": loss, **self.learning_rates()}
             if update:
+                if self.world.distributed:  # the update's losses over every process (with the stop flags)
+                    loss_sum, images, logs["train/loss"] = self._reduced_window(loss_sum, images)
+                    state.epoch_loss_sum, state.epoch_images = loss_sum, images
                 state.step_logs = logs
                 for hook in self.hooks:
                     hook.on_step(state, logs)
@@ -162,18 +184,49 @@ class Trainer:
         """Forward and backward on one batch; an optimizer update when ``update``. Returns the loss."""
         inputs = inputs.to(self.device, non_blocking=True, memory_format=self.memory_format)
         target = target.to(self.device, non_blocking=True)
-        with self._autocast():
-            loss = self.loss_fn(self.model(inputs), target)
-        value = loss.item()
-        if not math.isfinite(value):
-            raise TrainingDiverged(
-                f"train/loss became {value} at epoch {state.epoch + 1}, batch {state.batches_seen}: lower "
-                "optim.lr, set trainer.grad_clip, or use trainer.precision=32; the last checkpoint is kept")
-        scaled = loss / self.accumulate
-        (self.grad_scaler.scale(scaled) if self.grad_scaler else scaled).backward()
+        # Under DDP, the non-final micro-batches of an accumulation window skip the all-reduce.
+        sync = self.train_model.no_sync() if self.world.distributed and not update else contextlib.nullcontext()
+        with sync:
+            with self._autocast():
+                logits = self.train_model(inputs)
+                loss = self.loss_fn(logits, target)
+            value = loss.item()
+            if not math.isfinite(value):
+                raise TrainingDiverged(
+                    f"train/loss became {value} at epoch {state.epoch + 1}, batch {state.batches_seen}: lower "
+                    "optim.lr, set trainer.grad_clip, or use trainer.precision=32; the last checkpoint is kept")
+            if self.world.distributed:
+                loss = self._share_of_global_loss(logits, target)
+                self._window = [self._window[0] + value * target.shape[0], self._window[1] + target.shape[0]]
+                self._last = (value * target.shape[0], target.shape[0])
+            scaled = loss / self.accumulate
+            (self.grad_scaler.scale(scaled) if self.grad_scaler else scaled).backward()
         if update:
             self._optimizer_update(state)
         return value
+
+    def _share_of_global_loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """This process's part of the global batch's loss, scaled so that DDP's gradient average (sum
+        over processes / world size) is the gradient of the loss over the whole global batch.
+
+        The loss function's own mean divides by this process's images (or class weights); the
+        global batch divides by all processes' together, which one small all-reduce gives.
+        """
+        weight = getattr(self.loss_fn, "weight", None)
+        smoothing = getattr(self.loss_fn, "label_smoothing", 0.0)
+        total = torch.nn.functional.cross_entropy(logits.float(), target, weight=weight, reduction="sum",
+                                                  label_smoothing=smoothing)
+        denominator = (weight[target].sum() if weight is not None else
+                       torch.tensor(float(target.shape[0]), device=logits.device)).detach().float().reshape(1)
+        torch.distributed.all_reduce(denominator)
+        return total * self.world.size / denominator.clamp(min=1e-12)
+
+    def _reduced_window(self, loss_sum: float, images: int) -> tuple[float, int, float]:
+        """The epoch's loss sum and images, and the update's last batch's mean loss, over every process."""
+        window, last = self._window, self._last
+        self._window = [0.0, 0.0]
+        total = self.world.sum([*window, *last]).tolist()
+        return loss_sum + total[0], images + int(total[1]), total[2] / max(total[3], 1)
 
     def _optimizer_update(self, state: TrainState) -> None:
         if self.grad_clip is not None:
@@ -196,19 +249,27 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self, loader: Iterable, model: nn.Module | None = None) -> EvalResult:
         """Loss, accuracies and confusion matrix over ``loader`` (EMA weights when EMA is on)."""
-        model = model or (self.ema.module if self.ema is not None else self.model)
+        model = model or (self.ema.module if self.ema is not None else self.model)  # never the DDP wrapper
         was_training = model.training
         model.eval()
-        acc = MetricAccumulator(self.num_classes)
-        for inputs, target in loader:
+        batches = getattr(loader, "batch_sampler", None)  # `EvalBatches`: which batches of the whole set are ours
+        batch_ids = getattr(batches, "batch_ids", None)
+        acc = MetricAccumulator(self.num_classes, total_batches=getattr(batches, "total_batches", None))
+        for k, (inputs, target) in enumerate(loader):
             inputs = inputs.to(self.device, non_blocking=True, memory_format=self.memory_format)
             target = target.to(self.device, non_blocking=True)
             with self._autocast():
                 logits = model(inputs)
             logits = logits.float()
-            acc.update(logits, target, self.eval_loss(logits, target).item())
+            acc.update(logits, target, self.eval_loss(logits, target).item(),
+                       batch=batch_ids[k] if batch_ids is not None else None)
         model.train(was_training)
-        return acc.result()
+        result = acc.result(self.world)
+        expected = len(loader.dataset) if hasattr(loader, "dataset") and batch_ids is not None else None
+        if expected is not None and acc.reduced_count != expected:
+            raise RuntimeError(f"evaluated {acc.reduced_count} images of {expected}: the shards do not cover "
+                               "the validation set exactly once")
+        return result
 
     # ------------------------------------------------------------- helpers
     def learning_rates(self) -> dict[str, float]:
@@ -221,13 +282,41 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
 
+    def _stop_signal(self) -> int | None:
+        """The signal that asks this process to stop, if any (not yet agreed on under DDP)."""
+        return None if self.stop is None else self.stop.signum
+
     def _stop_if_requested(self, state: TrainState) -> None:
-        """After an update (or an epoch): if a signal asked to stop, let hooks save, then stop."""
-        if self.stop is None or self.stop.signum is None:
+        """After an update (or an epoch): if a signal asked to stop, let hooks save, then stop.
+
+        Under DDP a signal on any process stops all of them at this same boundary: the flags are
+        summed over the processes (one all-reduce), then every process saves (rank 0 writes).
+        """
+        signum = self._stop_signal()
+        if self.world.distributed:
+            flags = self.world.sum([1.0 if signum == s else 0.0 for s in self.STOP_ORDER]).tolist()
+            signum = next((s for s, flag in zip(self.STOP_ORDER, flags) if flag), None)
+        if signum is None:
             return
         for hook in self.hooks:
             hook.on_interrupt(state)
-        raise TrainingInterrupted(self.stop.signum)
+        raise TrainingInterrupted(signum)
+
+    STOP_ORDER = tuple(STOP_SIGNALS)  # under DDP, the first of these sent to any process stops all
+
+    def _wrap_for_training(self) -> None:
+        """Under DDP: wrap the model for its parameters that train now (again when that changed)."""
+        if not self.world.distributed:
+            return
+        trainable = tuple(p.requires_grad for p in self.model.parameters())
+        if trainable == self._trainable:
+            return
+        from torch.nn.parallel import DistributedDataParallel
+
+        if self._trainable is not None:
+            log.info("the trainable parameters changed: DistributedDataParallel wraps the model again")
+        self._trainable = trainable
+        self.train_model = DistributedDataParallel(self.model, **self.ddp_options)
 
     def _track_best(self, state: TrainState, metrics: dict[str, float]) -> bool:
         if self.monitor not in metrics:

@@ -40,7 +40,7 @@ Threads, what each reads, and why it cannot change underneath:
 
 from finetune.checkpoint.atomic import (DIGEST, DIGESTS, FileFacts, HashingSink, atomic_link, atomic_write_stream,
                                         atomic_write_text, file_digest, fsync_dir)
-from finetune.checkpoint.manager import CheckpointManager, CheckpointWriteError
+from finetune.checkpoint.manager import CheckpointFollower, CheckpointManager, CheckpointWriteError
 from finetune.checkpoint.manifest import Manifest, verify_file
 from finetune.checkpoint.policy import (STATE_FILE, CheckpointPolicy, check_policy_state, state_file_name,
                                        top_k_file_name)
@@ -52,7 +52,7 @@ from finetune.checkpoint.weights_file import (WEIGHTS_EXTENSIONS, WEIGHTS_FORMAT
 
 __all__ = [
     "DIGEST", "DIGESTS", "STATE_FILE", "STATE_FORMAT", "WEIGHTS_EXTENSIONS", "WEIGHTS_FORMAT",
-    "CheckpointManager", "CheckpointPolicy", "CheckpointWriteError", "FileFacts", "HashingSink", "Manifest",
+    "CheckpointFollower", "CheckpointManager", "CheckpointPolicy", "CheckpointWriteError", "FileFacts", "HashingSink", "Manifest",
     "ModelDescription", "ModelMeta", "RunFacts", "TrainingParts",
     "atomic_link", "atomic_write_stream", "atomic_write_text", "check_policy_state", "detached_copy", "file_digest",
     "fsync_dir",

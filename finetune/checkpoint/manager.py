@@ -13,9 +13,10 @@ from typing import Any
 from finetune.checkpoint.atomic import FileFacts, atomic_link
 from finetune.checkpoint.manifest import Manifest
 from finetune.checkpoint.policy import STATE_FILE, CheckpointPolicy, state_file_name, top_k_file_name
-from finetune.checkpoint.training_state import (RunFacts, TrainingParts, detached_copy, save_training_state,
-                                                training_state)
+from finetune.checkpoint.training_state import (RunFacts, TrainingParts, detached_copy, rng_state,
+                                                save_training_state, training_state)
 from finetune.checkpoint.weights_file import ModelDescription, save_weights
+from finetune.distributed import SINGLE, World
 from finetune.errors import UserError
 from finetune.metrics import EvalResult
 from finetune.trainer import TrainerHook, TrainState
@@ -38,12 +39,17 @@ class CheckpointManager(TrainerHook):
     ``last.ckpt`` is replaced, its previous content is kept under ``epochEEE-stepSSSSSS.ckpt``
     (``keep_last_k`` of those). Files are replaced, never deleted first; the state this
     run resumed from is never pruned, nor is ``best``.
+
+    Under DDP this is rank 0's hook and every other process runs a `CheckpointFollower`: the same
+    decisions at the same steps, no files. Saving the training state is collective (every
+    process's RNG state goes into it); a synchronous save ends with a barrier.
     """
 
     def __init__(self, directory: str | Path, *, policy: CheckpointPolicy, parts: TrainingParts,
-                 model: ModelDescription, run: RunFacts, fresh: bool = True):
+                 model: ModelDescription, run: RunFacts, fresh: bool = True, world: World = SINGLE):
         """``parts``: what is saved; ``model``: what weights files say about it; ``run``: what the
         training state records about this run; ``fresh``: a new run (start an empty manifest)."""
+        self.world = world
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.policy, self.monitor = policy, policy.monitor
@@ -113,9 +119,7 @@ class CheckpointManager(TrainerHook):
         self.wait()
         value = self.last_value = (result.scalars() | logs).get(self.monitor)
         if self.policy.save_best and improved:
-            self._write_weights(f"best{self.policy.ext}", "best", state, value)
-            self.manifest.set_best(f"best{self.policy.ext}")
-            self.manifest.save()
+            self._save_best(state, value)
         if self.policy.save_top_k and value is not None:
             self._update_top_k(state, value)
         if self.policy.save_last and state.epoch % self.policy.every_n_epochs == 0:
@@ -132,6 +136,11 @@ class CheckpointManager(TrainerHook):
             self.save_last(state, self.last_value)
 
     # ------------------------------------------------------------ saving
+    def _save_best(self, state: TrainState, value: float | None) -> None:
+        self._write_weights(f"best{self.policy.ext}", "best", state, value)
+        self.manifest.set_best(f"best{self.policy.ext}")
+        self.manifest.save()
+
     def save_last(self, state: TrainState, value: float | None) -> None:
         self._write_weights(f"last{self.policy.ext}", "last", state, value)
         self.save_state(state)
@@ -146,10 +155,13 @@ class CheckpointManager(TrainerHook):
             return
         self.wait()
         self.last_saved = key
-        if not background:
-            self._write_state(self._training_state(state), replace(state))
+        rngs = self.world.gather(rng_state())  # every process reaches every save: collective under DDP
+        if not background or not self.world.main:
+            self._write_state(self._training_state(state, rngs), replace(state))
+            if not background:
+                self.world.barrier()  # rank 0 has written: all go on together
             return
-        snapshot = detached_copy(self._training_state(state))
+        snapshot = detached_copy(self._training_state(state, rngs))
         self._pending = threading.Thread(target=self._write_in_background, args=(snapshot, replace(state)),
                                          name="finetune-checkpoint")
         self._pending.start()
@@ -169,9 +181,9 @@ class CheckpointManager(TrainerHook):
         except Exception as err:  # noqa: BLE001 - the run is ending anyway; say what was lost
             log.error(f"the last background checkpoint was not written: {err}")
 
-    def _training_state(self, progress: TrainState) -> dict[str, Any]:
+    def _training_state(self, progress: TrainState, rngs: list[dict[str, Any]]) -> dict[str, Any]:
         return training_state(self.parts, progress, run=self.run, policy=self.state_dict(),
-                              weights_metadata=self.model.metadata(epoch=progress.epoch))
+                              weights_metadata=self.model.metadata(epoch=progress.epoch), rngs=rngs)
 
     def _write_in_background(self, snapshot: dict[str, Any], state: TrainState) -> None:
         try:
@@ -258,6 +270,46 @@ class CheckpointManager(TrainerHook):
         """The manifest entry of the best weights (``value``, ``epoch``, ...); empty when none was saved."""
         name = self.manifest.data.get("best")
         return dict(self.manifest.files.get(name, {})) if name else {}
+
+
+class CheckpointFollower(CheckpointManager):
+    """A DDP process other than rank 0: takes part in every save rank 0's `CheckpointManager` makes
+    (the same policy on the same reduced metrics decides the same saves) and writes nothing."""
+
+    def __init__(self, *, policy: CheckpointPolicy, parts: TrainingParts, run: RunFacts, world: World):
+        self.world, self.policy, self.monitor, self.parts, self.run = world, policy, policy.monitor, parts, run
+        self.top_k, self.protected, self.last_trusted = [], set(), False
+        self.last_saved, self.last_value = None, None
+        self._pending, self._failure = None, None
+
+    def restore(self, policy_state: dict[str, Any] | None, *, progress: TrainState, resumed: str | None,
+                invalid: tuple[str, ...] = (), rehash: bool = False) -> None:
+        if resumed is not None:
+            self.last_saved = (progress.epoch, progress.global_step, progress.batches_seen)
+
+    def adopt(self, source: Path, entry: dict[str, Any], *, kind: str) -> None:
+        pass
+
+    def _save_best(self, state: TrainState, value: float | None) -> None:
+        pass
+
+    def _update_top_k(self, state: TrainState, value: float) -> None:
+        pass
+
+    def _write_weights(self, name: str, kind: str, state: TrainState, value: float | None) -> None:
+        pass
+
+    def _training_state(self, progress: TrainState, rngs: list[dict[str, Any]]) -> dict[str, Any]:
+        return {}
+
+    def _write_state(self, snapshot: dict[str, Any], state: TrainState) -> None:
+        pass
+
+    def paths(self) -> dict[str, str]:
+        return {}
+
+    def best(self) -> dict[str, Any]:
+        return {}
 
 
 class CheckpointWriteError(UserError):

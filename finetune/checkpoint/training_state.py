@@ -105,17 +105,22 @@ class RunFacts:
     seed: int
     batch_size: int | None
     lr_find: dict[str, Any] | None = None  # how optim.lr=auto chose the rate: a resume takes it, never searches
+    world_size: int = 1  # data-parallel processes; batch_size is per process
 
 
 def training_state(parts: TrainingParts, progress: TrainState, *, run: RunFacts, policy: dict[str, Any],
-                   weights_metadata: dict[str, str]) -> dict[str, Any]:
-    """Everything ``last.ckpt`` holds, read from the live parts (copy it before writing in the background)."""
+                   weights_metadata: dict[str, str], rngs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Everything ``last.ckpt`` holds, read from the live parts (copy it before writing in the background).
+
+    ``rngs``: every process's RNG state by rank (DDP); ``rng`` is rank 0's, as in a one-process run.
+    """
+    rngs = rngs or [rng_state()]
     optional = {"scheduler": parts.scheduler, "grad_scaler": parts.grad_scaler, "ema": parts.ema,
                 "freeze": parts.freeze}
     return {"format": STATE_FORMAT, "model": parts.model.state_dict(), "optimizer": parts.optimizer.state_dict(),
             **{name: part.state_dict() if part is not None else None for name, part in optional.items()},
-            "train_state": progress.to_dict(), "rng": rng_state(),
+            "train_state": progress.to_dict(), "rng": rngs[0], "rng_per_rank": rngs,
             "data_order": {"seed": run.seed, "epoch": progress.epoch, "batches_seen": progress.batches_seen,
-                           "batch_size": run.batch_size},
+                           "batch_size": run.batch_size, "world_size": run.world_size},
             "checkpoint_policy": policy, "config_yaml": run.config_yaml, "versions": run.versions,
             "weights_metadata": weights_metadata, "lr_find": run.lr_find}

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 
 from finetune.data.dataset import ImageDataset
 from finetune.data.folder import DataSplit
-from finetune.data.sampling import EpochSampler
+from finetune.data.sampling import EpochSampler, EvalBatches
 from finetune.errors import UserError
 
 BALANCE_CHOICES = ("none", "sampler", "loss_weights")
@@ -56,8 +56,9 @@ def build_loaders(
     balance: str = "none",
     seed: int = 0,
     pin_memory: bool = False,
-    drop_last: bool = False,
     channels: int = 3,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> Loaders:
     """Build the train and val loaders of a split.
 
@@ -71,8 +72,9 @@ def build_loaders(
             replacement); ``"loss_weights"`` returns ``N / (C * count)`` class weights.
         seed: Seed of the sampling order, the augmentation and the workers.
         pin_memory: Pin batches for faster host-to-GPU copies.
-        drop_last: Drop the last incomplete training batch.
         channels: Channels read from each image: 3 RGB, 1 grey, 4 RGBA (the model's ``in_chans``).
+        rank, world_size: This process among the data-parallel processes: ``batch_size`` is per
+            process, each loader yields this process's shard (`EpochSampler`, `EvalBatches`).
 
     Returns:
         The loaders, the train sampler and the class weights.
@@ -82,15 +84,17 @@ def build_loaders(
     """
     _check_loader_args(batch_size, num_workers, balance)
     counts = split.class_counts("train")
-    sampler = _train_sampler(split, counts, balance=balance, seed=seed)
-    common = _loader_options(batch_size, num_workers, pin_memory)
+    sampler = _train_sampler(split, counts, balance=balance, seed=seed, batch_size=batch_size, rank=rank,
+                             world_size=world_size)
+    common = _loader_options(num_workers, pin_memory)
     # Own generators: without one, every pass would draw worker seeds from the global RNG.
     train = DataLoader(
-        ImageDataset(split.train, train_transform, channels), sampler=sampler, drop_last=drop_last,
+        ImageDataset(split.train, train_transform, channels), sampler=sampler, batch_size=batch_size,
         generator=torch.Generator().manual_seed(seed), **common,
     )
     val = DataLoader(
-        ImageDataset(split.val, eval_transform, channels), shuffle=False,
+        ImageDataset(split.val, eval_transform, channels),
+        batch_sampler=EvalBatches(len(split.val), batch_size, rank=rank, world_size=world_size),
         generator=torch.Generator().manual_seed(seed), **common,
     )
     weights = compute_class_weights(counts) if balance == "loss_weights" else None
@@ -113,15 +117,17 @@ def _check_positive_int(name: str, value: Any) -> None:
         raise UserError(f"{name} must be a positive integer, got '{value}'")
 
 
-def _train_sampler(split: DataSplit, counts: list[int], *, balance: str, seed: int) -> EpochSampler:
+def _train_sampler(split: DataSplit, counts: list[int], *, balance: str, seed: int, batch_size: int, rank: int,
+                   world_size: int) -> EpochSampler:
     """A seeded shuffle; with ``balance="sampler"``, draws weighted by 1 / class size (classes evenly)."""
     sample_weights = [1.0 / counts[label] for _, label in split.train] if balance == "sampler" else None
-    return EpochSampler(len(split.train), seed=seed, weights=sample_weights)
+    return EpochSampler(len(split.train), seed=seed, weights=sample_weights, batch_size=batch_size, rank=rank,
+                        world_size=world_size)
 
 
-def _loader_options(batch_size: int, num_workers: int, pin_memory: bool) -> dict[str, Any]:
+def _loader_options(num_workers: int, pin_memory: bool) -> dict[str, Any]:
     """``DataLoader`` keyword arguments shared by the train and val loaders."""
-    options = {"batch_size": batch_size, "num_workers": num_workers, "pin_memory": pin_memory}
+    options = {"num_workers": num_workers, "pin_memory": pin_memory}
     if num_workers > 0:
         # seed_worker seeds python and numpy in each worker; persistent workers start once,
         # not at every epoch.
