@@ -198,8 +198,8 @@ def at_world_size(point: ResumePoint | None, world: World, *, loaders: Any, accu
     At another size (DDP with more or fewer processes) the run continues from the same number of
     samples seen: the epoch's position is rounded down to an update of the new global batch (the
     few images past it are trained on again), the step counter and the learning-rate schedule are
-    placed by samples seen, and the data order of the rest differs from what the old size would
-    have trained (a warning says so). Weights, optimizer moments and EMA are restored as saved.
+    placed by samples seen; the samples keep their order, but the updates group them differently
+    from what the old size would have done (a warning says so). Weights, optimizer moments and EMA are restored as saved.
     """
     if point is None:
         return None
@@ -220,8 +220,9 @@ def at_world_size(point: ResumePoint | None, world: World, *, loaders: Any, accu
     point.rescaled = f"world size {saved} -> {world.size}"
     log.warning(f"'{point.path}' was saved by {saved} process(es), this run has {world.size}: it continues from the "
                 f"same samples seen (epoch {ts['epoch']}, step {before} -> {ts['global_step']} in updates of "
-                f"{sampler.global_batch} images{f', {again} images of this epoch trained again' if again else ''}); "
-                "the data order from here on differs from an uninterrupted run at either size")
+                f"{sampler.global_batch} images{f', {again} images of this epoch trained again' if again else ''}); the "
+                f"samples keep their order but updates now take {sampler.global_batch} of them instead of "
+                f"{batch_size * saved}, so the result differs from an uninterrupted run at either size")
     return point
 
 
