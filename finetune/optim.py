@@ -23,6 +23,7 @@ import torch
 from timm.models import group_parameters
 from torch import nn
 
+from finetune.errors import UserError
 from finetune.freezing import find_stages, group_label
 from finetune.weights.remap import is_under
 
@@ -80,6 +81,9 @@ def build_optimizer(param_groups: list[dict], *, name: str, lr: float, momentum:
                     betas: Sequence[float] = (0.9, 0.999)) -> torch.optim.Optimizer:
     """Any optimizer timm knows by name (adamw, sgd, lamb, ...) over the given groups."""
     kwargs = {"betas": tuple(betas)} if "adam" in name or "lamb" in name else {}
+    if name in ("sgd", "nesterov") and not momentum > 0:  # torch would fail deep inside with a ValueError
+        raise UserError(f"optim.name={name} is SGD with Nesterov momentum, which needs optim.momentum > 0 (got "
+                        f"'{momentum}'): for plain SGD use optim.name=momentum optim.momentum=0")
     if name in ("sgd", "momentum", "nesterov"):
         kwargs["momentum"] = momentum
     groups = [{k: v for k, v in g.items() if k != "param_names"} for g in param_groups]

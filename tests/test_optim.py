@@ -8,6 +8,7 @@ import timm
 import torch
 from timm.optim import param_groups_layer_decay
 
+from finetune.errors import UserError
 from finetune.freezing import apply_freeze, plan_freeze
 from finetune.models import build_model
 from finetune.optim import build_optimizer, build_param_groups, build_scheduler
@@ -99,3 +100,11 @@ def test_frozen_parameters_get_no_update_and_no_state_but_keep_their_group():
     optimizer.step()
     assert torch.equal(model.conv1[0].weight, before)  # weight decay does not touch it either
     assert set(optimizer.state) == {model.fc.weight, model.fc.bias}
+
+
+def test_nesterov_sgd_without_momentum_is_a_clear_error():
+    model = torch.nn.Linear(2, 2)
+    with pytest.raises(UserError, match=r"optim.name=sgd .* needs optim.momentum > 0 \(got '0'\).*optim.name=momentum"):
+        build_optimizer([{"params": list(model.parameters())}], name="sgd", lr=0.1, momentum=0)
+    plain = build_optimizer([{"params": list(model.parameters())}], name="momentum", lr=0.1, momentum=0)
+    assert plain.param_groups[0]["momentum"] == 0 and not plain.param_groups[0]["nesterov"]
