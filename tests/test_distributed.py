@@ -265,3 +265,31 @@ def test_processes_that_compose_different_configs_refuse_to_train(data, tmp_path
     assert "composed another config than rank 0" in result.stdout + result.stderr
     assert "seed: 0" in result.stdout + result.stderr and "seed: 1" in result.stdout + result.stderr
     assert not (tmp_path / "run" / "checkpoints" / "manifest.json").exists()
+
+
+@pytest.mark.slow
+def test_unfreezing_ema_bf16_channels_last_layer_decay_and_lr_auto_under_ddp_resume_exactly(data, tmp_path):
+    """The rest of the trainer under DDP: freeze=gradual unfreezes the backbone at epoch 3 (the model is
+    wrapped again), EMA, bf16 autocast, channels_last, layer decay, optim.lr=auto (searched on each shard,
+    rank 0's rate broadcast), early stopping; SIGTERM mid-run and resume=auto end bit-identical."""
+    features = ["freeze=gradual", "trainer.ema=true", "trainer.ema_decay=0.9", "trainer.precision=bf16",
+                "trainer.channels_last=true", "optim.layer_decay=0.8", "optim.lr=auto", "optim.lr_find.num_updates=12",
+                "trainer.early_stopping.patience=10"]
+    straight = tmp_path / "straight"
+    ok(torchrun(args(data, 4, *features, f"hydra.run.dir={straight}"), nproc=2, cwd=tmp_path))
+    log = (straight / "train.log").read_text()
+    assert "DistributedDataParallel wraps the model again" in log
+    assert "optim.lr=auto: chose" in log or "optim.lr_find.fallback_lr" in log
+    assert json.loads((straight / "summary.json").read_text())["status"] == "completed"
+    assert not (straight / "lr_find.json").read_text() == ""
+
+    run_dir = tmp_path / "run"
+    stopped = torchrun(args(data, 4, *features, f"hydra.run.dir={run_dir}"), nproc=2, cwd=tmp_path,
+                       env={"FT_SIGNAL_AT": "0:8:SIGTERM"})  # epoch 3, after the unfreezing
+    assert stopped.returncode != 0 and json.loads((run_dir / "summary.json").read_text())["status"] == "interrupted"
+    ok(torchrun(args(data, 4, *features, "resume=auto", f"hydra.run.dir={run_dir}"), nproc=2, cwd=tmp_path))
+    for name in ("last.safetensors", "best.safetensors"):
+        assert_bit_identical(weights(run_dir, name), weights(straight, name))
+    state, again = (load_training_state(d / "checkpoints" / "last.ckpt") for d in (straight, run_dir))
+    assert_bit_identical(state["ema"], again["ema"])
+    assert state["lr_find"]["lr"] == again["lr_find"]["lr"]

@@ -33,15 +33,11 @@ class FreezeController(TrainerHook):
     re-applies them at once. Entries due by ``state.epoch`` are also applied by
     ``on_epoch_start``, so a restored ``TrainState`` alone puts the model right.
     The run holds it by name (``TrainingParts.freeze``); it is also one of the trainer's hooks.
+    Under DDP every process unfreezes at the same epoch start, and the trainer then wraps the model
+    in DistributedDataParallel again (DDP only synchronises the parameters that trained when it wrapped).
     """
 
     def __init__(self, model: nn.Module, plan: FreezePlan, *, bn: str, verify: bool = True):
-        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-        if plan.schedule and distributed and torch.distributed.get_world_size() > 1:
-            # DDP registers only the parameters that require grad when it wraps the model; ones
-            # unfrozen later would train unsynchronised on every rank.
-            raise UserError("freeze.schedule is not supported with several processes (DDP) yet: "
-                            "run the schedule on one device, or use freeze without a schedule")
         self.model, self.plan, self.bn, self.verify_each_epoch = model, plan, bn, verify
         self.frozen = set(plan.frozen)
         self.applied: list[int] = []
