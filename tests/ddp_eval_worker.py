@@ -5,6 +5,7 @@ validation split with the Trainer's distributed evaluation; rank 0 writes the ex
 """
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -18,13 +19,14 @@ from finetune.trainer import Trainer
 
 def main(weights: str, root: str, out: str) -> None:
     world = distributed.init()
-    model, meta = load_model(weights)
+    device = torch.device(f"cuda:{world.local_rank}" if os.environ.get("FT_TEST_DEVICE") == "cuda" else "cpu")
+    model, meta = load_model(weights, device=device)
     split = data_lib.scan_image_folder(root, val_split=0.2, seed=0)
     transform = data_lib.build_transforms(meta.data_config, img_size=meta.data_config["input_size"][-1], train=False)
     loaders = data_lib.build_loaders(split, train_transform=transform, eval_transform=transform, batch_size=4,
                                      rank=world.rank, world_size=world.size)
     trainer = Trainer(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-                      loss_fn=torch.nn.CrossEntropyLoss(), device=torch.device("cpu"), num_classes=len(split.class_names),
+                      loss_fn=torch.nn.CrossEntropyLoss(), device=device, num_classes=len(split.class_names),
                       max_epochs=1, progress_bar=False, world=world)
     result = trainer.evaluate(loaders.val)
     if world.main:
