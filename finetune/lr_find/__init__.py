@@ -4,8 +4,8 @@ Modules: ``curve`` (the updates at rising rates, the smoothed curve and the rule
 rate, documented there), ``snapshot`` (everything the test changes, put back after it) and
 ``plot`` (the curve as an image). `search` runs them on a built model.
 
-Under several processes (DDP, not yet supported by the trainer) the plan is: search on rank 0
-with its own data shard and broadcast the chosen rate, so every rank trains at the same rate.
+Under DDP every process searches on its own data shard, without synchronising gradients, and
+all train at rank 0's choice (``builders.choose_lr`` broadcasts it).
 """
 
 from __future__ import annotations
