@@ -65,8 +65,12 @@ def hand_over_to_requeue(signum: int) -> None:
     """After a SIGUSR2 stop has saved: the handler that was there before the run's own (submitit's,
     in a SLURM job it launched) gets the signal, and requeues the job; nothing happens without one."""
     handler = signal.getsignal(signum)
-    if callable(handler):
+    if not callable(handler):
+        return
+    try:
         handler(signum, None)
+    except Exception as err:  # noqa: BLE001 - submitit's own error when it will not requeue (too many timeouts)
+        print(f"not requeued: {describe_error(err)}", file=sys.stderr)
 
 
 def job_error_line(err: BaseException) -> str:

@@ -94,8 +94,9 @@ SINGLE = World()
 
 
 def launched_world(environ: dict[str, str] | None = None) -> World:
-    """The world torchrun (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``) or SLURM (``SLURM_PROCID``,
-    ``SLURM_NTASKS``, ``SLURM_LOCALID``) started this process in; `SINGLE` when neither did.
+    """The world torchrun (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``), SLURM (``SLURM_PROCID``,
+    ``SLURM_NTASKS``, ``SLURM_LOCALID``) or submitit's local executor (``SUBMITIT_LOCAL_*``, the same
+    path without a cluster) started this process in; `SINGLE` when none did.
 
     >>> launched_world({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"})
     World(rank=1, local_rank=1, size=2)
@@ -107,9 +108,10 @@ def launched_world(environ: dict[str, str] | None = None) -> World:
     env = os.environ if environ is None else environ
     if "WORLD_SIZE" in env and "RANK" in env:
         return World(rank=int(env["RANK"]), local_rank=int(env.get("LOCAL_RANK", 0)), size=int(env["WORLD_SIZE"]))
-    if int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in env:
-        return World(rank=int(env["SLURM_PROCID"]), local_rank=int(env.get("SLURM_LOCALID", 0)),
-                     size=int(env["SLURM_NTASKS"]))
+    for prefix, rank, local in (("SLURM_", "PROCID", "LOCALID"), ("SUBMITIT_LOCAL_", "GLOBALID", "LOCALID")):
+        if int(env.get(f"{prefix}NTASKS", "1")) > 1 and f"{prefix}{rank}" in env:  # srun, or submitit's local tasks
+            return World(rank=int(env[f"{prefix}{rank}"]), local_rank=int(env.get(f"{prefix}{local}", "0")),
+                         size=int(env[f"{prefix}NTASKS"]))
     return SINGLE
 
 

@@ -38,7 +38,7 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, float]:
     """
     run_dir = resolve_run_dir(run_dir)
     world = distributed.init()
-    with RunRecord(run_dir, writes=world.main) as record, graceful_stop() as stop:
+    with RunRecord(run_dir, world=world) as record, graceful_stop() as stop:
         check_config(cfg)
         world.check_same_config(OmegaConf.to_yaml(cfg, resolve=True))
         record.hold()  # this process alone writes into the run dir from here on
@@ -117,9 +117,9 @@ class RunRecord:
     checkpoint save finishes) and the loaders' worker processes are shut down.
     """
 
-    def __init__(self, run_dir: Path, *, writes: bool = True):
-        """``writes``: this process writes the run's files (under DDP, rank 0 alone)."""
-        self.run_dir, self.writes = run_dir, writes
+    def __init__(self, run_dir: Path, *, world: distributed.World = distributed.SINGLE):
+        """``world``: the run's processes; rank 0 alone writes the run's files."""
+        self.run_dir, self.world, self.writes = run_dir, world, world.main
         self.handler = logging.FileHandler(run_dir / "train.log", delay=True)  # created by the first line
         self.lock = contextlib.ExitStack()
         self.handler.setFormatter(logging.Formatter("[%(asctime)s][%(levelname)s] %(message)s"))
@@ -188,7 +188,7 @@ class RunRecord:
             self._add_training_facts()
         self.record["wall_seconds"] = round(time.time() - self.started, 2)
         if not self.writes:
-            return self._close()
+            return self._close(exc_type)
         if self.parts is None and exc_type is not None and (self.run_dir / "summary.json").exists():
             log.error(f"stopped before training, '{self.run_dir / 'summary.json'}' left as it was: {exc}")
             return self._close()  # refused before any work (a resume, a fresh run here): keep that run's summary
@@ -196,9 +196,13 @@ class RunRecord:
             atomic_write_text(self.run_dir / "summary.json", json.dumps(self.record, indent=2) + "\n")
         except OSError as err:  # a full disk must not hide the error that ended the run
             log.error(f"could not write '{self.run_dir / 'summary.json'}': {err}")
-        self._close()
+        self._close(exc_type)
 
-    def _close(self) -> None:
+    def _close(self, exc_type: type | None = None) -> None:
+        if self.parts is not None and (exc_type is None or issubclass(exc_type, TrainingInterrupted)):
+            # Every process got here at the same step: none exits before rank 0 has written its files
+            # (torchrun stops the other processes as soon as one exits with an error status, 143 included).
+            self.world.barrier()
         self.lock.close()
         logging.getLogger().removeHandler(self.handler)
         logging.captureWarnings(False)

@@ -312,3 +312,44 @@ def test_unfreezing_ema_bf16_channels_last_layer_decay_and_lr_auto_under_ddp_res
     state, again = (load_training_state(d / "checkpoints" / "last.ckpt") for d in (straight, run_dir))
     assert_bit_identical(state["ema"], again["ema"])
     assert state["lr_find"]["lr"] == again["lr_find"]["lr"]
+
+
+@pytest.fixture
+def busy_cpus():
+    """Two processes spinning for the whole test: with two DDP processes, the 2-core machine is oversubscribed."""
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
+    yield
+    for hog in hogs:
+        hog.kill()
+        hog.wait()
+
+
+@pytest.mark.slow
+@processes(2)
+def test_a_real_model_under_ddp_and_cpu_load_stops_saves_and_resumes_bit_identical(data, tmp_path, busy_cpus):
+    """The default model (a training state of several MB) with a background save after every update,
+    its collectives racing the writer thread, on an oversubscribed machine: SIGTERM to rank 1 mid-epoch,
+    then resume=auto, ends bit-identical to the uninterrupted run, every file matching its manifest."""
+    real = [a for a in args(data, 2) if not a.startswith("model")] + ["model=efficientnet_lite0",
+                                                                       "checkpoint.every_n_steps=1"]
+    ok(torchrun([*real, f"hydra.run.dir={tmp_path / 'straight'}"], nproc=2, cwd=tmp_path))
+    run_dir = tmp_path / "run"
+    stopped = torchrun([*real, f"hydra.run.dir={run_dir}"], nproc=2, cwd=tmp_path, env={"FT_SIGNAL_AT": "1:4:SIGTERM"})
+    assert stopped.stderr.count("exitcode  : 143") == 2, stopped.stderr[-3000:]
+    manifest = assert_manifest_matches_files(run_dir / "checkpoints")
+    assert manifest["files"]["last.ckpt"]["step"] == 4 and manifest["files"]["last.ckpt"]["bytes"] > 4 << 20
+    ok(torchrun([*real, "resume=auto", f"hydra.run.dir={run_dir}"], nproc=2, cwd=tmp_path))
+    assert_bit_identical(weights(run_dir), weights(tmp_path / "straight"))
+    assert_manifest_matches_files(run_dir / "checkpoints")
+
+
+@pytest.mark.slow
+@processes(2)
+def test_sync_bn_on_cpu_is_a_clear_error(data, tmp_path):
+    result = torchrun(args(data, 1, "trainer.sync_bn=true", f"hydra.run.dir={tmp_path / 'run'}"), nproc=2,
+                      cwd=tmp_path)
+    assert result.returncode != 0
+    assert "error: trainer.sync_bn=true needs CUDA (torch's SyncBatchNorm), but this run is on 'cpu'" in result.stderr
+    assert "[rank 1] error: trainer.sync_bn=true" in result.stderr
+    ours = [line for line in result.stderr.splitlines() if line.strip().startswith('File "') and "/finetune/" in line]
+    assert not ours  # no traceback from the run itself (torchrun prints its own about the failed processes)

@@ -117,3 +117,30 @@ def test_the_local_stand_in_takes_the_submitit_path_with_one_task():
     launcher = launcher_config(["hydra/launcher=slurm_local", "hydra.sweep.dir=/sweeps/a"])
     assert launcher["_target_"].endswith("LocalLauncher")
     assert launcher["tasks_per_node"] == 1 and launcher["submitit_folder"].startswith("/sweeps/a/")
+
+
+@pytest.mark.slow
+def test_a_ddp_job_of_two_submitit_tasks_stopped_on_one_rank_is_requeued_and_ends_bit_identical(tmp_path):
+    """tasks_per_node=2: the two tasks submitit starts for one job are one DDP run (as srun's are); SIGUSR2
+    to rank 1 stops both at update 4, rank 0 saves and has submitit requeue the job, which continues."""
+    root = make_image_folder(tmp_path / "images", train=7, val=2)  # 21 images, global batch 8: 3 updates an epoch
+    args = ["hydra/launcher=slurm_local", "hydra.launcher.tasks_per_node=2", *tiny_overrides(root, epochs=3),
+            "trainer.device=cpu", "resume=auto"]
+    plain, requeued = tmp_path / "plain", tmp_path / "requeued"
+    with ThreadPoolExecutor(2) as pool:
+        runs = [pool.submit(sweep, [*args, f"hydra.sweep.dir={plain}"], cwd=tmp_path),
+                pool.submit(sweep, [*args, f"hydra.sweep.dir={requeued}"], cwd=tmp_path,
+                            env={"FT_SIGNAL_AT": "1:4:SIGUSR2"})]
+        for run in runs:
+            ok(run.result())
+    log = (requeued / "0" / "train.log").read_text()
+    assert "DDP: 2 processes x data.batch_size 4 = global batch 8" in log
+    assert f"resuming from '{requeued / '0' / 'checkpoints' / 'last.ckpt'}': epoch 1, step 4" in log
+    task_logs = [p.read_text() for p in (requeued / ".submitit").glob("*/*_log.out")]
+    assert sum("Requeued job" in text for text in task_logs) == 1  # by rank 0's submitit handler only
+    for sweep_dir in (plain, requeued):
+        summary = json.loads((sweep_dir / "0" / "summary.json").read_text())
+        assert (summary["status"], summary["steps"]) == ("completed", 9)
+        assert_manifest_matches_files(sweep_dir / "0" / "checkpoints")
+    ours, reference = (load_file(d / "0" / "checkpoints" / "last.safetensors") for d in (requeued, plain))
+    assert ours.keys() == reference.keys() and all(torch.equal(ours[k], reference[k]) for k in ours)

@@ -129,11 +129,15 @@ class CheckpointManager(TrainerHook):
         if self.policy.save_last:
             self.save_state(state)
         self.wait()
+        # Under DDP no process may exit before rank 0 has written: torchrun stops the others as soon
+        # as one exits with an error status (143 after SIGTERM), which would abort a save in flight.
+        self.world.barrier()
 
     def on_fit_end(self, state: TrainState) -> None:
         self.wait()
         if self.policy.save_last and self.last_saved != (state.epoch, state.global_step, state.batches_seen):
             self.save_last(state, self.last_value)
+        self.world.barrier()  # every process ends with the files rank 0 wrote in place
 
     # ------------------------------------------------------------ saving
     def _save_best(self, state: TrainState, value: float | None) -> None:
