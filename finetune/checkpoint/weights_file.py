@@ -79,6 +79,17 @@ class ModelMeta:
     data_config: dict[str, Any]
     extra: dict[str, Any] = field(default_factory=dict)  # monitor, value, epoch, versions
 
+    def transform(self) -> Any:
+        """The evaluation preprocessing of this model (resize, centre crop, normalise), from a PIL image
+        to a ``(C, H, W)`` tensor; read images with ``finetune.inference.read_image`` to match training.
+
+        >>> # model, meta = finetune.load_model(path)
+        >>> # logits = model(meta.transform()(image).unsqueeze(0))
+        """
+        from finetune.data.transforms import build_transforms
+
+        return build_transforms(self.data_config, img_size=None, train=False)
+
     @classmethod
     def from_metadata(cls, meta: dict[str, str], path: Path) -> ModelMeta:
         if meta.get("format") != WEIGHTS_FORMAT:
