@@ -16,7 +16,7 @@ from PIL import Image
 from finetune import builders, distributed
 from finetune import resume as resume_lib
 from finetune.checkpoint import TrainingParts, atomic_write_text
-from finetune.config import check_config
+from finetune.config import check_config, in_a_sweep
 from finetune.errors import RunPruned
 from finetune.runtime import RunDirInUse, hold_run_dir, seed_ranks, setup_runtime
 from finetune.signals import TrainingInterrupted, graceful_stop, stop_workers
@@ -46,7 +46,7 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, float]:
         world.barrier()  # every process knows where it starts before rank 0 writes anything
         rt = setup_runtime(seed=cfg.seed, device=cfg.trainer.device, precision=cfg.trainer.precision,
                            deterministic=cfg.trainer.deterministic, job=builders.job_number(), world=world)
-        split = builders.build_split(cfg.data, run_dir=run_dir, write=world.main)
+        split = record.note_data(builders.build_split(cfg.data, run_dir=run_dir, write=world.main))
         model, spec = builders.build_classifier(cfg.model, head=cfg.head, num_classes=len(split.class_names))
         if point is None:  # a resumed model gets its weights from the training state
             builders.init_weights(cfg.model, model, spec, head=cfg.head, class_names=split.class_names,
@@ -125,6 +125,7 @@ class RunRecord:
         self.handler.setFormatter(logging.Formatter("[%(asctime)s][%(levelname)s] %(message)s"))
         self.parts: builders.RunParts | None = None
         self.loaders: Any = None
+        self.data_root: str | None = None
         self.record: dict = {"status": "running", "run_dir": str(run_dir)}
         self.started = time.time()
 
@@ -140,6 +141,11 @@ class RunRecord:
         """Lock the run dir for this run's life (``hold_run_dir``); refused when another process holds it."""
         if self.writes:
             self.lock.enter_context(hold_run_dir(self.run_dir))
+
+    def note_data(self, split: Any) -> Any:
+        """Returns ``split``, whose root the closing block's commands use."""
+        self.data_root = split.root
+        return split
 
     def note_lr(self, lr: float, lr_find: dict[str, Any] | None) -> tuple[float, dict[str, Any] | None]:
         """Returns its arguments; ``optim.lr=auto``'s choice goes into ``summary.json`` and ``lr_find.json``."""
@@ -196,6 +202,8 @@ class RunRecord:
             atomic_write_text(self.run_dir / "summary.json", json.dumps(self.record, indent=2) + "\n")
         except OSError as err:  # a full disk must not hide the error that ended the run
             log.error(f"could not write '{self.run_dir / 'summary.json'}': {err}")
+        if self.parts is not None and not in_a_sweep():  # a sweep ends with its own table instead
+            log.info(closing_block(self.record, data_root=self.data_root))
         self._close(exc_type)
 
     def _close(self, exc_type: type | None = None) -> None:
@@ -215,3 +223,40 @@ class RunRecord:
         self.record["paths"] = {"run_dir": str(self.run_dir), **self.parts.checkpointer.paths(),
                                 "tensorboard": str(self.run_dir / "tb"),
                                 "metrics": str(self.run_dir / "metrics.jsonl")}
+
+
+def closing_block(record: dict[str, Any], *, data_root: str | None) -> str:
+    """The end of a run's console output: how it ended, where its files are, and what to run next.
+
+    >>> print(closing_block({"status": "interrupted", "run_dir": "R", "epochs": None, "steps": 7,
+    ...     "best": {"metric": "val/acc1", "value": 0.5, "epoch": 1},
+    ...     "paths": {"best.safetensors": "R/checkpoints/best.safetensors", "last.ckpt": "R/checkpoints/last.ckpt"}},
+    ...     data_root="D"))  # doctest: +NORMALIZE_WHITESPACE
+    ---- run interrupted ----
+    best         val/acc1 0.5000 at epoch 1
+    weights      R/checkpoints/best.safetensors
+    run dir      R
+    tensorboard  tensorboard --logdir R/tb
+    next:
+      python -m finetune resume=R
+      python -m finetune.evaluate ckpt=R data=custom data.root=D
+      python -m finetune.predict ckpt=R inputs=DIR_OR_GLOB
+      python -m finetune.export ckpt=R format=onnx out=R/model.onnx
+    """
+    run_dir, status, paths = record["run_dir"], record["status"], record.get("paths", {})
+    best, weights = record.get("best") or {}, paths.get("best.safetensors") or paths.get("best.pt")
+    lines = [f"---- run {status} ----"]
+    if record.get("error") and status not in ("completed", "interrupted"):
+        lines.append(f"error        {record['error']}")
+    if best.get("value") is not None:
+        lines.append(f"best         {best['metric']} {best['value']:.4f} at epoch {best['epoch']}")
+    if weights:
+        lines.append(f"weights      {weights}")
+    lines += [f"run dir      {run_dir}", f"tensorboard  tensorboard --logdir {run_dir}/tb"]
+    commands = [f"python -m finetune resume={run_dir}"] if status != "completed" and "last.ckpt" in paths else []
+    if weights:
+        data = f" data=custom data.root={data_root}" if data_root else ""
+        commands += [f"python -m finetune.evaluate ckpt={run_dir}{data}",
+                     f"python -m finetune.predict ckpt={run_dir} inputs=DIR_OR_GLOB",
+                     f"python -m finetune.export ckpt={run_dir} format=onnx out={run_dir}/model.onnx"]
+    return "\n".join(lines + (["next:"] + [f"  {c}" for c in commands] if commands else []))
