@@ -19,7 +19,6 @@ import torch
 from torch import nn
 
 from finetune.checkpoint import Manifest, ModelMeta, load_model
-from finetune.data.dataset import load_image
 from finetune.errors import UserError
 
 EXPORT_FORMAT = "finetune.export/1"
@@ -69,7 +68,7 @@ def eval_transform(meta: ModelMeta) -> Callable[[Any], torch.Tensor]:
 
 def read_image(path: str | Path, meta: ModelMeta) -> Any:
     """An image file as training read it: EXIF orientation applied, converted to the model's channels."""
-    return load_image(str(path), channels=int(meta.data_config["input_size"][0]))
+    return meta.read_image(path)
 
 
 def sha256_of(path: Path) -> str:

@@ -107,6 +107,20 @@ def test_best_weights_rebuild_the_model_and_start_a_new_fine_tune(policy_run, tm
     assert report["loaded_fraction"] == 1.0 and not report["missing"] and not report["head"]
 
 
+def test_three_lines_of_python_classify_images_as_the_run_evaluated_them(policy_run):
+    """``finetune.load_model(RUN_DIR)``, ``meta.read_image``, ``meta.transform()``: over the validation
+    images, the accuracy is exactly the best val/acc1 the run measured (EMA weights, as saved)."""
+    out, _ = policy_run
+    split = json.loads((out / "split.json").read_text())
+    model, meta = load_model(out)  # a run dir: its best weights
+    hits = 0
+    for relative, label in split["files"]["val"]:
+        x = meta.transform()(meta.read_image(Path(split["root"]) / relative)).unsqueeze(0)
+        hits += int(model(x).argmax(1).item() == label)
+    best = json.loads((out / "summary.json").read_text())["best"]
+    assert hits / len(split["files"]["val"]) == best["value"]
+
+
 def test_torch_weights_format_writes_pt_files_that_load(tmp_path):
     root = make_image_folder(tmp_path / "images")
     run(compose_config(tiny_overrides(root, epochs=1) + ["checkpoint.weights_format=torch"]), run_dir=tmp_path / "out")

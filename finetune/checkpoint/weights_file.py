@@ -81,14 +81,17 @@ class ModelMeta:
 
     def transform(self) -> Any:
         """The evaluation preprocessing of this model (resize, centre crop, normalise), from a PIL image
-        to a ``(C, H, W)`` tensor; read images with ``finetune.inference.read_image`` to match training.
-
-        >>> # model, meta = finetune.load_model(path)
-        >>> # logits = model(meta.transform()(image).unsqueeze(0))
-        """
+        (read with `read_image` to match training) to a ``(C, H, W)`` tensor."""
         from finetune.data.transforms import build_transforms
 
         return build_transforms(self.data_config, img_size=None, train=False)
+
+    def read_image(self, path: str | Path) -> Any:
+        """An image file as training read it: EXIF orientation applied, transparency on white, 16-bit
+        scaled, converted to the model's channels (a PIL image for `transform`)."""
+        from finetune.data.dataset import load_image
+
+        return load_image(str(path), channels=int(self.data_config["input_size"][0]))
 
     @classmethod
     def from_metadata(cls, meta: dict[str, str], path: Path) -> ModelMeta:
