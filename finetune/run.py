@@ -19,7 +19,7 @@ from finetune.checkpoint import TrainingParts, atomic_write_text
 from finetune.config import check_config, in_a_sweep
 from finetune.errors import RunPruned
 from finetune.runtime import RunDirInUse, hold_run_dir, seed_ranks, setup_runtime
-from finetune.signals import TrainingInterrupted, graceful_stop, stop_workers
+from finetune.signals import TrainingInterrupted, graceful_stop, ignore_stop_signals, stop_workers
 from finetune.trainer import TrainState
 
 log = logging.getLogger("finetune")
@@ -211,6 +211,8 @@ class RunRecord:
             # Every process got here at the same step: none exits before rank 0 has written its files
             # (torchrun stops the other processes as soon as one exits with an error status, 143 included).
             self.world.barrier()
+            if self.world.distributed and exc_type is not None:
+                ignore_stop_signals()  # each exits 128 + the signal that stopped them all, not killed by torchrun
         self.lock.close()
         logging.getLogger().removeHandler(self.handler)
         logging.captureWarnings(False)

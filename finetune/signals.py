@@ -97,3 +97,12 @@ def stop_workers(loader: Any) -> None:
         iterator._shutdown_workers()
     if iterator is not None:
         loader._iterator = None
+
+
+def ignore_stop_signals() -> None:
+    """From here on this process ignores stop signals: a DDP process that has stopped with the others
+    and is on its way out. torchrun sends SIGTERM to every process once one exits with an error
+    status (143 after a stop); ignoring it lets each process end with its own exit status."""
+    if threading.current_thread() is threading.main_thread():
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
