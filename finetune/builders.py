@@ -276,6 +276,10 @@ def build_run(cfg: DictConfig, training: TrainingParts, *, spec: BackboneSpec, d
     and the trainer that calls them in that order, then the freezing controller. ``lr_find``: how
     ``optim.lr=auto`` chose the rate (kept in every training state, drawn in TensorBoard)."""
     versions, world = package_versions(), rt.world
+    if cfg.trainer.compile:  # in place (nn.Module.compile): state_dict keys, EMA and checkpoints stay as they are
+        log.info(f"trainer.compile: the model's forward is compiled by torch.compile (mode "
+                 f"{cfg.trainer.compile_mode}); the first steps take longer while it compiles")
+        training.model.compile(mode=cfg.trainer.compile_mode)
     facts = RunFacts(config_yaml=OmegaConf.to_yaml(cfg, resolve=True), versions=versions, seed=cfg.seed,
                      batch_size=loaders.train.batch_size, lr_find=lr_find, world_size=world.size)
     if not world.main:  # under DDP only rank 0 writes; the others take part in its saves

@@ -151,6 +151,8 @@ class TrainerConfig:
     ema_decay: float = 0.998
     channels_last: bool = False
     sync_bn: bool = False  # under DDP: BatchNorm statistics over the global batch (SyncBatchNorm, CUDA)
+    compile: bool = False  # torch.compile the model's forward (in place: its state_dict keys stay its own)
+    compile_mode: str = "default"  # default | reduce-overhead | max-autotune | max-autotune-no-cudagraphs
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
     deterministic: bool = True  # deterministic kernels where torch has them
 
@@ -206,7 +208,7 @@ def choices() -> dict[str, tuple]:
     from finetune.heads import HEAD_INITS, NORMS
     from finetune.models import HEADS, SOURCES
     from finetune.optim import SCHEDULERS
-    from finetune.runtime import AUTOCAST_DTYPES
+    from finetune.runtime import AUTOCAST_DTYPES, COMPILE_MODES
 
     return {
         "model.source": SOURCES,
@@ -220,6 +222,7 @@ def choices() -> dict[str, tuple]:
         "freeze.bn": BN_MODES,
         "sched.name": SCHEDULERS,
         "trainer.precision": tuple(AUTOCAST_DTYPES),
+        "trainer.compile_mode": COMPILE_MODES,
         "checkpoint.mode": (None, "max", "min"),
         "checkpoint.weights_format": tuple(WEIGHTS_EXTENSIONS),
         "logger.name": ("tensorboard",),
