@@ -1,0 +1,179 @@
+"""scripts/predict_onnx.py: torch-free, and the same top-1 labels as the eager model and finetune.predict.
+
+Its preprocessing is compared with timm's eval transform pixel for pixel (in-process, fast); the
+end-to-end tests train one tiny run, export it to ONNX, and run the script on images of every kind
+finetune reads (grey, RGBA, palette with transparency, 16-bit, EXIF-rotated, larger, non-square).
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import itertools
+import runpy
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import REPO, make_image_folder, run_cli, tiny_overrides
+from finetune.data.dataset import load_image
+from finetune.data.transforms import build_transforms
+from finetune.inference import eval_transform, load_checkpoint, read_image
+
+SCRIPT = REPO / "scripts" / "predict_onnx.py"
+EXIF_ORIENTATION = 0x0112
+# Runs a script with every import of torch (and of what needs it) refused and recorded, even one the
+# script would catch; exit status 3 if any was attempted, whatever the script did.
+TORCH_FREE = """
+import runpy, sys
+REFUSED = {"torch", "torchvision", "timm", "finetune"}
+class Refuse:
+    attempts = []
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in REFUSED:
+            self.attempts.append(name)
+            raise ImportError(f"refused import of {name!r}")
+        return None
+sys.meta_path.insert(0, Refuse())
+loaded = sorted(m for m in sys.modules if m.split(".")[0] in REFUSED)
+script, sys.argv = sys.argv[1], sys.argv[1:]
+try:
+    runpy.run_path(script, run_name="__main__")
+    code = 0
+except SystemExit as stop:
+    code = stop.code
+except ImportError as err:
+    print(f"import failed: {err}", file=sys.stderr)
+    code = 4
+if loaded or Refuse.attempts:
+    print(f"not torch-free: {loaded + Refuse.attempts}", file=sys.stderr)
+    code = 3
+sys.exit(code)
+"""
+
+
+def run_torch_free(script: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", TORCH_FREE, str(script), *args], capture_output=True, text=True,
+                          timeout=120)
+
+
+def read_csv(text: str) -> tuple[list[str], list[dict[str, str]]]:
+    reader = csv.DictReader(text.splitlines())
+    return list(reader.fieldnames or []), list(reader)
+
+
+def make_odd_images(folder: Path) -> None:
+    """One image of each kind finetune converts, in a sub-folder, plus a file that is not an image."""
+    rng = np.random.default_rng(1)
+    folder.mkdir(parents=True)
+
+    def noise(h: int, w: int, c: int) -> np.ndarray:
+        return rng.integers(0, 256, (h, w, c), dtype=np.uint8)
+
+    Image.fromarray(noise(30, 40, 4)).save(folder / "rgba.png")
+    Image.fromarray(noise(36, 36, 1)[..., 0]).save(folder / "grey.png")
+    Image.fromarray(rng.integers(0, 65536, (40, 33), dtype=np.uint16)).save(folder / "deep.png")
+    palette = Image.fromarray(noise(33, 50, 3)).convert("P")
+    palette.save(folder / "palette.png", transparency=5)
+    rotated = Image.fromarray(noise(30, 50, 3))
+    exif = rotated.getexif()
+    exif[EXIF_ORIENTATION] = 6  # stored landscape, shown portrait
+    rotated.save(folder / "rotated.jpg", exif=exif, quality=95)
+    Image.fromarray(noise(48, 64, 3)).save(folder / "large.jpg", quality=95)
+    (folder / "notes.txt").write_text("not an image")
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    """A trained run, its ONNX export (``model.onnx``) and an input folder (``inputs/``)."""
+    work = tmp_path_factory.mktemp("predict_onnx")
+    images = make_image_folder(work / "images", train=4, val=3)
+    trained = run_cli(tiny_overrides(images, epochs=1) + [f"hydra.run.dir={work / 'run'}"], cwd=work)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    exported = subprocess.run([sys.executable, "-m", "finetune.export", f"ckpt={work / 'run'}",
+                               f"out={work / 'model.onnx'}"], cwd=work, capture_output=True, text=True, timeout=300)
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    for class_dir in (images / "val").iterdir():
+        (work / "inputs" / class_dir.name).mkdir(parents=True)
+        for image in class_dir.iterdir():
+            (work / "inputs" / class_dir.name / image.name).write_bytes(image.read_bytes())
+    make_odd_images(work / "inputs" / "odd")
+    return work
+
+
+@pytest.fixture(scope="module")
+def predicted(work: Path) -> subprocess.CompletedProcess:
+    return run_torch_free(SCRIPT, str(work / "model.onnx"), str(work / "inputs"), "--topk", "2")
+
+
+@pytest.mark.slow
+def test_the_predictor_never_imports_torch(work: Path, predicted, tmp_path: Path) -> None:
+    assert predicted.returncode == 0, predicted.stderr[-3000:]
+    assert "not torch-free" not in predicted.stderr
+    # the check itself: a script that merely tries torch (and would carry on without it) fails it
+    probe = tmp_path / "probe.py"
+    probe.write_text("try:\n    import torch\nexcept ImportError:\n    pass\n")
+    refused = run_torch_free(probe)
+    assert refused.returncode == 3 and "not torch-free: ['torch']" in refused.stderr
+
+
+@pytest.mark.slow
+def test_top1_labels_and_probabilities_are_the_eager_models(work: Path, predicted) -> None:
+    columns, rows = read_csv(predicted.stdout)
+    assert columns == ["path", "label", "prob", "top2", "prob2"]
+    expected = sorted(str(p) for p in (work / "inputs").rglob("*") if p.suffix != ".txt" and p.is_file())
+    assert sorted(r["path"] for r in rows) == expected and len(expected) == 9 + 6
+    assert "notes.txt" in predicted.stderr  # named, and left out
+    model, meta, _ = load_checkpoint(work / "run")
+    transform = eval_transform(meta)
+    x = torch.stack([transform(read_image(r["path"], meta)) for r in rows])
+    with torch.no_grad():
+        probs = model(x).softmax(1)
+    assert [r["label"] for r in rows] == [meta.class_names[i] for i in probs.argmax(1).tolist()]
+    assert np.allclose([float(r["prob"]) for r in rows], probs.max(1).values.numpy(), atol=2e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("finetune.predict") is None, reason="finetune.predict is not there yet")
+def test_labels_equal_finetune_predicts(work: Path, predicted) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "finetune.predict", f"ckpt={work / 'run'}", f"inputs={work / 'inputs'}", "topk=2",
+         "device=cpu", "num_workers=0", "progress_bar=false", f"hydra.run.dir={work / 'predict'}"],
+        cwd=work, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    columns, theirs = read_csv((work / "predict" / "predictions.csv").read_text())
+    ours = read_csv(predicted.stdout)[1]
+    assert columns == ["path", "label", "prob", "top2", "prob2"]
+    assert [(r["path"], r["label"]) for r in ours] == [(r["path"], r["label"]) for r in theirs]
+    assert np.allclose([float(r["prob"]) for r in ours], [float(r["prob"]) for r in theirs], atol=2e-6)
+
+
+@pytest.mark.slow
+def test_a_model_not_exported_by_finetune_is_one_line(work: Path) -> None:
+    result = run_torch_free(SCRIPT, str(work / "run/checkpoints/best.safetensors"), str(work / "inputs"))
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "cannot be read as an ONNX model" in lines[0]
+
+
+def test_preprocessing_is_timms_eval_transform_bit_for_bit(tmp_path: Path) -> None:
+    """Every crop mode, interpolation and channel count, images smaller and larger than the crop."""
+    script = runpy.run_path(str(SCRIPT))
+    make_odd_images(tmp_path / "odd")
+    files = sorted(str(p) for p in (tmp_path / "odd").iterdir() if p.suffix != ".txt")
+    settings = itertools.product(["bilinear", "bicubic"], [0.875, 1.0, 1.15], ["center", "squash", "border"],
+                                 [(32, 32), (40, 28)], [1, 3, 4])
+    for interpolation, crop_pct, crop_mode, (height, width), channels in settings:
+        config = {"input_size": [channels, height, width], "mean": [0.485, 0.456, 0.406, 0.5][:channels],
+                  "std": [0.229, 0.224, 0.225, 0.25][:channels], "interpolation": interpolation,
+                  "crop_pct": crop_pct, "crop_mode": crop_mode}
+        timm_transform = build_transforms(config, img_size=None, train=False)
+        for file in files:
+            expected = timm_transform(load_image(file, channels=channels)).numpy()
+            got = script["preprocess"](script["load_image"](file, channels), config)
+            assert got.dtype == np.float32 and np.array_equal(got, expected), (file, config)
