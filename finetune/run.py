@@ -243,7 +243,7 @@ def closing_block(record: dict[str, Any], *, data_root: str | None) -> str:
       python -m finetune resume=R
       python -m finetune.evaluate ckpt=R data=custom data.root=D
       python -m finetune.predict ckpt=R inputs=DIR_OR_GLOB
-      python -m finetune.export ckpt=R format=onnx out=R/model.onnx
+      python -m finetune.export ckpt=R format=onnx
     """
     run_dir, status, paths = record["run_dir"], record["status"], record.get("paths", {})
     best, weights = record.get("best") or {}, paths.get("best.safetensors") or paths.get("best.pt")
@@ -260,5 +260,5 @@ def closing_block(record: dict[str, Any], *, data_root: str | None) -> str:
         data = f" data=custom data.root={data_root}" if data_root else ""
         commands += [f"python -m finetune.evaluate ckpt={run_dir}{data}",
                      f"python -m finetune.predict ckpt={run_dir} inputs=DIR_OR_GLOB",
-                     f"python -m finetune.export ckpt={run_dir} format=onnx out={run_dir}/model.onnx"]
+                     f"python -m finetune.export ckpt={run_dir} format=onnx"]
     return "\n".join(lines + (["next:"] + [f"  {c}" for c in commands] if commands else []))

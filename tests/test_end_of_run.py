@@ -22,7 +22,7 @@ def test_a_completed_run_ends_with_its_paths_and_the_next_commands(tmp_path):
     assert f"tensorboard  tensorboard --logdir {run_dir}/tb" in tail
     assert f"python -m finetune.evaluate ckpt={run_dir} data=custom data.root={root}" in tail
     assert f"python -m finetune.predict ckpt={run_dir} inputs=" in tail
-    assert f"python -m finetune.export ckpt={run_dir} format=onnx out={run_dir}/model.onnx" in tail
+    assert f"python -m finetune.export ckpt={run_dir} format=onnx" in tail
     assert "resume=" not in tail
     assert "---- run completed ----" in (run_dir / "train.log").read_text()
 
