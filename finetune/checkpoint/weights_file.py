@@ -96,8 +96,9 @@ class ModelMeta:
     @classmethod
     def from_metadata(cls, meta: dict[str, str], path: Path) -> ModelMeta:
         if meta.get("format") != WEIGHTS_FORMAT:
-            raise UserError(f"'{path}' is not a finetune weights file (no '{WEIGHTS_FORMAT}' metadata): "
-                            "to start from other weights use model.weights=PATH")
+            raise UserError(f"'{path}' is not a finetune weights file (no '{WEIGHTS_FORMAT}' metadata): pass a file "
+                            "a finetune run wrote (RUN_DIR/checkpoints/best.safetensors); to train from other "
+                            "weights use model.weights=PATH")
         data_config = json.loads(meta["data_config"])
         data_config["input_size"] = tuple(data_config["input_size"])
         return cls(name=meta["model_name"], source=meta["model_source"], num_classes=int(meta["num_classes"]),
