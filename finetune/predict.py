@@ -1,0 +1,371 @@
+"""``python -m finetune.predict ckpt=PATH inputs=FILE_OR_DIR_OR_GLOB [topk=5] [tta=hflip]``: classify images.
+
+Writes ``predictions.csv`` into its run dir (``hydra.run.dir``), one row per image:
+``path, label, prob, top2, prob2, ...`` up to ``topk`` classes. Images go through training's own
+validation loader (`eval_loader`): read upright by their EXIF orientation in the model's channels
+(as `finetune.inference.read_image`), preprocessed by the checkpoint's own evaluation transform, so
+``predict`` and ``finetune.evaluate`` give the same probabilities for the same file. ``ckpt`` is
+anything `finetune.inference.load_checkpoint` takes, or an ``.onnx`` file exported by
+``python -m finetune.export`` (run with onnxruntime).
+
+From Python::
+
+    >>> rows = predict("outputs/2026-11-28/10-00-00", "photos/", topk=3)  # doctest: +SKIP
+    >>> rows[0]["label"], rows[0]["prob"]                                 # doctest: +SKIP
+
+`Classifier`, `load_classifier` and `eval_loader` are shared with ``finetune.evaluate``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import glob
+import io
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import hydra
+import torch
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from finetune.__main__ import CONFIG_PACKAGE
+from finetune.checkpoint import ModelMeta, atomic_write_text
+from finetune.data.folder import IMAGE_EXTENSIONS, find_unreadable_images
+from finetune.errors import UserError, describe_error, message_of
+from finetune.inference import eval_transform, load_checkpoint, read_export_metadata, resolve_checkpoint
+
+log = logging.getLogger("finetune")
+
+MAX_LISTED = 10  # file names a warning or an error lists before "and N more"
+GLOB_CHARS = frozenset("*?[")
+# Test-time augmentation: the views of a preprocessed batch whose softmax outputs are averaged.
+TTA_VIEWS: dict[str, Callable[[torch.Tensor], list[torch.Tensor]]] = {
+    "none": lambda batch: [batch],
+    "hflip": lambda batch: [batch, batch.flip(dims=[3])],
+}
+
+
+@dataclass
+class PredictConfig:
+    """The keys of ``conf/predict.yaml`` (a typo fails before any work, naming the key)."""
+
+    ckpt: Optional[str] = None  # run dir | best/last.safetensors | last.ckpt | exported .onnx
+    inputs: Any = None  # an image file, a folder (recursive), a glob, or a list of them
+    topk: int = 5  # classes per image, capped at the number of classes
+    batch_size: int = 64
+    tta: str = "none"  # none | hflip
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    num_workers: Any = 2  # image-loading processes (0: in this process), or auto (as data.num_workers)
+    progress_bar: bool = True
+
+
+ConfigStore.instance().store(name="predict_schema", node=PredictConfig)
+
+
+# ------------------------------------------------------------ the model
+@dataclass
+class Classifier:
+    """Logits of preprocessed batches, from an eager model or an ONNX session, with the metadata
+    (class names, preprocessing) of the file it came from."""
+
+    meta: ModelMeta
+    path: Path  # the file the weights came from (a run dir resolved to its best weights)
+    num_classes: int  # outputs per image (``model.num_classes`` may exceed the class names)
+    run: Callable[[torch.Tensor], torch.Tensor]  # (N, C, H, W) float32 on the CPU -> float32 logits
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def label_names(self) -> list[str]:
+        """A name per output: the class names, then ``#i`` for spare outputs (as the confusion image)."""
+        names = list(self.meta.class_names)
+        return names + [f"#{i}" for i in range(len(names), self.num_classes)]
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        return self.run(batch)
+
+
+def checkpoint_file(ckpt: str | Path | None) -> Path:
+    """The file ``ckpt`` names: an exported ``.onnx`` file, or what `resolve_checkpoint` finds."""
+    if ckpt is None or str(ckpt) == "":
+        raise UserError("ckpt is required: pass ckpt=RUN_DIR (its best weights), ckpt=FILE.safetensors, "
+                        "ckpt=last.ckpt or ckpt=MODEL.onnx")
+    path = Path(ckpt).expanduser()
+    return path if path.suffix == ".onnx" and path.is_file() else resolve_checkpoint(path)
+
+
+def load_classifier(ckpt: str | Path | None, *, device: str = "auto", precision: str = "32",
+                    channels_last: bool = False) -> Classifier:
+    """The classifier in ``ckpt`` (see `checkpoint_file`) on ``device``; ``precision`` (``32``, ``bf16``,
+    ``16``) and ``channels_last`` as training evaluated (eager models only)."""
+    path = checkpoint_file(ckpt)
+    target = pick_device(device)
+    if path.suffix == ".onnx":
+        return load_onnx(path, device=target)
+    model, meta, path = load_checkpoint(path, device=target)
+    dtype = autocast_dtype(precision, target)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+
+    def run(batch: torch.Tensor) -> torch.Tensor:  # the lines of Trainer.evaluate that compute the logits
+        inputs = batch.to(target, non_blocking=True, memory_format=memory_format)
+        with torch.autocast(device_type=target.type, dtype=dtype) if dtype else contextlib.nullcontext():
+            logits = model(inputs)
+        return logits.float()
+
+    return Classifier(meta=meta, path=path, num_classes=meta.num_classes, run=run, device=target)
+
+
+def pick_device(name: str) -> torch.device:
+    """``auto`` (CUDA when present), ``cpu``, ``cuda``, ``cuda:N``; one line naming ``device=`` otherwise."""
+    from finetune.runtime import resolve_device
+
+    try:
+        return resolve_device(name)
+    except UserError as err:  # its messages name the training key
+        raise UserError(message_of(err).replace("trainer.device", "device")) from None
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    from finetune.runtime import AUTOCAST_DTYPES
+
+    if str(precision) not in AUTOCAST_DTYPES:
+        raise UserError(f"precision must be one of {', '.join(AUTOCAST_DTYPES)}, got '{precision}'")
+    dtype = AUTOCAST_DTYPES[str(precision)]
+    if dtype is torch.float16 and device.type != "cuda":
+        log.warning(f"precision 16 (fp16) needs CUDA: running in 32-bit on {device}")
+        return None
+    return dtype
+
+
+def load_onnx(path: Path, *, device: torch.device) -> Classifier:
+    """An exported ONNX file run by onnxruntime; its class names and preprocessing from its metadata."""
+    try:
+        import onnxruntime
+    except ImportError:
+        raise UserError(f"'{path}' is an ONNX file, which needs onnxruntime: pip install 'finetune[onnx]'") from None
+    available = onnxruntime.get_available_providers()
+    providers = [p for p in ("CUDAExecutionProvider",) if device.type == "cuda" and p in available]
+    try:
+        session = onnxruntime.InferenceSession(str(path), providers=providers + ["CPUExecutionProvider"])
+    except Exception as err:  # noqa: BLE001 - onnxruntime's own error types: one clear line
+        raise UserError(f"'{path}' cannot be read as an ONNX model ({describe_error(err)}): it is truncated or "
+                        "corrupt; export it again with python -m finetune.export") from None
+    meta = onnx_meta(read_export_metadata(session.get_modelmeta().custom_metadata_map, path=path),
+                     outputs=session.get_outputs()[0].shape[-1], path=path)
+    input_name, output_name = session.get_inputs()[0].name, session.get_outputs()[0].name
+
+    def run(batch: torch.Tensor) -> torch.Tensor:
+        try:
+            (logits,) = session.run([output_name], {input_name: batch.float().contiguous().numpy()})
+        except Exception as err:  # noqa: BLE001 - e.g. a fixed batch size
+            raise UserError(f"ONNX model '{path}' rejected a batch of shape {tuple(batch.shape)} "
+                            f"({describe_error(err)}): export it with a dynamic batch axis "
+                            "(python -m finetune.export does), or use batch_size=1") from None
+        return torch.from_numpy(logits).float()
+
+    return Classifier(meta=meta, path=path, num_classes=meta.num_classes, run=run)
+
+
+def onnx_meta(exported: dict[str, Any], *, outputs: Any, path: Path) -> ModelMeta:
+    """An exported file's metadata (`read_export_metadata`) as a `ModelMeta`: class names, preprocessing."""
+    try:
+        data_config = dict(exported["data_config"], input_size=tuple(exported["data_config"]["input_size"]))
+        return ModelMeta(name=exported["model_name"], source="onnx", in_chans=int(data_config["input_size"][0]),
+                         num_classes=outputs if isinstance(outputs, int) else len(exported["class_names"]),
+                         class_names=list(exported["class_names"]), head={}, data_config=data_config,
+                         extra={"versions": exported["versions"], "source_checkpoint": exported["source_checkpoint"]})
+    except (KeyError, TypeError, ValueError, IndexError) as err:
+        raise UserError(f"'{path}' has damaged finetune metadata ({describe_error(err)}): export it again with "
+                        "python -m finetune.export") from None
+
+
+# ------------------------------------------------------------ the images
+def find_images(inputs: str | Path | Sequence[str | Path] | None) -> list[Path]:
+    """The image files ``inputs`` names: files, folders (recursive, sorted) or globs (``**`` recursive).
+
+    Files without an image extension, and images that cannot be decoded, are left out with one
+    warning listing them. No image at all is one line naming ``inputs``.
+    """
+    entries = [inputs] if isinstance(inputs, (str, Path)) else list(inputs or [])
+    if not entries or any(str(e) == "" for e in entries):
+        raise UserError("inputs is required: pass inputs=IMAGE, inputs=DIR (searched recursively) or "
+                        "inputs='DIR/*.jpg' (a glob)")
+    files = list(dict.fromkeys(p for entry in entries for p in expand_input(str(entry))))
+    images = [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS]
+    others = [p for p in files if p.suffix.lower() not in IMAGE_EXTENSIONS]
+    unreadable = dict(find_unreadable_images([str(p) for p in images]))
+    readable = [p for p in images if str(p) not in unreadable]
+    if not readable:
+        found = f"found only {len(files)} other file(s): {listing(files)}" if files else "found no files"
+        raise UserError(f"inputs '{inputs}' has no images to predict ({found}): give image files "
+                        f"({', '.join(sorted(IMAGE_EXTENSIONS))}), a folder of them or a glob")
+    if others or unreadable:
+        parts = ([f"not images: {listing(others)}"] if others else []) + \
+                ([f"unreadable: {listing(list(unreadable.items()))}"] if unreadable else [])
+        log.warning(f"skipped {len(others) + len(unreadable)} of {len(files)} files ({'; '.join(parts)})")
+    return readable
+
+
+def expand_input(entry: str) -> list[Path]:
+    """One entry of ``inputs``: a file, every file under a folder (hidden ones skipped), or a glob's matches."""
+    path = Path(entry).expanduser()
+    if path.is_dir():
+        return files_under(path)
+    if path.is_file():
+        return [path]
+    if not GLOB_CHARS & set(entry):
+        raise UserError(f"inputs '{entry}' does not exist: give an image file, a folder or a glob such as "
+                        "'photos/**/*.jpg'")
+    matches = sorted(glob.glob(os.path.expanduser(entry), recursive=True))
+    if not matches:
+        raise UserError(f"inputs '{entry}' matches no file: check the pattern (quote it so that the shell "
+                        "does not expand it; '**' matches folders recursively)")
+    return [f for m in map(Path, matches) for f in (files_under(m) if m.is_dir() else [m])]
+
+
+def files_under(folder: Path) -> list[Path]:
+    """Files under ``folder``, recursively and sorted; hidden files and folders skipped."""
+    return sorted(p for p in folder.rglob("*")
+                  if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+
+
+def listing(items: Sequence[Any]) -> str:
+    """``'a', 'b' and 3 more``; ``(path, reason)`` pairs as ``'a' (reason)``."""
+    shown = [f"'{i[0]}' ({i[1]})" if isinstance(i, tuple) else f"'{i}'" for i in items[:MAX_LISTED]]
+    more = f" and {len(items) - MAX_LISTED} more" if len(items) > MAX_LISTED else ""
+    return ", ".join(shown) + more
+
+
+def eval_loader(samples: Sequence[tuple[str, int]], meta: ModelMeta, *, batch_size: int,
+                num_workers: int | str = 0) -> DataLoader:
+    """Training's validation loader over ``(path, label)`` samples: its `ImageDataset` (images read upright
+    by their EXIF orientation, in the model's channels, decoded as training decodes them), the checkpoint's
+    eval transform, and batches of ``batch_size`` in order (`EvalBatches`)."""
+    from finetune.data.dataset import ImageDataset
+    from finetune.data.loaders import worker_context
+    from finetune.data.sampling import EvalBatches
+
+    workers = worker_count(num_workers)
+    dataset = ImageDataset(samples, eval_transform(meta), channels=int(meta.data_config["input_size"][0]))
+    return DataLoader(dataset, batch_sampler=EvalBatches(len(samples), batch_size), num_workers=workers,
+                      multiprocessing_context=worker_context() if workers else None)
+
+
+def worker_count(num_workers: int | str) -> int:
+    """Loader processes: a count, or ``auto`` as ``data.num_workers=auto`` resolves it for training."""
+    if num_workers == "auto":
+        from finetune.data.loaders import resolve_num_workers
+
+        return resolve_num_workers(num_workers)
+    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+        raise UserError(f"num_workers must be a non-negative integer or auto, got '{num_workers}'")
+    return num_workers
+
+
+# ------------------------------------------------------------ predicting
+def predict(ckpt: str | Path, inputs: str | Path | Sequence[str | Path], *, topk: int = 5, batch_size: int = 64,
+            tta: str = "none", device: str = "auto", num_workers: int | str = 0,
+            progress_bar: bool = False) -> list[dict[str, Any]]:
+    """Classify the images ``inputs`` names with the model in ``ckpt``.
+
+    Returns:
+        One dict per image, in input order, with the columns of ``predictions.csv``: ``path``,
+        ``label`` (top-1 class name), ``prob``, then ``top2``, ``prob2``, ... up to ``topk``
+        (capped at the number of classes). With ``tta="hflip"`` the probabilities are the mean
+        of the softmax of each image and of its mirror image.
+    """
+    check_options(topk=topk, batch_size=batch_size, tta=tta)
+    classifier = load_classifier(ckpt, device=device)
+    paths = find_images(inputs)
+    probs = predict_probabilities(classifier, paths, batch_size=batch_size, tta=tta, num_workers=num_workers,
+                                  progress_bar=progress_bar)
+    return top_k_rows(paths, probs, classifier.label_names, topk=topk)
+
+
+def check_options(*, topk: int, batch_size: int, tta: str) -> None:
+    for key, value in (("topk", topk), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise UserError(f"{key} must be a positive integer, got '{value}'")
+    if tta not in TTA_VIEWS:
+        raise UserError(f"tta must be one of {' | '.join(TTA_VIEWS)}, got '{tta}'")
+
+
+@torch.no_grad()
+def predict_probabilities(classifier: Classifier, paths: Sequence[Path], *, batch_size: int, tta: str = "none",
+                          num_workers: int | str = 0, progress_bar: bool = False) -> torch.Tensor:
+    """Softmax probabilities ``[len(paths), num_classes]``, averaged over the ``tta`` views of each image."""
+    loader = eval_loader([(str(p), 0) for p in paths], classifier.meta, batch_size=batch_size,
+                         num_workers=num_workers)
+    probs = []
+    with tqdm(total=len(paths), desc="predict", unit="img", disable=not progress_bar, dynamic_ncols=True) as bar:
+        for batch, _ in loader:
+            views = [classifier(view).softmax(dim=1) for view in TTA_VIEWS[tta](batch)]
+            probs.append(torch.stack(views).mean(dim=0).cpu())
+            bar.update(batch.shape[0])
+    return torch.cat(probs)
+
+
+def top_k_rows(paths: Sequence[Path], probs: torch.Tensor, label_names: list[str], *, topk: int) -> list[dict]:
+    """``{path, label, prob, top2, prob2, ...}`` per image, ``topk`` capped at the number of classes."""
+    values, indices = probs.topk(min(topk, probs.shape[1]), dim=1)
+    rows = []
+    for path, ps, ks in zip(paths, values.tolist(), indices.tolist()):
+        row: dict[str, Any] = {"path": str(path), "label": label_names[ks[0]], "prob": ps[0]}
+        for rank, (p, k) in enumerate(zip(ps[1:], ks[1:]), start=2):
+            row |= {f"top{rank}": label_names[k], f"prob{rank}": p}
+        rows.append(row)
+    return rows
+
+
+def predictions_csv(rows: list[dict[str, Any]]) -> str:
+    """The rows as CSV text (probabilities with 6 decimals)."""
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows({k: f"{v:.6f}" if isinstance(v, float) else v for k, v in row.items()} for row in rows)
+    return out.getvalue()
+
+
+# ------------------------------------------------------------ the app
+def run(cfg: DictConfig, out_dir: str | Path | None = None) -> Path:
+    """Predict as ``cfg`` says; writes ``predictions.csv`` into ``out_dir`` (default: Hydra's run dir)."""
+    from finetune.run import resolve_run_dir
+
+    out_dir = resolve_run_dir(out_dir)
+    rows = predict(cfg.ckpt, OmegaConf.to_object(cfg.inputs) if OmegaConf.is_config(cfg.inputs) else cfg.inputs,
+                   topk=cfg.topk, batch_size=cfg.batch_size, tta=cfg.tta, device=cfg.device,
+                   num_workers=cfg.num_workers, progress_bar=cfg.progress_bar)
+    path = out_dir / "predictions.csv"
+    atomic_write_text(path, predictions_csv(rows))
+    log.info(f"predicted {len(rows)} images: {path}")
+    return path
+
+
+def exit_on_user_error(task: Callable[[], Any]) -> Any:
+    """Run ``task``; a `UserError` is one ``error:`` line on stderr and exit 2 (a traceback with
+    ``HYDRA_FULL_ERROR=1``), as ``python -m finetune`` does."""
+    logging.captureWarnings(True)  # e.g. skipped unreadable images: a log line, not a warnings.warn block
+    try:
+        return task()
+    except UserError as err:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(f"error: {message_of(err)}", file=sys.stderr)
+        sys.exit(2)
+
+
+@hydra.main(version_base="1.3", config_path=f"pkg://{CONFIG_PACKAGE}", config_name="predict")
+def main(cfg: DictConfig) -> None:
+    exit_on_user_error(lambda: run(cfg))
+
+
+if __name__ == "__main__":
+    main()
