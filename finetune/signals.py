@@ -100,9 +100,10 @@ def stop_workers(loader: Any) -> None:
 
 
 def ignore_stop_signals() -> None:
-    """From here on this process ignores stop signals: a DDP process that has stopped with the others
-    and is on its way out. torchrun sends SIGTERM to every process once one exits with an error
-    status (143 after a stop); ignoring it lets each process end with its own exit status."""
+    """From here on this process ignores SIGINT and SIGTERM: a DDP process that has stopped with the
+    others and is on its way out. torchrun sends SIGTERM to every process once one exits with an error
+    status (143 after a stop); ignoring it lets each process end with its own exit status. SIGUSR2
+    keeps the handler it had before the run: submitit's, which requeues the job after a SIGUSR2 stop."""
     if threading.current_thread() is threading.main_thread():
-        for sig in STOP_SIGNALS:
+        for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, signal.SIG_IGN)
