@@ -49,7 +49,7 @@ class DataConfig:
     root: Optional[str] = None  # image folder: DIR/{train,val}/<class>/* or DIR/<class>/*
     img_size: Optional[int] = None  # default: model.input_size
     batch_size: int = 32
-    num_workers: int = 0
+    num_workers: Any = "auto"  # a count, or auto: this process's CPUs less one, at most 8 (0 with one CPU)
     val_split: float = 0.2  # used when root has no train/ and val/
     split_seed: int = 0  # the split stays fixed across runs with different seeds
     balance: str = "none"  # none | sampler | loss_weights
@@ -244,9 +244,12 @@ def check_config(cfg: DictConfig) -> None:
         value = _get(cfg, key)
         if not value > 0:
             raise UserError(f"{key} must be positive, got '{value}'")
-    for key in ("optim.weight_decay", "trainer.label_smoothing", "data.num_workers"):
+    for key in ("optim.weight_decay", "trainer.label_smoothing"):
         if _get(cfg, key) < 0:
             raise UserError(f"{key} must not be negative, got '{_get(cfg, key)}'")
+    workers = cfg.data.num_workers
+    if workers != "auto" and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 0):
+        raise UserError(f"data.num_workers must be a non-negative integer or auto, got '{workers}'")
     if not 0.0 < cfg.data.val_split < 1.0:
         raise UserError(f"data.val_split must be between 0 and 1, got '{cfg.data.val_split}'")
     if cfg.trainer.grad_clip is not None and not cfg.trainer.grad_clip > 0:

@@ -8,7 +8,8 @@ finetune evaluated them: EXIF orientation applied, converted to the model's chan
 (transparency composited on white, 16-bit scaled), resized so the shorter side is
 ``floor(size / crop_pct)`` with PIL's own filter (what torchvision's Resize calls), centre
 cropped (timm's ``squash`` and ``border`` crop modes too), scaled to [0, 1] and normalised in
-float32: timm's eval transform, pixel for pixel. The CSV has the columns of
+float32: timm's eval transform, pixel for pixel. A JPEG at least twice the resize target is decoded
+at 1/2, 1/4 or 1/8 of its size first, as finetune's loader decodes it (``read``). The CSV has the columns of
 ``finetune.predict``'s ``predictions.csv``: ``path,label,prob,top2,prob2,...`` (``prob``: softmax).
 Files are found as ``finetune.predict`` finds them, and the ``path`` column is written the same way;
 unreadable images and other files are named on stderr and left out. Bad arguments, no image at
@@ -38,6 +39,8 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", 
 MAX_IMAGE_PIXELS = 128 * 2**20  # finetune.data.dataset: refused from the header, before decoding
 Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
 WHITE = (255, 255, 255)
+ORIENTATION, SWAPS_SIDES = 0x0112, frozenset({5, 6, 7, 8})  # EXIF orientations that turn the image sideways
+REDUCTIONS = (8, 4, 2, 1)  # finetune.data.transforms: the JPEG decode scales, largest first
 # timm's interpolation names -> PIL filters (timm.data.transforms._str_to_pil_interpolation)
 FILTERS = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR,
            "bicubic": Image.Resampling.BICUBIC, "box": Image.Resampling.BOX,
@@ -134,22 +137,68 @@ def files_under(folder: Path) -> list[Path]:
                   if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts))
 
 
-# --- preprocessing: finetune.data.dataset.load_image, then timm's eval transform ---------------------
+# --- preprocessing: finetune.data.dataset.load_transformed with timm's eval transform ----------------
 
-def load_image(path: str, channels: int) -> Image.Image:
-    """The image with ``channels`` 8-bit channels (1 grey, 3 RGB, 4 RGBA), EXIF orientation applied."""
+def read(path: str, config: dict[str, Any]) -> np.ndarray:
+    """The model's input for one file, as finetune's evaluation makes it (``Preprocess.plan``): when
+    the transform starts with a plain resize, a JPEG is decoded at the largest reduction that keeps
+    at least the resize target in both sides, then resized to the target computed from its full size."""
+    target = resize_target(config)
     with Image.open(path) as image:
         width, height = image.size
         if width * height > MAX_IMAGE_PIXELS:
             raise ValueError(f"{width}x{height} pixels, over the limit of {MAX_IMAGE_PIXELS}")
-        image = ImageOps.exif_transpose(image)
-        if channels == 3:
-            return to_rgb(image)
-        if channels == 1:
-            return to_rgb(image).convert("L")
-        if image.mode.startswith("I") or image.mode == "F":
-            image = scale_high_depth(image)
-        return image.convert("RGBA")
+        upright = (height, width) if image.getexif().get(ORIENTATION, 1) in SWAPS_SIDES else (width, height)
+        size = None if target is None else target(upright)  # (h, w)
+        reduction = 1 if size is None else largest_reduction(upright, (size[1], size[0]))
+        applied = 1
+        if reduction > 1:
+            drafted = image.draft(None, (max(width // reduction, 1), max(height // reduction, 1)))
+            if drafted is not None:  # a JPEG: the box is the full image in the reduced image's pixels
+                applied = round(width / drafted[1][2])
+        image = to_channels(image, int(config["input_size"][0]))
+        if applied > 1:
+            image = image.resize((size[1], size[0]), FILTERS[config.get("interpolation") or "bilinear"])
+    return preprocess(image, config)
+
+
+def resize_target(config: dict[str, Any]) -> Any:
+    """``upright (w, h) -> (h, w)`` of the eval transform's first resize when it is torchvision's plain
+    ``Resize`` (``squash``; ``center`` with a square target), else None (decoded in full)."""
+    _, height, width = config["input_size"]
+    crop_pct, mode = config.get("crop_pct") or 0.875, config.get("crop_mode") or "center"
+    scale = (math.floor(height / crop_pct), math.floor(width / crop_pct))
+    if mode == "squash":
+        return lambda upright: scale
+    if mode != "border" and scale[0] == scale[1]:
+        return lambda upright: shorter_side_size(upright, scale[0])
+    return None
+
+
+def largest_reduction(available: tuple[int, int], needed: tuple[int, int]) -> int:
+    """The largest of 8, 4, 2 with ``available / r >= needed`` in both sides (``(w, h)``), else 1."""
+    return next((r for r in REDUCTIONS if available[0] / r >= needed[0] and available[1] / r >= needed[1]), 1)
+
+
+def load_image(path: str, channels: int) -> Image.Image:
+    """The image decoded in full with ``channels`` 8-bit channels (1 grey, 3 RGB, 4 RGBA), upright."""
+    with Image.open(path) as image:
+        width, height = image.size
+        if width * height > MAX_IMAGE_PIXELS:
+            raise ValueError(f"{width}x{height} pixels, over the limit of {MAX_IMAGE_PIXELS}")
+        return to_channels(image, channels)
+
+
+def to_channels(image: Image.Image, channels: int) -> Image.Image:
+    """An opened image decoded, EXIF orientation applied, with ``channels`` 8-bit channels."""
+    image = ImageOps.exif_transpose(image)
+    if channels == 3:
+        return to_rgb(image)
+    if channels == 1:
+        return to_rgb(image).convert("L")
+    if image.mode.startswith("I") or image.mode == "F":
+        image = scale_high_depth(image)
+    return image.convert("RGBA")
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -186,7 +235,7 @@ def preprocess(image: Image.Image, config: dict[str, Any]) -> np.ndarray:
     elif mode == "border":  # the longer side to its target (timm's ResizeKeepRatio, longest=1)
         size = keep_ratio_size(image, scale, longest=True)
     elif scale[0] == scale[1]:  # the shorter side to the target (torchvision's Resize(int))
-        size = shorter_side_size(image, scale[0])
+        size = shorter_side_size(image.size, scale[0])
     else:
         size = keep_ratio_size(image, scale, longest=False)
     if (image.height, image.width) != size:  # torchvision skips a resize to the same size
@@ -200,9 +249,10 @@ def preprocess(image: Image.Image, config: dict[str, Any]) -> np.ndarray:
     return ((tensor - mean) / std).transpose(2, 0, 1)  # Normalize: (x - mean) / std in float32
 
 
-def shorter_side_size(image: Image.Image, short: int) -> tuple[int, int]:
-    """``(h, w)`` with the shorter side ``short``: torchvision's ``_compute_resized_output_size``."""
-    w, h = image.size
+def shorter_side_size(size: tuple[int, int], short: int) -> tuple[int, int]:
+    """``(h, w)`` of a ``(w, h)`` image resized to the shorter side ``short``: torchvision's
+    ``_compute_resized_output_size``."""
+    w, h = size
     long = int(short * max(w, h) / min(w, h))
     return (long, short) if w <= h else (short, long)
 
@@ -236,7 +286,7 @@ def predict(session: onnxruntime.InferenceSession, paths: list[str], config: dic
         batch, arrays = [], []
         for path in paths[start:start + batch_size]:
             try:
-                arrays.append(preprocess(load_image(path, int(config["input_size"][0])), config))
+                arrays.append(read(path, config))
                 batch.append(path)
             except Exception as err:  # noqa: BLE001 - PIL raises many types for unreadable files
                 print(f"warning: skipped '{path}': {type(err).__name__}: {err}", file=sys.stderr)

@@ -108,14 +108,14 @@ def test_best_weights_rebuild_the_model_and_start_a_new_fine_tune(policy_run, tm
 
 
 def test_three_lines_of_python_classify_images_as_the_run_evaluated_them(policy_run):
-    """``finetune.load_model(RUN_DIR)``, ``meta.read_image``, ``meta.transform()``: over the validation
-    images, the accuracy is exactly the best val/acc1 the run measured (EMA weights, as saved)."""
+    """``finetune.load_model(RUN_DIR)``, ``meta.preprocess(path)``: over the validation images, the
+    accuracy is exactly the best val/acc1 the run measured (EMA weights, as saved)."""
     out, _ = policy_run
     split = json.loads((out / "split.json").read_text())
     model, meta = load_model(out)  # a run dir: its best weights
     hits = 0
     for relative, label in split["files"]["val"]:
-        x = meta.transform()(meta.read_image(Path(split["root"]) / relative)).unsqueeze(0)
+        x = meta.preprocess(Path(split["root"]) / relative).unsqueeze(0)
         hits += int(model(x).argmax(1).item() == label)
     best = json.loads((out / "summary.json").read_text())["best"]
     assert hits / len(split["files"]["val"]) == best["value"]

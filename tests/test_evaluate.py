@@ -56,6 +56,11 @@ def work(tmp_path_factory) -> Path:
     """Two trained runs and their evaluations by the CLI (the checkpoint named as a run dir, and as a file)."""
     work = tmp_path_factory.mktemp("evaluate")
     folders = make_image_folder(work / "folders", train=6, val=6)
+    for class_dir in (folders / "val").iterdir():  # photos large enough to be decoded at 1/2 (a 32 px model)
+        for i in range(2):
+            with Image.open(class_dir / f"{i}.png") as small:
+                small.resize((160, 120), Image.Resampling.BICUBIC).save(class_dir / f"{i}.jpg", quality=90)
+            (class_dir / f"{i}.png").unlink()
     flat = make_image_folder(work / "flat", train=10, val=6, split=False)  # 16 a class: 3 held out by seed
     trained = run_together({name: ("finetune", tiny_overrides(root) + [f"hydra.run.dir={work / name}"])
                             for name, root in (("run_folders", folders), ("run_flat", flat))}, cwd=work)

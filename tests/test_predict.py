@@ -20,7 +20,7 @@ from PIL import Image
 
 from conftest import make_image_folder, tiny_overrides
 from finetune.errors import UserError
-from finetune.inference import eval_transform, load_checkpoint, read_image
+from finetune.inference import load_checkpoint, read_image
 from finetune.predict import predict
 
 EXIF_ORIENTATION = 0x0112
@@ -79,7 +79,7 @@ def work(tmp_path_factory) -> Path:
 def eager_probabilities(run: Path, paths: list[Path], *, hflip: bool = False) -> torch.Tensor:
     """Softmax of the eager model on images read and preprocessed as training evaluated them."""
     model, meta, _ = load_checkpoint(run)
-    batch = torch.stack([eval_transform(meta)(read_image(p, meta)) for p in paths])
+    batch = torch.stack([meta.preprocess(p) for p in paths])
     with torch.no_grad():
         probs = model(batch).softmax(dim=1)
         return (probs + model(batch.flip(dims=[3])).softmax(dim=1)) / 2 if hflip else probs

@@ -21,9 +21,9 @@ import torch
 from PIL import Image
 
 from conftest import REPO, make_image_folder, run_cli, tiny_overrides
-from finetune.data.dataset import load_image
+from finetune.data.dataset import load_image, load_transformed
 from finetune.data.transforms import build_transforms
-from finetune.inference import eval_transform, load_checkpoint, read_image
+from finetune.inference import load_checkpoint
 
 SCRIPT = REPO / "scripts" / "predict_onnx.py"
 EXIF_ORIENTATION = 0x0112
@@ -85,6 +85,13 @@ def make_odd_images(folder: Path) -> None:
     exif[EXIF_ORIENTATION] = 6  # stored landscape, shown portrait
     rotated.save(folder / "rotated.jpg", exif=exif, quality=95)
     Image.fromarray(noise(48, 64, 3)).save(folder / "large.jpg", quality=95)
+    # over twice a 32 px model's resize target: decoded reduced (1/4), by finetune and by the script alike
+    photo = np.linspace(0, 255, 260 * 180 * 3).reshape(180, 260, 3).astype(np.uint8) // 2 + noise(180, 260, 3) // 2
+    Image.fromarray(photo).save(folder / "photo.jpg", quality=90)
+    turned = Image.fromarray(photo[:167, :251])
+    exif = turned.getexif()
+    exif[EXIF_ORIENTATION] = 6  # odd sides, shown portrait: the reduced decode is rotated after decoding
+    turned.save(folder / "photo_rotated.jpg", exif=exif, quality=90)
     (folder / "notes.txt").write_text("not an image")
 
 
@@ -127,11 +134,10 @@ def test_top1_labels_and_probabilities_are_the_eager_models(work: Path, predicte
     columns, rows = read_csv(predicted.stdout)
     assert columns == ["path", "label", "prob", "top2", "prob2"]
     expected = sorted(str(p) for p in (work / "inputs").rglob("*") if p.suffix != ".txt" and p.is_file())
-    assert sorted(r["path"] for r in rows) == expected and len(expected) == 9 + 6
+    assert sorted(r["path"] for r in rows) == expected and len(expected) == 9 + 8
     assert "notes.txt" in predicted.stderr  # named, and left out
     model, meta, _ = load_checkpoint(work / "run")
-    transform = eval_transform(meta)
-    x = torch.stack([transform(read_image(r["path"], meta)) for r in rows])
+    x = torch.stack([meta.preprocess(r["path"]) for r in rows])
     with torch.no_grad():
         probs = model(x).softmax(1)
     assert [r["label"] for r in rows] == [meta.class_names[i] for i in probs.argmax(1).tolist()]
@@ -161,19 +167,26 @@ def test_a_model_not_exported_by_finetune_is_one_line(work: Path) -> None:
     assert "cannot be read as an ONNX model" in lines[0]
 
 
-def test_preprocessing_is_timms_eval_transform_bit_for_bit(tmp_path: Path) -> None:
-    """Every crop mode, interpolation and channel count, images smaller and larger than the crop."""
+def test_preprocessing_is_finetunes_evaluation_bit_for_bit(tmp_path: Path) -> None:
+    """Every crop mode, interpolation and channel count, images smaller and larger than the crop, JPEGs
+    decoded reduced as finetune's loader decodes them (`load_transformed`) and in full (timm's transform)."""
     script = runpy.run_path(str(SCRIPT))
     make_odd_images(tmp_path / "odd")
     files = sorted(str(p) for p in (tmp_path / "odd").iterdir() if p.suffix != ".txt")
     settings = itertools.product(["bilinear", "bicubic"], [0.875, 1.0, 1.15], ["center", "squash", "border"],
                                  [(32, 32), (40, 28)], [1, 3, 4])
+    reduced = 0
     for interpolation, crop_pct, crop_mode, (height, width), channels in settings:
         config = {"input_size": [channels, height, width], "mean": [0.485, 0.456, 0.406, 0.5][:channels],
                   "std": [0.229, 0.224, 0.225, 0.25][:channels], "interpolation": interpolation,
                   "crop_pct": crop_pct, "crop_mode": crop_mode}
-        timm_transform = build_transforms(config, img_size=None, train=False)
+        transform = build_transforms(config, img_size=None, train=False)
         for file in files:
-            expected = timm_transform(load_image(file, channels=channels)).numpy()
-            got = script["preprocess"](script["load_image"](file, channels), config)
+            expected = load_transformed(file, transform, channels).numpy()
+            got = script["read"](file, config)
             assert got.dtype == np.float32 and np.array_equal(got, expected), (file, config)
+            full = script["preprocess"](script["load_image"](file, channels), config)
+            assert np.array_equal(full, transform(load_image(file, channels=channels)).numpy()), (file, config)
+            with Image.open(file) as image:
+                reduced += transform.plan(image.size)[0] > 1 and file.endswith(".jpg")
+    assert reduced >= 36  # the photos under every square-centre and squash setting: the reduction was compared

@@ -79,19 +79,34 @@ class ModelMeta:
     data_config: dict[str, Any]
     extra: dict[str, Any] = field(default_factory=dict)  # monitor, value, epoch, versions
 
+    def preprocess(self, path: str | Path) -> Any:
+        """An image file as the model's input, a ``(C, H, W)`` tensor, exactly as training's evaluation
+        made it: read upright in the model's channels, resized, centre-cropped and normalised, a large
+        JPEG decoded at a reduced size where the output needs no more pixels (`load_transformed`)."""
+        from finetune.data.dataset import load_transformed
+
+        return load_transformed(str(path), self.transform(), self.channels)
+
     def transform(self) -> Any:
         """The evaluation preprocessing of this model (resize, centre crop, normalise), from a PIL image
-        (read with `read_image` to match training) to a ``(C, H, W)`` tensor."""
+        to a ``(C, H, W)`` tensor. For a file, `preprocess` is exact; ``transform()(read_image(path))``
+        decodes a large JPEG in full, which differs by about one grey level on average (a few pixels
+        on sharp edges by more; measured in tests/test_data_fast.py), as choosing another resize filter would."""
         from finetune.data.transforms import build_transforms
 
         return build_transforms(self.data_config, img_size=None, train=False)
 
     def read_image(self, path: str | Path) -> Any:
-        """An image file as training read it: EXIF orientation applied, transparency on white, 16-bit
-        scaled, converted to the model's channels (a PIL image for `transform`)."""
+        """An image file decoded in full as training reads it: EXIF orientation applied, transparency on
+        white, 16-bit scaled, converted to the model's channels (a PIL image for `transform`)."""
         from finetune.data.dataset import load_image
 
-        return load_image(str(path), channels=int(self.data_config["input_size"][0]))
+        return load_image(str(path), channels=self.channels)
+
+    @property
+    def channels(self) -> int:
+        """The model's input channels (1 grey, 3 RGB, 4 RGBA)."""
+        return int(self.data_config["input_size"][0])
 
     @classmethod
     def from_metadata(cls, meta: dict[str, str], path: Path) -> ModelMeta:

@@ -2,14 +2,19 @@
 
 Flow: `ensure_demo_dataset` (demo only) -> `scan_image_folder` -> `build_transforms`
 -> `build_loaders`. The demo set is an ordinary image folder, read by the same code.
+Speed (issue 15, docs/benchmarks.md): JPEGs decoded at a reduced size where the transform
+allows it (`Preprocess`, `load_transformed`), 8-bit batches normalised after collation
+(`NormalizingLoader`), ``num_workers="auto"`` (`auto_num_workers`).
 """
 
-from finetune.data.dataset import ImageDataset, convert_to_channels, convert_to_rgb, load_image, load_rgb
+from finetune.data.dataset import (ImageDataset, convert_to_channels, convert_to_rgb, load_image, load_rgb,
+                                   load_transformed)
 from finetune.data.demo import SHAPES, ensure_demo_dataset
 from finetune.data.folder import IMAGE_EXTENSIONS, DataSplit, find_unreadable_images, scan_image_folder
-from finetune.data.loaders import BALANCE_CHOICES, Loaders, build_loaders, compute_class_weights
+from finetune.data.loaders import (BALANCE_CHOICES, Loaders, NormalizingLoader, auto_num_workers, build_loaders,
+                                   compute_class_weights, resolve_num_workers)
 from finetune.data.sampling import EpochSampler
-from finetune.data.transforms import build_transforms, effective_data_config
+from finetune.data.transforms import Preprocess, build_transforms, effective_data_config
 
 __all__ = [
     "BALANCE_CHOICES",
@@ -19,6 +24,9 @@ __all__ = [
     "EpochSampler",
     "ImageDataset",
     "Loaders",
+    "NormalizingLoader",
+    "Preprocess",
+    "auto_num_workers",
     "build_loaders",
     "build_transforms",
     "compute_class_weights",
@@ -29,5 +37,7 @@ __all__ = [
     "find_unreadable_images",
     "load_image",
     "load_rgb",
+    "load_transformed",
+    "resolve_num_workers",
     "scan_image_folder",
 ]

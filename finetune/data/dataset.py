@@ -1,5 +1,9 @@
 """A map-style data set of image files, with per-sample seeded augmentation.
 
+Reading is `load_image` (any format, upright, as RGB, grey or RGBA). A transform that can say,
+before decoding, how much resolution its output needs (`finetune.data.transforms.Preprocess.plan`)
+gets a JPEG decoded at 1/2, 1/4 or 1/8 of its size where that is still enough (`load_transformed`).
+
 `ImageDataset` accepts two kinds of keys:
 
 - an ``int`` index: the transform draws from the process's global RNGs (validation,
@@ -15,8 +19,8 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from typing import Any
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -26,7 +30,10 @@ from torch.utils.data import Dataset
 from finetune.errors import UserError, describe_error
 
 Transform = Callable[[Image.Image], Any]
+Finish = Callable[[Image.Image, int], Any]  # (image decoded at a reduction, that reduction) -> the transform's output
 WHITE = (255, 255, 255)
+ORIENTATION = 0x0112  # the EXIF tag ImageOps.exif_transpose applies
+SWAPS_SIDES = frozenset({5, 6, 7, 8})  # orientations that turn the stored image by 90 degrees
 # Larger images are refused from their header, before a pixel is decoded: a few-KB PNG or GIF
 # can claim 100k x 100k pixels (a decompression bomb) and exhaust a loader worker's memory.
 # 128 Mpx is ~11600 x 11600 (384 MiB as 8-bit RGB), far above what a classifier is trained on.
@@ -68,9 +75,7 @@ def load_rgb(path: str) -> Image.Image:
     Raises:
         PIL.Image.DecompressionBombError: Over `MAX_IMAGE_PIXELS` (nothing is decoded).
     """
-    with open_image(path) as image:
-        image = ImageOps.exif_transpose(image)
-        return convert_to_rgb(image)
+    return load_image(path, 3)
 
 
 IMAGE_MODES = {1: "L", 3: "RGB", 4: "RGBA"}  # channels a model may take -> the PIL mode that gives them
@@ -82,10 +87,80 @@ def load_image(path: str, channels: int = 3) -> Image.Image:
     Grey is the luminance of the RGB image `load_rgb` gives (transparency composited on
     white, high bit depths scaled); RGBA keeps the alpha channel (opaque where there is none).
     """
-    if channels == 3:
-        return load_rgb(path)
     with open_image(path) as image:
-        return convert_to_channels(ImageOps.exif_transpose(image), channels)
+        return decode(image, channels)[0]
+
+
+def upright_size(image: Image.Image) -> tuple[int, int]:
+    """``(width, height)`` of an opened image once its EXIF orientation is applied (from the header)."""
+    width, height = image.size
+    return (height, width) if image.getexif().get(ORIENTATION, 1) in SWAPS_SIDES else (width, height)
+
+
+def decode(image: Image.Image, channels: int = 3, reduction: int = 1) -> tuple[Image.Image, int]:
+    """Decode an opened image (`open_image`) upright, with ``channels`` channels (see `load_image`).
+
+    A JPEG is decoded at 1/``reduction`` of its size (1, 2, 4 or 8: libjpeg's DCT scaling, through
+    Pillow's ``draft``); other formats decode in full. The entropy decoding still reads every
+    coefficient, but the inverse DCT, the colour conversion and the memory cover only the pixels
+    kept, and whatever resizes the image next works on a fraction of them. ``draft`` keeps the
+    EXIF data; the orientation is applied after decoding. (When a side is not a multiple of the
+    reduction, a flipped or rotated image can shift by less than one reduced pixel.)
+
+    The decoded image is returned as it is, not copied: each copy of a large image is fresh
+    memory to fault in, and the two copies this used to make (``exif_transpose``, ``convert``)
+    took longer than decoding a 1600 x 1200 JPEG.
+
+    Returns:
+        The image, and the reduction actually applied (1 unless the file is a JPEG).
+    """
+    applied = 1
+    if reduction > 1:
+        width, height = image.size
+        drafted = image.draft(None, (max(width // reduction, 1), max(height // reduction, 1)))
+        if drafted is not None:  # JPEG: the box is the full image in the reduced image's pixels
+            applied = round(width / drafted[1][2])
+    ImageOps.exif_transpose(image, in_place=True)
+    if channels == 3 and image.mode == "RGB":
+        return image, applied
+    return convert_to_channels(image, channels), applied
+
+
+class PlannedTransform(Protocol):
+    """A transform that can start from an image decoded at a reduced size (`load_transformed`)."""
+
+    def plan(self, size: tuple[int, int]) -> tuple[int, Finish]:
+        """From the upright ``(width, height)``: the largest reduction the output allows, and the
+        function that finishes the transform from the image decoded at the reduction applied."""
+
+
+def load_transformed(path: str, transform: Transform, channels: int = 3, *,
+                     reading: Callable[[], AbstractContextManager] = nullcontext) -> Any:
+    """``transform(load_image(path, channels))``, decoding a JPEG reduced where ``transform`` allows it.
+
+    A transform with a ``plan`` method (`PlannedTransform`; `finetune.data.transforms.Preprocess`)
+    is asked, from the size in the file's header, how far the decode may be reduced; the random
+    choices it makes then are drawn before decoding, in the same order as without the reduction.
+    Any other transform gets the fully decoded image.
+
+    Args:
+        reading: Entered around each step that reads the file (not around the transform): e.g. to
+            name the file in an error.
+    """
+    plan = getattr(transform, "plan", None)
+    if plan is None:
+        with reading():
+            image = load_image(path, channels)
+        return transform(image)
+    with reading():
+        opened = open_image(path)
+    with opened:
+        with reading():
+            size = upright_size(opened)
+        reduction, finish = plan(size)
+        with reading():
+            image, applied = decode(opened, channels, reduction)
+    return finish(image, applied)
 
 
 def convert_to_channels(image: Image.Image, channels: int) -> Image.Image:
@@ -171,14 +246,18 @@ class ImageDataset(Dataset):
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[Any, int]:
         index, sample_seed = key if isinstance(key, tuple) else (key, None)
         path, label = self.samples[index]
-        try:
-            image = load_image(path, self.channels)
-        except Exception as exc:  # PIL raises many types; name the file either way
-            raise UserError(f"cannot read image '{path}' ({describe_error(exc)}): fix or remove it, "
-                            "or set data.skip_bad_images=true") from exc
         if self.transform is None:
-            return image, label
-        if sample_seed is None:
-            return self.transform(image), label
-        with seeded_rng(sample_seed):
-            return self.transform(image), label
+            with naming_the_file(path):
+                return load_image(path, self.channels), label
+        with seeded_rng(sample_seed) if sample_seed is not None else nullcontext():
+            return load_transformed(path, self.transform, self.channels, reading=lambda: naming_the_file(path)), label
+
+
+@contextmanager
+def naming_the_file(path: str) -> Iterator[None]:
+    """Turn whatever reading ``path`` raised into a one-line UserError that names the file."""
+    try:
+        yield
+    except Exception as exc:  # PIL raises many types; name the file either way
+        raise UserError(f"cannot read image '{path}' ({describe_error(exc)}): fix or remove it, "
+                        "or set data.skip_bad_images=true") from exc

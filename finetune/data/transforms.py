@@ -4,17 +4,29 @@ The data config is what ``timm.data.resolve_data_config({}, model=model)`` retur
 input size, mean, std, interpolation, crop fraction and crop mode. `effective_data_config`
 applies ``data.img_size`` to it and fills defaults; the result is what a weights file
 stores, so that the same preprocessing can be rebuilt from the file alone.
+
+`build_transforms` returns timm's transform wrapped in a `Preprocess`: called on a PIL image it
+is timm's transform, unchanged; its ``plan`` lets `finetune.data.dataset.load_transformed`
+decode a JPEG at 1/2, 1/4 or 1/8 of its size when the output needs no more pixels than that.
 """
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import torch
+from PIL import Image
 from timm.data import create_transform
 from timm.data.constants import DEFAULT_CROP_PCT, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.data.transforms import MaybePILToTensor, MaybeToTensor, RandomResizedCropAndInterpolation
+from torchvision import transforms
+from torchvision.transforms import functional as F
 
 from finetune.errors import UserError
+
+REDUCTIONS = (8, 4, 2, 1)  # the scales libjpeg decodes a JPEG at (Pillow's Image.draft), largest first
 
 
 def effective_data_config(data_config: Mapping[str, Any], img_size: int | None) -> dict[str, Any]:
@@ -78,7 +90,7 @@ def build_transforms(
         auto_augment: A timm auto-augment spec, e.g. ``"rand-m9-mstd0.5"`` (train only).
 
     Returns:
-        A callable from an RGB PIL image to a ``(C, H, W)`` float tensor.
+        A callable from an RGB PIL image to a ``(C, H, W)`` float tensor (a `Preprocess`).
     """
     config = effective_data_config(data_config, img_size)
     common = {
@@ -90,7 +102,153 @@ def build_transforms(
         "crop_mode": config["crop_mode"],
     }
     if not train:
-        return create_transform(is_training=False, **common)
-    return create_transform(
+        return Preprocess(create_transform(is_training=False, **common))
+    return Preprocess(create_transform(
         is_training=True, scale=scale, hflip=hflip, color_jitter=color_jitter, auto_augment=auto_augment, **common
-    )
+    ))
+
+
+def largest_reduction(available: tuple[float, float], needed: tuple[int, int]) -> int:
+    """The largest JPEG reduction ``r`` (8, 4, 2) with ``available / r >= needed`` in both dimensions, else 1.
+
+    >>> largest_reduction((1600, 1200), (313, 235)), largest_reduction((500, 375), (313, 235))
+    (4, 1)
+    """
+    return next((r for r in REDUCTIONS if available[0] / r >= needed[0] and available[1] / r >= needed[1]), 1)
+
+
+class Preprocess:
+    """timm's transform, which can also start from a JPEG decoded at a reduced size.
+
+    Called on a PIL image, it is ``transform`` unchanged. ``plan(size)`` serves
+    `finetune.data.dataset.load_transformed`: when the transform's first step is timm's random
+    resized crop (training) or a shorter-side resize (evaluation), it says how far the decode may
+    be reduced, and finishes the transform from the reduced image.
+
+    The rule is the same for both: the region the first step turns into the output must keep at
+    least as many pixels as the output, in each dimension, after the reduction. The output is
+    then still a downscale (never an upscale) of the decoded pixels, and differs from the full
+    decode only by how the downscaling filters (libjpeg's scaled IDCT, then the resize's filter,
+    instead of the resize's filter alone): tests/test_data_fast.py measures it.
+
+    - Training: the crop box is drawn first, from the header's size, with the same random draws as
+      timm's crop (``get_params``, then the interpolation when it is random), so the box is the
+      one the full decode would get, and the reduction is chosen for that box: a small crop of a
+      large image keeps the full resolution, a large crop is decoded reduced. (A fixed rule for
+      every sample would have to assume the smallest crop, ``min scale`` of the area at the
+      narrowest aspect ratio: 1 / sqrt(0.08 * 3/4) = 4.1x the output side for timm's default scale,
+      which no 1600 x 1200 photo reaches at 224 px.)
+    - Evaluation: the resize target (shorter side ``img_size / crop_pct``, or both sides) is
+      computed from the full size, as torchvision computes it; the reduced image is resized to
+      exactly that size, so the centre crop takes the same region.
+
+    With no reduction (a small image, or not a JPEG) the result is bit-identical to ``transform``.
+    """
+
+    def __init__(self, transform: Callable[[Any], Any]) -> None:
+        self.transform = transform
+        steps = list(getattr(transform, "transforms", ()))
+        first = steps[0] if steps else None
+        if type(first) is RandomResizedCropAndInterpolation:
+            self.kind = "crop"
+        elif type(first) is transforms.Resize and first.max_size is None and len(_as_list(first.size)) in (1, 2):
+            self.kind = "resize"
+        else:
+            self.kind = None  # anything else: decoded in full
+        self.first, self.rest = first, transforms.Compose(steps[1:])
+
+    def without_normalize(self) -> tuple[Preprocess, torch.Tensor, torch.Tensor] | None:
+        """This transform ending in an 8-bit ``(C, H, W)`` tensor, and the ``mean`` and ``std`` (each
+        ``(C, 1, 1)``) it then leaves to `normalize_batch`; None unless it ends in timm's
+        ``MaybeToTensor`` + ``Normalize``. (Sending 8-bit images from the loader workers and
+        normalising the batch after collation is what timm's ``fast_collate`` + prefetcher do.)"""
+        steps = list(getattr(self.transform, "transforms", ()))
+        if len(steps) < 2 or type(steps[-2]) is not MaybeToTensor or type(steps[-1]) is not transforms.Normalize:
+            return None
+        normalize = steps[-1]
+        shape = (-1, 1, 1)  # as torchvision's normalize views them
+        mean = torch.as_tensor(normalize.mean, dtype=torch.get_default_dtype()).view(shape)
+        std = torch.as_tensor(normalize.std, dtype=torch.get_default_dtype()).view(shape)
+        return Preprocess(transforms.Compose([*steps[:-2], MaybePILToTensor()])), mean, std
+
+    @property
+    def transforms(self) -> list[Callable[[Any], Any]]:
+        """The steps of timm's transform (``torchvision.transforms.Compose.transforms``)."""
+        return self.transform.transforms
+
+    def __call__(self, image: Image.Image) -> Any:
+        return self.transform(image)
+
+    def __repr__(self) -> str:
+        return f"Preprocess({self.transform!r})"
+
+    def plan(self, size: tuple[int, int]) -> tuple[int, Callable[[Image.Image, int], Any]]:
+        """From the upright ``(width, height)`` of the file: the largest reduction the output allows,
+        and ``finish(image, reduction)``, the transform of the image decoded at that reduction."""
+        if self.kind == "crop":
+            return self._plan_crop(size)
+        if self.kind == "resize":
+            return self._plan_resize(size)
+        return 1, lambda image, reduction: self.transform(image)
+
+    def _plan_crop(self, size: tuple[int, int]) -> tuple[int, Callable[[Image.Image, int], Any]]:
+        crop = self.first
+        # timm's own draws, in its order; a 0 x H x W tensor stands in for the image (only its size is read)
+        top, left, height, width = crop.get_params(torch.empty(0, size[1], size[0]), crop.scale, crop.ratio)
+        interpolation = crop.interpolation
+        if isinstance(interpolation, (tuple, list)):
+            interpolation = random.choice(interpolation)
+        out_height, out_width = crop.size
+        reduction = largest_reduction((width, height), (out_width, out_height))
+
+        def finish(image: Image.Image, applied: int) -> Any:
+            if applied == 1:
+                region = F.resized_crop(image, top, left, height, width, crop.size, interpolation)
+            else:
+                box = (left / applied, top / applied, (left + width) / applied, (top + height) / applied)
+                region = image.resize((out_width, out_height), F.pil_modes_mapping[interpolation], box=box)
+            return self.rest(region)
+
+        return reduction, finish
+
+    def _plan_resize(self, size: tuple[int, int]) -> tuple[int, Callable[[Image.Image, int], Any]]:
+        resize = self.first
+        out_height, out_width = resized_size(size, _as_list(resize.size))
+        reduction = largest_reduction(size, (out_width, out_height))
+
+        def finish(image: Image.Image, applied: int) -> Any:
+            if applied == 1:
+                return self.transform(image)
+            return self.rest(image.resize((out_width, out_height), F.pil_modes_mapping[resize.interpolation]))
+
+        return reduction, finish
+
+
+def normalize_batch(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """A batch of 8-bit images ``(N, C, H, W)`` as timm's ``ToTensor`` + ``Normalize`` make each image:
+    the same operations in the same order (to float, / 255, - mean, / std), so the result is the
+    same to the last bit as normalising each image in the worker.
+
+    >>> mean, std = torch.tensor([0.5]).view(-1, 1, 1), torch.tensor([0.25]).view(-1, 1, 1)
+    >>> normalize_batch(torch.tensor([[[[0, 255]]]], dtype=torch.uint8), mean, std).tolist()
+    [[[[-2.0, 2.0]]]]
+    """
+    return images.to(dtype=torch.get_default_dtype()).div(255).sub_(mean).div_(std)
+
+
+def resized_size(size: tuple[int, int], target: list[int]) -> tuple[int, int]:
+    """``(height, width)`` that ``torchvision.transforms.Resize(target)`` gives an image of ``size`` (W, H).
+
+    >>> resized_size((1600, 1200), [235]), resized_size((375, 500), [235]), resized_size((640, 480), [200, 100])
+    ((235, 313), (313, 235), (200, 100))
+    """
+    if len(target) == 2:
+        return target[0], target[1]
+    width, height = size
+    short, long = min(width, height), max(width, height)
+    new_long = int(target[0] * long / short)
+    return (target[0], new_long) if height <= width else (new_long, target[0])
+
+
+def _as_list(size: int | list[int] | tuple[int, ...]) -> list[int]:
+    return [size] if isinstance(size, int) else list(size)

@@ -1,0 +1,197 @@
+"""Images per second from finetune's training and validation loaders, against the usual baseline.
+
+Ours is built exactly as a run builds it (the real ``conf/`` composed with ``model=resnet50
+data=custom``, then `finetune.builders.build_loaders` with the model's data config). The baseline
+is what most training scripts do: torchvision ``ImageFolder`` with timm's
+``create_transform(**resolve_data_config(model=...), is_training=True/False)`` for the same model,
+in a ``DataLoader`` with the same batch size, worker count and ``pin_memory`` (and persistent
+workers, as timm's own loader has them). Both read the same generated folder of photo-like JPEGs
+(600 of 500x375 and 200 of 1600x1200, quality 90: gradients, texture, shapes and sensor-like
+noise, so decoding costs what it costs on photographs), written once into ``--cache-dir``.
+
+Each loader first runs a warm-up epoch (worker start-up, page cache), then ``--epochs`` epochs; the
+two arms alternate within every round (this machine is shared and noisy), and the ratios of the
+median images/s are printed last:
+
+    python scripts/bench_data.py                       # 1 warm-up + 3 epochs, data.num_workers=auto
+    python scripts/bench_data.py --workers 2 --epochs 5
+    python scripts/bench_data.py --quick               # a small set and two epochs: checks that it runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import timm
+import torch
+from hydra import compose, initialize_config_dir
+from PIL import Image, ImageDraw
+from timm.data import create_transform, resolve_data_config
+from torch.utils.data import DataLoader
+from torchvision.datasets import ImageFolder
+
+from finetune import builders
+from finetune.__main__ import CONFIG_DIR
+from finetune.signals import stop_workers
+
+FULL_SET = {"small": 600, "large": 200}
+QUICK_SET = {"small": 24, "large": 8}
+SIZES = {"small": (500, 375), "large": (1600, 1200)}
+NUM_CLASSES = 4
+QUALITY = 90
+
+
+# ------------------------------------------------------------------ images
+def photo_like(width: int, height: int, seed: int, noise: np.ndarray) -> Image.Image:
+    """A photo-like picture: a colour gradient, low-frequency texture and flat shapes, drawn at half
+    size and upscaled (soft edges, as a lens gives), then per-pixel noise (as a sensor gives)."""
+    rng = np.random.default_rng(seed)
+    half_w, half_h = width // 2, height // 2
+    y, x = np.mgrid[0:half_h, 0:half_w].astype(np.float32)
+    slope = rng.uniform(-0.15, 0.15, (2, 3)).astype(np.float32) * (320 / max(half_w, half_h))
+    pixels = rng.uniform(40, 200, 3).astype(np.float32) + x[..., None] * slope[0] + y[..., None] * slope[1]
+    coarse = np.clip(rng.normal(128, 20, (half_h // 8 + 1, half_w // 8 + 1, 3)), 0, 255).astype(np.uint8)
+    pixels += np.asarray(Image.fromarray(coarse).resize((half_w, half_h), Image.BICUBIC), np.float32) - 128
+    image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(image)
+    for _ in range(int(rng.integers(6, 14))):
+        x0, y0 = rng.uniform(-0.1, 0.9) * half_w, rng.uniform(-0.1, 0.9) * half_h
+        box = [x0, y0, x0 + rng.uniform(0.05, 0.4) * half_w, y0 + rng.uniform(0.05, 0.4) * half_h]
+        shape = draw.ellipse if rng.integers(0, 2) else draw.rectangle
+        shape(box, fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
+    image = image.resize((width, height), Image.BICUBIC)
+    reps = (-(-height // noise.shape[0]), -(-width // noise.shape[1]), 1)  # tiled when smaller than the image
+    shift = (int(rng.integers(height)), int(rng.integers(width)))  # one noise field, a new offset per image
+    grain = np.roll(np.tile(noise, reps)[:height, :width], shift, axis=(0, 1))
+    return Image.fromarray(np.clip(np.asarray(image, np.int16) + grain, 0, 255).astype(np.uint8))
+
+
+def ensure_images(cache_dir: Path, counts: dict[str, int]) -> Path:
+    """The bench folder ``ROOT/c<k>/<kind>_<i>.jpg``, generated once (a ``done`` file marks it complete)."""
+    root = cache_dir / f"bench_data_{counts['small']}x500_{counts['large']}x1600_q{QUALITY}"
+    if (root / "done").is_file():
+        return root
+    width, height = SIZES["large"]
+    noise = np.random.default_rng(12345).normal(0, 6, (height, width, 3)).astype(np.int16)
+    seed = 0
+    for kind, count in counts.items():
+        for i in range(count):
+            folder = root / f"c{seed % NUM_CLASSES}"
+            folder.mkdir(parents=True, exist_ok=True)
+            photo_like(*SIZES[kind], seed, noise).save(folder / f"{kind}_{i:04d}.jpg", quality=QUALITY)
+            seed += 1
+    (root / "done").write_text("complete\n")
+    return root
+
+
+# ----------------------------------------------------------------- loaders
+def compose_run_config(root: Path, args: argparse.Namespace):
+    """The run's config, composed from the real conf/ as the CLI composes it."""
+    overrides = [f"model={args.model}", "model.pretrained=false", "data=custom", f"data.root={root}",
+                 f"data.batch_size={args.batch_size}"]
+    overrides += [f"data.num_workers={args.workers}"] if args.workers is not None else []
+    overrides += [f"data.img_size={args.img_size}"] if args.img_size is not None else []
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose(config_name="config", overrides=overrides)
+
+
+def our_loaders(root: Path, args: argparse.Namespace, *, pin_memory: bool):
+    """finetune's loaders over every image of ``root`` (train and val both), as `finetune.run` builds them."""
+    cfg = compose_run_config(root, args)
+    with tempfile.TemporaryDirectory() as run_dir:
+        split = builders.build_split(cfg.data, run_dir=Path(run_dir), write=False)
+    everything = sorted(split.train + split.val)
+    split = dataclasses.replace(split, train=everything, val=everything)
+    _, spec = builders.build_classifier(cfg.model, head=cfg.head, num_classes=split.num_classes)
+    data_config = builders.build_data_config(cfg.data, spec)
+    return builders.build_loaders(cfg.data, split, data_config, seed=cfg.seed, pin_memory=pin_memory), data_config
+
+
+def baseline_loaders(root: Path, args: argparse.Namespace, *, workers: int, pin_memory: bool):
+    """ImageFolder + timm's create_transform for the same model: the usual training script."""
+    model = timm.create_model(args.model, pretrained=False)
+    config = resolve_data_config(model=model)
+    if args.img_size is not None:
+        config["input_size"] = (3, args.img_size, args.img_size)
+    options = {"batch_size": args.batch_size, "num_workers": workers, "pin_memory": pin_memory,
+               "persistent_workers": workers > 0}
+    train = DataLoader(ImageFolder(str(root), create_transform(**config, is_training=True)), shuffle=True,
+                       **options)
+    val = DataLoader(ImageFolder(str(root), create_transform(**config, is_training=False)), shuffle=False,
+                     **options)
+    return train, val
+
+
+def images_per_second(loader: DataLoader, epoch: int) -> float:
+    """One pass over ``loader`` (its sampler set to ``epoch`` when it has epochs), in images/s."""
+    sampler = getattr(loader, "sampler", None)
+    if hasattr(sampler, "set_epoch"):
+        sampler.set_epoch(epoch)
+    images, started = 0, time.perf_counter()
+    for _, target in loader:
+        images += target.shape[0]
+    return images / (time.perf_counter() - started)
+
+
+def interleaved(arms: dict[str, DataLoader], rounds: int) -> dict[str, list[float]]:
+    """images/s of each arm per round, the arms alternating first and last; round 0 is a warm-up."""
+    speeds: dict[str, list[float]] = {name: [] for name in arms}
+    for epoch in range(rounds + 1):
+        order = list(arms) if epoch % 2 == 0 else list(reversed(arms))
+        for name in order:
+            speed = images_per_second(arms[name], epoch)
+            if epoch > 0:
+                speeds[name].append(speed)
+    return speeds
+
+
+def report(split: str, speeds: dict[str, list[float]]) -> float:
+    for name, values in speeds.items():
+        shown = ", ".join(f"{v:.1f}" for v in values)
+        print(f"{split} {name:<9} {statistics.median(values):7.1f} img/s median (epochs: {shown})")
+    return statistics.median(speeds["finetune"]) / statistics.median(speeds["baseline"])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workers", default=None, help="data.num_workers for both arms (default: the "
+                        "config's, auto); a number or auto")
+    parser.add_argument("--epochs", type=int, default=3, help="timed epochs per loader, after one warm-up")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--model", default="resnet50", help="a conf/model option (its data config is used)")
+    parser.add_argument("--img-size", type=int, default=None, help="data.img_size (default: the model's)")
+    parser.add_argument("--cache-dir", type=Path, default=Path("~/.cache/finetune").expanduser())
+    parser.add_argument("--quick", action="store_true", help=f"{QUICK_SET['small']} + {QUICK_SET['large']} "
+                        "images, batch 8, 2 epochs: a check that the script runs")
+    args = parser.parse_args()
+    if args.quick:
+        args.epochs, args.batch_size = min(args.epochs, 2), min(args.batch_size, 8)
+    counts = QUICK_SET if args.quick else FULL_SET
+    root = ensure_images(args.cache_dir, counts)
+    pin_memory = torch.cuda.is_available()  # as a run does: pinned when it trains on CUDA
+    ours, data_config = our_loaders(root, args, pin_memory=pin_memory)
+    workers = ours.train.num_workers  # "auto" resolved by build_loaders; the baseline gets the same count
+    base_train, base_val = baseline_loaders(root, args, workers=workers, pin_memory=pin_memory)
+    size = data_config["input_size"][-1]
+    print(f"data: {counts['small']} JPEGs of 500x375 + {counts['large']} of 1600x1200 (quality {QUALITY}) in "
+          f"{root}; {args.model} at {size} px (crop_pct {data_config['crop_pct']}, {data_config['interpolation']})")
+    print(f"batch {args.batch_size}, {workers} worker(s), pin_memory {pin_memory}; 1 warm-up + {args.epochs} "
+          "epochs per loader, the arms alternating within each round")
+    try:
+        train = report("train", interleaved({"baseline": base_train, "finetune": ours.train}, args.epochs))
+        val = report("val  ", interleaved({"baseline": base_val, "finetune": ours.val}, args.epochs))
+    finally:  # our workers ignore SIGTERM (as in a run), so they are shut down here, not at exit
+        for loader in (ours.train, ours.val, base_train, base_val):
+            stop_workers(loader)
+    print(f"data_train_vs_baseline: {train:.2f} (target >= 1.5)")
+    print(f"data_val_vs_baseline: {val:.2f} (target >= 1.5)")
+
+
+if __name__ == "__main__":
+    main()
