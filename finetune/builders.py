@@ -93,15 +93,17 @@ def build_data_config(cfg: DictConfig, spec: BackboneSpec) -> dict[str, Any]:
 
 
 def build_loaders(cfg: DictConfig, split: data_lib.DataSplit, data_config: dict[str, Any], *, seed: int,
-                  pin_memory: bool, world: World = SINGLE) -> data_lib.Loaders:
-    """This process's loaders: ``data.batch_size`` images per batch and process, its shard under DDP."""
+                  device: torch.device, world: World = SINGLE) -> data_lib.Loaders:
+    """This process's loaders: ``data.batch_size`` images per batch and process, its shard under DDP;
+    on CUDA, batches pinned and normalised on ``device``."""
     augment = {"scale": tuple(cfg.crop_scale), "hflip": cfg.hflip, "color_jitter": cfg.color_jitter,
                "auto_augment": cfg.auto_augment}
     loaders = data_lib.build_loaders(
         split, train_transform=data_lib.build_transforms(data_config, img_size=cfg.img_size, train=True, **augment),
         eval_transform=data_lib.build_transforms(data_config, img_size=cfg.img_size, train=False),
         batch_size=cfg.batch_size, num_workers=cfg.num_workers, balance=cfg.balance, seed=seed,
-        pin_memory=pin_memory, channels=data_config["input_size"][0], rank=world.rank, world_size=world.size)
+        pin_memory=device.type == "cuda", device=device, channels=data_config["input_size"][0], rank=world.rank,
+        world_size=world.size)
     for loader in (loaders.train, loaders.val):  # a stop signal to the process group leaves workers alone
         shield_workers(loader)
     return loaders

@@ -54,7 +54,7 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, float]:
         model = builders.prepare_for_ddp(cfg, model.to(rt.device), rt=rt)
         data_config = builders.build_data_config(cfg.data, spec)
         loaders = record.watch(builders.build_loaders(cfg.data, split, data_config, seed=cfg.seed,
-                                                      pin_memory=rt.device.type == "cuda", world=world))
+                                                      device=rt.device, world=world))
         point = resume_lib.at_world_size(point, world, loaders=loaders, accumulate=cfg.trainer.accumulate)
         freeze = builders.build_freeze(cfg, model, spec)
         lr, lr_find = record.note_lr(*builders.choose_lr(cfg, model, spec, loaders=loaders, rt=rt, resume=point))
@@ -88,7 +88,7 @@ def find_lr(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any
     builders.init_weights(cfg.model, model, spec, head=cfg.head, class_names=split.class_names, run_dir=run_dir)
     model = model.to(rt.device)
     loaders = builders.build_loaders(cfg.data, split, builders.build_data_config(cfg.data, spec), seed=cfg.seed,
-                                     pin_memory=rt.device.type == "cuda")
+                                     device=rt.device)
     try:
         builders.build_freeze(cfg, model, spec)
         _, record = builders.choose_lr(cfg, model, spec, loaders=loaders, rt=rt, resume=None)

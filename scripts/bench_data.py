@@ -101,7 +101,7 @@ def compose_run_config(root: Path, args: argparse.Namespace):
         return compose(config_name="config", overrides=overrides)
 
 
-def our_loaders(root: Path, args: argparse.Namespace, *, pin_memory: bool):
+def our_loaders(root: Path, args: argparse.Namespace, *, device: torch.device):
     """finetune's loaders over every image of ``root`` (train and val both), as `finetune.run` builds them."""
     cfg = compose_run_config(root, args)
     with tempfile.TemporaryDirectory() as run_dir:
@@ -110,7 +110,7 @@ def our_loaders(root: Path, args: argparse.Namespace, *, pin_memory: bool):
     split = dataclasses.replace(split, train=everything, val=everything)
     _, spec = builders.build_classifier(cfg.model, head=cfg.head, num_classes=split.num_classes)
     data_config = builders.build_data_config(cfg.data, spec)
-    return builders.build_loaders(cfg.data, split, data_config, seed=cfg.seed, pin_memory=pin_memory), data_config
+    return builders.build_loaders(cfg.data, split, data_config, seed=cfg.seed, device=device), data_config
 
 
 def baseline_loaders(root: Path, args: argparse.Namespace, *, workers: int, pin_memory: bool):
@@ -175,7 +175,7 @@ def main() -> None:
     counts = QUICK_SET if args.quick else FULL_SET
     root = ensure_images(args.cache_dir, counts)
     pin_memory = torch.cuda.is_available()  # as a run does: pinned when it trains on CUDA
-    ours, data_config = our_loaders(root, args, pin_memory=pin_memory)
+    ours, data_config = our_loaders(root, args, device=torch.device("cuda" if pin_memory else "cpu"))
     workers = ours.train.num_workers  # "auto" resolved by build_loaders; the baseline gets the same count
     base_train, base_val = baseline_loaders(root, args, workers=workers, pin_memory=pin_memory)
     size = data_config["input_size"][-1]

@@ -127,7 +127,7 @@ def real_loader(args: argparse.Namespace, device: torch.device, workers: int):
     transform = build_transforms(config, img_size=args.size, train=True)
     return build_loaders(split, train_transform=transform, eval_transform=build_transforms(config, img_size=args.size,
                          train=False), batch_size=args.batch, num_workers=workers, seed=0,
-                         pin_memory=device.type == "cuda").train
+                         pin_memory=device.type == "cuda", device=device).train
 
 
 def loader_alone(loader) -> float:

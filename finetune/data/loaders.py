@@ -72,6 +72,7 @@ def build_loaders(
     channels: int = 3,
     rank: int = 0,
     world_size: int = 1,
+    device: torch.device | None = None,
 ) -> Loaders:
     """Build the train and val loaders of a split.
 
@@ -89,6 +90,8 @@ def build_loaders(
         channels: Channels read from each image: 3 RGB, 1 grey, 4 RGBA (the model's ``in_chans``).
         rank, world_size: This process among the data-parallel processes: ``batch_size`` is per
             process, each loader yields this process's shard (`EpochSampler`, `EvalBatches`).
+        device: The training device: a CUDA device gets each pinned batch copied to it and
+            normalised there (`NormalizingLoader`); otherwise batches are normalised on the CPU.
 
     Returns:
         The loaders, the train sampler and the class weights.
@@ -102,7 +105,7 @@ def build_loaders(
     sampler = _train_sampler(split, counts, balance=balance, seed=seed, batch_size=batch_size, rank=rank,
                              world_size=world_size)
     # Own generators: without one, every pass would draw worker seeds from the global RNG.
-    common = _loader_options(num_workers, pin_memory) | {"channels": channels}
+    common = _loader_options(num_workers, pin_memory) | {"channels": channels, "device": device}
     train = image_loader(split.train, train_transform, sampler=sampler, batch_size=batch_size,
                          generator=torch.Generator().manual_seed(seed), **common)
     val = image_loader(split.val, eval_transform,
@@ -113,34 +116,42 @@ def build_loaders(
 
 
 def image_loader(samples: list[tuple[str, int]], transform: Callable[[Any], Any], *, channels: int,
-                 **options: Any) -> DataLoader:
+                 device: torch.device | None = None, **options: Any) -> DataLoader:
     """A loader of ``(image, label)`` batches; a `NormalizingLoader` when ``transform`` can end in 8 bits."""
     split = transform.without_normalize() if isinstance(transform, Preprocess) else None
     if split is None:
         return DataLoader(ImageDataset(samples, transform, channels), **options)
     to_uint8, mean, std = split
-    return NormalizingLoader(ImageDataset(samples, to_uint8, channels), mean=mean, std=std, **options)
+    return NormalizingLoader(ImageDataset(samples, to_uint8, channels), mean=mean, std=std, device=device,
+                             **options)
 
 
 class NormalizingLoader(DataLoader):
     """A ``DataLoader`` whose workers send 8-bit images; each batch is normalised as it arrives.
 
     The workers skip the float conversion and normalisation of every image, and a batch crosses
-    from the workers through shared memory in a quarter of the bytes. With ``pin_memory`` (a CUDA
-    run) the batch is copied to the current CUDA device and normalised there, so the trainer's own
-    ``.to(device)`` finds it in place; otherwise it is normalised in this process. The result is
+    from the workers through shared memory in a quarter of the bytes. With ``pin_memory`` and a CUDA
+    ``device`` (the training device; without one, the current CUDA device) the batch is copied
+    there and normalised there, so the trainer's own ``.to(device)`` finds it in place; otherwise it
+    is normalised in this process. The result is
     that of timm's ``ToTensor`` + ``Normalize`` in the worker, to the last bit (`normalize_batch`).
     Iterating yields ``(inputs, target)`` with float ``inputs``, like any other loader here.
 
     Args:
         mean, std: Per-channel ``(C, 1, 1)`` tensors (`Preprocess.without_normalize`).
+        device: Where batches go when they are pinned: a CUDA device (None: the current one).
         **kwargs: ``DataLoader``'s.
     """
 
-    def __init__(self, dataset: ImageDataset, *, mean: torch.Tensor, std: torch.Tensor, **kwargs: Any) -> None:
+    def __init__(self, dataset: ImageDataset, *, mean: torch.Tensor, std: torch.Tensor,
+                 device: torch.device | None = None, **kwargs: Any) -> None:
         super().__init__(dataset, **kwargs)
-        cuda = self.pin_memory and torch.cuda.is_available()
-        self.device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+        if not (self.pin_memory and torch.cuda.is_available()):
+            self.device = torch.device("cpu")
+        elif device is not None and device.type == "cuda":
+            self.device = device if device.index is not None else torch.device("cuda", torch.cuda.current_device())
+        else:
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.mean, self.std = mean.to(self.device), std.to(self.device)
 
     def __iter__(self) -> Any:
