@@ -284,7 +284,9 @@ def evaluate_batches(classifier: Classifier, loader: DataLoader, *, progress_bar
     keeping each image's prediction and confidence."""
     accumulator, loss_fn = MetricAccumulator(classifier.num_classes), nn.CrossEntropyLoss(reduction="sum")
     predicted, confidence, targets = [], [], []
-    for inputs, target in tqdm(loader, desc="evaluate", unit="batch", disable=not progress_bar, dynamic_ncols=True):
+    batches = tqdm(iter(loader), total=len(loader), desc="evaluate", unit="batch", disable=not progress_bar,
+                   dynamic_ncols=True)  # iter() once: tqdm would iter() a loader twice, starting its workers twice
+    for inputs, target in batches:
         logits = classifier(inputs)
         target = target.to(logits.device, non_blocking=True)
         accumulator.update(logits, target, loss_fn(logits, target).item())

@@ -126,6 +126,20 @@ class RunDirInUse(UserError):
     """Another process is running in this run dir."""
 
 
+_HELD_LOCKS: set[int] = set()  # run-dir lock fds of this process, which a forked child must not keep
+
+
+def _drop_held_locks() -> None:
+    """In a forked child (a loader worker): close the inherited run-dir lock fds (the parent keeps its lock)."""
+    for fd in _HELD_LOCKS:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _HELD_LOCKS.clear()
+
+
+os.register_at_fork(after_in_child=_drop_held_locks)
+
+
 @contextlib.contextmanager
 def hold_run_dir(run_dir: Path) -> Iterator[None]:
     """Hold an exclusive lock on ``run_dir`` for a run's life; refuse when another process holds it.
@@ -133,11 +147,14 @@ def hold_run_dir(run_dir: Path) -> Iterator[None]:
     Two processes on one run dir (a second ``resume=auto`` while the first trains) would delete
     each other's temporary files and interleave manifest writes. The lock is ``flock`` on
     ``checkpoints/.lock``: the kernel releases it when the holder exits, however it exits, so a
-    killed run leaves no stale lock (the pid written in the file is only for the message).
+    killed run leaves no stale lock (the pid written in the file is only for the message). Forked
+    children (loader workers) close their copy of the fd at once: a worker outliving a killed run
+    by the seconds it takes to notice would otherwise hold the lock and refuse the resume.
     """
     lock_path = run_dir / "checkpoints" / ".lock"
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    _HELD_LOCKS.add(fd)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -149,4 +166,5 @@ def hold_run_dir(run_dir: Path) -> Iterator[None]:
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         yield
     finally:
+        _HELD_LOCKS.discard(fd)
         os.close(fd)  # releases the lock

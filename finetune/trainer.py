@@ -154,7 +154,10 @@ class Trainer:
         # yields only the rest: the epoch's full length adds those back.
         total_batches = state.epoch_batches = len(loader) + state.batches_seen
         loss_sum, images, started = state.epoch_loss_sum, state.epoch_images, time.perf_counter()
-        bar = tqdm(loader, total=total_batches, initial=state.batches_seen, disable=not self.progress_bar,
+        # One iter() of the loader per epoch, handed to tqdm: tqdm calls iter() on what it is given more
+        # than once, and a second iter() of a loader with persistent workers restarts its sampler (whose
+        # mid-epoch skip applies to one pass), after the workers had already fetched from the first.
+        bar = tqdm(iter(loader), total=total_batches, initial=state.batches_seen, disable=not self.progress_bar,
                    desc=f"epoch {state.epoch + 1}/{self.max_epochs}", dynamic_ncols=True, leave=False)
         for inputs, target in bar:
             state.batches_seen += 1

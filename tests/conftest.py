@@ -39,6 +39,51 @@ def make_image_folder(root: Path, *, classes: int = 3, train: int = 6, val: int 
     return root
 
 
+def as_large_jpegs(root: Path, *, scale: int = 4) -> Path:
+    """Every PNG under ``root`` replaced by a JPEG ``scale`` times its size (quality 90): for a 32 px
+    model, large enough to be decoded at a reduced size (`finetune.data.transforms.Preprocess`)."""
+    for png in sorted(root.rglob("*.png")):
+        with Image.open(png) as image:
+            image.resize((image.width * scale, image.height * scale), Image.Resampling.BICUBIC).save(
+                png.with_suffix(".jpg"), quality=90)
+        png.unlink()
+    return root
+
+
+@pytest.fixture
+def busy_cpus():
+    """Two processes spinning for the whole test: the 2-core machine is oversubscribed."""
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
+    yield
+    for hog in hogs:
+        hog.kill()
+        hog.wait()
+
+
+def run_together(commands: dict[str, list[str]], *, module: str, cwd: Path) -> dict[str, subprocess.CompletedProcess]:
+    """``{name: args}`` of ``python -m MODULE ARGS`` started at once (each mostly imports torch, on one
+    of the two cores); their results by name once all have ended."""
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    procs = {name: subprocess.Popen([sys.executable, "-m", module, *args], cwd=cwd, env=env, text=True,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for name, args in commands.items()}
+    results = {}
+    for name, proc in procs.items():
+        out, err = proc.communicate(timeout=600)
+        results[name] = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    return results
+
+
+def assert_one_line_errors(results: dict[str, subprocess.CompletedProcess], expected: dict[str, list[str]]) -> None:
+    """Each named run failed with exit status 2 and one ``error:`` line holding every expected text."""
+    for name, texts in expected.items():
+        result = results[name]
+        assert result.returncode == 2, (name, result.stderr[-2000:])
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), (name, result.stderr[-2000:])
+        assert all(text in lines[0] for text in texts), (name, lines[0])
+
+
 @pytest.fixture
 def image_folder(tmp_path: Path) -> Path:
     return make_image_folder(tmp_path / "images")

@@ -314,16 +314,6 @@ def test_unfreezing_ema_bf16_channels_last_layer_decay_and_lr_auto_under_ddp_res
     assert state["lr_find"]["lr"] == again["lr_find"]["lr"] == json.loads((straight / "lr_find.json").read_text())["lr"]
 
 
-@pytest.fixture
-def busy_cpus():
-    """Two processes spinning for the whole test: with two DDP processes, the 2-core machine is oversubscribed."""
-    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
-    yield
-    for hog in hogs:
-        hog.kill()
-        hog.wait()
-
-
 @pytest.mark.slow
 @processes(2)
 def test_a_real_model_under_ddp_and_cpu_load_stops_saves_and_resumes_bit_identical(data, tmp_path, busy_cpus):

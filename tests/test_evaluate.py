@@ -11,11 +11,8 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import os
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -24,27 +21,11 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from PIL import Image
 
-from conftest import CONFIG_DIR, make_image_folder, tiny_overrides
+from conftest import CONFIG_DIR, assert_one_line_errors, make_image_folder, run_together, tiny_overrides
 from finetune.evaluate import expected_calibration_error, per_class_metrics
 from finetune.evaluate import run as evaluate_run
 
 QUIET = ["data.num_workers=0", "progress_bar=false"]
-
-
-def start(module: str, args: list[str], *, cwd: Path) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
-    return subprocess.Popen([sys.executable, "-m", module, *args], cwd=cwd, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-
-
-def run_together(commands: dict[str, tuple[str, list[str]]], *, cwd: Path) -> dict[str, subprocess.CompletedProcess]:
-    """``{name: (module, args)}`` started at once; their results by name once all have ended."""
-    procs = {name: start(module, args, cwd=cwd) for name, (module, args) in commands.items()}
-    results = {}
-    for name, proc in procs.items():
-        out, err = proc.communicate(timeout=600)
-        results[name] = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
-    return results
 
 
 def evaluate_args(ckpt: Path, root: Path, out: Path) -> list[str]:
@@ -62,15 +43,15 @@ def work(tmp_path_factory) -> Path:
                 small.resize((160, 120), Image.Resampling.BICUBIC).save(class_dir / f"{i}.jpg", quality=90)
             (class_dir / f"{i}.png").unlink()
     flat = make_image_folder(work / "flat", train=10, val=6, split=False)  # 16 a class: 3 held out by seed
-    trained = run_together({name: ("finetune", tiny_overrides(root) + [f"hydra.run.dir={work / name}"])
-                            for name, root in (("run_folders", folders), ("run_flat", flat))}, cwd=work)
+    trained = run_together({name: tiny_overrides(root) + [f"hydra.run.dir={work / name}"]
+                            for name, root in (("run_folders", folders), ("run_flat", flat))}, module="finetune",
+                           cwd=work)
     for result in trained.values():
         assert result.returncode == 0, result.stderr[-3000:]
     evaluated = run_together({
-        "eval_folders": ("finetune.evaluate", evaluate_args(work / "run_folders", folders, work / "eval_folders")),
-        "eval_flat": ("finetune.evaluate", evaluate_args(work / "run_flat/checkpoints/best.safetensors", flat,
-                                                         work / "eval_flat")),
-    }, cwd=work)
+        "eval_folders": evaluate_args(work / "run_folders", folders, work / "eval_folders"),
+        "eval_flat": evaluate_args(work / "run_flat/checkpoints/best.safetensors", flat, work / "eval_flat"),
+    }, module="finetune.evaluate", cwd=work)
     for result in evaluated.values():
         assert result.returncode == 0, result.stderr[-3000:]
     (work / "eval_folders.stdout").write_text(evaluated["eval_folders"].stdout)
@@ -236,13 +217,8 @@ def test_bad_input_on_the_command_line_is_one_line_and_exit_2(work, bad_inputs, 
         "classes differ": (evaluate_args(work / "run_folders", bad_inputs["renamed"], tmp_path / "out2"),
                            ["not in the checkpoint: 'dog'", "not in the data: 'class_1'"]),
     }
-    results = run_together({name: ("finetune.evaluate", args) for name, (args, _) in cases.items()}, cwd=tmp_path)
-    for name, (_, expected) in cases.items():
-        result = results[name]
-        assert result.returncode == 2, (name, result.stderr[-2000:])
-        lines = result.stderr.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("error: "), (name, result.stderr[-2000:])
-        assert all(text in lines[0] for text in expected), (name, lines[0])
+    results = run_together({name: args for name, (args, _) in cases.items()}, module="finetune.evaluate", cwd=tmp_path)
+    assert_one_line_errors(results, {name: expected for name, (_, expected) in cases.items()})
     assert not any(tmp_path.glob("out*/*")), "an evaluation that failed wrote files"
 
 

@@ -7,10 +7,7 @@ One tiny run is trained for the module; CLI runs that do not depend on each othe
 from __future__ import annotations
 
 import csv
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,27 +15,12 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import make_image_folder, tiny_overrides
+from conftest import assert_one_line_errors, make_image_folder, run_together, tiny_overrides
 from finetune.errors import UserError
 from finetune.inference import load_checkpoint, read_image
 from finetune.predict import predict
 
 EXIF_ORIENTATION = 0x0112
-
-
-def run_together(commands: dict[str, list[str]], *, cwd: Path,
-                 module: str = "finetune.predict") -> dict[str, subprocess.CompletedProcess]:
-    """``{name: args}`` of ``python -m MODULE ARGS`` started at once (each mostly imports torch, on one
-    of the two cores); their results by name once all have ended."""
-    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
-    procs = {name: subprocess.Popen([sys.executable, "-m", module, *args], cwd=cwd, env=env, text=True,
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-             for name, args in commands.items()}
-    results = {}
-    for name, proc in procs.items():
-        out, err = proc.communicate(timeout=600)
-        results[name] = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
-    return results
 
 
 def read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
@@ -69,7 +51,7 @@ def work(tmp_path_factory) -> Path:
         "folder": [*common, f"inputs={inputs}", f"hydra.run.dir={work / 'pred_folder'}"],
         "glob": [*common, f"inputs='{inputs}/**/[01].png'", "topk=2", "tta=hflip",  # quoted: [ ] for Hydra
                  f"hydra.run.dir={work / 'pred_glob'}"],
-    }, cwd=work)
+    }, module="finetune.predict", cwd=work)
     for name, result in results.items():
         assert result.returncode == 0, (name, result.stderr[-3000:])
         (work / f"{name}.stdout").write_text(result.stdout)
@@ -178,13 +160,8 @@ def test_bad_input_on_the_command_line_is_one_line_and_exit_2(work, tmp_path):
                            [f"'{tmp_path / 'truncated.safetensors'}' cannot be read", "truncated"]),
     }
     results = run_together({name: [*args, f"hydra.run.dir={tmp_path / name.replace(' ', '_')}", "num_workers=0"]
-                            for name, (args, _) in cases.items()}, cwd=tmp_path)
-    for name, (_, expected) in cases.items():
-        result = results[name]
-        assert result.returncode == 2, (name, result.stderr[-2000:])
-        lines = result.stderr.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("error: "), (name, result.stderr[-2000:])
-        assert all(text in lines[0] for text in expected), (name, lines[0])
+                            for name, (args, _) in cases.items()}, module="finetune.predict", cwd=tmp_path)
+    assert_one_line_errors(results, {name: expected for name, (_, expected) in cases.items()})
     assert not list(tmp_path.glob("*/predictions.csv"))
 
 

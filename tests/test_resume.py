@@ -82,6 +82,17 @@ def test_resume_in_place_from_an_earlier_state_ends_bit_identical(reference, tmp
     assert train_loss_steps(out) == list(range(1, 16))  # TensorBoard purged the overlap: no step twice
 
 
+def test_resume_mid_epoch_with_loader_workers_ends_bit_identical(reference, tmp_path):
+    """Loader workers (persistent) start fetching the moment the loader is iterated: a resumed epoch
+    still skips exactly the batches already trained on (the reference ran without workers)."""
+    ref, overrides = reference
+    out = copy_run(ref, tmp_path / "run")
+    state = out / "checkpoints" / "epoch001-step000006.ckpt"  # 1 batch into epoch 2
+    run(compose_config(overrides + ["data.num_workers=1", f"resume={state}"]), run_dir=out)
+    assert_same_result(out, ref)
+    assert train_loss_steps(out) == list(range(1, 16))
+
+
 def test_resume_mid_epoch_with_gradient_accumulation_ends_bit_identical(tmp_path):
     root = make_image_folder(tmp_path / "images")  # 18 images, batch 4: 5 batches, 3 updates per epoch
     overrides = tiny_overrides(root, epochs=2) + ["trainer.accumulate=2", "checkpoint.every_n_steps=1",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 import signal
 import subprocess
@@ -16,8 +17,9 @@ import torch
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import assert_manifest_matches_files, make_image_folder, run_cli, tiny_overrides
+from conftest import as_large_jpegs, assert_manifest_matches_files, make_image_folder, run_cli, tiny_overrides
 from finetune.checkpoint import verify_file
+from finetune.runtime import hold_run_dir
 from test_checkpoint import assert_same_result
 from test_cli import assert_clean_error
 from test_resume import train_loss_steps
@@ -30,10 +32,10 @@ def val_steps(run_dir: Path) -> list[int]:
 pytestmark = pytest.mark.slow
 
 
-def start(args: list[str], *, cwd: Path, log: Path) -> subprocess.Popen:
+def start(args: list[str], *, cwd: Path, log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
     with log.open("ab") as sink:
         return subprocess.Popen([sys.executable, "-m", "finetune", *args], cwd=cwd, stdout=sink,
-                                stderr=subprocess.STDOUT)
+                                stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
 
 
 def mtime(path: Path) -> int | None:
@@ -102,16 +104,6 @@ def test_killed_at_random_moments_and_resumed_ends_bit_identical(tmp_path):
     kill_and_resume(tmp_path, args, epochs=6, updates=6, seed=4, after_save=0.4)
 
 
-@pytest.fixture
-def busy_cpus():
-    """Two processes spinning for the whole test: the 2-core machine is oversubscribed."""
-    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
-    yield
-    for hog in hogs:
-        hog.kill()
-        hog.wait()
-
-
 def pickled_record_bytes(path: Path) -> int:
     """Size of the pickled structure (``data.pkl``) inside a ``torch.save`` zip."""
     with zipfile.ZipFile(path) as archive:
@@ -119,11 +111,12 @@ def pickled_record_bytes(path: Path) -> int:
 
 
 def test_a_real_model_killed_and_resumed_under_cpu_load_ends_bit_identical(tmp_path, busy_cpus):
-    """The default model (its training state pickles to well over 64 KiB) on an oversubscribed machine:
-    every save verifies, every resume succeeds, and the end is bit-identical to the straight run."""
-    root = make_image_folder(tmp_path / "images", train=8)  # 24 images, batch 4: 6 updates per epoch
-    args = [a for a in tiny_overrides(root, epochs=3) if not a.startswith("model")]
-    args += ["model=efficientnet_lite0", "checkpoint.every_n_steps=2"]
+    """The default model (its training state pickles to well over 64 KiB) on an oversubscribed machine,
+    reading JPEGs decoded at a reduced size in two loader workers: every save verifies, every resume
+    succeeds, and the end is bit-identical to the straight run."""
+    root = as_large_jpegs(make_image_folder(tmp_path / "images", train=8))  # 24 images, batch 4: 6 updates an epoch
+    args = [a for a in tiny_overrides(root, epochs=3) if not a.startswith(("model", "data.num_workers"))]
+    args += ["model=efficientnet_lite0", "checkpoint.every_n_steps=2", "data.num_workers=2"]
     kill_and_resume(tmp_path, args, epochs=3, updates=6, seed=8, after_save=1.5)
     assert pickled_record_bytes(tmp_path / "run" / "checkpoints" / "last.ckpt") > 64 << 10
 
@@ -169,3 +162,29 @@ def test_sigterm_to_the_process_group_with_loader_workers_still_saves(tmp_path):
     assert proc.wait(timeout=120) == 128 + signal.SIGTERM, (tmp_path / "console.txt").read_text()[-3000:]
     assert json.loads((out / "summary.json").read_text())["status"] == "interrupted"
     assert torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["train_state"]["global_step"] > 0
+
+
+def test_loader_workers_left_by_a_killed_run_do_not_hold_its_run_dir(tmp_path):
+    """SIGKILL leaves a run's loader workers alive for seconds (they poll for their parent): the run
+    dir's lock must be free the moment the run itself is gone, so ``resume=auto`` is not refused."""
+    root = make_image_folder(tmp_path / "images")
+    out = tmp_path / "run"
+    args = [a for a in tiny_overrides(root, epochs=2) if not a.startswith("data.num_workers")]
+    args += ["data.num_workers=2", "checkpoint.every_n_steps=2", f"hydra.run.dir={out}"]
+    console = tmp_path / "console.txt"  # a file, not a pipe: waiting for a pipe's end would wait for the workers
+    killed = start(args, cwd=tmp_path, log=console, env={"FT_SIGNAL_AT": "0:3:SIGKILL",
+                                                          "PYTHONPATH": str(Path(__file__).parent / "signal_at")})
+    assert killed.wait(timeout=300) == -signal.SIGKILL, console.read_text()[-3000:]
+    with hold_run_dir(out):  # at once, within the workers' polling interval
+        orphans = [p for p in Path("/proc").glob("[0-9]*") if str(out).encode() in read_or_empty(p / "cmdline")]
+        assert orphans, "no loader worker outlived its run: the test checked nothing"
+    resumed = run_cli([*args, "resume=auto"], cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["train_state"]["global_step"] == 10
+
+
+def read_or_empty(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError:  # the process ended while we looked
+        return b""
