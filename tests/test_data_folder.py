@@ -142,7 +142,7 @@ def test_train_without_val(tmp_path):
 @pytest.mark.parametrize("val_split", [0, 1, 1.5, -0.2, "0.2"])
 def test_bad_val_split(tmp_path, val_split):
     make_classes(tmp_path, {"a": 4, "b": 4})
-    expect_user_error(tmp_path, f"data.val_split", f"'{val_split}'", val_split=val_split)
+    expect_user_error(tmp_path, "data.val_split", f"'{val_split}'", val_split=val_split)
 
 
 def test_val_split_is_not_checked_when_folders_are_given(tmp_path):
