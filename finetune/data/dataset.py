@@ -120,6 +120,7 @@ def decode(image: Image.Image, channels: int = 3, reduction: int = 1) -> tuple[I
         drafted = image.draft(None, (max(width // reduction, 1), max(height // reduction, 1)))
         if drafted is not None:  # JPEG: the box is the full image in the reduced image's pixels
             applied = round(width / drafted[1][2])
+    image.load()  # decoded here, while the caller still has the file open
     ImageOps.exif_transpose(image, in_place=True)
     if channels == 3 and image.mode == "RGB":
         return image, applied
