@@ -24,6 +24,7 @@ from finetune.checkpoint import (CheckpointFollower, CheckpointManager, Checkpoi
 from finetune.config import in_a_sweep, split_override
 from finetune.distributed import SINGLE, World
 from finetune.errors import UserError
+from finetune.files import atomic_write_text
 from finetune.freezing import FreezeController, apply_freeze, plan_freeze
 from finetune.heads import init_head, warm_start_subset
 from finetune.loggers import MetricsJsonl, NullLogger, TensorBoardLogger
@@ -83,7 +84,7 @@ def build_split(cfg: DictConfig, *, run_dir: Path, write: bool = True) -> data_l
     split = data_lib.scan_image_folder(root, val_split=cfg.val_split, seed=cfg.split_seed,
                                        skip_bad_images=cfg.skip_bad_images)
     if write:
-        (run_dir / "split.json").write_text(json.dumps(split.to_record(), indent=1) + "\n")
+        atomic_write_text(run_dir / "split.json", json.dumps(split.to_record(), indent=1) + "\n", root=run_dir)
     return split
 
 
@@ -155,7 +156,7 @@ def init_weights(cfg: DictConfig, model: nn.Module, spec: BackboneSpec, *, head:
                  f"{warm['warm_started']}; new: {warm['not_found']}")
         report["subset"] = warm
     if write:
-        (run_dir / "load_report.json").write_text(json.dumps(report, indent=1) + "\n")
+        atomic_write_text(run_dir / "load_report.json", json.dumps(report, indent=1) + "\n", root=run_dir)
     return report
 
 

@@ -40,7 +40,7 @@ from PIL import Image
 from torch import nn
 
 from finetune.checkpoint import ModelMeta, load_model, save_weights
-from finetune.checkpoint.atomic import fsync_dir
+from finetune.files import fsync_dir
 from finetune.errors import UserError, describe_error, message_of
 from finetune.inference import (INPUT_NAME, OUTPUT_NAME, eval_transform, export_metadata, load_checkpoint,
                                 resolve_checkpoint, run_dir_of)

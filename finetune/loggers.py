@@ -7,6 +7,7 @@ Both are ``TrainerHook``s; tags are ``split/metric`` (``train/loss``, ``val/acc1
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -16,8 +17,11 @@ import torch
 from PIL import Image, ImageDraw
 from torch.utils.tensorboard import SummaryWriter
 
+from finetune.files import atomic_write_text, open_append
 from finetune.metrics import EvalResult
 from finetune.trainer import TrainerHook, TrainState
+
+log = logging.getLogger("finetune")
 
 
 class TensorBoardLogger(TrainerHook):
@@ -113,7 +117,7 @@ class MetricsJsonl(TrainerHook):
                   "lr": {k.removeprefix("lr/"): v for k, v in logs.items() if k.startswith("lr/")},
                   "seconds": logs["seconds"], "best": improved}
         if self.path is not None:
-            with self.path.open("a") as f:
+            with open_append(self.path) as f:  # never through a link planted at its name
                 f.write(json.dumps(record) + "\n")
         self.last = record
 
@@ -123,14 +127,28 @@ class MetricsJsonl(TrainerHook):
 
         Keyed on the epoch, not the step: a step checkpoint taken on an epoch's last update has that
         epoch's final step but not its evaluation, so its record is written again on resume.
+        A line that is not an epoch's record (a damaged file, or someone else's) is dropped with a warning.
         """
         if self.path is None or not self.path.exists():
             return
-        lines = self.path.read_text().splitlines()
-        kept = [line for line in lines if line.strip() and json.loads(line)["epoch"] <= epochs_done]
+        lines = self.path.read_text(errors="replace").splitlines()
+        records = [_epoch_record(line) for line in lines]
+        kept = [(line, r) for line, r in zip(lines, records) if r is not None and r["epoch"] <= epochs_done]
+        if None in records:
+            log.warning(f"'{self.path}': {records.count(None)} lines are not epoch records (damaged?): dropped")
         if len(kept) != len(lines):
-            self.path.write_text("".join(line + "\n" for line in kept))
-        self.last = json.loads(kept[-1]) if kept else {}
+            atomic_write_text(self.path, "".join(line + "\n" for line, _ in kept))
+        self.last = kept[-1][1] if kept else {}
+
+
+def _epoch_record(line: str) -> dict[str, Any] | None:
+    """A ``metrics.jsonl`` line as its record, or None when it is not one."""
+    try:
+        record = json.loads(line)
+    except (ValueError, RecursionError):
+        return None
+    epoch = record.get("epoch") if isinstance(record, dict) else None
+    return record if isinstance(epoch, int) and not isinstance(epoch, bool) else None
 
 
 def render_confusion(confusion: torch.Tensor, class_names: list[str], cell: int = 28) -> np.ndarray:

@@ -6,6 +6,7 @@ import contextlib
 import copy
 import json
 import logging
+import shlex
 import time
 from pathlib import Path
 from typing import Any
@@ -15,10 +16,13 @@ from PIL import Image
 
 from finetune import builders, distributed
 from finetune import resume as resume_lib
-from finetune.checkpoint import TrainingParts, atomic_write_text
+from finetune.checkpoint import TrainingParts
+from finetune.cli import command, override
 from finetune.config import check_config, in_a_sweep
 from finetune.errors import RunPruned
-from finetune.runtime import RunDirInUse, hold_run_dir, seed_ranks, setup_runtime
+from finetune.files import atomic_write_stream, atomic_write_text, open_append
+from finetune.rundir import RunDirInUse, check_run_dir, hold_run_dir
+from finetune.runtime import seed_ranks, setup_runtime
 from finetune.signals import TrainingInterrupted, graceful_stop, ignore_stop_signals, stop_workers
 from finetune.trainer import TrainState
 
@@ -37,6 +41,7 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, float]:
     whose files rank 0 alone writes.
     """
     run_dir = resolve_run_dir(run_dir)
+    check_run_dir(run_dir, output_subdir=None)  # before the first write: no link planted in it is followed
     world = distributed.init()
     with RunRecord(run_dir, world=world) as record, graceful_stop() as stop:
         check_config(cfg)
@@ -78,6 +83,7 @@ def find_lr(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any
     from finetune.lr_find import draw_curve, from_record
 
     run_dir = resolve_run_dir(run_dir)
+    check_run_dir(run_dir, output_subdir=None)
     cfg = copy.deepcopy(cfg)  # the caller's config stays as it was
     cfg.optim.lr = "auto"
     check_config(cfg)
@@ -95,8 +101,9 @@ def find_lr(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any
     finally:
         for loader in (loaders.train, loaders.val):
             stop_workers(loader)
-    atomic_write_text(run_dir / "lr_find.json", json.dumps(record, indent=1) + "\n")
-    Image.fromarray(draw_curve(from_record(record))).save(run_dir / "lr_find.png")
+    atomic_write_text(run_dir / "lr_find.json", json.dumps(record, indent=1) + "\n", root=run_dir)
+    image = Image.fromarray(draw_curve(from_record(record)))
+    atomic_write_stream(run_dir / "lr_find.png", lambda f: image.save(f, format="PNG"), root=run_dir)
     return record
 
 
@@ -120,7 +127,7 @@ class RunRecord:
     def __init__(self, run_dir: Path, *, world: distributed.World = distributed.SINGLE):
         """``world``: the run's processes; rank 0 alone writes the run's files."""
         self.run_dir, self.world, self.writes = run_dir, world, world.main
-        self.handler = logging.FileHandler(run_dir / "train.log", delay=True)  # created by the first line
+        self.handler = RunLogHandler(run_dir / "train.log")
         self.lock = contextlib.ExitStack()
         self.handler.setFormatter(logging.Formatter("[%(asctime)s][%(levelname)s] %(message)s"))
         self.parts: builders.RunParts | None = None
@@ -152,7 +159,7 @@ class RunRecord:
         if lr_find is not None:
             self.record["lr_find"] = {k: lr_find[k] for k in ("lr", "chosen", "rule", "reason")}
         if lr_find is not None and self.writes:
-            atomic_write_text(self.run_dir / "lr_find.json", json.dumps(lr_find, indent=1) + "\n")
+            atomic_write_text(self.run_dir / "lr_find.json", json.dumps(lr_find, indent=1) + "\n", root=self.run_dir)
         return lr, lr_find
 
     def watch(self, loaders: Any) -> Any:
@@ -185,7 +192,7 @@ class RunRecord:
                       else "pruned" if issubclass(exc_type, RunPruned) else "failed")
             self.record |= {"status": status, "error": f"{exc_type.__name__}: {exc}"}
             if issubclass(exc_type, TrainingInterrupted):
-                self.record["resume_with"] = f"python -m finetune resume={self.run_dir}"
+                self.record["resume_with"] = command("finetune", override("resume", self.run_dir))
         for loader in (self.loaders.train, self.loaders.val) if self.loaders is not None else ():
             stop_workers(loader)  # however the run ended: no worker process outlives it
         if self.parts is not None:
@@ -199,7 +206,7 @@ class RunRecord:
             log.error(f"stopped before training, '{self.run_dir / 'summary.json'}' left as it was: {exc}")
             return self._close()  # refused before any work (a resume, a fresh run here): keep that run's summary
         try:
-            atomic_write_text(self.run_dir / "summary.json", json.dumps(self.record, indent=2) + "\n")
+            atomic_write_text(self.run_dir / "summary.json", json.dumps(self.record, indent=2) + "\n", root=self.run_dir)
         except OSError as err:  # a full disk must not hide the error that ended the run
             log.error(f"could not write '{self.run_dir / 'summary.json'}': {err}")
         if self.parts is not None and not in_a_sweep():  # a sweep ends with its own table instead
@@ -227,13 +234,24 @@ class RunRecord:
                                 "metrics": str(self.run_dir / "metrics.jsonl")}
 
 
+class RunLogHandler(logging.FileHandler):
+    """``train.log``: appended to, created by the first line, never through a link planted at its name."""
+
+    def __init__(self, path: Path):
+        super().__init__(path, delay=True, encoding="utf-8")
+
+    def _open(self) -> Any:
+        return open_append(self.baseFilename, encoding=self.encoding)
+
+
 def closing_block(record: dict[str, Any], *, data_root: str | None) -> str:
-    """The end of a run's console output: how it ended, where its files are, and what to run next.
+    """The end of a run's console output: how it ended, where its files are, and what to run next
+    (each command quoted for Hydra and the shell: `finetune.cli.command`).
 
     >>> print(closing_block({"status": "interrupted", "run_dir": "R", "epochs": None, "steps": 7,
     ...     "best": {"metric": "val/acc1", "value": 0.5, "epoch": 1},
     ...     "paths": {"best.safetensors": "R/checkpoints/best.safetensors", "last.ckpt": "R/checkpoints/last.ckpt"}},
-    ...     data_root="D"))  # doctest: +NORMALIZE_WHITESPACE
+    ...     data_root="my photos"))  # doctest: +NORMALIZE_WHITESPACE
     ---- run interrupted ----
     best         val/acc1 0.5000 at epoch 1
     weights      R/checkpoints/best.safetensors
@@ -241,7 +259,7 @@ def closing_block(record: dict[str, Any], *, data_root: str | None) -> str:
     tensorboard  tensorboard --logdir R/tb
     next:
       python -m finetune resume=R
-      python -m finetune.evaluate ckpt=R data=custom data.root=D
+      python -m finetune.evaluate ckpt=R data=custom "data.root='my photos'"
       python -m finetune.predict ckpt=R inputs=DIR_OR_GLOB
       python -m finetune.export ckpt=R format=onnx
     """
@@ -254,11 +272,13 @@ def closing_block(record: dict[str, Any], *, data_root: str | None) -> str:
         lines.append(f"best         {best['metric']} {best['value']:.4f} at epoch {best['epoch']}")
     if weights:
         lines.append(f"weights      {weights}")
-    lines += [f"run dir      {run_dir}", f"tensorboard  tensorboard --logdir {run_dir}/tb"]
-    commands = [f"python -m finetune resume={run_dir}"] if status != "completed" and "last.ckpt" in paths else []
+    lines += [f"run dir      {run_dir}", f"tensorboard  {shlex.join(['tensorboard', '--logdir', f'{run_dir}/tb'])}"]
+    ckpt = override("ckpt", run_dir)
+    commands = ([command("finetune", override("resume", run_dir))]
+                if status != "completed" and "last.ckpt" in paths else [])
     if weights:
-        data = f" data=custom data.root={data_root}" if data_root else ""
-        commands += [f"python -m finetune.evaluate ckpt={run_dir}{data}",
-                     f"python -m finetune.predict ckpt={run_dir} inputs=DIR_OR_GLOB",
-                     f"python -m finetune.export ckpt={run_dir} format=onnx"]
+        data = ["data=custom", override("data.root", data_root)] if data_root else []
+        commands += [command("finetune.evaluate", ckpt, *data),
+                     command("finetune.predict", ckpt, "inputs=DIR_OR_GLOB"),
+                     command("finetune.export", ckpt, "format=onnx")]
     return "\n".join(lines + (["next:"] + [f"  {c}" for c in commands] if commands else []))

@@ -1,15 +1,11 @@
-"""Process-wide setup: seeds, device, numeric precision, library versions, the run-dir lock."""
+"""Process-wide setup: seeds, device, numeric precision, library versions."""
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import os
 import random
-from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import metadata
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -120,51 +116,3 @@ def package_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             versions[name] = "unknown"
     return versions
-
-
-class RunDirInUse(UserError):
-    """Another process is running in this run dir."""
-
-
-_HELD_LOCKS: set[int] = set()  # run-dir lock fds of this process, which a forked child must not keep
-
-
-def _drop_held_locks() -> None:
-    """In a forked child (a loader worker): close the inherited run-dir lock fds (the parent keeps its lock)."""
-    for fd in _HELD_LOCKS:
-        with contextlib.suppress(OSError):
-            os.close(fd)
-    _HELD_LOCKS.clear()
-
-
-os.register_at_fork(after_in_child=_drop_held_locks)
-
-
-@contextlib.contextmanager
-def hold_run_dir(run_dir: Path) -> Iterator[None]:
-    """Hold an exclusive lock on ``run_dir`` for a run's life; refuse when another process holds it.
-
-    Two processes on one run dir (a second ``resume=auto`` while the first trains) would delete
-    each other's temporary files and interleave manifest writes. The lock is ``flock`` on
-    ``checkpoints/.lock``: the kernel releases it when the holder exits, however it exits, so a
-    killed run leaves no stale lock (the pid written in the file is only for the message). Forked
-    children (loader workers) close their copy of the fd at once: a worker outliving a killed run
-    by the seconds it takes to notice would otherwise hold the lock and refuse the resume.
-    """
-    lock_path = run_dir / "checkpoints" / ".lock"
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-    _HELD_LOCKS.add(fd)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-            raise RunDirInUse(f"run dir '{run_dir}' is in use by pid {holder}: wait for that run to end (or stop "
-                              "it), or choose another hydra.run.dir") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        yield
-    finally:
-        _HELD_LOCKS.discard(fd)
-        os.close(fd)  # releases the lock

@@ -209,11 +209,11 @@ def bench_save(args: argparse.Namespace) -> bool:
     directory = Path(tempfile.mkdtemp(prefix="bench_ckpt_save_", dir=args.dir))
     try:
         if args.compare_sha256:  # the same save with the manifest's older digest, for comparison
-            from finetune.checkpoint import atomic
+            from finetune import files
 
-            atomic.DIGEST = "sha256"
+            files.DIGEST = "sha256"
             print(f"with sha256 instead of blake3: {bench_save_vs_raw(directory, args.save_mb, args.rounds):.2f}")
-            atomic.DIGEST = "blake3"
+            files.DIGEST = "blake3"
         save_ratio = bench_save_vs_raw(directory, args.save_mb, args.rounds)
         print(f"ckpt_save_vs_raw: {save_ratio:.2f} (target <= {TARGET_SAVE_VS_RAW})")
         slowdown = bench_every_n_steps(directory, args.steps, args.rounds)

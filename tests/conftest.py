@@ -127,3 +127,32 @@ def assert_manifest_matches_files(checkpoint_dir: Path) -> dict:
         else:
             assert hashlib.sha256(data).hexdigest() == entry["sha256"], f"{name}: sha256 differs from manifest.json"
     return manifest
+
+
+# Address space a bounded child may map: importing torch alone maps about 3.6 GB here, so this leaves
+# about 2.5 GB for the work itself. An attack that needs more fails at once (MemoryError, bad_alloc)
+# instead of swapping the machine.
+BOUNDED_ADDRESS_SPACE = 6 << 30
+
+
+def run_bounded(args: list[str], *, cwd: Path, timeout: float = 120, address_space: int = BOUNDED_ADDRESS_SPACE,
+                env: dict | None = None) -> subprocess.CompletedProcess:
+    """``python ARGS`` in a subprocess capped in time (killed after ``timeout`` seconds, the test then
+    fails, never hangs) and in address space (``RLIMIT_AS``): how hostile-input tests assert that work
+    and memory stay bounded. A run that hit the time limit has ``returncode`` None."""
+    import resource
+
+    def cap() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (address_space, address_space))
+
+    full_env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    full_env.update(env or {})
+    proc = subprocess.Popen([sys.executable, *args], cwd=cwd, env=full_env, text=True, preexec_fn=cap,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)
+        out, err = proc.communicate()
+        return subprocess.CompletedProcess(proc.args, None, out, err + f"\n[killed after {timeout} s]")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)

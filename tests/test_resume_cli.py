@@ -19,7 +19,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from conftest import as_large_jpegs, assert_manifest_matches_files, make_image_folder, run_cli, tiny_overrides
 from finetune.checkpoint import verify_file
-from finetune.runtime import hold_run_dir
+from finetune.rundir import hold_run_dir
 from test_checkpoint import assert_same_result
 from test_cli import assert_clean_error
 from test_resume import train_loss_steps

@@ -1,6 +1,6 @@
 """Checkpoint files: deployable weights, training state, the manifest, and the saving policy.
 
-Modules: ``atomic`` (verified atomic writes, digests), ``weights_file`` (weights files and
+Modules (verified atomic writes and digests are ``finetune.files``'s): ``weights_file`` (weights files and
 ``load_model``), ``training_state`` (``last.ckpt``: what it holds, RNG), ``manifest``
 (``manifest.json`` and verification), ``policy`` (what to save when, file names) and
 ``manager`` (``CheckpointManager``, the hook that saves). Choosing a state to resume from and
@@ -38,8 +38,8 @@ Threads, what each reads, and why it cannot change underneath:
   file that ``os.replace`` then moves over the old name, leaving linked inodes untouched.
 """
 
-from finetune.checkpoint.atomic import (DIGEST, DIGESTS, FileFacts, HashingSink, atomic_link, atomic_write_stream,
-                                        atomic_write_text, file_digest, fsync_dir)
+from finetune.files import (DIGEST, DIGESTS, FileFacts, HashingSink, atomic_link, atomic_write_stream,
+                            atomic_write_text, file_digest, fsync_dir)
 from finetune.checkpoint.manager import CheckpointFollower, CheckpointManager, CheckpointWriteError
 from finetune.checkpoint.manifest import Manifest, verify_file
 from finetune.checkpoint.policy import (STATE_FILE, CheckpointPolicy, check_policy_state, state_file_name,

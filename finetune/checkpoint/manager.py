@@ -10,7 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from finetune.checkpoint.atomic import FileFacts, atomic_link
+from finetune.files import FileFacts, atomic_link
 from finetune.checkpoint.manifest import Manifest
 from finetune.checkpoint.policy import STATE_FILE, CheckpointPolicy, state_file_name, top_k_file_name
 from finetune.checkpoint.training_state import (RunFacts, TrainingParts, detached_copy, rng_state,

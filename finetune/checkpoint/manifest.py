@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from finetune.checkpoint.atomic import DIGESTS, FileFacts, atomic_write_text, file_digest
+from finetune.files import DIGESTS, FileFacts, atomic_write_text, file_digest
 from finetune.confine import confined
 from finetune.errors import UserError
 

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from finetune.checkpoint.atomic import FileFacts, atomic_write_stream
+from finetune.files import FileFacts, atomic_write_stream
 from finetune.errors import UserError, describe_error
 from finetune.trainer import TrainState
 

@@ -13,7 +13,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from finetune.checkpoint.atomic import FileFacts, atomic_write_stream
+from finetune.files import FileFacts, atomic_write_stream
 from finetune.errors import UserError, describe_error
 from finetune.models import BackboneSpec, build_model
 
