@@ -40,7 +40,8 @@ from PIL import Image
 from torch import nn
 
 from finetune.checkpoint import ModelMeta, load_model, save_weights
-from finetune.files import fsync_dir
+from finetune.cli import command, override
+from finetune.files import check_inside, fsync_dir
 from finetune.errors import UserError, describe_error, message_of
 from finetune.inference import (INPUT_NAME, OUTPUT_NAME, eval_transform, export_metadata, load_checkpoint,
                                 resolve_checkpoint, run_dir_of)
@@ -61,7 +62,7 @@ class Format:
     write: Callable[[nn.Module, torch.Tensor, Path, dict[str, str], int | None], None]
     load: Callable[[Path, torch.device], tuple[Runner, dict[str, str]]]  # -> (run, the file's metadata)
     describe: Callable[[ModelMeta, Path], dict[str, str]]  # the metadata the file carries, from the checkpoint
-    usage: str  # how to use the file; {out} is its path
+    usage: str  # how to use the file: {py} is its path as a Python string, {onnx_predict} and {predict} commands
     exact: bool = False  # must equal the eager model bit for bit, whatever atol says
 
 
@@ -75,7 +76,9 @@ class Exported:
     check: str  # the verification line, e.g. "onnx vs eager: batch 1 max|diff| 2.1e-07, ..."
 
     def report(self) -> str:
-        usage = FORMATS[self.format].usage.format(out=self.path)
+        path = str(self.path)
+        usage = FORMATS[self.format].usage.format(py=repr(path), onnx_predict=command("finetune.onnx_predict", path),
+                                                  predict=command("finetune.predict", override("ckpt", path), "inputs=DIR"))
         return f"wrote {self.path} ({self.bytes / 1e6:.2f} MB, {self.format})\n{self.check}\nuse it: {usage}"
 
 
@@ -91,6 +94,8 @@ def export(ckpt: str | Path, format: str = "onnx", out: str | Path | None = None
     atol, torch_device = check_atol(atol), resolve_export_device(device)
     source = resolve_checkpoint(ckpt)
     target = output_path(out, source=source, format=format)
+    if out is None:  # the run dir's export/ (perhaps someone else's run dir): never a link out of it
+        check_inside(target.parent.parent, target)
     model, meta, source = load_checkpoint(source, device=torch_device)
     metadata = spec.describe(meta, source)
     example = sample_inputs(meta, EXAMPLE_BATCH, seed=0).to(torch_device)
@@ -363,14 +368,14 @@ def load_safetensors(path: Path, device: torch.device) -> tuple[Runner, dict[str
 
 FORMATS: dict[str, Format] = {
     "onnx": Format(".onnx", write_onnx, load_onnx, exported_file_metadata,
-                   usage="python scripts/predict_onnx.py {out} IMAGE_OR_DIR... (numpy, Pillow, onnxruntime; no torch)"),
+                   usage="{onnx_predict} IMAGE_OR_DIR... (numpy, Pillow, onnxruntime; no torch)"),
     "torch_export": Format(".pt2", write_torch_export, load_torch_export, exported_file_metadata,
-                           usage="torch.export.load('{out}').module()(x)  (x: N,C,H,W, preprocessed)"),
+                           usage="torch.export.load({py}).module()(x)  (x: N,C,H,W, preprocessed)"),
     "torchscript": Format(".torchscript.pt", write_torchscript, load_torchscript, exported_file_metadata,
-                          usage="torch.jit.load('{out}')(x)  (TorchScript is deprecated in torch: prefer "
+                          usage="torch.jit.load({py})(x)  (TorchScript is deprecated in torch: prefer "
                                 "format=torch_export or onnx)"),
     "safetensors": Format(".safetensors", write_safetensors, load_safetensors, weights_metadata, exact=True,
-                          usage="finetune.load_model('{out}'), or python -m finetune.predict ckpt={out} inputs=DIR"),
+                          usage="finetune.load_model({py}), or {predict}"),
 }
 
 

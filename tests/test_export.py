@@ -129,7 +129,7 @@ def test_onnx_equals_eager_with_a_dynamic_batch(workspace: Path, results) -> Non
 
     path = workspace / "run/export/best.onnx"
     assert_written(results["onnx"], path, "onnx")
-    assert "scripts/predict_onnx.py" in results["onnx"].stdout
+    assert "-m finetune.onnx_predict" in results["onnx"].stdout
     onnx.checker.check_model(str(path), full_check=True)
     proto = onnx.load(str(path))
     assert [i.name for i in proto.graph.input] == [INPUT_NAME] and [o.name for o in proto.graph.output] == [OUTPUT_NAME]

@@ -1,4 +1,5 @@
-"""scripts/predict_onnx.py: torch-free, and the same top-1 labels as the eager model and finetune.predict.
+"""finetune.onnx_predict (``finetune-predict-onnx``): torch-free, and the same top-1 labels as the eager
+model and finetune.predict.
 
 Its preprocessing is compared with timm's eval transform pixel for pixel (in-process, fast); the
 end-to-end tests train one tiny run, export it to ONNX, and run the script on images of every kind
@@ -8,9 +9,9 @@ finetune reads (grey, RGBA, palette with transparency, 16-bit, EXIF-rotated, lar
 from __future__ import annotations
 
 import csv
+import importlib
 import importlib.util
 import itertools
-import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -25,13 +26,14 @@ from finetune.data.dataset import load_image, load_transformed
 from finetune.data.transforms import build_transforms
 from finetune.inference import load_checkpoint
 
-SCRIPT = REPO / "scripts" / "predict_onnx.py"
+MODULE = "finetune.onnx_predict"
 EXIF_ORIENTATION = 0x0112
-# Runs a script with every import of torch (and of what needs it) refused and recorded, even one the
-# script would catch; exit status 3 if any was attempted, whatever the script did.
+# Runs a module (or a script file) with every import of torch (and of what needs it) refused and recorded,
+# even one it would catch; exit status 3 if any was attempted, whatever it did. finetune's own torch-free
+# modules may load: they are what the installed predictor is made of.
 TORCH_FREE = """
 import runpy, sys
-REFUSED = {"torch", "torchvision", "timm", "finetune"}
+REFUSED = {"torch", "torchvision", "timm"}
 class Refuse:
     attempts = []
     def find_spec(self, name, path=None, target=None):
@@ -41,9 +43,12 @@ class Refuse:
         return None
 sys.meta_path.insert(0, Refuse())
 loaded = sorted(m for m in sys.modules if m.split(".")[0] in REFUSED)
-script, sys.argv = sys.argv[1], sys.argv[1:]
+target, sys.argv = sys.argv[1], sys.argv[1:]
 try:
-    runpy.run_path(script, run_name="__main__")
+    if target.endswith(".py"):
+        runpy.run_path(target, run_name="__main__")
+    else:
+        runpy.run_module(target, run_name="__main__", alter_sys=True)
     code = 0
 except SystemExit as stop:
     code = stop.code
@@ -57,8 +62,9 @@ sys.exit(code)
 """
 
 
-def run_torch_free(script: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", TORCH_FREE, str(script), *args], capture_output=True, text=True,
+def run_torch_free(target: str | Path, *args: str) -> subprocess.CompletedProcess:
+    """``target`` (a module name, or a script's path) run with torch refused (`TORCH_FREE`)."""
+    return subprocess.run([sys.executable, "-c", TORCH_FREE, str(target), *args], capture_output=True, text=True,
                           timeout=120)
 
 
@@ -115,7 +121,7 @@ def work(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def predicted(work: Path) -> subprocess.CompletedProcess:
-    return run_torch_free(SCRIPT, str(work / "model.onnx"), str(work / "inputs"), "--topk", "2")
+    return run_torch_free(MODULE, str(work / "model.onnx"), str(work / "inputs"), "--topk", "2")
 
 
 @pytest.mark.slow
@@ -127,6 +133,20 @@ def test_the_predictor_never_imports_torch(work: Path, predicted, tmp_path: Path
     probe.write_text("try:\n    import torch\nexcept ImportError:\n    pass\n")
     refused = run_torch_free(probe)
     assert refused.returncode == 3 and "not torch-free: ['torch']" in refused.stderr
+
+
+@pytest.mark.slow
+def test_the_installed_command_and_the_old_script_path_predict_the_same(work: Path, predicted) -> None:
+    """``finetune-predict-onnx`` (the console script beside this interpreter) and scripts/predict_onnx.py
+    (kept for older notes) run the same predictor, torch-free."""
+    command = Path(sys.executable).with_name("finetune-predict-onnx")
+    installed = subprocess.run([str(command), str(work / "model.onnx"), str(work / "inputs"), "--topk", "2"],
+                               capture_output=True, text=True, timeout=120, cwd=work)
+    assert installed.returncode == 0, installed.stderr[-2000:]
+    assert installed.stdout == predicted.stdout
+    script = run_torch_free(REPO / "scripts" / "predict_onnx.py", str(work / "model.onnx"), str(work / "inputs"),
+                            "--topk", "2")
+    assert script.returncode == 0 and script.stdout == predicted.stdout, script.stderr[-2000:]
 
 
 @pytest.mark.slow
@@ -161,7 +181,7 @@ def test_labels_equal_finetune_predicts(work: Path, predicted) -> None:
 
 @pytest.mark.slow
 def test_a_model_not_exported_by_finetune_is_one_line(work: Path) -> None:
-    result = run_torch_free(SCRIPT, str(work / "run/checkpoints/best.safetensors"), str(work / "inputs"))
+    result = run_torch_free(MODULE, str(work / "run/checkpoints/best.safetensors"), str(work / "inputs"))
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     assert "cannot be read as an ONNX model" in lines[0]
@@ -170,7 +190,7 @@ def test_a_model_not_exported_by_finetune_is_one_line(work: Path) -> None:
 def test_preprocessing_is_finetunes_evaluation_bit_for_bit(tmp_path: Path) -> None:
     """Every crop mode, interpolation and channel count, images smaller and larger than the crop, JPEGs
     decoded reduced as finetune's loader decodes them (`load_transformed`) and in full (timm's transform)."""
-    script = runpy.run_path(str(SCRIPT))
+    script = vars(importlib.import_module(MODULE))
     make_odd_images(tmp_path / "odd")
     files = sorted(str(p) for p in (tmp_path / "odd").iterdir() if p.suffix != ".txt")
     settings = itertools.product(["bilinear", "bicubic"], [0.875, 1.0, 1.15], ["center", "squash", "border"],
@@ -190,3 +210,25 @@ def test_preprocessing_is_finetunes_evaluation_bit_for_bit(tmp_path: Path) -> No
             with Image.open(file) as image:
                 reduced += transform.plan(image.size)[0] > 1 and file.endswith(".jpg")
     assert reduced >= 36  # the photos under every square-centre and squash setting: the reduction was compared
+
+
+@pytest.mark.slow
+def test_a_hostile_input_folder_is_walked_once_and_its_names_start_no_formula(work: Path, tmp_path: Path) -> None:
+    """Loops (``x -> .``) under a glob, a FIFO named like an image, and a file name that starts a
+    spreadsheet formula: each real folder walked once, the FIFO left out, the name's cell quoted."""
+    from conftest import run_bounded
+
+    inputs = tmp_path / "in"
+    (inputs / "sub").mkdir(parents=True)
+    source = next((work / "inputs").rglob("*.png"))
+    for name in ("=HYPERLINK(1).png", "sub/+x.png", "sub/plain.png"):
+        (inputs / name).write_bytes(source.read_bytes())
+    (inputs / "x").symlink_to(".")
+    (inputs / "sub" / "y").symlink_to("..")
+    import os
+
+    os.mkfifo(inputs / "fifo.png")
+    result = run_bounded(["-m", MODULE, str(work / "model.onnx"), "**/*.png"], cwd=inputs, timeout=120)
+    assert result.returncode == 0, (result.returncode, result.stderr[-2000:])
+    rows = list(csv.reader(result.stdout.splitlines()))
+    assert sorted(r[0] for r in rows[1:]) == ["'=HYPERLINK(1).png", "sub/+x.png", "sub/plain.png"]
