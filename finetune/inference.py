@@ -4,7 +4,7 @@ and the metadata an exported file carries.
 ``ckpt`` may be a weights file (``best.safetensors``, ``last.safetensors``, a ``.pt`` release file), a
 training state (``last.ckpt``), or a run dir (its best weights, as its manifest names them).
 Exported files carry the same facts as string ``metadata`` (`export_metadata`), so a consumer
-without finetune (``scripts/predict_onnx.py``) preprocesses exactly as training evaluated.
+without torch (``finetune.onnx_predict``) preprocesses exactly as training evaluated.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from finetune.checkpoint import Manifest, ModelMeta, load_model
-from finetune.errors import UserError
+from finetune.checkpoint.weights_file import MAX_CLASSES, MetadataError, check_classes, check_data_config
+from finetune.errors import UserError, describe_error
 
 EXPORT_FORMAT = "finetune.export/1"
 # Keys of an exported file's metadata (ONNX metadata_props, torch.export / TorchScript extra files):
@@ -90,11 +91,29 @@ def export_metadata(meta: ModelMeta, *, source: Path) -> dict[str, str]:
 
 
 def read_export_metadata(props: dict[str, str], *, path: Path) -> dict[str, Any]:
-    """The parsed metadata of an exported file; a file without it is one line naming what is missing."""
+    """The parsed metadata of an exported file, checked as a weights file's is (`check_data_config`,
+    `check_classes`); a file without it, or with a field out of range, is one line naming it."""
     missing = [k for k in EXPORT_KEYS if k not in props]
     if props.get("format") != EXPORT_FORMAT or missing:
         raise UserError(f"'{path}' was not exported by finetune (missing metadata: {', '.join(missing) or 'format'}): "
                         "export it with python -m finetune.export, or evaluate the weights file instead")
-    return {"model_name": props["model_name"], "class_names": json.loads(props["class_names"]),
-            "data_config": json.loads(props["data_config"]), "versions": json.loads(props["versions"]),
-            "source_checkpoint": json.loads(props["source_checkpoint"])}
+    try:
+        facts = {k: _json_prop(props, k) for k in ("class_names", "data_config", "versions", "source_checkpoint")}
+        check_data_config(facts["data_config"])
+        check_classes(facts["class_names"], num_classes=MAX_CLASSES)
+        for key in ("versions", "source_checkpoint"):
+            if not isinstance(facts[key], dict):
+                raise MetadataError(f"{key} is a {type(facts[key]).__name__}, not a mapping")
+        if not isinstance(props["model_name"], str):
+            raise MetadataError("model_name is not a string")
+    except MetadataError as err:
+        raise UserError(f"'{path}' is refused: in its finetune metadata, {err}, which finetune never writes: the "
+                        "file is damaged or forged; export it again with python -m finetune.export") from err
+    return {"model_name": props["model_name"], **facts}
+
+
+def _json_prop(props: dict[str, str], key: str) -> Any:
+    try:
+        return json.loads(props[key])
+    except (TypeError, ValueError, RecursionError) as err:  # not a string; not JSON; nested too deep
+        raise MetadataError(f"'{key}' is not JSON ({describe_error(err, limit=80)})") from err

@@ -15,6 +15,7 @@ from torch import nn
 from finetune.files import FileFacts, atomic_write_stream
 from finetune.errors import UserError, describe_error
 from finetune.trainer import TrainState
+from finetune.weights.limits import TooLarge, measure_tree
 
 STATE_FORMAT = "finetune.train_state/1"
 
@@ -59,7 +60,19 @@ def load_training_state(path: str | Path, *, map_location: str | torch.device = 
         raise UserError(f"training state '{path}' cannot be read ({describe_error(err, limit=160)})") from None
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         raise UserError(f"'{path}' is not a finetune training state (last.ckpt)")
+    try:  # a pickle is a graph: dicts shared between levels would expand when restored (optimizer state)
+        measure_tree(state, _containers)
+    except TooLarge as err:
+        raise UserError(f"training state '{path}' is refused: {err}; it was not written by finetune") from err
     return state
+
+
+def _containers(node: Any) -> list[tuple[str, Any]] | None:
+    if isinstance(node, dict):
+        return [(str(k), v) for k, v in node.items()]
+    if isinstance(node, (list, tuple)):
+        return [(str(i), v) for i, v in enumerate(node)]
+    return None
 
 
 

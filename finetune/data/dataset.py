@@ -158,7 +158,7 @@ def load_transformed(path: str, transform: Transform, channels: int = 3, *,
     with opened:
         with reading():
             size = upright_size(opened)
-        reduction, finish = plan(size)
+            reduction, finish = plan(size)  # may refuse the size (a resize past MAX_IMAGE_PIXELS)
         with reading():
             image, applied = decode(opened, channels, reduction)
     return finish(image, applied)

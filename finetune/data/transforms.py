@@ -24,6 +24,7 @@ from timm.data.transforms import MaybePILToTensor, MaybeToTensor, RandomResizedC
 from torchvision import transforms
 from torchvision.transforms import functional as F
 
+from finetune.data.dataset import MAX_IMAGE_PIXELS
 from finetune.errors import UserError
 
 REDUCTIONS = (8, 4, 2, 1)  # the scales libjpeg decodes a JPEG at (Pillow's Image.draft), largest first
@@ -214,6 +215,10 @@ class Preprocess:
     def _plan_resize(self, size: tuple[int, int]) -> tuple[int, Callable[[Image.Image, int], Any]]:
         resize = self.first
         out_height, out_width = resized_size(size, _as_list(resize.size))
+        if out_height * out_width > MAX_IMAGE_PIXELS:  # a long, thin image: its shorter side resized up
+            raise Image.DecompressionBombError(
+                f"{size[0]}x{size[1]} pixels would be resized to {out_width}x{out_height} before the crop, over the "
+                f"limit of {MAX_IMAGE_PIXELS} pixels (finetune.data.dataset.MAX_IMAGE_PIXELS): crop the image first")
         reduction = largest_reduction(size, (out_width, out_height))
 
         def finish(image: Image.Image, applied: int) -> Any:

@@ -34,6 +34,7 @@ from safetensors import safe_open
 
 from finetune.confine import confined
 from finetune.errors import UserError, describe_error
+from finetune.weights.limits import MAX_DEPTH, TooLarge, measure_tree
 from finetune.weights.torchscript import NotPlainData, read_script_tensors
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,10 @@ FOREIGN_MAGIC = {
     b"\x08": "possibly a protobuf/ONNX/TensorFlow file (not a PyTorch checkpoint)",
 }
 MAX_INFLATED_BYTES = 64 * 2**20  # a compressed entry (TorchScript code/ text) may inflate to this much
+# Tensors may claim at most this many times the bytes of the storages they view (tied weights share
+# one storage), plus VIEW_SLACK for small expanded buffers such as ``arange(n).expand(1, -1)``.
+VIEW_FACTOR, VIEW_SLACK = 2, 2**20
+MAX_METADATA_CHARS = 1000  # a container's scalar entry, as `Checkpoint.metadata` keeps it (for display)
 TRUST_HINT = "set model.trust_pickle=true (CLI: --trust-pickle) only if you trust the file"
 
 
@@ -179,6 +184,14 @@ def _zip_kind(file: Path) -> str:
                     "expected a .pt/.pth/.safetensors file")
 
 
+def check_zip_archive(file: Path) -> None:
+    """For a zip file (``torch.save``), the checks of `_open_zip`, before ``torch.load`` inflates anything."""
+    with open(file, "rb") as f:
+        zipped = f.read(4) in (b"PK\x03\x04", b"PK\x05\x06")
+    if zipped:
+        _open_zip(file).close()
+
+
 def _open_zip(file: Path) -> zipfile.ZipFile:
     """Open a zip checkpoint, refusing entries torch never writes before anything reads them.
 
@@ -201,7 +214,8 @@ def _open_zip(file: Path) -> zipfile.ZipFile:
 
 
 def _check_zip_entries(file: Path, entries: list[zipfile.ZipInfo]) -> None:
-    """Each entry stored (or small ``code/`` text) and inside the file."""
+    """Each entry stored (or small ``code/`` text) and inside the file, and all of them no larger than the file
+    (entries that overlap would let storages claim the same bytes many times)."""
     size = file.stat().st_size
     for info in entries:
         stored = info.compress_type == zipfile.ZIP_STORED
@@ -212,6 +226,10 @@ def _check_zip_entries(file: Path, entries: list[zipfile.ZipInfo]) -> None:
         if (stored and info.file_size != info.compress_size) or info.header_offset + info.compress_size > size:
             raise UserError(f"checkpoint '{file}' is a truncated or corrupt zip archive (entry '{info.filename}' "
                             f"claims {info.file_size} bytes, the whole file has {size}): save or download it again")
+    total = sum(info.compress_size for info in entries)
+    if total > size:
+        raise UserError(f"checkpoint '{file}' is a forged or corrupt zip archive (its {len(entries)} entries claim "
+                        f"{total} bytes in all, the whole file has {size}: they overlap): save or download it again")
 
 
 def _index_kind(file: Path) -> str:
@@ -246,9 +264,12 @@ def _read_single(file: Path, kind: str, *, trust_pickle: bool, ema: bool) -> Che
     if kind == "safetensors":
         return Checkpoint(str(file), kind, *_read_safetensors(file))
     if kind == "torchscript":
-        return Checkpoint(str(file), kind, _read_torchscript(file, trust_pickle=trust_pickle))
+        tensors = _read_torchscript(file, trust_pickle=trust_pickle)
+        check_tensor_bytes(tensors, file)
+        return Checkpoint(str(file), kind, tensors)
     obj = _torch_load(file, mmap=kind == "torch-zip", trust_pickle=trust_pickle)
     tensors, container, metadata, skipped = unwrap_container(obj, file, ema=ema)
+    check_tensor_bytes(tensors, file)
     return Checkpoint(str(file), kind, tensors, container, metadata, skipped)
 
 
@@ -330,15 +351,23 @@ def unwrap_container(
 
     Returns:
         ``(tensors, container_keys_walked, scalar_metadata, skipped_non_tensor_names)``.
+
+    Raises:
+        UserError: No state dict; or containers nested past `MAX_DEPTH` (one that holds itself), or
+            nested dicts that expand past the limits of `finetune.weights.limits`.
     """
     container: list[str] = []
     metadata: dict[str, str] = {}
     keys = (EMA_CONTAINER_KEYS + CONTAINER_KEYS) if ema else CONTAINER_KEYS
     while isinstance(obj, Mapping) and not _is_state_dict(obj):
-        metadata.update({str(k): str(v) for k, v in obj.items() if isinstance(v, (int, float, str, bool))})
+        metadata.update({_shortened(k): _shortened(v) for k, v in obj.items() if isinstance(v, (int, float, str, bool))})
         inner = next((k for k in keys if isinstance(obj.get(k), (Mapping, torch.nn.Module))), None)
         if inner is None:
             break
+        if len(container) == MAX_DEPTH:  # a dict that holds itself as its own 'state_dict' would loop for ever
+            raise UserError(f"checkpoint '{file}' is refused: its containers ('{'.'.join(container[:3])}...') nest "
+                            f"more than {MAX_DEPTH} levels deep, which no real checkpoint does: it is forged or "
+                            "damaged; re-save the weights as a flat state dict (torch.save or safetensors)")
         container.append(inner)
         obj = obj[inner]
     if isinstance(obj, torch.nn.Module):
@@ -346,11 +375,21 @@ def unwrap_container(
     if not isinstance(obj, Mapping):
         raise UserError(f"checkpoint '{file}' holds a {type(obj).__name__}, not a state dict: "
                         "expected a dict of tensors")
-    tensors, skipped = flatten_tensors(obj)
+    try:
+        tensors, skipped = flatten_tensors(obj)
+    except TooLarge as err:
+        raise UserError(f"checkpoint '{file}' is refused: {err}; no real state dict does that, so the file is forged "
+                        "or damaged: re-save the weights as a flat state dict (torch.save or safetensors)") from err
     if not tensors:
-        tops = ", ".join(map(str, list(obj)[:8]))
+        tops = ", ".join(_shortened(k) for k in list(obj)[:8])
         raise UserError(f"checkpoint '{file}' has no tensors (top-level keys: {tops}): expected a state dict")
     return tensors, container, metadata, skipped
+
+
+def _shortened(value: object) -> str:
+    """``str(value)``, at most `MAX_METADATA_CHARS` characters (one string may be the value of many keys)."""
+    text = str(value)
+    return text if len(text) <= MAX_METADATA_CHARS else f"{text[:MAX_METADATA_CHARS]}..."
 
 
 def _is_state_dict(obj: Mapping) -> bool:
@@ -359,21 +398,72 @@ def _is_state_dict(obj: Mapping) -> bool:
     return bool(values) and sum(isinstance(v, torch.Tensor) for v in values) * 2 > len(values)
 
 
-def flatten_tensors(obj: Mapping, prefix: str = "") -> tuple[dict[str, torch.Tensor], list[str]]:
-    """Flatten nested mappings of tensors into dotted names; collect non-tensor leaves."""
+def flatten_tensors(obj: Mapping) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Flatten nested mappings of tensors into dotted names; collect non-tensor leaves.
+
+    The names are counted first, each distinct mapping once (`measure_tree`): nested dicts that
+    share children cost no more than their size in the file to refuse.
+
+    Raises:
+        TooLarge: The names would pass the limits of `finetune.weights.limits`, or a dict holds itself.
+
+    >>> inner = {"w": torch.zeros(1)}
+    >>> list(flatten_tensors({"a": inner, "b": inner, "n": 3})[0])
+    ['a.w', 'b.w']
+    """
+    measure_tree(obj, _mapping_items)
     tensors: dict[str, torch.Tensor] = {}
     skipped: list[str] = []
+    _flatten(obj, "", tensors, skipped)
+    return tensors, skipped
+
+
+def _mapping_items(node: object) -> list[tuple[str, object]] | None:
+    """A mapping's ``(name, value)`` entries as `flatten_tensors` names them; None for a leaf."""
+    return [(str(k), v) for k, v in node.items()] if isinstance(node, Mapping) else None
+
+
+def _flatten(obj: Mapping, prefix: str, tensors: dict[str, torch.Tensor], skipped: list[str]) -> None:
+    """`flatten_tensors` of a measured mapping (its depth is bounded, so the recursion is too)."""
     for key, value in obj.items():
         name = f"{prefix}{key}"
         if isinstance(value, torch.Tensor):
             tensors[name] = value
         elif isinstance(value, Mapping):
-            inner, inner_skipped = flatten_tensors(value, f"{name}.")
-            tensors.update(inner)
-            skipped += inner_skipped
+            _flatten(value, f"{name}.", tensors, skipped)
         else:
             skipped.append(name)
-    return tensors, skipped
+
+
+def check_tensor_bytes(tensors: Mapping[str, torch.Tensor], file: Path) -> None:
+    """Refuse tensors that claim far more bytes than the storages they view hold.
+
+    ``torch.save`` (and TorchScript) keep each tensor's shape and strides beside its storage, so a
+    few stored bytes can claim terabytes (stride 0) and cost that much once anything copies them
+    (``ckpt convert``, a model built to their shapes). Together they may claim `VIEW_FACTOR` times
+    their distinct storages plus `VIEW_SLACK`; the storages themselves are no larger than the file.
+
+    Raises:
+        UserError: Naming the tensor that claims the most.
+    """
+    stored: dict[int, int] = {}  # storage address -> bytes: a storage viewed by many tensors counts once
+    claimed, worst = 0, None  # worst: (name, bytes claimed, bytes stored) of the tensor that claims the most extra
+    for name, tensor in tensors.items():
+        if tensor.layout != torch.strided or tensor.device.type == "meta":
+            continue
+        storage = tensor.untyped_storage()
+        ptr, nbytes, need = storage.data_ptr(), storage.nbytes(), tensor.numel() * tensor.element_size()
+        stored[ptr] = max(stored.get(ptr, 0), nbytes)
+        claimed += need
+        if worst is None or need - nbytes > worst[1] - worst[2]:
+            worst = (name, need, nbytes)
+    held = sum(stored.values())
+    if claimed > VIEW_FACTOR * held + VIEW_SLACK:
+        name, need, nbytes = worst
+        raise UserError(f"checkpoint '{file}' is refused: its tensors claim {claimed} bytes over {held} stored bytes "
+                        f"(stride-0 views, or one storage under many names: '{name}' claims {need} over a storage of "
+                        f"{nbytes}), which no real checkpoint does: re-save the weights as plain tensors (torch.save "
+                        "or safetensors)")
 
 
 def _read_sharded(index_file: Path, kind: str, *, trust_pickle: bool, ema: bool) -> Checkpoint:
@@ -400,12 +490,23 @@ def _read_sharded(index_file: Path, kind: str, *, trust_pickle: bool, ema: bool)
 
 
 def _shard_files(index_file: Path, weight_map: Mapping[str, object]) -> dict[str, Path]:
-    """``{shard name: path}``, each name confined to the index's directory (no absolute, ``..`` or link out)."""
+    """``{shard name: path}``, each name confined to the index's directory (no absolute, ``..`` or link out).
+
+    Each file once, however many spellings name it (``a.bin``, ``./a.bin``, ``.//a.bin``, ...): an
+    index of a million spellings of one large shard would otherwise read it a million times.
+    """
     files: dict[str, Path] = {}
+    spellings: set[str] = set()
+    real_files: set[Path] = set()
     for key, shard in weight_map.items():
+        if isinstance(shard, str) and shard in spellings:
+            continue
         try:
             path = confined(index_file.parent, shard, named_in=index_file)
         except UserError as err:
             raise UserError(f"shard index entry '{key}': {err}") from None
-        files.setdefault(str(shard), path)
+        spellings.add(shard)
+        if path.resolve() not in real_files:
+            real_files.add(path.resolve())
+            files[shard] = path
     return files

@@ -13,6 +13,11 @@ in the same order.
 
 Anything that is not plain data (a class that restores itself with its own
 ``__setstate__``, a ``torch.classes`` object, any other global) raises `NotPlainData`.
+
+One module object may be the value of many attributes (the pickle's memo shares it for free;
+``torch.jit.save`` itself writes each occurrence anew), and ``state_dict()`` names its tensors once
+under each path. The names are counted per distinct module first (`measure_tree`), so a small
+archive that shares submodules level after level is refused before any is enumerated.
 """
 
 from __future__ import annotations
@@ -28,6 +33,9 @@ from pathlib import Path
 import torch
 import torch.jit._pickle
 from torch._weights_only_unpickler import Unpickler
+
+from finetune.errors import UserError
+from finetune.weights.limits import TooLarge, measure_tree
 
 SCRIPT_PACKAGE = "__torch__"  # TorchScript's namespace for the classes an archive defines
 # Identity functions older TorchScript pickles call to tag list types (torch/jit/_pickle.py).
@@ -72,6 +80,8 @@ def read_script_tensors(file: Path, archive: zipfile.ZipFile) -> dict[str, torch
 
     Raises:
         NotPlainData: The state needs code or globals that weights-only loading blocks.
+        UserError: The module tree would name more tensors than `finetune.weights.limits` allows, nests
+            deeper, or contains itself (refused whether or not the file is trusted).
         zipfile.BadZipFile, KeyError, ValueError, RuntimeError: The archive is damaged.
     """
     prefix = archive.namelist()[0].split("/", 1)[0]
@@ -91,8 +101,14 @@ def read_script_tensors(file: Path, archive: zipfile.ZipFile) -> dict[str, torch
     classes = _class_infos(archive, prefix, set(stand_ins))
     if not isinstance(root, _ScriptObject) or not classes[type(root).qualified_name].is_module:
         raise NotPlainData(f"its data.pkl holds a {type(root).__name__}, not a TorchScript module")
+    try:
+        measure_tree(root, lambda node: _children(node, classes))
+    except TooLarge as err:
+        raise UserError(f"checkpoint '{file}' is a TorchScript archive whose module tree is refused: {err}; "
+                        "torch.jit.save never writes that, so the file is forged or damaged: re-save "
+                        "model.state_dict() with torch.save or safetensors") from err
     tensors: dict[str, torch.Tensor] = {}
-    _collect(root, classes, "", tensors, ())
+    _collect(root, classes, "", tensors)
     return tensors
 
 
@@ -166,23 +182,39 @@ def _parse_code(source: str) -> dict[str, _ClassInfo]:
     return classes
 
 
-def _collect(module: _ScriptObject, classes: dict[str, _ClassInfo], prefix: str,
-             out: dict[str, torch.Tensor], parents: tuple[int, ...]) -> None:
-    """Parameters, then buffers, then submodules, recursively: ``nn.Module.state_dict`` order."""
-    if id(module) in parents:
-        raise ValueError(f"module '{prefix.rstrip('.')}' contains itself")
+def _is_module(value: object, classes: dict[str, _ClassInfo]) -> bool:
+    return isinstance(value, _ScriptObject) and classes[type(value).qualified_name].is_module
+
+
+def _members(module: _ScriptObject, classes: dict[str, _ClassInfo]) -> tuple[list[tuple[str, object]],
+                                                                            list[tuple[str, object]]]:
+    """``(tensors, submodules)`` by name: parameters then buffers (those set), then submodules, in
+    ``nn.Module.state_dict`` order."""
     info = classes[type(module).qualified_name]
     state = module.__dict__
-    for name in [n for n in state if n in info.parameters] + [n for n in state if n in info.buffers]:
-        value = state[name]
-        if value is None:
-            continue
+    names = [n for n in state if n in info.parameters] + [n for n in state if n in info.buffers]
+    return ([(n, state[n]) for n in names if state[n] is not None],
+            [(n, value) for n, value in state.items() if _is_module(value, classes)])
+
+
+def _children(node: object, classes: dict[str, _ClassInfo]) -> list[tuple[str, object]] | None:
+    """What `measure_tree` walks: a module's tensors and submodules; None for anything else (a leaf)."""
+    if not _is_module(node, classes):
+        return None
+    tensors, submodules = _members(node, classes)
+    return tensors + submodules
+
+
+def _collect(module: _ScriptObject, classes: dict[str, _ClassInfo], prefix: str,
+             out: dict[str, torch.Tensor]) -> None:
+    """The tensors of a measured module tree (its size and depth are bounded), recursively."""
+    tensors, submodules = _members(module, classes)
+    for name, value in tensors:
         if not isinstance(value, torch.Tensor) or value.layout != torch.strided or value.device.type != "cpu":
             raise NotPlainData(f"'{prefix}{name}' is not a dense CPU tensor")
         out[prefix + name] = value.detach()
-    for name, value in state.items():
-        if isinstance(value, _ScriptObject) and classes[type(value).qualified_name].is_module:
-            _collect(value, classes, f"{prefix}{name}.", out, (*parents, id(module)))
+    for name, value in submodules:
+        _collect(value, classes, f"{prefix}{name}.", out)
 
 
 def _blocked(err: pickle.UnpicklingError) -> str:
