@@ -14,7 +14,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from finetune.errors import RunPruned, UserError
+from finetune.errors import RunPruned, UserError, describe_error
 from finetune.metrics import EvalResult
 from finetune.trainer import TrainerHook, TrainState
 
@@ -29,7 +29,8 @@ def build_pruner(spec: str | Mapping | None) -> Any:
     """``median`` | ``hyperband`` | ``none``, or ``{_target_: optuna.pruners.NAME, **kwargs}``.
 
     The spec is also read back from a study's storage, which may be someone else's file: only
-    classes of ``optuna.pruners`` are built from it, never an arbitrary ``_target_``.
+    classes of ``optuna.pruners`` are built from it, never an arbitrary ``_target_``, with
+    keyword arguments of plain values; any other spec is a `UserError`, never a traceback.
 
     >>> type(build_pruner({"_target_": "optuna.pruners.ThresholdPruner", "lower": 0.5})).__name__
     'ThresholdPruner'
@@ -39,17 +40,28 @@ def build_pruner(spec: str | Mapping | None) -> Any:
     if spec is None or isinstance(spec, str):
         name = spec or "none"
         if name not in PRUNERS:
-            raise UserError(f"hydra.sweeper.pruner '{name}' is unknown: use one of {', '.join(PRUNERS)} "
+            raise UserError(f"hydra.sweeper.pruner {name!r:.80} is unknown: use one of {', '.join(PRUNERS)} "
                             "or {_target_: optuna.pruners.NAME, ...}")
         return getattr(optuna.pruners, PRUNERS[name])()
+    if not isinstance(spec, Mapping):
+        raise UserError(f"hydra.sweeper.pruner {spec!r:.80} is neither a name nor a mapping: use one of "
+                        f"{', '.join(PRUNERS)} or {{_target_: optuna.pruners.NAME, ...}}")
     kwargs = dict(spec)
-    target = str(kwargs.pop("_target_", ""))
-    module, _, name = target.rpartition(".")
-    cls = getattr(optuna.pruners, name, None) if module == "optuna.pruners" else None
+    target = kwargs.pop("_target_", "")
+    module, _, name = str(target).rpartition(".")
+    cls = getattr(optuna.pruners, name, None) if isinstance(target, str) and module == "optuna.pruners" else None
     if not (isinstance(cls, type) and issubclass(cls, optuna.pruners.BasePruner)):
-        raise UserError(f"hydra.sweeper.pruner._target_ '{target}' is not a pruner: use optuna.pruners.NAME "
+        raise UserError(f"hydra.sweeper.pruner._target_ {target!r:.80} is not a pruner: use optuna.pruners.NAME "
                         f"(e.g. optuna.pruners.MedianPruner) or one of {', '.join(PRUNERS)}")
-    return cls(**kwargs)
+    plain = (str, int, float, bool, type(None))
+    if not all(isinstance(key, str) and isinstance(value, plain) for key, value in kwargs.items()):
+        raise UserError(f"hydra.sweeper.pruner {spec!r:.120} has an argument that is not a name with a plain "
+                        f"value (a number, a string, true/false or null): give {name} its arguments as such")
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as err:
+        raise UserError(f"hydra.sweeper.pruner {spec!r:.120} cannot be built ({describe_error(err)}): "
+                        f"give {name} the arguments optuna documents for it") from None
 
 
 def open_trial(study_name: str, rdb: Any, number: int) -> Any | None:

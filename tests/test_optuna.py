@@ -230,7 +230,7 @@ def test_trials_a_killed_sweep_left_running_are_failed_and_asked_again(tmp_path)
     study.tell(study.ask(space.distributions), 0.5)
     stale = study.ask(space.distributions)  # its sweep was killed while its job ran
     stale.set_user_attr("job", 3)
-    assert _study.retry_interrupted(study) == [stale.number]
+    assert _study.retry_interrupted(study, space) == [stale.number]
     assert study.trials[stale.number].state == TrialState.FAIL
     assert _study.trials_to_go(study, 3, space) == 2  # the killed trial is replaced, not counted
     retry = study.ask(space.distributions)
@@ -247,6 +247,7 @@ def test_trials_a_killed_sweep_left_running_are_failed_and_asked_again(tmp_path)
 def test_samplers_by_name_or_target_and_a_continued_study_gets_a_fresh_seed():
     space = SearchSpace(distributions={"x": CategoricalDistribution(["a", "b"])})
     assert type(_study.build_sampler("random", space, seed=0, offset=0)).__name__ == "RandomSampler"
+    assert type(_study.build_sampler("nsgaii", space, seed=0, offset=0)).__name__ == "NSGAIISampler"
     grid = _study.build_sampler({"_target_": "optuna.samplers.GridSampler", "seed": 1}, space, seed=0, offset=5)
     assert grid._search_space == {"x": ["a", "b"]}
 

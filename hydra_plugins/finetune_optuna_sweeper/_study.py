@@ -2,12 +2,16 @@
 
 A trial's user attributes record its job: ``job`` (number), ``job_dir``, ``overrides`` (what the
 job was launched with, ``sweep.*`` left out), ``status`` (its ``summary.json``'s) and ``error``.
+A continued study may be someone else's: what is read back of it is checked for its type (and
+shown with control characters escaped), and its storage is a `_guard.GuardedStorage`.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
+import re
 import shlex
 from collections.abc import Mapping
 from pathlib import Path
@@ -19,20 +23,27 @@ from hydra.utils import instantiate
 from optuna.trial import Trial, TrialState
 
 from finetune.optuna_trial import PRUNER_ATTR, build_pruner
+from hydra_plugins.finetune_optuna_sweeper._guard import RefusedStudy, escaped, open_storage, shown
 from hydra_plugins.finetune_optuna_sweeper._search_space import SearchSpace
 
 FINISHED = {TrialState.COMPLETE: "complete", TrialState.PRUNED: "pruned", TrialState.FAIL: "failed"}  # -> words
 FIXED_ATTR = "finetune.fixed_overrides"  # the study's user attribute: what every job of it was given
 # ``sampler: NAME`` -> the optuna.samplers class, seeded with the config's ``seed``.
 SAMPLERS = {"tpe": "TPESampler", "random": "RandomSampler", "grid": "GridSampler", "cmaes": "CmaEsSampler",
-            "qmc": "QMCSampler", "gp": "GPSampler"}
+            "nsgaii": "NSGAIISampler", "qmc": "QMCSampler", "gp": "GPSampler"}
+NEEDS = {"CmaEsSampler": "cmaes", "QMCSampler": "scipy", "GPSampler": "scipy"}  # optuna samplers' own extras
+MAX_JOB = 1_000_000  # a job number read back from a study or a sweep dir above this is ignored
+JOB_DIR = re.compile(r"[0-9]{1,7}")  # a job's directory name (str.isdigit would take "²", which int() refuses)
 
 
 def open_study(*, name: str, storage: str, direction: str, sampler: str | Mapping, pruner: Any,
                space: SearchSpace, seed: int) -> optuna.Study:
-    """Create the study, or load it to continue it with the same fixed overrides."""
+    """Create the study, or load it to continue it with the same fixed overrides. Its storage is
+    guarded (`_guard.open_storage`), and an existing study is checked before optuna loads it."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the sweeper says what happens, once
-    study = optuna.create_study(study_name=name, storage=storage, direction=direction, load_if_exists=True)
+    guarded = open_storage(storage)
+    guarded.check_study(name)
+    study = optuna.create_study(study_name=name, storage=guarded, direction=direction, load_if_exists=True)
     if study.direction.name.lower() != direction:
         raise ValueError(f"study '{name}' in '{storage}' was created to {study.direction.name.lower()}, "
                          f"not to {direction}: start another with hydra.sweeper.study_name=NEW_NAME")
@@ -50,9 +61,13 @@ def check_same_fixed_overrides(study: optuna.Study, fixed: dict[str, str]) -> No
     if before is None:
         study.set_user_attr(FIXED_ATTR, sorted(fixed.values()))
         return
+    if not (isinstance(before, list) and all(isinstance(o, str) for o in before)):
+        raise RefusedStudy(f"study '{study.study_name}' has a user attribute '{FIXED_ATTR}' that is not a list of "
+                           f"overrides ({shown(before)}): refused to continue it; start a new study: "
+                           "hydra.sweeper.study_name=NEW or hydra.sweep.dir=NEW_DIR")
     added, dropped = set(fixed.values()) - set(before), set(before) - set(fixed.values())
     if added or dropped:
-        change = ", ".join([f"+{o}" for o in sorted(added)] + [f"-{o}" for o in sorted(dropped)])
+        change = escaped(", ".join([f"+{o}" for o in sorted(added)] + [f"-{o}" for o in sorted(dropped)]))
         raise ValueError(f"study '{study.study_name}' was run with other overrides ({change}): continue it with "
                          "the same ones, or start another with hydra.sweeper.study_name=NEW_NAME "
                          "or hydra.sweep.dir=NEW_DIR")
@@ -69,6 +84,10 @@ def build_sampler(spec: str | Mapping, space: SearchSpace, *, seed: int, offset:
                              "or {_target_: optuna.samplers.NAME, ...}")
         spec = {"_target_": f"optuna.samplers.{SAMPLERS[spec]}", "seed": seed}
     spec = dict(spec)
+    needed = NEEDS.get(str(spec.get("_target_")).rpartition(".")[2])
+    if needed and importlib.util.find_spec(needed) is None:
+        raise ValueError(f"hydra.sweeper.sampler {spec['_target_']} needs the package '{needed}', which is not "
+                         f"installed: pip install {needed}, or choose another sampler")
     if spec.get("_target_") == "optuna.samplers.GridSampler":
         spec["search_space"] = space.grid()
     elif spec.get("seed") is not None:
@@ -76,14 +95,25 @@ def build_sampler(spec: str | Mapping, space: SearchSpace, *, seed: int, offset:
     return instantiate(spec, _convert_="all")
 
 
-def retry_interrupted(study: optuna.Study) -> list[int]:
-    """Trials a killed sweep left running: failed now, and queued again with the same params.
-    One sweeper per study at a time (another one's running trials would be taken for dead)."""
+def retry_interrupted(study: optuna.Study, space: SearchSpace) -> list[int]:
+    """Trials a killed sweep left running: failed now, and queued again with the same params (those
+    that are still in ``space``: the others are sampled anew). One sweeper per study at a time
+    (another one's running trials would be taken for dead)."""
     stale = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
     for trial in stale:
-        study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
+        params = {key: value for key, value in trial.params.items() if in_space(space, key, value)}
+        study.enqueue_trial(params, user_attrs={"retry_of": trial.number})
         tell(study, trial.number, TrialState.FAIL)
     return [t.number for t in stale]
+
+
+def in_space(space: SearchSpace, key: str, value: Any) -> bool:
+    """Whether ``value`` is one ``space`` could sample for ``key``."""
+    dist = space.distributions.get(key)
+    try:
+        return dist is not None and dist._contains(dist.to_internal_repr(value))
+    except (ValueError, TypeError):
+        return False
 
 
 def trials_to_go(study: optuna.Study, n_trials: int, space: SearchSpace) -> int:
@@ -92,15 +122,16 @@ def trials_to_go(study: optuna.Study, n_trials: int, space: SearchSpace) -> int:
     if isinstance(study.sampler, optuna.samplers.GridSampler):
         n_trials = min(n_trials, math.prod(len(values) for values in space.grid().values()))
     trials = study.get_trials(deepcopy=False)
-    retried = {t.user_attrs.get("retry_of") for t in trials}
+    retried = {r for t in trials if type(r := t.user_attrs.get("retry_of")) is int}
     return n_trials - sum(t.state in FINISHED and t.number not in retried for t in trials)
 
 
 def next_job_number(study: optuna.Study, sweep_dir: Path) -> int:
-    """After every job this study or this sweep dir has seen (numbered dirs on disk included)."""
-    numbers = [t.user_attrs["job"] for t in study.get_trials(deepcopy=False) if "job" in t.user_attrs]
-    numbers += [int(p.name) for p in sweep_dir.iterdir() if p.is_dir() and p.name.isdigit()]
-    return max(numbers, default=-1) + 1
+    """After every job this study or this sweep dir has seen (numbered dirs on disk included).
+    Numbers that are not ints from 0 to `MAX_JOB` (someone else's study or dir) are ignored."""
+    numbers = [t.user_attrs.get("job") for t in study.get_trials(deepcopy=False)]
+    numbers += [int(p.name) for p in sweep_dir.iterdir() if JOB_DIR.fullmatch(p.name) and p.is_dir()]
+    return max((n for n in numbers if type(n) is int and 0 <= n <= MAX_JOB), default=-1) + 1
 
 
 def record_outcome(study: optuna.Study, trial: Trial, job: JobReturn) -> str:
@@ -149,9 +180,12 @@ def report(study: optuna.Study, *, storage: str, monitor: str, extra: list[str])
     if not any(t.state == TrialState.COMPLETE for t in trials):
         return "\n".join(lines + ["no trial completed: no best trial"])
     best = study.best_trial
-    overrides = best.user_attrs.get("overrides") or [f"{k}={v}" for k, v in best.params.items()]
-    command = shlex.join(["python", "-m", "finetune", *overrides, *extra])
+    overrides = best.user_attrs.get("overrides")
+    if not (isinstance(overrides, list) and overrides and all(isinstance(o, str) for o in overrides)):
+        overrides = [f"{k}={v}" for k, v in best.params.items()]
+    command = escaped(shlex.join(["python", "-m", "finetune", *overrides, *extra]), limit=None)
     lines.append(f"best trial {best.number} ({monitor} {best.value:.4g}): {command}")
-    if "job_dir" in best.user_attrs:
-        lines.append(f"  its run: {best.user_attrs['job_dir']}")
+    if isinstance(best.user_attrs.get("job_dir"), str):
+        lines.append(f"  its run: {escaped(best.user_attrs['job_dir'])}")
     return "\n".join(lines)
+

@@ -4,7 +4,8 @@ Each job gets the fixed overrides, the trial's sampled params, and ``sweep.study
 ``sweep.storage``, ``sweep.trial``, by which its ``TrialReporter`` (``finetune.optuna_trial``)
 reports every epoch's monitored value and is pruned. Re-running the same command continues the
 study: only the missing trials run, their jobs numbered after every job already there, and no
-job ever writes into an existing directory.
+job ever writes into an existing directory. A study refused on the way (``_guard.RefusedStudy``:
+a pickle in someone else's ``optuna.db``, a statement past its time limit) ends the sweep in one line.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from finetune.errors import UserError
+from finetune.errors import UserError, message_of
+from finetune.files import atomic_write_text
 from finetune.metrics import infer_mode
 from hydra_plugins.finetune_optuna_sweeper import _study
 from hydra_plugins.finetune_optuna_sweeper._search_space import SearchSpace, parse_search_space
@@ -43,12 +45,18 @@ class StudySweep:
         self.sampler, self.pruner, self.params = sampler, pruner, params
 
     def sweep(self, arguments: list[str]) -> list[Sequence[JobReturn]]:
+        try:
+            return self.run_study(arguments)
+        except UserError as err:  # the study's storage refused on the way (optuna.db is someone else's)
+            raise SweepError(message_of(err)) from None
+
+    def run_study(self, arguments: list[str]) -> list[Sequence[JobReturn]]:
         sweep_dir = Path(self.config.hydra.sweep.dir).absolute()
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
+        atomic_write_text(sweep_dir / "multirun.yaml", OmegaConf.to_yaml(self.config), root=sweep_dir)
         storage = self.storage or f"sqlite:///{sweep_dir / 'optuna.db'}"
         space, study = self.open_study(arguments, storage=storage)
-        if retried := _study.retry_interrupted(study):
+        if retried := _study.retry_interrupted(study, space):
             log.warning(f"trials {retried} were left running by an earlier sweep: failed, and queued again")
         to_go, job = _study.trials_to_go(study, self.n_trials, space), _study.next_job_number(study, sweep_dir)
         log.info(f"study '{self.study_name}' in {storage}: {len(study.trials)} trials so far, {max(to_go, 0)} to run")
