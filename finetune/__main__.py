@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 import hydra
-import yaml
 from omegaconf import DictConfig
 
 from finetune.config import in_a_sweep, register_schema, split_override
@@ -39,7 +38,7 @@ def train(cfg: DictConfig) -> float | None:
     try:
         final = run(cfg)
     except TrainingInterrupted as err:  # SIGTERM/SIGINT/SIGUSR2: last.ckpt saved, summary says interrupted
-        print(f"{tag}interrupted: {err}; continue with: python -m finetune resume=RUN_DIR", file=sys.stderr)
+        print(f"{tag}interrupted: {err}; continue with: {resume_command(cfg)}", file=sys.stderr)
         if err.signum == signal.SIGUSR2:
             hand_over_to_requeue(err.signum)
         sys.exit(err.exit_code)
@@ -59,6 +58,15 @@ def train(cfg: DictConfig) -> float | None:
         print(f"{tag}error: {message_of(err)}", file=sys.stderr)
         sys.exit(2)
     return final.get("best/value")
+
+
+def resume_command(cfg: DictConfig) -> str:
+    """The command that continues this run (the run dir quoted for Hydra and the shell)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from finetune.cli import command, override
+
+    return command("finetune", override("resume", HydraConfig.get().runtime.output_dir))
 
 
 def hand_over_to_requeue(signum: int) -> None:
@@ -103,7 +111,7 @@ def fresh_run_refusal(args: list[str]) -> str | None:
     """A fresh run aimed at a directory holding a run's checkpoints is refused here, before
     Hydra writes its ``.hydra/`` files there (which ``resume=RUN_DIR`` replays); ``run``
     refuses it again for other entry points."""
-    from finetune.resume import occupied_run_dir
+    from finetune.rundir import occupied_run_dir
 
     given = overrides_by_key(args)
     if given.get("resume", "null") not in ("", "null") or "hydra.run.dir" not in given:
@@ -164,20 +172,23 @@ def saved_overrides(path: Path) -> list[str]:
     """
     from finetune.config import Config
 
+    from finetune.cli import printable
+    from finetune.files import read_yaml_data
+
     try:
-        saved = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as err:
-        raise UserError(f"'{path}' cannot be read ({str(err).splitlines()[0]}): resume with "
-                         "resume=auto hydra.run.dir=RUN_DIR and the overrides typed again") from None
+        saved = read_yaml_data(path)
+    except UserError as err:
+        raise UserError(f"{message_of(err)}; resume with resume=auto hydra.run.dir=RUN_DIR and the overrides "
+                        "typed again") from None
     if saved is None:
         return []
     known = {f.name for f in dataclasses.fields(Config)} | {"experiment"}
     for entry in saved if isinstance(saved, list) else [saved]:
         if not isinstance(saved, list) or not isinstance(entry, str) or not OVERRIDE.match(entry) \
-                or re.split(r"[./=]", override_key(entry))[0] not in known:
-            raise UserError(f"'{path}' holds {entry!r:.120}, which is not an override of this app's "
-                             "config: refused to replay it; resume with resume=auto hydra.run.dir=RUN_DIR "
-                             "and the overrides typed again")
+                or re.split(r"[./=]", override_key(entry))[0] not in known or "${" in entry:
+            raise UserError(f"'{path}' holds {printable(repr(entry), 120)}, which is not an override of this app's "
+                            "config (or is an interpolation, which would read this machine's settings): refused to "
+                            "replay it; resume with resume=auto hydra.run.dir=RUN_DIR and the overrides typed again")
     return saved
 
 

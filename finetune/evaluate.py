@@ -19,8 +19,6 @@ With ``data.root`` unset, the run's own data settings are used (its root, split,
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import logging
 from dataclasses import dataclass, field
@@ -29,7 +27,6 @@ from typing import Any, Optional
 
 import hydra
 import torch
-import yaml
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
@@ -38,10 +35,10 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from finetune.__main__ import CONFIG_PACKAGE
-from finetune.checkpoint import atomic_write_stream, atomic_write_text
+from finetune.files import atomic_write_stream, atomic_write_text, csv_text, read_json_data, read_yaml_data
 from finetune.config import DataConfig
 from finetune.data.folder import DataSplit
-from finetune.errors import UserError, describe_error
+from finetune.errors import UserError, describe_error, message_of
 from finetune.inference import run_dir_of, sha256_of
 from finetune.metrics import EvalResult, MetricAccumulator
 from finetune.predict import Classifier, checkpoint_file, eval_loader, exit_on_user_error, load_classifier
@@ -50,7 +47,9 @@ log = logging.getLogger("finetune")
 
 SPLITS = ("val", "train", "all")
 ECE_BINS = 15
-DATA_KEYS_FROM_RUN = ("name", "root", "val_split", "split_seed", "skip_bad_images", "cache_dir", "demo")
+# What evaluate takes from a training run's config (someone else's file when the run dir is): where its
+# images are and how it split them, never where to write (the demo set goes under this user's data.cache_dir).
+DATA_KEYS_FROM_RUN = ("name", "root", "val_split", "split_seed", "skip_bad_images", "demo")
 Sample = tuple[str, int]
 
 
@@ -156,10 +155,9 @@ class TrainingRun:
         """The run's ``split.json``: which files it trained and validated on."""
         path = self.path / "split.json"
         try:
-            record = json.loads(path.read_text())
-        except (OSError, ValueError) as err:
-            raise UserError(f"'{path}' cannot be read ({describe_error(err)}): it is damaged; evaluate every "
-                            "image with split=all") from None
+            record = read_json_data(path, max_bytes=1 << 30)
+        except UserError as err:
+            raise UserError(f"{message_of(err)}: it is damaged; evaluate every image with split=all") from None
         if not isinstance(record, dict):
             raise UserError(f"'{path}' is not a split record: evaluate every image with split=all")
         return record
@@ -179,11 +177,11 @@ class TrainingRun:
 
 
 def read_yaml(path: Path) -> dict[str, Any]:
+    """A run's config file as plain data (bounded, no aliases, nothing resolved: `read_yaml_data`)."""
     try:
-        loaded = yaml.safe_load(path.read_text()) if path.is_file() else {}
-    except (OSError, yaml.YAMLError) as err:
-        raise UserError(f"'{path}' cannot be read ({describe_error(err)}): pass batch_size= and precision=, "
-                        "or repair the file") from None
+        loaded = read_yaml_data(path) if path.is_file() else {}
+    except UserError as err:
+        raise UserError(f"{message_of(err)}: pass batch_size= and precision=, or repair the file") from None
     return loaded if isinstance(loaded, dict) else {}
 
 
@@ -366,14 +364,12 @@ def write_report(out_dir: Path, report: dict[str, Any], outputs: Outputs, sample
 
 
 def misclassified_csv(outputs: Outputs, samples: list[Sample], label_names: list[str]) -> str:
-    """``path,true,predicted,prob`` for every wrong top-1 prediction (``prob``: its confidence), in data order."""
-    out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(["path", "true", "predicted", "prob"])
+    """``path,true,predicted,prob`` for every wrong top-1 prediction (``prob``: its confidence), in data order;
+    a name that would start a spreadsheet formula gets a leading ``'`` (`finetune.files.csv_cell`)."""
     wrong = (outputs.predicted != outputs.targets).nonzero()[:, 0].tolist()
-    writer.writerows([samples[i][0], label_names[outputs.targets[i]], label_names[outputs.predicted[i]],
-                      f"{outputs.confidence[i].item():.6f}"] for i in wrong)
-    return out.getvalue()
+    return csv_text([["path", "true", "predicted", "prob"]] +
+                    [[samples[i][0], label_names[outputs.targets[i]], label_names[outputs.predicted[i]],
+                      f"{outputs.confidence[i].item():.6f}"] for i in wrong])
 
 
 def format_table(report: dict[str, Any]) -> str:

@@ -7,19 +7,18 @@ are loaded, on the layer the weights could not fill.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from timm.data import ImageNetInfo
 from timm.layers import get_act_layer
 from torch import nn
 
-from finetune.errors import UserError, describe_error
+from finetune.errors import UserError, message_of
+from finetune.files import read_json_data, read_yaml_data
 from finetune.weights import LoadReport, read_checkpoint
 
 HEAD_STD = 0.02
@@ -135,12 +134,11 @@ def _read_mapping(path: str) -> dict[str, Any]:
     file = Path(path).expanduser()
     if not file.is_file():
         raise UserError(f"head.subset '{path}' is neither a label set ({', '.join(LABEL_SETS)}) nor a mapping file")
-    try:
-        text = file.read_text()
-        data = json.loads(text) if file.suffix == ".json" else yaml.safe_load(text)  # data only, never objects
-    except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as err:
-        raise UserError(f"head.subset file '{path}' cannot be read ({describe_error(err)}): "
-                        "write it as YAML or JSON mapping class names to pretrained rows or names") from None
+    try:  # data only, never objects; YAML without aliases, bounded (the file may be someone else's)
+        data = read_json_data(file) if file.suffix == ".json" else read_yaml_data(file)
+    except UserError as err:
+        raise UserError(f"head.subset file: {message_of(err)}: write it as YAML or JSON mapping class names to "
+                        "pretrained rows or names") from None
     if not isinstance(data, Mapping):
         raise UserError(f"head.subset file '{path}' must map class names to pretrained rows or names")
     return dict(data)

@@ -19,9 +19,6 @@ From Python::
 from __future__ import annotations
 
 import contextlib
-import csv
-import glob
-import io
 import logging
 import os
 import sys
@@ -38,15 +35,16 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from finetune.__main__ import CONFIG_PACKAGE
-from finetune.checkpoint import ModelMeta, atomic_write_text
+from finetune.checkpoint import ModelMeta
+from finetune.checkpoint.weights_file import MetadataError, check_classes
 from finetune.data.folder import IMAGE_EXTENSIONS, find_unreadable_images
 from finetune.errors import UserError, describe_error, message_of
+from finetune.files import GLOB_CHARS, atomic_write_text, csv_text, glob_files, walk_files
 from finetune.inference import eval_transform, load_checkpoint, read_export_metadata, resolve_checkpoint
 
 log = logging.getLogger("finetune")
 
 MAX_LISTED = 10  # file names a warning or an error lists before "and N more"
-GLOB_CHARS = frozenset("*?[")
 # Test-time augmentation: the views of a preprocessed batch whose softmax outputs are averaged.
 TTA_VIEWS: dict[str, Callable[[torch.Tensor], list[torch.Tensor]]] = {
     "none": lambda batch: [batch],
@@ -175,16 +173,19 @@ def load_onnx(path: Path, *, device: torch.device) -> Classifier:
 
 
 def onnx_meta(exported: dict[str, Any], *, outputs: Any, path: Path) -> ModelMeta:
-    """An exported file's metadata (`read_export_metadata`) as a `ModelMeta`: class names, preprocessing."""
+    """An exported file's metadata (`read_export_metadata`, which checked it) as a `ModelMeta`: class names,
+    preprocessing. The class count is the model's output width (or, when that is symbolic, the names')."""
+    data_config = dict(exported["data_config"], input_size=tuple(exported["data_config"]["input_size"]))
+    num_classes = outputs if isinstance(outputs, int) else len(exported["class_names"])
     try:
-        data_config = dict(exported["data_config"], input_size=tuple(exported["data_config"]["input_size"]))
-        return ModelMeta(name=exported["model_name"], source="onnx", in_chans=int(data_config["input_size"][0]),
-                         num_classes=outputs if isinstance(outputs, int) else len(exported["class_names"]),
-                         class_names=list(exported["class_names"]), head={}, data_config=data_config,
-                         extra={"versions": exported["versions"], "source_checkpoint": exported["source_checkpoint"]})
-    except (KeyError, TypeError, ValueError, IndexError) as err:
-        raise UserError(f"'{path}' has damaged finetune metadata ({describe_error(err)}): export it again with "
-                        "python -m finetune.export") from None
+        check_classes(exported["class_names"], num_classes=num_classes)
+    except MetadataError as err:
+        raise UserError(f"'{path}' is refused: {err} (its model has {outputs!r:.40} outputs): the file is damaged or "
+                        "forged; export it again with python -m finetune.export") from err
+    return ModelMeta(name=exported["model_name"], source="onnx", in_chans=int(data_config["input_size"][0]),
+                     num_classes=num_classes, class_names=list(exported["class_names"]), head={},
+                     data_config=data_config,
+                     extra={"versions": exported["versions"], "source_checkpoint": exported["source_checkpoint"]})
 
 
 # ------------------------------------------------------------ the images
@@ -215,7 +216,8 @@ def find_images(inputs: str | Path | Sequence[str | Path] | None) -> list[Path]:
 
 
 def expand_input(entry: str) -> list[Path]:
-    """One entry of ``inputs``: a file, every file under a folder (hidden ones skipped), or a glob's matches."""
+    """One entry of ``inputs``: a file, every file under a folder (`files_under`), or a glob's matches
+    (a matched folder: every file under it)."""
     path = Path(entry).expanduser()
     if path.is_dir():
         return files_under(path)
@@ -224,17 +226,17 @@ def expand_input(entry: str) -> list[Path]:
     if not GLOB_CHARS & set(entry):
         raise UserError(f"inputs '{entry}' does not exist: give an image file, a folder or a glob such as "
                         "'photos/**/*.jpg'")
-    matches = sorted(glob.glob(os.path.expanduser(entry), recursive=True))
+    matches = glob_files(os.path.expanduser(entry))
     if not matches:
         raise UserError(f"inputs '{entry}' matches no file: check the pattern (quote it so that the shell "
                         "does not expand it; '**' matches folders recursively)")
-    return [f for m in map(Path, matches) for f in (files_under(m) if m.is_dir() else [m])]
+    return matches
 
 
 def files_under(folder: Path) -> list[Path]:
-    """Files under ``folder``, recursively and sorted; hidden files and folders skipped."""
-    return sorted(p for p in folder.rglob("*")
-                  if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    """Files under ``folder``, recursively and sorted; hidden files and folders skipped; each real folder
+    listed once, however many links lead to it (`finetune.files.walk_files`)."""
+    return sorted(Path(p) for p in walk_files(folder))
 
 
 def listing(items: Sequence[Any]) -> str:
@@ -326,12 +328,10 @@ def top_k_rows(paths: Sequence[Path], probs: torch.Tensor, label_names: list[str
 
 
 def predictions_csv(rows: list[dict[str, Any]]) -> str:
-    """The rows as CSV text (probabilities with 6 decimals)."""
-    out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=list(rows[0]), lineterminator="\n")
-    writer.writeheader()
-    writer.writerows({k: f"{v:.6f}" if isinstance(v, float) else v for k, v in row.items()} for row in rows)
-    return out.getvalue()
+    """The rows as CSV text (probabilities with 6 decimals); a path or class name that would start a
+    spreadsheet formula gets a leading ``'`` (`finetune.files.csv_cell`)."""
+    columns = list(rows[0])
+    return csv_text([columns] + [[f"{v:.6f}" if isinstance(v, float) else v for v in row.values()] for row in rows])
 
 
 # ------------------------------------------------------------ the app

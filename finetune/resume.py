@@ -28,6 +28,8 @@ from finetune.checkpoint import (CheckpointManager, Manifest, check_policy_state
                                  verify_file)
 from finetune.distributed import SINGLE, World
 from finetune.errors import UserError
+from finetune.files import load_yaml_data
+from finetune.rundir import occupied_run_dir
 from finetune.trainer import TrainState
 
 if TYPE_CHECKING:
@@ -96,14 +98,6 @@ def locate_resume(resume: str | None, *, checkpoint_dir: Path, allow_unverified:
     raise UserError(f"resume '{resume}' is not auto, a run directory or a training-state file (.ckpt)")
 
 
-def occupied_run_dir(run_dir: Path) -> str | None:
-    """Why a fresh run may not start in ``run_dir`` (it holds a run's checkpoints), else None."""
-    if (run_dir / "checkpoints" / "manifest.json").exists():
-        return (f"'{run_dir}' already holds the checkpoints of a run and a fresh run never replaces them: "
-                f"continue it with resume=auto, or choose another hydra.run.dir")
-    return None
-
-
 def newest_valid_state(directory: Path, *, required: bool, home: Path | None = None,
                        allow_unverified: bool = False) -> ResumePoint | None:
     """The newest training state listed in ``directory/manifest.json`` that verifies and loads."""
@@ -166,9 +160,13 @@ def _point(path: Path, state: dict[str, Any], checkpoint_dir: Path, invalid: tup
 
 
 # ------------------------------------------------------------- config check
-def check_config_change(saved_yaml: str, cfg: DictConfig, *, allow: bool, source: Path) -> None:
-    """Refuse settings that change the experiment saved in ``source``, unless ``allow``."""
-    saved = _flatten(OmegaConf.to_container(OmegaConf.create(saved_yaml), resolve=True))
+def check_config_change(saved_yaml: Any, cfg: DictConfig, *, allow: bool, source: Path) -> None:
+    """Refuse settings that change the experiment saved in ``source``, unless ``allow``.
+
+    The saved config is someone else's data when the run dir is: it is read as plain YAML (bounded, no
+    aliases) and never resolved, so an ``${oc.env:...}`` in it stays text and prints no environment.
+    """
+    saved = _flatten(saved_config(saved_yaml, source=source))
     now = _flatten(OmegaConf.to_container(cfg, resolve=True))
     changed = [key for key in sorted(saved.keys() | now.keys())
                if saved.get(key, "<unset>") != now.get(key, "<unset>")
@@ -263,7 +261,7 @@ def restore_training(run: RunParts, point: ResumePoint, *, world: World = SINGLE
     parts.model.load_state_dict(s["model"])
     configured = [{k: v for k, v in g.items() if k != "params"} for g in parts.optimizer.param_groups]
     load_optimizer(parts.optimizer, s["optimizer"], source=point.path)
-    changes = changed_settings(run, configured, saved_epochs=saved_max_epochs(s))
+    changes = changed_settings(run, configured, saved_epochs=saved_max_epochs(s, source=point.path))
     changes += [point.rescaled] if point.rescaled else []
     if changes:  # allowed changes of the experiment: they take effect from here on
         restart_schedule(run, state, configured, changes)
@@ -335,10 +333,22 @@ def carry_over(manager: CheckpointManager, source: Path, policy_state: dict[str,
         log.info(f"carried over {kind} weights of epoch {epoch} from '{source / name}'")
 
 
-def saved_max_epochs(state: dict[str, Any]) -> int | None:
+def saved_config(saved_yaml: Any, *, source: Path) -> dict[str, Any]:
+    """The config a training state recorded, as plain data (`finetune.files.load_yaml_data`)."""
+    if not isinstance(saved_yaml, str):
+        raise UserError(f"'{source}' records no config (config_yaml is a {type(saved_yaml).__name__}): it was not "
+                        "written by finetune")
+    saved = load_yaml_data(saved_yaml, source=f"{source} (config_yaml)")
+    if not isinstance(saved, dict):
+        raise UserError(f"'{source}' records a config that is not a table: it was not written by finetune")
+    return saved
+
+
+def saved_max_epochs(state: dict[str, Any], *, source: Path) -> int | None:
     """``trainer.max_epochs`` of the run that wrote ``state`` (from its saved config)."""
-    saved = OmegaConf.create(state.get("config_yaml") or "{}")
-    return OmegaConf.select(saved, "trainer.max_epochs", default=None)
+    trainer = saved_config(state.get("config_yaml") or "{}", source=source).get("trainer")
+    epochs = trainer.get("max_epochs") if isinstance(trainer, dict) else None
+    return epochs if isinstance(epochs, int) and not isinstance(epochs, bool) else None
 
 
 def load_optimizer(optimizer: Any, saved: dict[str, Any], *, source: Path) -> None:

@@ -14,7 +14,6 @@ are rebuilt from the job dirs, not from the jsonl alone:
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import re
@@ -22,16 +21,20 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import yaml
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from finetune.cli import command, has_control, printable
 from finetune.config import in_a_sweep, split_override
+from finetune.errors import UserError, message_of
+from finetune.files import atomic_write_text, csv_text, open_append, read_json_data, read_yaml_data
 from finetune.metrics import infer_mode
 
 SUMMARY_JSONL, SUMMARY_CSV = "sweep_summary.jsonl", "sweep_summary.csv"
-FAILED = ("failed", "crashed")  # statuses that make a sweep's exit status non-zero
+FAILED = ("failed", "crashed", "unreadable")  # statuses that make a sweep's exit status non-zero
+STATUSES = ("completed", "interrupted", "pruned", "failed", "running")  # what a summary.json may say
+MAX_JOBS = 100_000  # job dirs a summary reads: a bound on the work a sweep dir from someone else can cause
 SWEEP_SYNTAX = re.compile(r"^(range|choice|interval|glob|tag|shuffle|sort)\(|,")  # a swept value, not a fixed one
 _failed: bool = False  # set when a sweep of this process ended with a failed job
 
@@ -44,7 +47,8 @@ class SweepSummary(Callback):
             return
         hydra = HydraConfig.get()
         row = job_row(Path(hydra.runtime.output_dir))
-        with (Path(hydra.sweep.dir) / SUMMARY_JSONL).open("a") as f:
+        sweep_dir = Path(hydra.sweep.dir)
+        with open_append(sweep_dir / SUMMARY_JSONL, root=sweep_dir) as f:  # never through a planted link
             f.write(json.dumps(row) + "\n")
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
@@ -62,27 +66,84 @@ def sweep_failed() -> bool:
 
 # ------------------------------------------------------------------ rows
 def job_row(job_dir: Path) -> dict[str, Any]:
-    """What one job's run dir says about it: number, overrides, status, best value, epochs, time, error."""
-    hydra = _read_yaml(job_dir / ".hydra" / "hydra.yaml").get("hydra", {})
+    """What one job's run dir says about it: number, overrides, status, best value, epochs, time, error.
+
+    The files are someone else's data when the sweep dir is: each value is checked, and a job whose
+    files make no sense is a row with status ``unreadable`` and the reason as its error.
+    """
+    try:
+        return _job_row(job_dir)
+    except UserError as err:
+        return {"job": _job_number(job_dir), "trial": None, "overrides": [], "status": "unreadable",
+                "monitor": None, "mode": None, "best": None, "best_epoch": None, "epochs": 0, "wall_seconds": None,
+                "run_dir": str(job_dir), "error": message_of(err), "chosen_lr": None}
+
+
+def _job_row(job_dir: Path) -> dict[str, Any]:
+    hydra = _section(_read_yaml(job_dir / ".hydra" / "hydra.yaml"), "hydra", job_dir / ".hydra" / "hydra.yaml")
     config = _read_yaml(job_dir / ".hydra" / "config.yaml")
     summary = _read_json(job_dir / "summary.json")
-    best = summary.get("best") or {}
+    source = job_dir / "summary.json"
+    best = _section(summary, "best", source)
+    checkpoint = _section(config, "checkpoint", job_dir / ".hydra" / "config.yaml")
+    overrides = _section(hydra, "overrides", job_dir).get("task", [])
+    if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
+        raise UserError(f"'{job_dir / '.hydra' / 'hydra.yaml'}' has overrides that are not a list of strings")
     metrics = job_dir / "metrics.jsonl"
-    epochs = summary.get("epochs", len(metrics.read_text().splitlines()) if metrics.exists() else 0)
-    checkpoint = config.get("checkpoint") or {}
-    return {"job": int(hydra.get("job", {}).get("num", -1)), "trial": (config.get("sweep") or {}).get("trial"),
-            "overrides": [str(o) for o in hydra.get("overrides", {}).get("task", [])],
-            "status": summary.get("status", "crashed"), "monitor": best.get("metric", checkpoint.get("monitor")),
-            "mode": checkpoint.get("mode"), "best": best.get("value"), "best_epoch": best.get("epoch"),
-            "epochs": epochs, "wall_seconds": summary.get("wall_seconds"), "run_dir": str(job_dir),
-            "error": summary.get("error"), "chosen_lr": (summary.get("lr_find") or {}).get("lr")}
+    status = _checked(summary, "status", source, (str,), "crashed")
+    if status not in STATUSES and status != "crashed":
+        raise UserError(f"'{source}' says status {printable(status, 40)!r}, which is not a status")
+    return {"job": _checked(_section(hydra, "job", job_dir), "num", job_dir, (int,), -1),
+            "trial": _checked(_section(config, "sweep", job_dir), "trial", job_dir, (int, type(None)), None),
+            "overrides": overrides, "status": status,
+            "monitor": _checked(best, "metric", source, (str, type(None)), checkpoint.get("monitor")),
+            "mode": _checked(checkpoint, "mode", job_dir, (str, type(None)), None),
+            "best": _number(best, "value", source), "best_epoch": _checked(best, "epoch", source, (int, type(None)), None),
+            "epochs": _checked(summary, "epochs", source, (int, type(None)), None) or _count_lines(metrics),
+            "wall_seconds": _number(summary, "wall_seconds", source), "run_dir": str(job_dir),
+            "error": _checked(summary, "error", source, (str, type(None)), None),
+            "chosen_lr": _number(_section(summary, "lr_find", source), "lr", source)}
+
+
+def _section(data: dict[str, Any], key: str, source: Path) -> dict[str, Any]:
+    value = data.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise UserError(f"'{source}' has {key} {printable(value, 40)!r}, which is not a table")
+    return value
+
+
+def _checked(data: dict[str, Any], key: str, source: Path, types: tuple[type, ...], default: Any) -> Any:
+    value = data.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, types):
+        raise UserError(f"'{source}' has {key} {printable(value, 40)!r}, which is not a {types[0].__name__}")
+    return value
+
+
+def _number(data: dict[str, Any], key: str, source: Path) -> float | None:
+    value = _checked(data, key, source, (int, float, type(None)), None)
+    return None if value is None or not math.isfinite(value) else value
+
+
+def _count_lines(path: Path) -> int:
+    if not path.is_file():
+        return 0
+    with open(path, "rb") as f:
+        return sum(1 for _ in f)
+
+
+def _job_number(job_dir: Path) -> int:
+    return int(job_dir.name) if job_dir.name.isdigit() and len(job_dir.name) < 10 else -1
 
 
 def summarise(sweep_dir: Path) -> list[dict[str, Any]]:
     """Every job of the sweep (rebuilt from the job dirs), best first; writes ``sweep_summary.csv``."""
     if not sweep_dir.is_dir():
         raise SystemExit(f"error: sweep dir '{sweep_dir}' does not exist")
-    jobs = [p.parent.parent for p in sweep_dir.glob("*/.hydra/hydra.yaml")]
+    jobs = [p.parent.parent for _, p in zip(range(MAX_JOBS + 1), sweep_dir.glob("*/.hydra/hydra.yaml"))]
+    if len(jobs) > MAX_JOBS:
+        raise SystemExit(f"error: sweep dir '{sweep_dir}' has more than {MAX_JOBS} job dirs: refused")
     rows = sorted((job_row(d) for d in jobs), key=_rank)
     write_csv(sweep_dir / SUMMARY_CSV, rows, swept_keys(sweep_dir, rows))
     return rows
@@ -101,10 +162,16 @@ def _rank(row: dict[str, Any]) -> tuple:
 def swept_keys(sweep_dir: Path, rows: list[dict[str, Any]]) -> list[str]:
     """The keys the sweep varied: sweep syntax on its command line or a sweeper's params, else
     the overrides whose values differ between jobs."""
-    hydra = _read_yaml(sweep_dir / "multirun.yaml").get("hydra", {})
-    given = [str(o) for o in hydra.get("overrides", {}).get("task", [])]
+    try:
+        hydra = _section(_read_yaml(sweep_dir / "multirun.yaml"), "hydra", sweep_dir / "multirun.yaml")
+        given = _section(hydra, "overrides", sweep_dir / "multirun.yaml").get("task") or []
+        params = _section(hydra, "sweeper", sweep_dir / "multirun.yaml").get("params") or {}
+    except UserError:
+        given, params = [], {}
+    given = [o for o in given if isinstance(o, str)] if isinstance(given, list) else []
     keys = [split_override(o)[0] for o in given if "=" in o and SWEEP_SYNTAX.search(split_override(o)[1])]
-    keys += [k.lstrip("+~") for k in (hydra.get("sweeper") or {}).get("params") or {} if k.lstrip("+~") not in keys]
+    keys += [str(k).lstrip("+~") for k in (params if isinstance(params, dict) else {})
+             if str(k).lstrip("+~") not in keys]
     if keys:
         return keys
     values = [dict(split_override(o) for o in r["overrides"]) for r in rows]
@@ -114,17 +181,18 @@ def swept_keys(sweep_dir: Path, rows: list[dict[str, Any]]) -> list[str]:
 
 # ---------------------------------------------------------------- output
 def write_csv(path: Path, rows: list[dict[str, Any]], keys: list[str]) -> None:
+    """``sweep_summary.csv``, written whole (a link planted at its name is replaced, never followed); a
+    text cell that would start a spreadsheet formula gets a leading ``'`` (`finetune.files.csv_cell`)."""
     monitor = next((r["monitor"] for r in rows if r["monitor"]), "best")
     header = ["job", "trial", *keys, "status", f"best {monitor}", "best_epoch", "epochs", "wall_seconds",
               "run_dir", "error", "chosen_lr"]
-    with path.open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(header)
-        for r in rows:
-            values = dict(split_override(o) for o in r["overrides"])
-            writer.writerow([r["job"], r["trial"], *(values.get(k, "") for k in keys), r["status"], r["best"],
-                             r["best_epoch"], r["epochs"], r["wall_seconds"], r["run_dir"], r["error"] or "",
-                             r["chosen_lr"] if r["chosen_lr"] is not None else ""])
+    table = [header]
+    for r in rows:
+        values = dict(split_override(o) for o in r["overrides"])
+        table.append([r["job"], r["trial"], *(values.get(k, "") for k in keys), r["status"], r["best"],
+                      r["best_epoch"], r["epochs"], r["wall_seconds"], r["run_dir"], r["error"] or "",
+                      r["chosen_lr"] if r["chosen_lr"] is not None else ""])
+    atomic_write_text(path, csv_text(table), root=path.parent)
 
 
 def format_summary(rows: list[dict[str, Any]], keys: list[str]) -> str:
@@ -136,19 +204,28 @@ def format_summary(rows: list[dict[str, Any]], keys: list[str]) -> str:
     with_lr = any(r.get("chosen_lr") is not None for r in rows)  # optim.lr=auto: the rate each job chose
     header = ["job", *(["trial"] if with_trial else []), *keys, *(["lr chosen"] if with_lr else []), "status",
               monitor, "epoch", "epochs", "seconds"]
-    table = [header] + [_cells(r, keys, with_trial=with_trial, with_lr=with_lr) for r in rows]
+    table = [[printable(c, 80) for c in row]
+             for row in [header] + [_cells(r, keys, with_trial=with_trial, with_lr=with_lr) for r in rows]]
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in table]
     counts = {s: sum(r["status"] == s for r in rows) for s in dict.fromkeys(r["status"] for r in rows)}
     lines.insert(0, f"sweep summary: {len(rows)} jobs ({', '.join(f'{n} {s}' for s, n in counts.items())})")
     best = rows[0]
     if _rank(best)[0] == 0:
-        lines.append(f"best: job {best['job']}, {monitor} {best['best']:.4f} at epoch {best['best_epoch']}")
-        command = [o for o in best["overrides"] if not split_override(o)[0].startswith("sweep.")]  # a sweeper's own
-        lines.append(f"reproduce: python -m finetune {' '.join(command)}".rstrip())
-    lines += [f"job {r['job']} {r['status']}: {r['error'] or 'no summary.json (killed?)'}"
+        lines.append(f"best: job {best['job']}, {printable(monitor, 80)} {best['best']:.4f} at epoch {best['best_epoch']}")
+        lines.append(reproduce_line(best))
+    lines += [f"job {r['job']} {r['status']}: {printable(r['error'] or 'no summary.json (killed?)')}"
               for r in rows if r["status"] in FAILED]
     return "\n".join(lines)
+
+
+def reproduce_line(row: dict[str, Any]) -> str:
+    """The command that runs ``row``'s job again: its overrides (a sweeper's own ``sweep.*`` left out),
+    each one shell word, so that an override read from the job's files can never run as shell code."""
+    overrides = [o for o in row["overrides"] if not split_override(o)[0].startswith("sweep.")]
+    if any(has_control(o) for o in overrides):
+        return f"reproduce: (not shown: job {row['job']}'s overrides hold control characters)"
+    return f"reproduce: {command('finetune', *overrides)}"
 
 
 def _cells(row: dict[str, Any], keys: list[str], *, with_trial: bool, with_lr: bool = False) -> list[str]:
@@ -162,19 +239,18 @@ def _cells(row: dict[str, Any], keys: list[str], *, with_trial: bool, with_lr: b
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
-    try:
-        data = yaml.safe_load(path.read_text()) if path.is_file() else None
-    except yaml.YAMLError:
-        return {}
-    return data if isinstance(data, dict) else {}
+    """A job's YAML table as plain data (bounded, no aliases); {} when missing; broken is a `UserError`."""
+    return _table(read_yaml_data(path), path) if path.is_file() else {}
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text()) if path.is_file() else None
-    except ValueError:
-        return {}
-    return data if isinstance(data, dict) else {}
+    return _table(read_json_data(path, max_bytes=1 << 20), path) if path.is_file() else {}
+
+
+def _table(data: Any, path: Path) -> dict[str, Any]:
+    if not isinstance(data, dict):
+        raise UserError(f"'{path}' has {printable(data, 40)!r}, which is not a table")
+    return data
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -41,6 +41,10 @@ from finetune.errors import UserError
 GENERATOR_VERSION = 1
 SUPERSAMPLE = 4  # shapes are drawn as masks at 4x and downsampled: smooth edges
 STALE_TEMP_SECONDS = 3600
+# Bounds on what a demo set may cost: a run dir from someone else names its demo settings, and
+# `finetune.evaluate` generates the set it was trained on (under the user's own cache).
+MAX_IMAGE_SIZE = 512
+MAX_PIXELS = 100_000_000  # about 10x the default set (6 classes x 100 images x 128^2)
 
 Point = tuple[float, float]
 Rng = np.random.Generator
@@ -135,8 +139,13 @@ def _check_params(seed: int, num_classes: int, train_per_class: int, val_per_cla
     for name, value in (("train_per_class", train_per_class), ("val_per_class", val_per_class)):
         if value < 1:
             raise UserError(f"demo {name} must be a positive integer, got '{value}'")
-    if image_size < 32:
-        raise UserError(f"demo image_size must be at least 32 pixels, got '{image_size}'")
+    if not 32 <= image_size <= MAX_IMAGE_SIZE:
+        raise UserError(f"demo image_size must be between 32 and {MAX_IMAGE_SIZE} pixels, got '{image_size}'")
+    pixels = num_classes * (train_per_class + val_per_class) * image_size ** 2
+    if pixels > MAX_PIXELS:
+        raise UserError(f"the demo set asked for ({num_classes} classes x {train_per_class + val_per_class} images "
+                        f"x {image_size}^2 pixels) is more than {MAX_PIXELS:.0e} pixels, 10x the default set: "
+                        "ask for fewer or smaller images (use data=custom for real data)")
     return {
         "version": GENERATOR_VERSION,
         "seed": int(seed),
@@ -180,7 +189,7 @@ def _write_dataset(root: Path, params: dict) -> None:
                 rng = np.random.default_rng([params["seed"], split_index, class_index, i])
                 image = draw_sample(shape, params["image_size"], rng)
                 image.save(folder / f"{i:04d}.png", optimize=False, compress_level=6)
-    (root / "demo.json").write_text(json.dumps(params, indent=2, sort_keys=True) + "\n")
+    (root / "demo.json").write_text(json.dumps(params, indent=2, sort_keys=True) + "\n")  # safe-write: a fresh temp dir
 
 
 def draw_sample(shape: str, size: int, rng: Rng) -> Image.Image:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from finetune.data.dataset import open_image
 from finetune.errors import UserError, describe_error
+from finetune.files import walk_files
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 LAYOUT_HINT = "expected DIR/<class>/<image> or DIR/train/<class>/<image> with DIR/val/<class>/<image>"
@@ -171,25 +172,8 @@ def _collect_classes(folder: Path) -> dict[str, list[str]]:
 
 
 def _list_images(folder: Path) -> list[str]:
-    """Image files under ``folder``; links to folders are followed, but each real folder is listed once.
-
-    A link back up the tree (a loop) or a second link to a folder already listed is not entered,
-    so the walk ends and no image is counted twice.
-    """
-    images, seen = [], set()
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        real = os.stat(dirpath)
-        if (real.st_dev, real.st_ino) in seen:
-            dirnames[:] = []
-            continue
-        seen.add((real.st_dev, real.st_ino))
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))  # sorted: which alias is kept is stable
-        images += [
-            os.path.join(dirpath, name)
-            for name in filenames
-            if not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
-        ]
-    return sorted(images)
+    """Image files under ``folder`` (`walk_files`), sorted."""
+    return sorted(p for p in walk_files(folder) if os.path.splitext(p)[1].lower() in IMAGE_EXTENSIONS)
 
 
 def _check_same_classes(base: Path, train: dict[str, list[str]], val: dict[str, list[str]]) -> None:
