@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import importlib.resources
 import logging
 import os
@@ -89,6 +90,7 @@ def job_error_line(err: BaseException) -> str:
 def main() -> None:
     try:
         sys.argv[1:] = expand_resume_args(sys.argv[1:])
+        check_command_line(sys.argv[1:])
     except UserError as err:
         print(f"error: {message_of(err)}", file=sys.stderr)
         sys.exit(2)
@@ -105,6 +107,81 @@ def main() -> None:
 
     if sweep_failed():
         sys.exit(1)
+
+
+# ------------------------------------------------------------ the command line, before Hydra reads it
+def check_command_line(args: list[str]) -> None:
+    """Refuse, in one line with the fix, what Hydra would answer with a usage dump, a search-path list or
+    a hint that leads on ("use +lr=0.01", which then adds a key nothing reads): argparse-style
+    ``--key value``, a key the schema does not have, and a config option that does not exist."""
+    from finetune.config import is_known_key, unknown_key_message
+
+    hydra_flags, valued = _hydra_flags()
+    own_configs = any(a.startswith(("hydra.searchpath", "--config-dir", "-cd", "--config-path", "-cp"))
+                      for a in args)
+    for i, arg in enumerate(args):
+        if arg.startswith("--") and arg.split("=", 1)[0] not in hydra_flags:
+            raise UserError(dashed_message(arg, args[i + 1] if i + 1 < len(args) else None))
+        if arg.startswith("-") or ("=" not in arg and not arg.startswith("~")) or (i and args[i - 1] in valued):
+            continue
+        key, value = split_override(arg)
+        if key.startswith(("hydra.", "hydra/")):
+            continue
+        if key in config_groups():
+            if not own_configs:
+                check_options(key, value, given=arg)
+        elif not is_known_key(key):
+            raise UserError(unknown_key_message(key, given=arg))
+
+
+def _hydra_flags() -> tuple[set[str], set[str]]:
+    """Hydra's own command-line flags, and those of them that take a value (``--cfg job``)."""
+    from hydra._internal.utils import get_args_parser
+
+    actions = get_args_parser()._actions
+    return ({flag for a in actions for flag in a.option_strings},
+            {flag for a in actions if a.nargs in (None, "?") for flag in a.option_strings})
+
+
+def dashed_message(arg: str, following: str | None) -> str:
+    """What to type instead of an argparse-style ``--key value`` / ``--key=value``.
+
+    >>> dashed_message("--lr", "0.01")
+    "'--lr 0.01' is argparse style; finetune takes Hydra overrides: write optim.lr=0.01 (key=value, no dashes)"
+    """
+    from finetune.config import closest_keys, is_known_key
+
+    name, _, value = arg[2:].partition("=")
+    given = arg
+    if not value and following is not None and not following.startswith("-") and "=" not in following:
+        value, given = following, f"{arg} {following}"
+    name = name.replace("-", "_")
+    key = name if is_known_key(name) else next(iter(closest_keys(name)), None)
+    hint = f"write {key}={value or 'VALUE'}" if key else "write key=value with a key from python -m finetune --cfg job"
+    return f"'{given}' is argparse style; finetune takes Hydra overrides: {hint} (key=value, no dashes)"
+
+
+def config_groups() -> dict[str, list[str]]:
+    """The app's config groups and their options (``conf/<group>/<option>.yaml``)."""
+    root = Path(CONFIG_DIR)
+    return {d.name: sorted(p.stem for p in d.glob("*.yaml")) for d in root.iterdir()
+            if d.is_dir() and d.name != "hydra" and not d.name.startswith(("_", "."))}
+
+
+def check_options(group: str, value: str, *, given: str) -> None:
+    """Each option a ``group=option`` (or a sweep ``group=a,b``) names exists, else one line with the
+    closest options."""
+    if "(" in value:  # choice(...), glob(...): Hydra checks what it expands to
+        return
+    options = config_groups()[group]
+    for option in (v.strip() for v in value.split(",")):
+        if option in options or option in ("null", ""):
+            continue
+        close = difflib.get_close_matches(option, options, n=3, cutoff=0.5)
+        hint = f"did you mean {' or '.join(f'{group}={c}' for c in close)}? " if close else ""
+        more = ("; model.name= takes any timm or torchvision architecture on top of one of them, e.g. "
+                f"model=resnet50 model.name={option}") if group == "model" else ""
+        raise UserError(f"'{given}': {group} has no option '{option}': {hint}options: {', '.join(options)}{more}")
 
 
 def fresh_run_refusal(args: list[str]) -> str | None:

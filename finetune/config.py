@@ -9,11 +9,14 @@ known choices) and raises one-line ``UserError``s.
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from finetune.errors import UserError
 
@@ -233,7 +236,10 @@ POSITIVE = ("data.batch_size", "trainer.max_epochs", "trainer.accumulate",
 
 
 def check_config(cfg: DictConfig) -> None:
-    """Raise a one-line UserError for values the schema's types cannot rule out."""
+    """Raise a one-line UserError for values the schema's types cannot rule out, for keys the schema
+    does not have (``+lr=0.01``), and for typed overrides the composed config ignores."""
+    check_known_keys(cfg)
+    check_overrides_take_effect(cfg, typed_overrides())
     for key, allowed in choices().items():
         value = _get(cfg, key)
         if value not in allowed:
@@ -306,9 +312,151 @@ def split_override(override: str) -> tuple[str, str]:
     return key.lstrip("+~"), value
 
 
+def typed_overrides() -> list[str]:
+    """The overrides of this job as typed (Hydra's task overrides); none outside a Hydra app."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
 def in_a_sweep() -> bool:
     """Whether this process runs a job of a Hydra multirun (``-m``)."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+# ------------------------------------------------------------ keys that exist, and keys that take effect
+def schema_keys() -> dict[str, bool]:
+    """Every dotted key of the schema, each mapped to whether any key below it is valid too (a field
+    typed ``Any`` or ``dict``: ``model.weights``, ``freeze.schedule``, ...).
+
+    >>> keys = schema_keys()
+    >>> keys["trainer.max_epochs"], keys["freeze.schedule"], "lr" in keys
+    (False, True, False)
+    """
+    out: dict[str, bool] = {}
+
+    def walk(cls: type, prefix: str) -> None:
+        for f in dataclasses.fields(cls):
+            key = f"{prefix}{f.name}"
+            nested = f.default_factory if f.default_factory is not dataclasses.MISSING else None
+            if isinstance(nested, type) and dataclasses.is_dataclass(nested):
+                out[key] = False
+                walk(nested, f"{key}.")
+            else:
+                out[key] = f.type in ("Any",) or str(f.type).startswith(("dict", "Dict"))
+
+    walk(Config, "")
+    return out
+
+
+def closest_keys(key: str, *, n: int = 3) -> list[str]:
+    """The schema keys a mistyped ``key`` most likely meant: the same last part first (``lr`` ->
+    ``optim.lr``), then the closest spellings.
+
+    >>> closest_keys("lr")[0], closest_keys("trainer.max_epoch")[0], closest_keys("epochs")[0]
+    ('optim.lr', 'trainer.max_epochs', 'trainer.max_epochs')
+    """
+    every = list(schema_keys())
+    keys = [k for k in every if not any(other.startswith(f"{k}.") for other in every)]  # settings, not sections
+    leaf = key.rsplit(".", 1)[-1]
+    by_leaf = {k.rsplit(".", 1)[-1]: k for k in keys}
+    tiers = ([k for k in keys if k.rsplit(".", 1)[-1] == leaf],  # the surest first: a tier that finds any wins
+             difflib.get_close_matches(key, keys, n=n, cutoff=0.85),
+             [by_leaf[x] for x in difflib.get_close_matches(leaf, list(by_leaf), n=n, cutoff=0.75)],
+             difflib.get_close_matches(key, keys, n=n, cutoff=0.6))
+    return next((tier[:n] for tier in tiers if tier), [])
+
+
+def unknown_key_message(key: str, *, given: str) -> str:
+    """One line for a key the schema does not have, with the keys it most likely meant."""
+    close = closest_keys(key)
+    hint = f"did you mean {' or '.join(close)}?" if close else "python -m finetune --cfg job lists every key"
+    return f"'{given}' sets '{key}', which is not a config key: {hint}"
+
+
+def is_known_key(key: str) -> bool:
+    """Whether ``key`` (dotted) is a schema key, or lies below one that takes any keys."""
+    keys = schema_keys()
+    parts = key.split(".")
+    return key in keys or any(keys.get(".".join(parts[:i])) for i in range(1, len(parts)))
+
+
+def check_known_keys(cfg: DictConfig) -> None:
+    """Refuse a composed config holding a key the schema does not have (``+lr=0.01``, an experiment
+    file's typo): it would sit in the config doing nothing."""
+    def walk(node: Any, prefix: str) -> None:
+        for key in node.keys() if isinstance(node, DictConfig) else ():
+            dotted = f"{prefix}{key}"
+            if not is_known_key(dotted):
+                raise UserError(unknown_key_message(dotted, given=dotted) + " (remove it: it would have no effect)")
+            if not schema_keys().get(dotted, True):
+                walk(node._get_node(key), f"{dotted}.")
+
+    walk(cfg, "")
+
+
+@dataclasses.dataclass(frozen=True)
+class NoEffect:
+    """Keys that do nothing while ``when`` has a value ``applies`` accepts (data, not an if-ladder)."""
+
+    when: str
+    applies: Callable[[Any], bool]
+    keys: tuple[str, ...]
+    fix: str
+
+
+def _takes_momentum(name: str) -> bool:
+    from finetune.optim import takes_momentum
+
+    return takes_momentum(name)
+
+
+def _takes_betas(name: str) -> bool:
+    from finetune.optim import takes_betas
+
+    return takes_betas(name)
+
+
+NO_EFFECT = (
+    NoEffect("data.name", lambda v: v == "demo", ("data.root", "data.val_split", "data.split_seed"),
+             "data=demo trains on the built-in demo set: add data=custom to train on your own folder"),
+    NoEffect("data.name", lambda v: v == "custom", ("data.demo", "data.cache_dir"),
+             "they configure the built-in demo set, which data=custom does not use"),
+    NoEffect("head.name", lambda v: v != "mlp", ("head.hidden", "head.activation", "head.norm"),
+             "they shape an MLP head: add head=mlp"),
+    NoEffect("freeze.name", lambda v: v != "until", ("freeze.until",), "add freeze=until"),
+    NoEffect("freeze.name", lambda v: v != "patterns", ("freeze.include", "freeze.exclude"), "add freeze=patterns"),
+    NoEffect("optim.name", lambda v: not _takes_momentum(str(v)), ("optim.momentum",),
+             "only SGD-style optimizers take it: add optim=sgd"),
+    NoEffect("optim.name", lambda v: not _takes_betas(str(v)), ("optim.betas",),
+             "only Adam-style optimizers (and LAMB) take it: add optim=adamw"),
+    NoEffect("optim.lr", lambda v: v != "auto", ("optim.lr_find",), "the range test runs with optim.lr=auto"),
+    NoEffect("sched.name", lambda v: v not in ("step", "multistep"), ("sched.decay_epochs", "sched.decay_rate"),
+             "only step schedules decay by epochs: add sched=step"),
+    NoEffect("sched.name", lambda v: v == "none", ("sched.warmup_epochs", "sched.warmup_lr", "sched.min_lr"),
+             "sched=none keeps the rate constant: add sched=cosine"),
+    NoEffect("trainer.ema", lambda v: not v, ("trainer.ema_decay",), "add trainer.ema=true"),
+    NoEffect("trainer.compile", lambda v: not v, ("trainer.compile_mode",), "add trainer.compile=true"),
+    NoEffect("trainer.early_stopping.patience", lambda v: v is None, ("trainer.early_stopping.min_delta",),
+             "early stopping is off: set trainer.early_stopping.patience=N"),
+)
+
+
+def check_overrides_take_effect(cfg: DictConfig, overrides: list[str]) -> None:
+    """Refuse an override the composed config ignores (``data.root=DIR`` with the demo data set): a run
+    that trains on something other than what was typed must not pass silently."""
+    for override in overrides:
+        key = split_override(override)[0]
+        for rule in NO_EFFECT:
+            hit = next((k for k in rule.keys if key == k or key.startswith(f"{k}.")), None)
+            if hit is None or not rule.applies(OmegaConf.select(cfg, rule.when)):
+                continue
+            value = OmegaConf.select(cfg, rule.when)
+            raise UserError(f"{key} is set but has no effect with {rule.when}={_shown(value)}: {rule.fix}")
+
+
+def _shown(value: Any) -> str:
+    return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import shlex
 import socket
 import threading
 from collections.abc import Sequence
@@ -199,9 +200,13 @@ def locate_library_weights(name: str, source: str) -> Path:
 
 
 def _offline_error(name: str, source: str, where: str) -> UserError:
+    fetch = shlex.join(["python", "-m", "finetune.weights", "fetch", name] +
+                       (["--source", source] if source != "timm" else []))
     return UserError(
         f"model.pretrained=true needs {source}'s weights for '{name}' from {where}, which is not reachable "
-        f"and not cached: give a local file with model.weights=PATH, or set model.pretrained=false")
+        f"and not cached: on a machine with internet run `{fetch}` and copy the cache folder it prints to "
+        "this one, or give a weights file with model.weights=PATH (model.pretrained=false would train from "
+        "random weights: no transfer learning)")
 
 
 def _locate_timm_weights(name: str) -> Path:

@@ -77,14 +77,24 @@ def build_param_groups(model: nn.Module, *, head: str, weight_decay: float, deca
     return list(groups.values())
 
 
+def takes_betas(name: str) -> bool:
+    """Whether ``optim.betas`` reaches the optimizer ``name`` (Adam-style ones and LAMB)."""
+    return "adam" in name or "lamb" in name
+
+
+def takes_momentum(name: str) -> bool:
+    """Whether ``optim.momentum`` reaches the optimizer ``name`` (the SGD family)."""
+    return name in ("sgd", "momentum", "nesterov")
+
+
 def build_optimizer(param_groups: list[dict], *, name: str, lr: float, momentum: float = 0.9,
                     betas: Sequence[float] = (0.9, 0.999)) -> torch.optim.Optimizer:
     """Any optimizer timm knows by name (adamw, sgd, lamb, ...) over the given groups."""
-    kwargs = {"betas": tuple(betas)} if "adam" in name or "lamb" in name else {}
+    kwargs = {"betas": tuple(betas)} if takes_betas(name) else {}
     if name in ("sgd", "nesterov") and not momentum > 0:  # torch would fail deep inside with a ValueError
         raise UserError(f"optim.name={name} is SGD with Nesterov momentum, which needs optim.momentum > 0 (got "
                         f"'{momentum}'): for plain SGD use optim.name=momentum optim.momentum=0")
-    if name in ("sgd", "momentum", "nesterov"):
+    if takes_momentum(name):
         kwargs["momentum"] = momentum
     groups = [{k: v for k, v in g.items() if k != "param_names"} for g in param_groups]
     for group in groups:  # timm schedulers start from initial_lr and multiply by lr_scale on every update

@@ -47,7 +47,8 @@ def test_library_weights_offline_fail_fast(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "torch"))
     assert hub_reachable("huggingface.co") is False
-    with pytest.raises(UserError, match="model.weights=PATH, or set model.pretrained=false"):
+    with pytest.raises(UserError, match=r"run `python -m finetune.weights fetch test_resnet` and copy the cache "
+                                        r"folder it prints to this one, or give a weights file with model.weights=PATH"):
         locate_library_weights("test_resnet", "timm")
     with pytest.raises(UserError, match="torchvision's weights for 'resnet18'"):
         locate_library_weights("resnet18", "torchvision")

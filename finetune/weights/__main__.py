@@ -1,0 +1,60 @@
+"""``python -m finetune.weights fetch NAME [NAME ...] [--source timm|torchvision]``: a library's pretrained
+weights into this machine's cache, for machines without internet.
+
+Fine-tuning needs the pretrained weights of its backbone. A run with ``model.pretrained=true`` finds them
+in timm's (the Hugging Face Hub's) or torchvision's cache, and downloads them only when a hub answers.
+On a machine that has internet, fetch them once, then copy the cache to the one that has none::
+
+    python -m finetune.weights fetch resnet50 convnext_tiny
+    rsync -a ~/.cache/huggingface/ gpu-node:~/.cache/huggingface/      # the folder it prints
+
+Runs there find them offline (``python -m finetune model=resnet50 ...``). Or give any weights file with
+``model.weights=PATH``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from finetune.errors import UserError, message_of
+
+
+def cache_dir(source: str) -> str:
+    """The folder to copy to another machine: where ``source`` keeps downloaded weights."""
+    if source == "timm":
+        from huggingface_hub import constants
+
+        return constants.HF_HUB_CACHE
+    import torch
+
+    return torch.hub.get_dir()
+
+
+def fetch(names: list[str], *, source: str) -> list[str]:
+    """The cached file of each architecture in ``names`` (downloaded first when it is not cached)."""
+    from finetune.models import locate_library_weights
+
+    return [str(locate_library_weights(name, source)) for name in names]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m finetune.weights", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    get = commands.add_parser("fetch", help="put pretrained weights into this machine's cache")
+    get.add_argument("names", nargs="+", help="architectures, as model.name takes them (resnet50, convnext_tiny)")
+    get.add_argument("--source", choices=("timm", "torchvision"), default="timm", help="as model.source")
+    args = parser.parse_args(argv)
+    try:
+        files = fetch(args.names, source=args.source)
+    except UserError as err:
+        print(f"error: {message_of(err)}", file=sys.stderr)
+        return 2
+    for name, path in zip(args.names, files):
+        print(f"{name}: {path}")
+    print(f"cache: {cache_dir(args.source)} (copy this folder to a machine without internet)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
