@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import importlib.resources
-import logging
 import os
 import re
 import signal
@@ -15,14 +13,11 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from finetune.config import in_a_sweep, register_schema, split_override
+from finetune.cli import exit_on_user_error
+from finetune.config import CONFIG_DIR, CONFIG_PACKAGE, in_a_sweep, register_schema, split_override
 from finetune.errors import RunPruned, UserError, describe_error, message_of
 from finetune.signals import TrainingInterrupted
 
-# The configs ship inside the package (pyproject.toml maps the repository's conf/ to finetune.conf):
-# Hydra reads them as pkg://finetune.conf; CONFIG_DIR is the same tree as a directory.
-CONFIG_PACKAGE = "finetune.conf"
-CONFIG_DIR = str(importlib.resources.files(CONFIG_PACKAGE))
 
 register_schema()
 
@@ -36,8 +31,8 @@ def train(cfg: DictConfig) -> float | None:
 
     rank = current().rank  # under torchrun, messages of the processes other than rank 0 say which they are
     tag = f"[rank {rank}] " if rank else ""
-    try:
-        final = run(cfg)
+    try:  # one job of a sweep records its error and the sweep goes on: the error is the job's, not the command's
+        final = run(cfg) if in_a_sweep() else exit_on_user_error(lambda: run(cfg), tag=tag)
     except TrainingInterrupted as err:  # SIGTERM/SIGINT/SIGUSR2: last.ckpt saved, summary says interrupted
         print(f"{tag}interrupted: {err}; continue with: {resume_command(cfg)}", file=sys.stderr)
         if err.signum == signal.SIGUSR2:
@@ -46,18 +41,13 @@ def train(cfg: DictConfig) -> float | None:
     except KeyboardInterrupt as err:  # a second SIGINT: aborted at once
         print(f"{tag}aborted: {err}", file=sys.stderr)
         sys.exit(130)
-    except Exception as err:  # noqa: BLE001 - sorted below: a sweep's job, a user error, a bug
-        full_error = os.environ.get("HYDRA_FULL_ERROR") == "1"
-        if in_a_sweep() and not full_error:
-            # One job of a sweep: its summary.json says how it ended; the other jobs go on, and the
-            # sweep's exit status reports failures once its summary is written (finetune.sweep).
-            print(f"job {'pruned' if isinstance(err, RunPruned) else 'failed'}: {job_error_line(err)}", file=sys.stderr)
-            return None
-        if not isinstance(err, UserError) or full_error:
+    except Exception as err:  # noqa: BLE001 - a sweep's job: recorded below; anything else keeps its traceback
+        if not in_a_sweep() or os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
-        logging.getLogger("finetune").debug("stopped by a user error", exc_info=True)
-        print(f"{tag}error: {message_of(err)}", file=sys.stderr)
-        sys.exit(2)
+        # One job of a sweep: its summary.json says how it ended; the other jobs go on, and the
+        # sweep's exit status reports failures once its summary is written (finetune.sweep).
+        print(f"job {'pruned' if isinstance(err, RunPruned) else 'failed'}: {job_error_line(err)}", file=sys.stderr)
+        return None
     return final.get("best/value")
 
 
@@ -88,12 +78,8 @@ def job_error_line(err: BaseException) -> str:
 
 
 def main() -> None:
-    try:
-        sys.argv[1:] = expand_resume_args(sys.argv[1:])
-        check_command_line(sys.argv[1:])
-    except UserError as err:
-        print(f"error: {message_of(err)}", file=sys.stderr)
-        sys.exit(2)
+    sys.argv[1:] = exit_on_user_error(lambda: expand_resume_args(sys.argv[1:]))
+    exit_on_user_error(lambda: check_command_line(sys.argv[1:]))
     if refusal := fresh_run_refusal(sys.argv[1:]):
         print(f"error: {refusal}", file=sys.stderr)
         sys.exit(2)

@@ -12,15 +12,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from finetune.cli import status_of
+from finetune.files import atomic_write_text, staged_path
 from finetune.errors import UserError
 from finetune.weights import load_pretrained, read_checkpoint
 from finetune.weights.load import check_patterns
@@ -30,11 +30,7 @@ from finetune.weights.remap import strip_wrappers
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit status (0 ok, 1 diff found problems, 2 bad input)."""
     args = _parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return status_of(lambda: args.func(args))
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -210,25 +206,16 @@ def _unshare(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> Path:
-    """``safetensors.torch.save_file`` to a temp name, fsync, then rename into place."""
+    """``safetensors.torch.save_file`` to a temporary name beside ``path``, moved into place (`staged_path`)."""
     from safetensors.torch import save_file
 
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with staged_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
     return path
 
 
 def _atomic_write_text(text: str, path: Path) -> Path:
-    """Write text atomically."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write_text(path, text)
     return path
 
 

@@ -1,5 +1,6 @@
-"""What the ``python -m finetune.*`` commands share with their user: commands printed to paste, and
-text from other people's files printed safely.
+"""What the ``python -m finetune.*`` commands share with their user: how a user error ends a command
+(one ``error:`` line, exit status 2: `exit_on_user_error`), commands printed to paste, and text from
+other people's files printed safely.
 
 Every command the project prints (the closing block's ``next:``, a sweep's ``reproduce:``, resume
 hints, export's ``use it:``) is built here from its words: each override value quoted for Hydra
@@ -10,12 +11,51 @@ can never run as shell code when the line is pasted.
 
 from __future__ import annotations
 
+import logging
+import os
 import re
 import shlex
+import sys
+from collections.abc import Callable
+from typing import TypeVar
+
+from finetune.errors import UserError, message_of
+
+T = TypeVar("T")
 
 PYTHON = "python"  # the interpreter in printed commands
 HYDRA_PLAIN = re.compile(r"[\w./@%+:-]+")  # a value Hydra reads as it is typed
 CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def exit_on_user_error(task: Callable[[], T], *, tag: str = "") -> T:
+    """Run ``task`` (a Hydra app's work); a `UserError` ends the command with one ``error:`` line on
+    stderr and exit status 2 (its traceback instead with ``HYDRA_FULL_ERROR=1``). ``tag``: put before
+    the line (``[rank 1] `` under DDP)."""
+    logging.captureWarnings(True)  # e.g. skipped unreadable images: a log line, not a warnings.warn block
+    try:
+        return task()
+    except UserError as err:
+        report_user_error(err, tag=tag)
+        sys.exit(2)
+
+
+def status_of(task: Callable[[], int | None]) -> int:
+    """The exit status of an argparse command's ``task`` (its own, 0 for None); a `UserError` is one
+    ``error:`` line on stderr and status 2, as `exit_on_user_error`."""
+    try:
+        return task() or 0
+    except UserError as err:
+        report_user_error(err)
+        return 2
+
+
+def report_user_error(err: UserError, *, tag: str = "") -> None:
+    """The one ``error:`` line of every finetune command; with ``HYDRA_FULL_ERROR=1`` the traceback instead."""
+    if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        raise err
+    logging.getLogger("finetune").debug("stopped by a user error", exc_info=True)
+    print(f"{tag}error: {message_of(err)}", file=sys.stderr)
 
 
 def hydra_value(text: str) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.resources
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -19,6 +20,11 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from finetune.errors import UserError
+
+# The configs ship inside the package (pyproject.toml maps the repository's conf/ to finetune.conf):
+# Hydra reads them as pkg://finetune.conf; CONFIG_DIR is the same tree as a directory.
+CONFIG_PACKAGE = "finetune.conf"
+CONFIG_DIR = str(importlib.resources.files(CONFIG_PACKAGE))
 
 
 @dataclass

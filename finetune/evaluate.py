@@ -34,14 +34,14 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from finetune.__main__ import CONFIG_PACKAGE
+from finetune.cli import exit_on_user_error
+from finetune.config import CONFIG_PACKAGE
 from finetune.files import atomic_write_stream, atomic_write_text, csv_text, read_json_data, read_yaml_data
 from finetune.config import DataConfig
 from finetune.data.folder import DataSplit
 from finetune.errors import UserError, describe_error, message_of
-from finetune.inference import run_dir_of, sha256_of
+from finetune.inference import Classifier, checkpoint_file, eval_loader, load_classifier, run_dir_of, sha256_of
 from finetune.metrics import EvalResult, MetricAccumulator
-from finetune.predict import Classifier, checkpoint_file, eval_loader, exit_on_user_error, load_classifier
 
 log = logging.getLogger("finetune")
 
@@ -78,7 +78,7 @@ def main(cfg: DictConfig) -> None:
 def run(cfg: DictConfig, out_dir: str | Path | None = None) -> dict[str, Any]:
     """Evaluate ``cfg.ckpt`` on ``cfg.split`` of ``cfg.data``; write the report into ``out_dir``
     (default: Hydra's run dir) and return ``metrics.json``'s content."""
-    from finetune.run import resolve_run_dir
+    from finetune.rundir import resolve_run_dir
     from finetune.runtime import set_deterministic
 
     check_split(cfg.split)

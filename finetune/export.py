@@ -22,9 +22,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import secrets
-import sys
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -40,9 +37,10 @@ from PIL import Image
 from torch import nn
 
 from finetune.checkpoint import ModelMeta, load_model, save_weights
-from finetune.cli import command, override
-from finetune.files import check_inside, fsync_dir
-from finetune.errors import UserError, describe_error, message_of
+from finetune.cli import command, exit_on_user_error, override
+from finetune.files import check_inside, staged_path
+from finetune.errors import UserError, describe_error
+from finetune.runtime import resolve_device
 from finetune.inference import (INPUT_NAME, OUTPUT_NAME, eval_transform, export_metadata, load_checkpoint,
                                 resolve_checkpoint, run_dir_of)
 
@@ -91,7 +89,7 @@ def export(ckpt: str | Path, format: str = "onnx", out: str | Path | None = None
     Returns what was written; raises `UserError` (nothing written) on bad input or a failed check.
     """
     spec = format_spec(format, opset=opset)
-    atol, torch_device = check_atol(atol), resolve_export_device(device)
+    atol, torch_device = check_atol(atol), resolve_device(device, key="device")
     source = resolve_checkpoint(ckpt)
     target = output_path(out, source=source, format=format)
     if out is None:  # the run dir's export/ (perhaps someone else's run dir): never a link out of it
@@ -123,16 +121,6 @@ def check_atol(atol: Any) -> float:
     if not value >= 0 or math.isinf(value):  # not: NaN fails every comparison
         raise UserError(f"atol must be a number >= 0, got '{atol}'")
     return value
-
-
-def resolve_export_device(name: str) -> torch.device:
-    try:
-        device = torch.device(name)
-    except (RuntimeError, TypeError):
-        raise UserError(f"device '{name}' is not a device: use cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device '{name}' asked for CUDA but torch sees no GPU: use device=cpu")
-    return device
 
 
 def output_path(out: str | Path | None, *, source: Path, format: str) -> Path:
@@ -183,20 +171,14 @@ def sample_inputs(meta: ModelMeta, count: int, *, seed: int) -> torch.Tensor:
 
 @contextmanager
 def staged_file(target: Path) -> Iterator[Path]:
-    """A temporary path beside ``target`` (same suffix: loaders that go by it work), moved onto
-    ``target`` only if the block succeeds; removed in any case. A default ``export/`` directory is
-    made here, and removed again if it stays empty."""
+    """`finetune.files.staged_path` for ``target``, making a default ``export/`` directory first and
+    removing it again if it stays empty (a failed check leaves nothing behind)."""
     made_dir = not target.parent.exists()
     target.parent.mkdir(exist_ok=True)
-    tmp = target.with_name(f".{target.stem}.{os.getpid()}-{secrets.token_hex(4)}.tmp{target.suffix}")
     try:
-        yield tmp
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-        fsync_dir(target.parent)
+        with staged_path(target) as tmp:
+            yield tmp
     finally:
-        tmp.unlink(missing_ok=True)
         if made_dir and not target.exists() and not any(target.parent.iterdir()):
             target.parent.rmdir()
 
@@ -384,14 +366,7 @@ FORMATS: dict[str, Format] = {
 @hydra.main(version_base="1.3", config_path="pkg://finetune.conf", config_name="export")
 def export_app(cfg: DictConfig) -> None:
     """``python -m finetune.export``: export, then print what was written and how to use it."""
-    try:
-        result = export(**export_arguments(cfg))
-    except Exception as err:  # a user error is one line; anything else keeps its traceback
-        if not isinstance(err, UserError) or os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
-        print(f"error: {message_of(err)}", file=sys.stderr)
-        sys.exit(2)
-    print(result.report())
+    print(exit_on_user_error(lambda: export(**export_arguments(cfg))).report())
 
 
 def export_arguments(cfg: DictConfig) -> dict[str, Any]:

@@ -24,6 +24,7 @@ starting a spreadsheet formula. Torch-free: the ONNX predictor imports it too.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import errno
 import fcntl
@@ -32,6 +33,7 @@ import io
 import json
 import os
 import re
+import secrets
 import shutil
 import stat
 import tempfile
@@ -240,6 +242,24 @@ def atomic_write_text(path: str | Path, text: str, *, root: str | Path | None = 
 
 def atomic_write_bytes(path: str | Path, data: bytes, *, root: str | Path | None = None) -> None:
     atomic_write_stream(path, lambda f: f.write(data), root=root)
+
+
+@contextlib.contextmanager
+def staged_path(target: str | Path) -> Iterator[Path]:
+    """A temporary path beside ``target`` (same suffix: writers that go by it work) for a writer that
+    takes a path (ONNX, ``torch.export``, safetensors' ``save_file``); moved onto ``target`` (fsynced,
+    then the directory) only if the block succeeds, and removed in any case. A link at ``target`` is
+    replaced, as `atomic_write_stream` does."""
+    target = Path(target)
+    tmp = target.with_name(f".{target.stem}.{os.getpid()}-{secrets.token_hex(4)}.tmp{target.suffix}")
+    try:
+        yield tmp
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+        fsync_dir(target.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def atomic_link(source: Path, target: Path) -> None:

@@ -1,4 +1,5 @@
-"""What evaluate, predict and export share: finding a checkpoint, rebuilding its model, its preprocessing,
+"""Inference: what evaluate, predict and export share. Finding a checkpoint, rebuilding its model and its
+preprocessing, a `Classifier` (an eager model or an ONNX session) on a device, the evaluation loader,
 and the metadata an exported file carries.
 
 ``ckpt`` may be a weights file (``best.safetensors``, ``last.safetensors``, a ``.pt`` release file), a
@@ -9,18 +10,25 @@ without torch (``finetune.onnx_predict``) preprocesses exactly as training evalu
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import json
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 
 from finetune.checkpoint import Manifest, ModelMeta, load_model
 from finetune.checkpoint.weights_file import MAX_CLASSES, MetadataError, check_classes, check_data_config
 from finetune.errors import UserError, describe_error
+from finetune.files import file_digest
+from finetune.runtime import AUTOCAST_DTYPES, resolve_device
+
+log = logging.getLogger("finetune")
 
 EXPORT_FORMAT = "finetune.export/1"
 # Keys of an exported file's metadata (ONNX metadata_props, torch.export / TorchScript extra files):
@@ -73,11 +81,7 @@ def read_image(path: str | Path, meta: ModelMeta) -> Any:
 
 
 def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return file_digest(path, "sha256")
 
 
 def export_metadata(meta: ModelMeta, *, source: Path) -> dict[str, str]:
@@ -117,3 +121,137 @@ def _json_prop(props: dict[str, str], key: str) -> Any:
         return json.loads(props[key])
     except (TypeError, ValueError, RecursionError) as err:  # not a string; not JSON; nested too deep
         raise MetadataError(f"'{key}' is not JSON ({describe_error(err, limit=80)})") from err
+
+
+# ------------------------------------------------------------ a classifier: eager or ONNX
+@dataclass
+class Classifier:
+    """Logits of preprocessed batches, from an eager model or an ONNX session, with the metadata
+    (class names, preprocessing) of the file it came from."""
+
+    meta: ModelMeta
+    path: Path  # the file the weights came from (a run dir resolved to its best weights)
+    num_classes: int  # outputs per image (``model.num_classes`` may exceed the class names)
+    run: Callable[[torch.Tensor], torch.Tensor]  # (N, C, H, W) float32 on the CPU -> float32 logits
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def label_names(self) -> list[str]:
+        """A name per output: the class names, then ``#i`` for spare outputs (as the confusion image)."""
+        names = list(self.meta.class_names)
+        return names + [f"#{i}" for i in range(len(names), self.num_classes)]
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        return self.run(batch)
+
+
+def checkpoint_file(ckpt: str | Path | None) -> Path:
+    """The file ``ckpt`` names: an exported ``.onnx`` file, or what `resolve_checkpoint` finds."""
+    if ckpt is None or str(ckpt) == "":
+        raise UserError("ckpt is required: pass ckpt=RUN_DIR (its best weights), ckpt=FILE.safetensors, "
+                        "ckpt=last.ckpt or ckpt=MODEL.onnx")
+    path = Path(ckpt).expanduser()
+    return path if path.suffix == ".onnx" and path.is_file() else resolve_checkpoint(path)
+
+
+def load_classifier(ckpt: str | Path | None, *, device: str = "auto", precision: str = "32",
+                    channels_last: bool = False) -> Classifier:
+    """The classifier in ``ckpt`` (see `checkpoint_file`) on ``device``; ``precision`` (``32``, ``bf16``,
+    ``16``) and ``channels_last`` as training evaluated (eager models only)."""
+    path = checkpoint_file(ckpt)
+    target = resolve_device(device, key="device")
+    if path.suffix == ".onnx":
+        return load_onnx(path, device=target)
+    model, meta, path = load_checkpoint(path, device=target)
+    dtype = autocast_dtype(precision, target)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+
+    def run(batch: torch.Tensor) -> torch.Tensor:  # the lines of Trainer.evaluate that compute the logits
+        inputs = batch.to(target, non_blocking=True, memory_format=memory_format)
+        with torch.autocast(device_type=target.type, dtype=dtype) if dtype else contextlib.nullcontext():
+            logits = model(inputs)
+        return logits.float()
+
+    return Classifier(meta=meta, path=path, num_classes=meta.num_classes, run=run, device=target)
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    if str(precision) not in AUTOCAST_DTYPES:
+        raise UserError(f"precision must be one of {', '.join(AUTOCAST_DTYPES)}, got '{precision}'")
+    dtype = AUTOCAST_DTYPES[str(precision)]
+    if dtype is torch.float16 and device.type != "cuda":
+        log.warning(f"precision 16 (fp16) needs CUDA: running in 32-bit on {device}")
+        return None
+    return dtype
+
+
+def load_onnx(path: Path, *, device: torch.device) -> Classifier:
+    """An exported ONNX file run by onnxruntime; its class names and preprocessing from its metadata."""
+    try:
+        import onnxruntime
+    except ImportError:
+        raise UserError(f"'{path}' is an ONNX file, which needs onnxruntime: pip install 'finetune[onnx]'") from None
+    available = onnxruntime.get_available_providers()
+    providers = [p for p in ("CUDAExecutionProvider",) if device.type == "cuda" and p in available]
+    try:
+        session = onnxruntime.InferenceSession(str(path), providers=providers + ["CPUExecutionProvider"])
+    except Exception as err:  # noqa: BLE001 - onnxruntime's own error types: one clear line
+        raise UserError(f"'{path}' cannot be read as an ONNX model ({describe_error(err)}): it is truncated or "
+                        "corrupt; export it again with python -m finetune.export") from None
+    meta = onnx_meta(read_export_metadata(session.get_modelmeta().custom_metadata_map, path=path),
+                     outputs=session.get_outputs()[0].shape[-1], path=path)
+    input_name, output_name = session.get_inputs()[0].name, session.get_outputs()[0].name
+
+    def run(batch: torch.Tensor) -> torch.Tensor:
+        try:
+            (logits,) = session.run([output_name], {input_name: batch.float().contiguous().numpy()})
+        except Exception as err:  # noqa: BLE001 - e.g. a fixed batch size
+            raise UserError(f"ONNX model '{path}' rejected a batch of shape {tuple(batch.shape)} "
+                            f"({describe_error(err)}): export it with a dynamic batch axis "
+                            "(python -m finetune.export does), or use batch_size=1") from None
+        return torch.from_numpy(logits).float()
+
+    return Classifier(meta=meta, path=path, num_classes=meta.num_classes, run=run)
+
+
+def onnx_meta(exported: dict[str, Any], *, outputs: Any, path: Path) -> ModelMeta:
+    """An exported file's metadata (`read_export_metadata`, which checked it) as a `ModelMeta`: class names,
+    preprocessing. The class count is the model's output width (or, when that is symbolic, the names')."""
+    data_config = dict(exported["data_config"], input_size=tuple(exported["data_config"]["input_size"]))
+    num_classes = outputs if isinstance(outputs, int) else len(exported["class_names"])
+    try:
+        check_classes(exported["class_names"], num_classes=num_classes)
+    except MetadataError as err:
+        raise UserError(f"'{path}' is refused: {err} (its model has {outputs!r:.40} outputs): the file is damaged or "
+                        "forged; export it again with python -m finetune.export") from err
+    return ModelMeta(name=exported["model_name"], source="onnx", in_chans=int(data_config["input_size"][0]),
+                     num_classes=num_classes, class_names=list(exported["class_names"]), head={},
+                     data_config=data_config,
+                     extra={"versions": exported["versions"], "source_checkpoint": exported["source_checkpoint"]})
+
+
+# ------------------------------------------------------------ the evaluation loader
+def eval_loader(samples: Sequence[tuple[str, int]], meta: ModelMeta, *, batch_size: int,
+                num_workers: int | str = 0) -> DataLoader:
+    """Training's validation loader over ``(path, label)`` samples: its `ImageDataset` (images read upright
+    by their EXIF orientation, in the model's channels, decoded as training decodes them), the checkpoint's
+    eval transform, and batches of ``batch_size`` in order (`EvalBatches`)."""
+    from finetune.data.dataset import ImageDataset
+    from finetune.data.loaders import worker_context
+    from finetune.data.sampling import EvalBatches
+
+    workers = worker_count(num_workers)
+    dataset = ImageDataset(samples, eval_transform(meta), channels=int(meta.data_config["input_size"][0]))
+    return DataLoader(dataset, batch_sampler=EvalBatches(len(samples), batch_size), num_workers=workers,
+                      multiprocessing_context=worker_context() if workers else None)
+
+
+def worker_count(num_workers: int | str) -> int:
+    """Loader processes: a count, or ``auto`` as ``data.num_workers=auto`` resolves it for training."""
+    if num_workers == "auto":
+        from finetune.data.loaders import resolve_num_workers
+
+        return resolve_num_workers(num_workers)
+    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+        raise UserError(f"num_workers must be a non-negative integer or auto, got '{num_workers}'")
+    return num_workers

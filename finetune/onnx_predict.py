@@ -33,6 +33,8 @@ import numpy as np
 import onnxruntime
 from PIL import Image, ImageOps
 
+from finetune.cli import status_of
+from finetune.errors import UserError
 from finetune.files import GLOB_CHARS, atomic_write_text, csv_text, glob_files, walk_files
 
 EXPORT_FORMAT = "finetune.export/1"  # finetune.inference.EXPORT_FORMAT
@@ -53,24 +55,23 @@ FILTERS = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BIL
            "hamming": Image.Resampling.HAMMING, "lanczos": Image.Resampling.LANCZOS}
 
 
-class UsageError(Exception):
+class UsageError(UserError):
     """A problem with the arguments or the model file: one line, exit status 2."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        if args.out and not Path(args.out).parent.is_dir():
-            raise UsageError(f"--out '{args.out}': directory '{Path(args.out).parent}' does not exist")
-        session, class_names, config = load_session(args.model)
-        paths = find_images(args.inputs)
-        topk = min(args.topk, len(class_names))
-        rows = predict(session, paths, config, class_names, topk=topk, batch_size=args.batch_size)
-    except UsageError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    write_csv(rows, topk=topk, out=args.out)
-    return 0
+    return status_of(lambda: run(args))
+
+
+def run(args: argparse.Namespace) -> None:
+    if args.out and not Path(args.out).parent.is_dir():
+        raise UsageError(f"--out '{args.out}': directory '{Path(args.out).parent}' does not exist")
+    session, class_names, config = load_session(args.model)
+    paths = find_images(args.inputs)
+    topk = min(args.topk, len(class_names))
+    write_csv(predict(session, paths, config, class_names, topk=topk, batch_size=args.batch_size), topk=topk,
+              out=args.out)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

@@ -13,17 +13,15 @@ From Python::
     >>> rows = predict("outputs/2026-11-28/10-00-00", "photos/", topk=3)  # doctest: +SKIP
     >>> rows[0]["label"], rows[0]["prob"]                                 # doctest: +SKIP
 
-`Classifier`, `load_classifier` and `eval_loader` are shared with ``finetune.evaluate``.
+The classifier and the loader are `finetune.inference`'s, shared with ``finetune.evaluate``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -31,16 +29,15 @@ import hydra
 import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from finetune.__main__ import CONFIG_PACKAGE
-from finetune.checkpoint import ModelMeta
-from finetune.checkpoint.weights_file import MetadataError, check_classes
+from finetune.cli import exit_on_user_error
+from finetune.config import CONFIG_PACKAGE
 from finetune.data.folder import IMAGE_EXTENSIONS, find_unreadable_images
-from finetune.errors import UserError, describe_error, message_of
+from finetune.errors import UserError
 from finetune.files import GLOB_CHARS, atomic_write_text, csv_text, glob_files, walk_files
-from finetune.inference import eval_transform, load_checkpoint, read_export_metadata, resolve_checkpoint
+from finetune.inference import Classifier, eval_loader, load_classifier
+from finetune.rundir import resolve_run_dir
 
 log = logging.getLogger("finetune")
 
@@ -67,125 +64,6 @@ class PredictConfig:
 
 
 ConfigStore.instance().store(name="predict_schema", node=PredictConfig)
-
-
-# ------------------------------------------------------------ the model
-@dataclass
-class Classifier:
-    """Logits of preprocessed batches, from an eager model or an ONNX session, with the metadata
-    (class names, preprocessing) of the file it came from."""
-
-    meta: ModelMeta
-    path: Path  # the file the weights came from (a run dir resolved to its best weights)
-    num_classes: int  # outputs per image (``model.num_classes`` may exceed the class names)
-    run: Callable[[torch.Tensor], torch.Tensor]  # (N, C, H, W) float32 on the CPU -> float32 logits
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-
-    @property
-    def label_names(self) -> list[str]:
-        """A name per output: the class names, then ``#i`` for spare outputs (as the confusion image)."""
-        names = list(self.meta.class_names)
-        return names + [f"#{i}" for i in range(len(names), self.num_classes)]
-
-    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
-        return self.run(batch)
-
-
-def checkpoint_file(ckpt: str | Path | None) -> Path:
-    """The file ``ckpt`` names: an exported ``.onnx`` file, or what `resolve_checkpoint` finds."""
-    if ckpt is None or str(ckpt) == "":
-        raise UserError("ckpt is required: pass ckpt=RUN_DIR (its best weights), ckpt=FILE.safetensors, "
-                        "ckpt=last.ckpt or ckpt=MODEL.onnx")
-    path = Path(ckpt).expanduser()
-    return path if path.suffix == ".onnx" and path.is_file() else resolve_checkpoint(path)
-
-
-def load_classifier(ckpt: str | Path | None, *, device: str = "auto", precision: str = "32",
-                    channels_last: bool = False) -> Classifier:
-    """The classifier in ``ckpt`` (see `checkpoint_file`) on ``device``; ``precision`` (``32``, ``bf16``,
-    ``16``) and ``channels_last`` as training evaluated (eager models only)."""
-    path = checkpoint_file(ckpt)
-    target = pick_device(device)
-    if path.suffix == ".onnx":
-        return load_onnx(path, device=target)
-    model, meta, path = load_checkpoint(path, device=target)
-    dtype = autocast_dtype(precision, target)
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-
-    def run(batch: torch.Tensor) -> torch.Tensor:  # the lines of Trainer.evaluate that compute the logits
-        inputs = batch.to(target, non_blocking=True, memory_format=memory_format)
-        with torch.autocast(device_type=target.type, dtype=dtype) if dtype else contextlib.nullcontext():
-            logits = model(inputs)
-        return logits.float()
-
-    return Classifier(meta=meta, path=path, num_classes=meta.num_classes, run=run, device=target)
-
-
-def pick_device(name: str) -> torch.device:
-    """``auto`` (CUDA when present), ``cpu``, ``cuda``, ``cuda:N``; one line naming ``device=`` otherwise."""
-    from finetune.runtime import resolve_device
-
-    try:
-        return resolve_device(name)
-    except UserError as err:  # its messages name the training key
-        raise UserError(message_of(err).replace("trainer.device", "device")) from None
-
-
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    from finetune.runtime import AUTOCAST_DTYPES
-
-    if str(precision) not in AUTOCAST_DTYPES:
-        raise UserError(f"precision must be one of {', '.join(AUTOCAST_DTYPES)}, got '{precision}'")
-    dtype = AUTOCAST_DTYPES[str(precision)]
-    if dtype is torch.float16 and device.type != "cuda":
-        log.warning(f"precision 16 (fp16) needs CUDA: running in 32-bit on {device}")
-        return None
-    return dtype
-
-
-def load_onnx(path: Path, *, device: torch.device) -> Classifier:
-    """An exported ONNX file run by onnxruntime; its class names and preprocessing from its metadata."""
-    try:
-        import onnxruntime
-    except ImportError:
-        raise UserError(f"'{path}' is an ONNX file, which needs onnxruntime: pip install 'finetune[onnx]'") from None
-    available = onnxruntime.get_available_providers()
-    providers = [p for p in ("CUDAExecutionProvider",) if device.type == "cuda" and p in available]
-    try:
-        session = onnxruntime.InferenceSession(str(path), providers=providers + ["CPUExecutionProvider"])
-    except Exception as err:  # noqa: BLE001 - onnxruntime's own error types: one clear line
-        raise UserError(f"'{path}' cannot be read as an ONNX model ({describe_error(err)}): it is truncated or "
-                        "corrupt; export it again with python -m finetune.export") from None
-    meta = onnx_meta(read_export_metadata(session.get_modelmeta().custom_metadata_map, path=path),
-                     outputs=session.get_outputs()[0].shape[-1], path=path)
-    input_name, output_name = session.get_inputs()[0].name, session.get_outputs()[0].name
-
-    def run(batch: torch.Tensor) -> torch.Tensor:
-        try:
-            (logits,) = session.run([output_name], {input_name: batch.float().contiguous().numpy()})
-        except Exception as err:  # noqa: BLE001 - e.g. a fixed batch size
-            raise UserError(f"ONNX model '{path}' rejected a batch of shape {tuple(batch.shape)} "
-                            f"({describe_error(err)}): export it with a dynamic batch axis "
-                            "(python -m finetune.export does), or use batch_size=1") from None
-        return torch.from_numpy(logits).float()
-
-    return Classifier(meta=meta, path=path, num_classes=meta.num_classes, run=run)
-
-
-def onnx_meta(exported: dict[str, Any], *, outputs: Any, path: Path) -> ModelMeta:
-    """An exported file's metadata (`read_export_metadata`, which checked it) as a `ModelMeta`: class names,
-    preprocessing. The class count is the model's output width (or, when that is symbolic, the names')."""
-    data_config = dict(exported["data_config"], input_size=tuple(exported["data_config"]["input_size"]))
-    num_classes = outputs if isinstance(outputs, int) else len(exported["class_names"])
-    try:
-        check_classes(exported["class_names"], num_classes=num_classes)
-    except MetadataError as err:
-        raise UserError(f"'{path}' is refused: {err} (its model has {outputs!r:.40} outputs): the file is damaged or "
-                        "forged; export it again with python -m finetune.export") from err
-    return ModelMeta(name=exported["model_name"], source="onnx", in_chans=int(data_config["input_size"][0]),
-                     num_classes=num_classes, class_names=list(exported["class_names"]), head={},
-                     data_config=data_config,
-                     extra={"versions": exported["versions"], "source_checkpoint": exported["source_checkpoint"]})
 
 
 # ------------------------------------------------------------ the images
@@ -244,32 +122,6 @@ def listing(items: Sequence[Any]) -> str:
     shown = [f"'{i[0]}' ({i[1]})" if isinstance(i, tuple) else f"'{i}'" for i in items[:MAX_LISTED]]
     more = f" and {len(items) - MAX_LISTED} more" if len(items) > MAX_LISTED else ""
     return ", ".join(shown) + more
-
-
-def eval_loader(samples: Sequence[tuple[str, int]], meta: ModelMeta, *, batch_size: int,
-                num_workers: int | str = 0) -> DataLoader:
-    """Training's validation loader over ``(path, label)`` samples: its `ImageDataset` (images read upright
-    by their EXIF orientation, in the model's channels, decoded as training decodes them), the checkpoint's
-    eval transform, and batches of ``batch_size`` in order (`EvalBatches`)."""
-    from finetune.data.dataset import ImageDataset
-    from finetune.data.loaders import worker_context
-    from finetune.data.sampling import EvalBatches
-
-    workers = worker_count(num_workers)
-    dataset = ImageDataset(samples, eval_transform(meta), channels=int(meta.data_config["input_size"][0]))
-    return DataLoader(dataset, batch_sampler=EvalBatches(len(samples), batch_size), num_workers=workers,
-                      multiprocessing_context=worker_context() if workers else None)
-
-
-def worker_count(num_workers: int | str) -> int:
-    """Loader processes: a count, or ``auto`` as ``data.num_workers=auto`` resolves it for training."""
-    if num_workers == "auto":
-        from finetune.data.loaders import resolve_num_workers
-
-        return resolve_num_workers(num_workers)
-    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
-        raise UserError(f"num_workers must be a non-negative integer or auto, got '{num_workers}'")
-    return num_workers
 
 
 # ------------------------------------------------------------ predicting
@@ -337,8 +189,6 @@ def predictions_csv(rows: list[dict[str, Any]]) -> str:
 # ------------------------------------------------------------ the app
 def run(cfg: DictConfig, out_dir: str | Path | None = None) -> Path:
     """Predict as ``cfg`` says; writes ``predictions.csv`` into ``out_dir`` (default: Hydra's run dir)."""
-    from finetune.run import resolve_run_dir
-
     out_dir = resolve_run_dir(out_dir)
     rows = predict(cfg.ckpt, OmegaConf.to_object(cfg.inputs) if OmegaConf.is_config(cfg.inputs) else cfg.inputs,
                    topk=cfg.topk, batch_size=cfg.batch_size, tta=cfg.tta, device=cfg.device,
@@ -347,19 +197,6 @@ def run(cfg: DictConfig, out_dir: str | Path | None = None) -> Path:
     atomic_write_text(path, predictions_csv(rows))
     log.info(f"predicted {len(rows)} images: {path}")
     return path
-
-
-def exit_on_user_error(task: Callable[[], Any]) -> Any:
-    """Run ``task``; a `UserError` is one ``error:`` line on stderr and exit 2 (a traceback with
-    ``HYDRA_FULL_ERROR=1``), as ``python -m finetune`` does."""
-    logging.captureWarnings(True)  # e.g. skipped unreadable images: a log line, not a warnings.warn block
-    try:
-        return task()
-    except UserError as err:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
-        print(f"error: {message_of(err)}", file=sys.stderr)
-        sys.exit(2)
 
 
 @hydra.main(version_base="1.3", config_path=f"pkg://{CONFIG_PACKAGE}", config_name="predict")

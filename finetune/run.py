@@ -21,7 +21,7 @@ from finetune.cli import command, override
 from finetune.config import check_config, in_a_sweep
 from finetune.errors import RunPruned
 from finetune.files import atomic_write_stream, atomic_write_text, open_append
-from finetune.rundir import RunDirInUse, check_run_dir, hold_run_dir
+from finetune.rundir import RunDirInUse, check_run_dir, hold_run_dir, resolve_run_dir
 from finetune.runtime import seed_ranks, setup_runtime
 from finetune.signals import TrainingInterrupted, graceful_stop, ignore_stop_signals, stop_workers
 from finetune.trainer import TrainState
@@ -105,16 +105,6 @@ def find_lr(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any
     image = Image.fromarray(draw_curve(from_record(record)))
     atomic_write_stream(run_dir / "lr_find.png", lambda f: image.save(f, format="PNG"), root=run_dir)
     return record
-
-
-def resolve_run_dir(run_dir: str | Path | None) -> Path:
-    if run_dir is None:
-        from hydra.core.hydra_config import HydraConfig
-
-        run_dir = HydraConfig.get().runtime.output_dir
-    path = Path(run_dir)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 class RunRecord:

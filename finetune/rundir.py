@@ -105,6 +105,17 @@ def _exit_on_refusal(check: Any) -> None:
         sys.exit(2)
 
 
+def resolve_run_dir(run_dir: str | Path | None) -> Path:
+    """``run_dir``, or Hydra's output dir of this job; made when missing."""
+    if run_dir is None:
+        from hydra.core.hydra_config import HydraConfig
+
+        run_dir = HydraConfig.get().runtime.output_dir
+    path = Path(run_dir)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def occupied_run_dir(run_dir: Path) -> str | None:
     """Why a fresh run may not start in ``run_dir`` (it holds a run's checkpoints), else None."""
     if (run_dir / "checkpoints" / "manifest.json").exists():

@@ -42,20 +42,21 @@ def set_deterministic(enabled: bool) -> None:
     torch.backends.cudnn.benchmark = not enabled
 
 
-def resolve_device(name: str, *, job: int = 0, world: World = SINGLE) -> torch.device:
-    """``auto`` picks CUDA when present; an unavailable CUDA request is an error.
+def resolve_device(name: str, *, job: int = 0, world: World = SINGLE, key: str = "trainer.device") -> torch.device:
+    """``auto`` picks CUDA when present; an unavailable CUDA request is an error (naming ``key``).
 
     ``per_job``: one GPU per job of a sweep whose jobs run in parallel (``job`` modulo the GPUs
     this process sees), the CPU when there is none. Under DDP each process takes the GPU of its
-    local rank (``auto``, ``cuda``, ``per_job``), or the CPU.
+    local rank (``auto``, ``cuda``, ``per_job``), or the CPU. The one place a device name is read:
+    training, evaluate, predict and export alike.
     """
     if world.distributed:
         if name not in ("auto", "cuda", "cpu", "per_job"):
-            raise UserError(f"trainer.device '{name}' names one device, but under DDP each process takes the GPU of "
-                            "its local rank: use trainer.device=auto, cuda or cpu")
+            raise UserError(f"{key} '{name}' names one device, but under DDP each process takes the GPU of "
+                            f"its local rank: use {key}=auto, cuda or cpu")
         if name == "cpu" or not torch.cuda.is_available():
             if name == "cuda":
-                raise UserError("trainer.device 'cuda' asked for CUDA but torch sees no GPU: use trainer.device=cpu")
+                raise UserError(f"{key} 'cuda' asked for CUDA but torch sees no GPU: use {key}=cpu")
             return torch.device("cpu")
         return torch.device(f"cuda:{world.local_rank % torch.cuda.device_count()}")
     if name == "auto":
@@ -64,12 +65,12 @@ def resolve_device(name: str, *, job: int = 0, world: World = SINGLE) -> torch.d
         return torch.device(device_for_job(job, torch.cuda.device_count() if torch.cuda.is_available() else 0))
     try:
         device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"trainer.device '{name}' is not a device: use auto, cpu, cuda or cuda:N") from None
+    except (RuntimeError, TypeError):
+        raise UserError(f"{key} '{name}' is not a device: use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"trainer.device '{name}' asked for CUDA but torch sees no GPU: use trainer.device=cpu")
+        raise UserError(f"{key} '{name}' asked for CUDA but torch sees no GPU: use {key}=cpu")
     if device.type not in ("cpu", "cuda"):
-        raise UserError(f"trainer.device '{name}' is not supported: use auto, cpu, cuda or cuda:N")
+        raise UserError(f"{key} '{name}' is not supported: use auto, cpu, cuda or cuda:N")
     return device
 
 

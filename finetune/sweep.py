@@ -25,7 +25,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from finetune.cli import command, has_control, printable
+from finetune.cli import command, has_control, printable, status_of
 from finetune.config import in_a_sweep, split_override
 from finetune.errors import UserError, message_of
 from finetune.files import atomic_write_text, csv_text, open_append, read_json_data, read_yaml_data
@@ -140,10 +140,10 @@ def _job_number(job_dir: Path) -> int:
 def summarise(sweep_dir: Path) -> list[dict[str, Any]]:
     """Every job of the sweep (rebuilt from the job dirs), best first; writes ``sweep_summary.csv``."""
     if not sweep_dir.is_dir():
-        raise SystemExit(f"error: sweep dir '{sweep_dir}' does not exist")
+        raise UserError(f"sweep dir '{sweep_dir}' does not exist: give the directory a -m sweep wrote (hydra.sweep.dir)")
     jobs = [p.parent.parent for _, p in zip(range(MAX_JOBS + 1), sweep_dir.glob("*/.hydra/hydra.yaml"))]
     if len(jobs) > MAX_JOBS:
-        raise SystemExit(f"error: sweep dir '{sweep_dir}' has more than {MAX_JOBS} job dirs: refused")
+        raise UserError(f"sweep dir '{sweep_dir}' has more than {MAX_JOBS} job dirs: refused")
     rows = sorted((job_row(d) for d in jobs), key=_rank)
     write_csv(sweep_dir / SUMMARY_CSV, rows, swept_keys(sweep_dir, rows))
     return rows
@@ -257,10 +257,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m finetune.sweep", description=__doc__.splitlines()[0])
     parser.add_argument("sweep_dir", type=Path, help="the sweep's directory (hydra.sweep.dir)")
     args = parser.parse_args(argv)
-    rows = summarise(args.sweep_dir)
-    print(format_summary(rows, swept_keys(args.sweep_dir, rows)))
-    print(f"written: {args.sweep_dir / SUMMARY_CSV}")
-    return 0
+    return status_of(lambda: print_summary(args.sweep_dir))
+
+
+def print_summary(sweep_dir: Path) -> None:
+    rows = summarise(sweep_dir)
+    print(format_summary(rows, swept_keys(sweep_dir, rows)))
+    print(f"written: {sweep_dir / SUMMARY_CSV}")
 
 
 if __name__ == "__main__":

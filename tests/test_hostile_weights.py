@@ -738,7 +738,7 @@ def test_exported_metadata_is_checked_like_a_weights_files(tmp_path: Path, case:
 
 def test_an_onnx_file_with_fewer_outputs_than_class_names_is_refused(tmp_path: Path) -> None:
     from finetune.inference import read_export_metadata
-    from finetune.predict import onnx_meta
+    from finetune.inference import onnx_meta
 
     exported = read_export_metadata(export_metadata(), path=tmp_path / "m.onnx")
     assert onnx_meta(exported, outputs=5, path=tmp_path / "m.onnx").num_classes == 5

@@ -6,15 +6,11 @@ into its run dir (``hydra.run.dir``) and trains nothing.
 
 from __future__ import annotations
 
-import os
-import sys
-
 import hydra
 from omegaconf import DictConfig
 
-from finetune.__main__ import CONFIG_PACKAGE
-from finetune.config import register_schema
-from finetune.errors import UserError, message_of
+from finetune.cli import exit_on_user_error
+from finetune.config import CONFIG_PACKAGE, register_schema
 
 register_schema()
 
@@ -23,13 +19,7 @@ register_schema()
 def find(cfg: DictConfig) -> None:
     from finetune.run import find_lr
 
-    try:
-        record = find_lr(cfg)
-    except UserError as err:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
-        print(f"error: {message_of(err)}", file=sys.stderr)
-        sys.exit(2)
+    record = exit_on_user_error(lambda: find_lr(cfg))
     verdict = "chose" if record["chosen"] is not None else "found no trustworthy rate, would fall back to"
     print(f"lr_find: {verdict} {record['lr']:.4g} ({record['reason']}); "
           f"train with optim.lr={record['lr']!r} or optim.lr=auto")

@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from finetune.errors import UserError, message_of
+from finetune.cli import status_of
 
 
 def cache_dir(source: str) -> str:
@@ -45,15 +45,13 @@ def main(argv: list[str] | None = None) -> int:
     get.add_argument("names", nargs="+", help="architectures, as model.name takes them (resnet50, convnext_tiny)")
     get.add_argument("--source", choices=("timm", "torchvision"), default="timm", help="as model.source")
     args = parser.parse_args(argv)
-    try:
-        files = fetch(args.names, source=args.source)
-    except UserError as err:
-        print(f"error: {message_of(err)}", file=sys.stderr)
-        return 2
-    for name, path in zip(args.names, files):
+    return status_of(lambda: report(args.names, fetch(args.names, source=args.source), source=args.source))
+
+
+def report(names: list[str], files: list[str], *, source: str) -> None:
+    for name, path in zip(names, files):
         print(f"{name}: {path}")
-    print(f"cache: {cache_dir(args.source)} (copy this folder to a machine without internet)")
-    return 0
+    print(f"cache: {cache_dir(source)} (copy this folder to a machine without internet)")
 
 
 if __name__ == "__main__":

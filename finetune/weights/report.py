@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from finetune.errors import UserError
+from finetune.files import atomic_write_text
 
 
 @dataclass
@@ -54,15 +53,10 @@ class LoadReport:
         return json.loads(json.dumps(asdict(self), default=list))
 
     def write_json(self, path: str | Path) -> None:
-        """Write the report atomically (temp file, fsync, ``os.replace``)."""
+        """Write the report atomically (`finetune.files.atomic_write_text`)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-        with os.fdopen(fd, "w") as f:
-            json.dump(self.to_dict(), f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2))
 
     def format_table(self, max_items: int = 3) -> str:
         """A compact, human-readable summary for the start of a run."""
