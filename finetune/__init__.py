@@ -1,4 +1,20 @@
-"""finetune: config-driven transfer learning for PyTorch image classifiers."""
+"""finetune: config-driven transfer learning for PyTorch image classifiers.
+
+Where things happen (one module per concern; data flows one way, and no module imports another that
+imports it back, tests/test_architecture.py):
+
+- a run's setup, training and teardown: ``recipe`` (``Recipe.setup`` is the table of contents; ``run.run``
+  calls it); only ``recipe`` and ``builders`` read the config, ``config`` checks it first;
+- resume: ``resume`` (one ``ResumePlan``: located first, applied last);
+- saving: ``checkpoint/`` (``policy`` decides, ``manager`` runs the same code on every rank, its
+  ``FileWriter`` writes on rank 0); how a run ended: ``summary``;
+- decisions every DDP rank must share: ``distributed.World.agree`` (rank 0's, broadcast);
+- the loop: ``trainer``; trackers: ``loggers`` (the ``Logger`` Protocol); data: ``data/``; models and
+  heads: ``models``, ``heads``; pretrained weights: ``weights/``; freezing: ``freezing/``;
+- inference (evaluate, predict, export share it): ``inference``; the torch-free ONNX predictor: ``onnx_predict``;
+- every file written, and files from others read with bounds: ``files``; run and sweep dirs: ``rundir``;
+- how a command ends and what it prints to paste: ``cli``.
+"""
 
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ import json
 import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -18,8 +18,7 @@ from timm.utils import ModelEmaV3
 from torch import nn
 
 from finetune import data as data_lib
-from finetune import resume as resume_lib
-from finetune.checkpoint import (CheckpointFollower, CheckpointManager, CheckpointPolicy, ModelDescription, RunFacts,
+from finetune.checkpoint import (CheckpointManager, CheckpointPolicy, FileWriter, ModelDescription, NoWriter, RunFacts,
                                  TrainingParts)
 from finetune.config import in_a_sweep, split_override
 from finetune.distributed import SINGLE, World
@@ -27,44 +26,42 @@ from finetune.errors import UserError
 from finetune.files import atomic_write_text
 from finetune.freezing import FreezeController, apply_freeze, plan_freeze
 from finetune.heads import init_head, warm_start_subset
-from finetune.loggers import MetricsJsonl, NullLogger, TensorBoardLogger
+from finetune.loggers import LogEvents, Logger, MetricsJsonl, TensorBoardLogger
 from finetune.models import BackboneSpec, build_model, locate_library_weights
 from finetune.optim import build_optimizer, build_param_groups, build_scheduler
+from finetune.resume import ResumePlan
 from finetune.runtime import Runtime, package_versions
 from finetune.signals import StopRequest, shield_workers
-from finetune.trainer import Trainer
+from finetune.trainer import Trainer, TrainerHook
 from finetune.weights import load_pretrained
 
 log = logging.getLogger("finetune")
 
 
-class Logger(Protocol):
-    """Where a run's settings go next to its result (TensorBoard's HPARAMS tab)."""
+@dataclass
+class RunHooks:
+    """The trainer's hooks by role. The trainer calls them in this order at every event: the logs of
+    an epoch are written before its checkpoint, a sweep's trial hears of an epoch once it is saved
+    (a pruned trial keeps its checkpoint), and a freezing schedule changes what trains last."""
 
-    def log_hparams(self, hparams: dict[str, Any], metrics: dict[str, float]) -> None: ...
+    log: LogEvents | None  # the trackers (rank 0)
+    metrics: MetricsJsonl  # metrics.jsonl (rank 0); every process keeps the last record
+    checkpoint: CheckpointManager
+    trial: TrainerHook | None = None  # a sweep's Optuna trial (finetune.optuna_trial.TrialReporter)
+    freeze: FreezeController | None = None
 
-    def close(self) -> None: ...
-
-
-class Checkpointer(Protocol):
-    """What the end of a run asks of the checkpoint writer."""
-
-    def paths(self) -> dict[str, str]: ...
-
-    def best(self) -> dict[str, Any]: ...
-
-    def close(self) -> None: ...
+    def ordered(self) -> list[TrainerHook]:
+        return [h for h in (self.log, self.metrics, self.checkpoint, self.trial, self.freeze) if h is not None]
 
 
 @dataclass
 class RunParts:
-    """The built run, by role: the loop, and the hooks ``run`` and ``finetune.resume`` address by name."""
+    """The built run: the loop, what it trains, its hooks by role, and the trackers (None off rank 0)."""
 
     trainer: Trainer
     training: TrainingParts
-    logger: Logger
-    metrics: MetricsJsonl
-    checkpointer: Checkpointer
+    hooks: RunHooks
+    logger: Logger | None
 
 
 # ---------------------------------------------------------------- data
@@ -219,10 +216,10 @@ def build_optimizer_at(cfg: DictConfig, model: nn.Module, spec: BackboneSpec, *,
 
 
 def choose_lr(cfg: DictConfig, model: nn.Module, spec: BackboneSpec, *, loaders: data_lib.Loaders, rt: Runtime,
-              resume: resume_lib.ResumePoint | None) -> tuple[float, dict[str, Any] | None]:
+              saved: dict[str, Any] | None = None) -> tuple[float, dict[str, Any] | None]:
     """The peak learning rate, and the record of how ``optim.lr=auto`` chose it (None for a given rate).
 
-    A resumed run takes the rate its training state recorded: it never searches again. Otherwise the
+    A resumed run takes the rate its training state recorded (``saved``): it never searches again. Otherwise the
     range test runs on the model exactly as it will train (``finetune.lr_find``), and everything it
     changed is put back before the real optimizer exists.
     """
@@ -230,12 +227,10 @@ def choose_lr(cfg: DictConfig, model: nn.Module, spec: BackboneSpec, *, loaders:
     if o.lr != "auto":
         return float(o.lr), None
     if rt.world.distributed:  # each process searches on its own shard, every process trains at rank 0's choice
-        return rt.world.broadcast(choose_lr(cfg, model, spec, loaders=loaders, rt=replace(rt, world=SINGLE),
-                                            resume=resume))
-    if resume is not None and resume.state.get("lr_find"):
-        record = dict(resume.state["lr_find"])
-        log.info(f"optim.lr=auto: the rate chosen before, {record['lr']:.4g}, from '{resume.path}' (no new search)")
-        return float(record["lr"]), record
+        return rt.world.agree(choose_lr(cfg, model, spec, loaders=loaders, rt=replace(rt, world=SINGLE), saved=saved))
+    if saved is not None:
+        log.info(f"optim.lr=auto: the rate chosen before, {saved['lr']:.4g}, from the training state (no new search)")
+        return float(saved["lr"]), saved
     from finetune import lr_find
 
     def trainer_for(optimizer: torch.optim.Optimizer) -> Trainer:  # the real loop's step: precision, clipping
@@ -268,51 +263,61 @@ def build_checkpoint_policy(cfg: DictConfig) -> CheckpointPolicy:
     return CheckpointPolicy(monitor=c.monitor, mode=c.mode, save_best=c.save_best, save_last=c.save_last,
                             save_top_k=c.save_top_k, every_n_epochs=c.every_n_epochs,
                             every_n_steps=c.every_n_steps, keep_last_k=c.keep_last_k,
-                            weights_format=c.weights_format)
+                            weights_format=c.weights_format, min_delta=c.min_delta)
 
 
 def build_run(cfg: DictConfig, training: TrainingParts, *, spec: BackboneSpec, data_config: dict[str, Any],
-              class_names: list[str], loaders: data_lib.Loaders, rt: Runtime, run_dir: Path,
-              resume: resume_lib.ResumePoint | None, stop: StopRequest | None = None,
-              lr_find: dict[str, Any] | None = None) -> RunParts:
-    """TensorBoard, ``metrics.jsonl`` and the checkpoint manager (continuing ``resume`` when given),
-    and the trainer that calls them in that order, then the freezing controller. ``lr_find``: how
-    ``optim.lr=auto`` chose the rate (kept in every training state, drawn in TensorBoard)."""
+              class_names: list[str], loaders: data_lib.Loaders, rt: Runtime, run_dir: Path, plan: ResumePlan,
+              stop: StopRequest | None = None, lr_find: dict[str, Any] | None = None) -> RunParts:
+    """The trainer and its hooks in their slots (`RunHooks`): the trackers and ``metrics.jsonl`` (rank 0),
+    the checkpoint manager (the same on every rank; files written by rank 0), a sweep's trial reporter,
+    the freezing controller. ``plan``: how TensorBoard and the manifest continue a resumed run;
+    ``lr_find``: how ``optim.lr=auto`` chose the rate (kept in every training state, drawn once)."""
     versions, world = package_versions(), rt.world
     if cfg.trainer.compile:  # in place (nn.Module.compile): state_dict keys, EMA and checkpoints stay as they are
         log.info(f"trainer.compile: the model's forward is compiled by torch.compile (mode "
                  f"{cfg.trainer.compile_mode}); the first steps take longer while it compiles")
         training.model.compile(mode=cfg.trainer.compile_mode)
-    facts = RunFacts(config_yaml=OmegaConf.to_yaml(cfg, resolve=True), versions=versions, seed=cfg.seed,
-                     batch_size=loaders.train.batch_size, lr_find=lr_find, world_size=world.size)
-    if not world.main:  # under DDP only rank 0 writes; the others take part in its saves
-        checkpointer = CheckpointFollower(policy=build_checkpoint_policy(cfg), parts=training, run=facts, world=world)
-        logger, metrics = NullLogger(), MetricsJsonl(None)
-        hooks = [checkpointer] + ([training.freeze] if training.freeze is not None else [])
-        trainer = build_trainer(cfg, training, loaders=loaders, rt=rt, num_classes=spec.num_classes, hooks=hooks,
-                                stop=stop)
-        return RunParts(trainer=trainer, training=training, logger=logger, metrics=metrics, checkpointer=checkpointer)
-    checkpointer = CheckpointManager(
-        run_dir / "checkpoints", policy=build_checkpoint_policy(cfg), parts=training,
-        model=ModelDescription(spec, class_names=class_names, data_config=data_config, versions=versions),
-        run=facts, fresh=resume is None or not resume.in_place, world=world)
-    logger = TensorBoardLogger(run_dir / "tb", class_names=class_names, log_every_n_steps=cfg.logger.log_every_n_steps,
-                               **resume_lib.tensorboard_continuation(resume, resuming=cfg.resume is not None))
-    if lr_find is not None and resume is None:  # a resume took the rate from its state: drawn when it was chosen
-        logger.log_lr_find(lr_find)
     if world.distributed:
         log.info(f"DDP: {world.size} processes x data.batch_size {loaders.train.batch_size} = global batch "
                  f"{world.size * loaders.train.batch_size} ({rt.device.type})")
-    metrics = MetricsJsonl(run_dir / "metrics.jsonl")
-    hooks = [logger, metrics, checkpointer] + ([training.freeze] if training.freeze is not None else [])
-    if cfg.sweep.trial is not None:  # a sweeper's trial: report each epoch (after its save); stop when pruned
-        from finetune.optuna_trial import TrialReporter
-
-        hooks.insert(3, TrialReporter(study=cfg.sweep.study, storage=cfg.sweep.storage, trial=cfg.sweep.trial,
-                                      monitor=cfg.checkpoint.monitor, logger=logger))
-    trainer = build_trainer(cfg, training, loaders=loaders, rt=rt, num_classes=spec.num_classes, hooks=hooks,
+    facts = RunFacts(config_yaml=OmegaConf.to_yaml(cfg, resolve=True), versions=versions, seed=cfg.seed,
+                     batch_size=loaders.train.batch_size, lr_find=lr_find, world_size=world.size)
+    policy = build_checkpoint_policy(cfg)
+    writer = FileWriter(run_dir / "checkpoints", policy=policy, parts=training, fresh=plan.new_manifest,
+                        model=ModelDescription(spec, class_names=class_names, data_config=data_config,
+                                               versions=versions)) if world.main else NoWriter()
+    logger, events = build_logging(cfg, class_names=class_names, run_dir=run_dir, plan=plan, world=world)
+    if lr_find is not None and plan.fresh and events is not None:  # a resume took the rate from its state
+        events.log_lr_find(lr_find)
+    hooks = RunHooks(log=events, metrics=MetricsJsonl(run_dir / "metrics.jsonl" if world.main else None),
+                     checkpoint=CheckpointManager(writer, policy=policy, parts=training, run=facts, world=world),
+                     trial=build_trial_reporter(cfg, logger=logger, world=world), freeze=training.freeze)
+    trainer = build_trainer(cfg, training, loaders=loaders, rt=rt, num_classes=spec.num_classes, hooks=hooks.ordered(),
                             stop=stop)
-    return RunParts(trainer=trainer, training=training, logger=logger, metrics=metrics, checkpointer=checkpointer)
+    return RunParts(trainer=trainer, training=training, hooks=hooks, logger=logger)
+
+
+def build_logging(cfg: DictConfig, *, class_names: list[str], run_dir: Path, plan: ResumePlan,
+                  world: World) -> tuple[Logger | None, LogEvents | None]:
+    """The trackers (TensorBoard in ``RUN_DIR/tb``, continuing a resumed run's events) and the hook that
+    feeds them; none off rank 0."""
+    if not world.main:
+        return None, None
+    continuation = plan.tensorboard()
+    logger = TensorBoardLogger(run_dir / "tb", purge_step=continuation.get("purge_step"))
+    return logger, LogEvents(logger, class_names=class_names, log_every_n_steps=cfg.logger.log_every_n_steps,
+                             replay=continuation.get("replay"))
+
+
+def build_trial_reporter(cfg: DictConfig, *, logger: Logger | None, world: World) -> TrainerHook | None:
+    """A sweeper's trial (``sweep.trial``): reports each epoch after its save, stops the run when pruned."""
+    if cfg.sweep.trial is None:
+        return None
+    from finetune.optuna_trial import TrialReporter
+
+    return TrialReporter(study=cfg.sweep.study, storage=cfg.sweep.storage, trial=cfg.sweep.trial,
+                         monitor=cfg.checkpoint.monitor, logger=logger, world=world)
 
 
 def build_trainer(cfg: DictConfig, training: TrainingParts, *, loaders: data_lib.Loaders, rt: Runtime,
@@ -326,7 +331,7 @@ def build_trainer(cfg: DictConfig, training: TrainingParts, *, loaders: data_lib
                    autocast_dtype=rt.autocast_dtype, grad_scaler=training.grad_scaler, accumulate=t.accumulate,
                    grad_clip=t.grad_clip, ema=training.ema, channels_last=t.channels_last,
                    monitor=cfg.checkpoint.monitor, mode=cfg.checkpoint.mode, patience=t.early_stopping.patience,
-                   min_delta=t.early_stopping.min_delta, hooks=hooks,
+                   min_delta=cfg.checkpoint.min_delta, hooks=hooks,
                    progress_bar=cfg.logger.progress_bar and rt.world.main, stop=stop, world=rt.world,
                    ddp_options={"device_ids": [rt.device.index]} if rt.device.type == "cuda" else {})
 

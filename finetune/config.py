@@ -140,12 +140,12 @@ class CheckpointConfig:
     every_n_steps: Optional[int] = None  # also save last.ckpt every N optimizer updates, mid-epoch
     keep_last_k: Optional[int] = 1  # earlier training states kept as epochEEE-stepSSSSSS.ckpt; null = all
     weights_format: str = "safetensors"  # safetensors (.safetensors) | torch (.pt, a torch.save dict)
+    min_delta: float = 0.0  # "better" means by more than this, for best, top-k and early stopping alike
 
 
 @dataclass
 class EarlyStoppingConfig:
-    patience: Optional[int] = None  # epochs without improvement of checkpoint.monitor; null = off
-    min_delta: float = 0.0
+    patience: Optional[int] = None  # epochs without improvement of checkpoint.monitor (checkpoint.min_delta); null = off
 
 
 @dataclass
@@ -300,7 +300,7 @@ def _check_checkpoint(c: DictConfig) -> None:
         raise UserError(f"checkpoint.every_n_epochs must be positive, got '{c.every_n_epochs}'")
     if c.every_n_steps is not None and not c.every_n_steps > 0:
         raise UserError(f"checkpoint.every_n_steps must be positive or null, got '{c.every_n_steps}'")
-    for key in ("save_top_k", "keep_last_k"):
+    for key in ("save_top_k", "keep_last_k", "min_delta"):
         if c[key] is not None and c[key] < 0:
             raise UserError(f"checkpoint.{key} must not be negative, got '{c[key]}'")
 
@@ -446,8 +446,6 @@ NO_EFFECT = (
              "sched=none keeps the rate constant: add sched=cosine"),
     NoEffect("trainer.ema", lambda v: not v, ("trainer.ema_decay",), "add trainer.ema=true"),
     NoEffect("trainer.compile", lambda v: not v, ("trainer.compile_mode",), "add trainer.compile=true"),
-    NoEffect("trainer.early_stopping.patience", lambda v: v is None, ("trainer.early_stopping.min_delta",),
-             "early stopping is off: set trainer.early_stopping.patience=N"),
 )
 
 

@@ -73,6 +73,15 @@ class World:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
+    def agree(self, decision: Any) -> Any:
+        """Rank 0's ``decision`` on every process: how a decision every rank must take alike (save, stop,
+        prune) reaches them, whatever each computed itself.
+
+        >>> SINGLE.agree(True)
+        True
+        """
+        return self.broadcast(decision)
+
     def barrier(self) -> None:
         if self.distributed:
             dist.barrier()

@@ -164,7 +164,7 @@ class HashingSink(io.RawIOBase):
 
 
 def fsync_dir(directory: str | Path) -> None:
-    dir_fd = os.open(directory, os.O_RDONLY)
+    dir_fd = os.open(directory, os.O_RDONLY)  # safe-write: read-only, to fsync the directory
     try:
         os.fsync(dir_fd)
     finally:

@@ -1,7 +1,11 @@
-"""Where metrics go: TensorBoard event files and ``metrics.jsonl``.
+"""Where metrics go: the `Logger` Protocol (TensorBoard is one implementation), the hook that feeds it
+the run's events (`LogEvents`), and ``metrics.jsonl``.
 
-Both are ``TrainerHook``s; tags are ``split/metric`` (``train/loss``, ``val/acc1``,
-``lr/<group>``). The confusion matrix is drawn with PIL (no plotting library needed).
+A tracker is one small class with the `Logger` methods (scalars, images, text, the run's config and
+final hparams, artifacts); `LogEvents` turns what the trainer does into those calls, the same for
+every tracker: per-step ``train/loss`` and ``lr/<group>``, per-epoch ``val/*``, per-class accuracy
+and the confusion matrix, the LR finder's curve. `Loggers` sends each call to several.
+Tags are ``split/metric``. The confusion matrix is drawn with PIL (no plotting library needed).
 """
 
 from __future__ import annotations
@@ -9,8 +13,9 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -24,17 +29,73 @@ from finetune.trainer import TrainerHook, TrainState
 log = logging.getLogger("finetune")
 
 
-class TensorBoardLogger(TrainerHook):
-    """Per-step ``train/loss`` and ``lr/*``, per-epoch ``val/*``, the confusion matrix, hparams."""
+class Logger(Protocol):
+    """What a tracker (TensorBoard, and any other) receives from a run."""
 
-    def __init__(self, log_dir: str | Path, *, class_names: list[str], log_every_n_steps: int = 1,
-                 purge_step: int | None = None, replay: tuple[int, dict[str, float]] | None = None):
-        """``purge_step``: TensorBoard hides this directory's events from that step on (a resume);
-        ``replay``: (step, logs) of a purged update to write again."""
-        wait_for_a_later_second(Path(log_dir))
-        self.writer = SummaryWriter(str(log_dir), purge_step=purge_step)
-        self.class_names = class_names
-        self.every = log_every_n_steps
+    def log_config(self, config: dict[str, Any]) -> None:
+        """The run's resolved config (nested), once at the start."""
+
+    def log_scalars(self, scalars: dict[str, float], *, step: int) -> None:
+        """Values at optimizer update ``step`` (``train/loss``, ``lr/<group>``, ``val/acc1``, ...)."""
+
+    def log_image(self, tag: str, image: np.ndarray, *, step: int) -> None:
+        """An RGB image, (H, W, 3) uint8."""
+
+    def log_text(self, tag: str, text: str, *, step: int) -> None: ...
+
+    def log_hparams(self, hparams: dict[str, Any], metrics: dict[str, float]) -> None:
+        """The run's settings next to its final and best metrics, once at the end."""
+
+    def log_artifact(self, path: Path) -> None:
+        """A file the run wrote (best weights, summary.json, load_report.json)."""
+
+    def close(self) -> None: ...
+
+
+class Loggers:
+    """Several loggers as one: each call goes to every one of them, in order."""
+
+    def __init__(self, loggers: Sequence[Logger]):
+        self.loggers = list(loggers)
+
+    def log_config(self, config: dict[str, Any]) -> None:
+        for logger in self.loggers:
+            logger.log_config(config)
+
+    def log_scalars(self, scalars: dict[str, float], *, step: int) -> None:
+        for logger in self.loggers:
+            logger.log_scalars(scalars, step=step)
+
+    def log_image(self, tag: str, image: np.ndarray, *, step: int) -> None:
+        for logger in self.loggers:
+            logger.log_image(tag, image, step=step)
+
+    def log_text(self, tag: str, text: str, *, step: int) -> None:
+        for logger in self.loggers:
+            logger.log_text(tag, text, step=step)
+
+    def log_hparams(self, hparams: dict[str, Any], metrics: dict[str, float]) -> None:
+        for logger in self.loggers:
+            logger.log_hparams(hparams, metrics)
+
+    def log_artifact(self, path: Path) -> None:
+        for logger in self.loggers:
+            logger.log_artifact(path)
+
+    def close(self) -> None:
+        for logger in self.loggers:
+            logger.close()
+
+
+class LogEvents(TrainerHook):
+    """The trainer's events as `Logger` calls: per-step ``train/loss`` and ``lr/*`` (every
+    ``log_every_n_steps``), per-epoch ``val/*``, ``train/epoch_loss``, ``epoch``, ``val_class/<name>`` and
+    the confusion matrix image; `log_lr_find` for ``optim.lr=auto``'s curve."""
+
+    def __init__(self, logger: Logger, *, class_names: list[str], log_every_n_steps: int = 1,
+                 replay: tuple[int, dict[str, float]] | None = None):
+        """``replay``: (step, logs) of an update a resume logs again (its events were purged)."""
+        self.logger, self.class_names, self.every = logger, class_names, log_every_n_steps
         if replay is not None:
             self._log_step(*replay)
 
@@ -43,34 +104,57 @@ class TensorBoardLogger(TrainerHook):
 
     def _log_step(self, step: int, logs: dict[str, float]) -> None:
         if step % self.every == 0:
-            for tag, value in logs.items():
-                self.writer.add_scalar(tag, value, step)
+            self.logger.log_scalars(logs, step=step)
 
     def on_epoch_end(self, state: TrainState, logs: dict[str, float], result: EvalResult,
                      improved: bool) -> None:
-        step = state.global_step
-        for tag, value in result.scalars().items():
-            self.writer.add_scalar(tag, value, step)
-        self.writer.add_scalar("train/epoch_loss", logs["train/loss"], step)
-        self.writer.add_scalar("epoch", state.epoch, step)
-        for name, acc in zip(self.class_names, result.per_class_acc):
-            self.writer.add_scalar(f"val_class/{name}", acc, step)
-        image = render_confusion(result.confusion, self.class_names)
-        self.writer.add_image("val/confusion_matrix", image, step, dataformats="HWC")
-        self.writer.flush()
+        per_class = {f"val_class/{name}": acc for name, acc in zip(self.class_names, result.per_class_acc)}
+        self.logger.log_scalars({**result.scalars(), "train/epoch_loss": logs["train/loss"], "epoch": state.epoch,
+                                 **per_class}, step=state.global_step)
+        self.logger.log_image("val/confusion_matrix", render_confusion(result.confusion, self.class_names),
+                              step=state.global_step)
 
     def log_lr_find(self, record: dict[str, Any]) -> None:
         """``optim.lr=auto``'s range test: the curve with the chosen point (image) and the choice (text), at step 0."""
         from finetune.lr_find import draw_curve, from_record
 
-        self.writer.add_image("lr_find/curve", draw_curve(from_record(record)), 0, dataformats="HWC")
-        self.writer.add_text("lr_find/choice", f"lr {record['lr']:.4g}: {record['reason']}", 0)
+        self.logger.log_image("lr_find/curve", draw_curve(from_record(record)), step=0)
+        self.logger.log_text("lr_find/choice", f"lr {record['lr']:.4g}: {record['reason']}", step=0)
+
+    def close(self) -> None:
+        self.logger.close()
+
+
+class TensorBoardLogger:
+    """A `Logger` writing TensorBoard event files into ``log_dir``."""
+
+    def __init__(self, log_dir: str | Path, *, purge_step: int | None = None):
+        """``purge_step``: TensorBoard hides this directory's events from that step on (a resume)."""
+        wait_for_a_later_second(Path(log_dir))
+        self.writer = SummaryWriter(str(log_dir), purge_step=purge_step)
+
+    def log_config(self, config: dict[str, Any]) -> None:
+        pass  # the settings that matter go to the HPARAMS tab at the end (log_hparams)
+
+    def log_scalars(self, scalars: dict[str, float], *, step: int) -> None:
+        for tag, value in scalars.items():
+            self.writer.add_scalar(tag, value, step)
+
+    def log_image(self, tag: str, image: np.ndarray, *, step: int) -> None:
+        self.writer.add_image(tag, image, step, dataformats="HWC")
+        self.writer.flush()
+
+    def log_text(self, tag: str, text: str, *, step: int) -> None:
+        self.writer.add_text(tag, text, step)
         self.writer.flush()
 
     def log_hparams(self, hparams: dict[str, Any], metrics: dict[str, float]) -> None:
         """The run's settings next to its best metric (TensorBoard's HPARAMS tab)."""
         clean = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in hparams.items()}
         self.writer.add_hparams(clean, {f"hparam/{k}": v for k, v in metrics.items()}, run_name=".")
+
+    def log_artifact(self, path: Path) -> None:
+        pass  # the files are in the run dir beside the event files
 
     def close(self) -> None:
         self.writer.close()
@@ -88,16 +172,6 @@ def wait_for_a_later_second(log_dir: Path) -> None:
                if p.name.split(".")[3].isdigit()]
     while seconds and time.time() < max(seconds) + 1:
         time.sleep(0.05)
-
-
-class NullLogger:
-    """The logger of a DDP process other than rank 0: rank 0 alone writes TensorBoard."""
-
-    def log_hparams(self, hparams: dict[str, Any], metrics: dict[str, float]) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
 
 
 class MetricsJsonl(TrainerHook):

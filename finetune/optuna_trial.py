@@ -14,6 +14,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+from finetune.distributed import SINGLE, World
 from finetune.errors import RunPruned, UserError, describe_error
 from finetune.metrics import EvalResult
 from finetune.trainer import TrainerHook, TrainState
@@ -91,29 +92,39 @@ class TrialReporter(TrainerHook):
     """Reports the monitored metric to the sweep's trial after every epoch; raises ``RunPruned``
     when the study's pruner says the trial is hopeless (the run is then recorded as ``pruned``).
 
-    Optuna never sees a NaN or infinite value: such an epoch is not reported.
+    Every process of a DDP run has one: rank 0 alone talks to the study, and its verdict reaches
+    every process (`World.agree`), so all of them stop at the same epoch. Optuna never sees a NaN or
+    infinite value: such an epoch is not reported.
     """
 
-    def __init__(self, *, study: str, storage: str, trial: int, monitor: str, logger: Any = None):
-        """``logger``: a ``TensorBoardLogger`` that also records the pruning (optional)."""
-        import optuna
+    def __init__(self, *, study: str, storage: str, trial: int, monitor: str, logger: Any = None,
+                 world: World = SINGLE):
+        """``logger``: a `finetune.loggers.Logger` that also records the pruning (optional)."""
+        self.monitor, self.logger, self.world = monitor, logger, world
+        self.storage = self.trial = None
+        if world.main:
+            import optuna
 
-        self.storage = optuna.storages.RDBStorage(storage)
-        self.trial = open_trial(study, self.storage, trial)
-        self.monitor, self.logger = monitor, logger
+            self.storage = optuna.storages.RDBStorage(storage)
+            self.trial = open_trial(study, self.storage, trial)
 
     def on_epoch_end(self, state: TrainState, logs: dict[str, float], result: EvalResult,
                      improved: bool) -> None:
         value = (result.scalars() | logs)[self.monitor]
-        if self.trial is None or not math.isfinite(value):
+        if not self.world.agree(self._report(value, epoch=state.epoch)):
             return
-        self.trial.report(value, step=state.epoch)
-        if self.trial.should_prune():
-            message = f"pruned by the sweep's pruner at epoch {state.epoch} ({self.monitor} {value:.4f})"
-            if self.logger is not None:
-                self.logger.writer.add_text("sweep/pruned", message, state.global_step)
-                self.logger.writer.flush()
-            raise RunPruned(message)
+        message = f"pruned by the sweep's pruner at epoch {state.epoch} ({self.monitor} {value:.4f})"
+        if self.logger is not None:
+            self.logger.log_text("sweep/pruned", message, step=state.global_step)
+        raise RunPruned(message)
+
+    def _report(self, value: float, *, epoch: int) -> bool:
+        """Report ``value`` (rank 0); whether the pruner says to stop."""
+        if self.trial is None or not math.isfinite(value):
+            return False
+        self.trial.report(value, step=epoch)
+        return self.trial.should_prune()
 
     def close(self) -> None:
-        self.storage.engine.dispose()  # the run is over: its database connections too
+        if self.storage is not None:
+            self.storage.engine.dispose()  # the run is over: its database connections too

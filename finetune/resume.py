@@ -1,5 +1,11 @@
 """Resuming a run: find a valid training state, refuse experiment changes, restore everything.
 
+A run's resume is one `ResumePlan`: located once from the config and the run dir (before anything
+is built or written), placed at this run's world size once the loaders exist, and applied once,
+right before training. What the rest of a run needs to know of it (start from pretrained weights
+or not, the rate ``optim.lr=auto`` chose before, how TensorBoard and the manifest continue) are
+the plan's properties.
+
 ``resume`` (top-level config key) is one of
 
 * ``auto``: the newest valid state in this run's ``checkpoints/manifest.json``; a fresh
@@ -20,20 +26,18 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from finetune.checkpoint import (CheckpointManager, Manifest, check_policy_state, load_training_state, set_rng_state,
-                                 verify_file)
+from finetune.checkpoint import (Checkpointer, Manifest, TrainingParts, check_policy_state, load_training_state,
+                                 set_rng_state, verify_file)
 from finetune.distributed import SINGLE, World
 from finetune.errors import UserError
 from finetune.files import load_yaml_data
+from finetune.loggers import MetricsJsonl
 from finetune.rundir import occupied_run_dir
 from finetune.trainer import TrainState
-
-if TYPE_CHECKING:
-    from finetune.builders import RunParts
 
 log = logging.getLogger("finetune")
 
@@ -43,6 +47,8 @@ log = logging.getLogger("finetune")
 ALLOWED_CHANGES = ("trainer.max_epochs", "data.num_workers", "trainer.device", "logger.", "resume",
                    "resume_allow_config_change", "resume_allow_unverified", "checkpoint.every_n_steps",
                    "checkpoint.every_n_epochs", "checkpoint.keep_last_k", "sweep.")
+# Keys a later version moved: a state saved before reads as if saved with the new name.
+RENAMED = {"trainer.early_stopping.min_delta": "checkpoint.min_delta"}
 
 
 @dataclass
@@ -61,14 +67,69 @@ class ResumePoint:
         return int(self.state["train_state"]["global_step"])
 
 
-def locate(cfg: DictConfig, *, run_dir: Path) -> ResumePoint | None:
-    """What this run continues from (``cfg.resume``), verified, with the config change checked; None
-    for a fresh start (refused in a directory that holds a run's checkpoints)."""
-    point = locate_resume(cfg.resume, checkpoint_dir=run_dir / "checkpoints",
-                          allow_unverified=cfg.resume_allow_unverified)
-    if point is not None:
-        check_config_change(point.state["config_yaml"], cfg, source=point.path, allow=cfg.resume_allow_config_change)
-    return point
+@dataclass
+class ResumePlan:
+    """Where a run starts: a fresh start (``point`` None) or a verified training state.
+
+    ``resuming``: ``cfg.resume`` was set (``resume=auto`` with nothing saved yet is a fresh start
+    that drops an earlier attempt's metrics).
+    """
+
+    point: ResumePoint | None
+    resuming: bool
+    placed: bool = False
+
+    @classmethod
+    def locate(cls, cfg: DictConfig, *, run_dir: Path) -> ResumePlan:
+        """What this run continues from (``cfg.resume``), verified, with the config change checked
+        (refused, in one line, when the change is not allowed); a fresh start is refused in a
+        directory that holds a run's checkpoints."""
+        point = locate_resume(cfg.resume, checkpoint_dir=run_dir / "checkpoints",
+                              allow_unverified=cfg.resume_allow_unverified)
+        if point is not None:
+            check_config_change(point.state["config_yaml"], cfg, source=point.path,
+                                allow=cfg.resume_allow_config_change)
+        return cls(point, resuming=cfg.resume is not None)
+
+    @property
+    def fresh(self) -> bool:
+        """Nothing to continue: the model starts from its pretrained weights."""
+        return self.point is None
+
+    @property
+    def lr_record(self) -> dict[str, Any] | None:
+        """How ``optim.lr=auto`` chose the rate in the saved run (a resume never searches again)."""
+        return dict(self.point.state["lr_find"]) if self.point is not None and self.point.state.get("lr_find") else None
+
+    @property
+    def source(self) -> Path | None:
+        return self.point.path if self.point is not None else None
+
+    @property
+    def new_manifest(self) -> bool:
+        """The run's checkpoints start an empty manifest (a fresh start, or a state from another dir)."""
+        return self.point is None or not self.point.in_place
+
+    def tensorboard(self) -> dict[str, Any]:
+        """How TensorBoard continues (`tensorboard_continuation`): ``purge_step`` and ``replay``."""
+        return tensorboard_continuation(self.point, resuming=self.resuming)
+
+    def place(self, *, loaders: Any, world: World, accumulate: int) -> None:
+        """Fit the saved position to this run's world size (`at_world_size`), once the loaders exist."""
+        if self.placed:
+            raise RuntimeError("a resume plan is placed once")
+        self.point, self.placed = at_world_size(self.point, world, loaders=loaders, accumulate=accumulate), True
+
+    def apply(self, *, training: TrainingParts, checkpointer: Checkpointer, metrics: MetricsJsonl, max_epochs: int,
+              world: World = SINGLE) -> TrainState | None:
+        """Put the built run where the plan starts (the loop's state to continue from; None: fresh).
+        RNG last: nothing may draw from them between here and training."""
+        if self.point is None:
+            if self.resuming:  # resume=auto with nothing saved yet
+                metrics.rewind(epochs_done=0)
+            return None
+        return restore_training(self.point, training=training, checkpointer=checkpointer, metrics=metrics,
+                                max_epochs=max_epochs, world=world)
 
 
 def locate_resume(resume: str | None, *, checkpoint_dir: Path, allow_unverified: bool = False) -> ResumePoint | None:
@@ -166,7 +227,7 @@ def check_config_change(saved_yaml: Any, cfg: DictConfig, *, allow: bool, source
     The saved config is someone else's data when the run dir is: it is read as plain YAML (bounded, no
     aliases) and never resolved, so an ``${oc.env:...}`` in it stays text and prints no environment.
     """
-    saved = _flatten(saved_config(saved_yaml, source=source))
+    saved = {RENAMED.get(k, k): v for k, v in _flatten(saved_config(saved_yaml, source=source)).items()}
     now = _flatten(OmegaConf.to_container(cfg, resolve=True))
     changed = [key for key in sorted(saved.keys() | now.keys())
                if saved.get(key, "<unset>") != now.get(key, "<unset>")
@@ -242,37 +303,29 @@ def tensorboard_continuation(point: ResumePoint | None, *, resuming: bool) -> di
     return {"purge_step": point.step + 1}
 
 
-def restore(point: ResumePoint | None, run: RunParts, *, resuming: bool, world: World = SINGLE) -> TrainState | None:
-    """Put the built run where ``point`` left off (None: a fresh start, with the metrics of an
-    earlier attempt dropped when ``resuming``). Returns the loop's state to continue from."""
-    if point is None:
-        if resuming:  # resume=auto with nothing saved yet
-            run.metrics.rewind(epochs_done=0)
-        return None
-    return restore_training(run, point, world=world)
-
-
-def restore_training(run: RunParts, point: ResumePoint, *, world: World = SINGLE) -> TrainState:
+def restore_training(point: ResumePoint, *, training: TrainingParts, checkpointer: Checkpointer,
+                     metrics: MetricsJsonl, max_epochs: int, world: World = SINGLE) -> TrainState:
     """Load every part of ``point`` into the built run; RNG last (this process's own under DDP).
     Returns the loop's state."""
-    s, trainer, parts = point.state, run.trainer, run.training
+    s = point.state
     state = TrainState(**s["train_state"])
-    check_length(trainer.max_epochs, state, source=point.path)
-    parts.model.load_state_dict(s["model"])
-    configured = [{k: v for k, v in g.items() if k != "params"} for g in parts.optimizer.param_groups]
-    load_optimizer(parts.optimizer, s["optimizer"], source=point.path)
-    changes = changed_settings(run, configured, saved_epochs=saved_max_epochs(s, source=point.path))
+    check_length(max_epochs, state, source=point.path)
+    training.model.load_state_dict(s["model"])
+    configured = [{k: v for k, v in g.items() if k != "params"} for g in training.optimizer.param_groups]
+    load_optimizer(training.optimizer, s["optimizer"], source=point.path)
+    changes = changed_settings(training, configured, max_epochs=max_epochs,
+                               saved_epochs=saved_max_epochs(s, source=point.path))
     changes += [point.rescaled] if point.rescaled else []
     if changes:  # allowed changes of the experiment: they take effect from here on
-        restart_schedule(run, state, configured, changes)
+        restart_schedule(training, state, configured, changes)
     else:
-        _load_optional(parts.scheduler, s.get("scheduler"), "scheduler")
-    _load_optional(parts.grad_scaler, s.get("grad_scaler"), "grad scaler")
-    _load_optional(parts.ema, s.get("ema"), "EMA")
-    _load_optional(parts.freeze, s.get("freeze"), "freezing schedule")
-    continue_checkpoints(run.checkpointer, point, state)
+        _load_optional(training.scheduler, s.get("scheduler"), "scheduler")
+    _load_optional(training.grad_scaler, s.get("grad_scaler"), "grad scaler")
+    _load_optional(training.ema, s.get("ema"), "EMA")
+    _load_optional(training.freeze, s.get("freeze"), "freezing schedule")
+    continue_checkpoints(checkpointer, point, state)
     if point.in_place:
-        run.metrics.rewind(epochs_done=state.epoch)
+        metrics.rewind(epochs_done=state.epoch)
     rngs = s.get("rng_per_rank") or [s["rng"]]
     if world.rank < len(rngs):  # a process the saved run did not have keeps its own seed_ranks stream
         set_rng_state(rngs[world.rank])  # last: nothing may draw from the RNGs between here and training
@@ -288,18 +341,19 @@ def check_length(max_epochs: int, state: TrainState, *, source: Path) -> None:
                  "(raise trainer.max_epochs to train longer)")
 
 
-def changed_settings(run: RunParts, configured: list[dict[str, Any]], *, saved_epochs: int | None) -> list[str]:
+def changed_settings(training: TrainingParts, configured: list[dict[str, Any]], *, max_epochs: int,
+                     saved_epochs: int | None) -> list[str]:
     """Optimizer settings and the run's length that this config changes against the saved state."""
-    owned = {"lr"} if run.training.scheduler is not None else set()  # the current rate: the scheduler's
-    groups = run.training.optimizer.param_groups
+    owned = {"lr"} if training.scheduler is not None else set()  # the current rate: the scheduler's
+    groups = training.optimizer.param_groups
     changes = [f"{g.get('name', i)}.{k}: {g.get(k)!r} -> {v!r}" for i, (g, c) in enumerate(zip(groups, configured))
                for k, v in c.items() if k not in owned and g.get(k) != v]
-    if saved_epochs not in (None, run.trainer.max_epochs):
-        changes.insert(0, f"trainer.max_epochs: {saved_epochs} -> {run.trainer.max_epochs}")
+    if saved_epochs not in (None, max_epochs):
+        changes.insert(0, f"trainer.max_epochs: {saved_epochs} -> {max_epochs}")
     return changes
 
 
-def continue_checkpoints(manager: CheckpointManager, point: ResumePoint, state: TrainState) -> None:
+def continue_checkpoints(manager: Checkpointer, point: ResumePoint, state: TrainState) -> None:
     """The checkpoint policy goes on from ``point``: its top-k list, the file resumed from kept; from
     another run's directory, that run's best and top-k files of that moment carried over."""
     policy_state = check_policy_state(point.state.get("checkpoint_policy"), directory=point.path.parent,
@@ -310,7 +364,7 @@ def continue_checkpoints(manager: CheckpointManager, point: ResumePoint, state: 
                     invalid=point.invalid, rehash=point.unverified)
 
 
-def carry_over(manager: CheckpointManager, source: Path, policy_state: dict[str, Any], state: TrainState) -> None:
+def carry_over(manager: Checkpointer, source: Path, policy_state: dict[str, Any], state: TrainState) -> None:
     """Link (verified) the best and top-k weights the state knows of from ``source`` into this run."""
     wanted = [(e["name"], "top_k", e["epoch"]) for e in policy_state.get("top_k", [])]
     if policy_state.get("best") and state.best_epoch is not None:
@@ -360,7 +414,7 @@ def load_optimizer(optimizer: Any, saved: dict[str, Any], *, source: Path) -> No
                         "resume with the settings it was saved with (freeze, head, optim)") from None
 
 
-def restart_schedule(run: RunParts, state: TrainState, configured: list[dict[str, Any]],
+def restart_schedule(training: TrainingParts, state: TrainState, configured: list[dict[str, Any]],
                      changes: list[str]) -> None:
     """Settings of the optimizer or the run's length changed on resume: they apply from this step.
 
@@ -369,7 +423,7 @@ def restart_schedule(run: RunParts, state: TrainState, configured: list[dict[str
     the resumed step, as timm's own training script does on resume. Moments and step counts
     stay as saved.
     """
-    optimizer, scheduler = run.training.optimizer, run.training.scheduler
+    optimizer, scheduler = training.optimizer, training.scheduler
     before = optimizer.param_groups[0]["lr"]
     for group, settings in zip(optimizer.param_groups, configured):
         group.update(settings)

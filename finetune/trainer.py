@@ -123,14 +123,14 @@ class Trainer:
             started = time.perf_counter()
             logs = self.train_epoch(train_loader, state)
             result = self.evaluate(val_loader)
-            improved = self._track_best(state, result.scalars() | logs)
+            improved = self._judge(state, result.scalars() | logs)
             state.epoch, state.batches_seen = state.epoch + 1, 0
             logs["seconds"] = time.perf_counter() - started
             self._log_epoch(state, logs, result)
             for hook in self.hooks:
                 hook.on_epoch_end(state, logs, result, improved)
             self._stop_if_requested(state)
-            if self.world.broadcast(self.patience is not None and state.stale_epochs >= self.patience):
+            if self.patience is not None and state.stale_epochs >= self.patience:  # agreed in _judge
                 log.info(f"early stopping: {self.monitor} did not improve for {state.stale_epochs} epochs")
                 break
         for hook in self.hooks:
@@ -321,12 +321,20 @@ class Trainer:
         self._trainable = trainable
         self.train_model = DistributedDataParallel(self.model, **self.ddp_options)
 
+    def _judge(self, state: TrainState, metrics: dict[str, float]) -> bool:
+        """Whether the epoch improved on the best (`_track_best`), and the best and stale count that follow:
+        rank 0's verdict on every process (`World.agree`), so that saving and early stopping agree."""
+        improved = self._track_best(state, metrics)
+        state.best_value, state.best_epoch, state.stale_epochs, improved = self.world.agree(
+            (state.best_value, state.best_epoch, state.stale_epochs, improved))
+        return improved
+
     def _track_best(self, state: TrainState, metrics: dict[str, float]) -> bool:
         if self.monitor not in metrics:
             raise UserError(f"checkpoint.monitor '{self.monitor}' is not a metric of this run; "
                             f"choose one of {', '.join(sorted(k for k in metrics if '/' in k))}")
         value = metrics[self.monitor]
-        improved = is_better(value, state.best_value, mode=self.mode, min_delta=self.min_delta)
+        improved = is_better(value, state.best_value, mode=self.mode, min_delta=self.min_delta)  # the policy's rule
         if improved:
             state.best_value, state.best_epoch, state.stale_epochs = value, state.epoch + 1, 0
         else:

@@ -79,7 +79,7 @@ def build():
     return model
 
 {setup}
-open("/proc/self/clear_refs", "w").write("5")  # reset VmHWM to the current RSS
+open("/proc/self/clear_refs", "w").write("5")  # reset VmHWM to the current RSS  # safe-write: procfs
 base = rss("VmRSS:")
 start = time.perf_counter()
 {code}
@@ -150,7 +150,7 @@ def bench_save_vs_raw(directory: Path, mb: int, rounds: int) -> float:
             time.sleep(0.01)  # on the caller's time, but it must not slow the raw write that follows either
         data = (directory / "last.ckpt").read_bytes()
         start = time.perf_counter()
-        with open(directory / "raw.bin", "wb") as f:
+        with open(directory / "raw.bin", "wb") as f:  # safe-write: its own temp dir
             f.write(data)
             f.flush()
             os.fsync(f.fileno())

@@ -86,7 +86,7 @@ def ensure_images(cache_dir: Path, counts: dict[str, int]) -> Path:
             folder.mkdir(parents=True, exist_ok=True)
             photo_like(*SIZES[kind], seed, noise).save(folder / f"{kind}_{i:04d}.jpg", quality=QUALITY)
             seed += 1
-    (root / "done").write_text("complete\n")
+    (root / "done").write_text("complete\n")  # safe-write: its own data dir
     return root
 
 

@@ -27,7 +27,7 @@ from PIL import Image
 from torch import nn
 
 from finetune.data import build_loaders, build_transforms, scan_image_folder
-from finetune.loggers import TensorBoardLogger
+from finetune.loggers import LogEvents, TensorBoardLogger
 from finetune.optim import build_optimizer, build_param_groups, build_scheduler
 from finetune.runtime import seed_everything
 from finetune.trainer import Trainer, TrainState
@@ -67,7 +67,7 @@ def trainer_loop(model: nn.Module, optimizer: torch.optim.Optimizer, loader, dev
     """Images per second of the Trainer over one pass of ``loader`` (batches or a DataLoader)."""
     scheduler = build_scheduler(optimizer, name="cosine", epochs=10, updates_per_epoch=len(loader), warmup_epochs=1,
                                 warmup_lr=1e-5, min_lr=1e-6)
-    tb = TensorBoardLogger(tb_dir, class_names=[str(i) for i in range(classes)])
+    tb = LogEvents(TensorBoardLogger(tb_dir), class_names=[str(i) for i in range(classes)])
     trainer = Trainer(model=model, optimizer=optimizer, loss_fn=nn.CrossEntropyLoss(label_smoothing=0.1),
                       device=device, num_classes=classes, max_epochs=1, scheduler=scheduler, autocast_dtype=dtype,
                       channels_last=True, hooks=[tb], progress_bar=False)

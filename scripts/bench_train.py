@@ -23,7 +23,7 @@ import timm
 import torch
 from torch import nn
 
-from finetune.loggers import TensorBoardLogger
+from finetune.loggers import LogEvents, TensorBoardLogger
 from finetune.optim import build_optimizer, build_param_groups, build_scheduler
 from finetune.runtime import seed_everything, set_deterministic
 from finetune.trainer import Trainer, TrainState
@@ -54,7 +54,7 @@ def trainer_loop(model: nn.Module, optimizer: torch.optim.Optimizer, batches: li
     """Seconds per step of the Trainer as a run builds it (scheduler, TensorBoard, progress bar)."""
     scheduler = build_scheduler(optimizer, name="cosine", epochs=10, updates_per_epoch=len(batches),
                                 warmup_epochs=1, warmup_lr=1e-5, min_lr=1e-6)
-    tb = TensorBoardLogger(tb_dir, class_names=[str(i) for i in range(num_classes)])
+    tb = LogEvents(TensorBoardLogger(tb_dir), class_names=[str(i) for i in range(num_classes)])
     trainer = Trainer(model=model, optimizer=optimizer, loss_fn=nn.CrossEntropyLoss(label_smoothing=0.1),
                       device=torch.device("cpu"), num_classes=num_classes, max_epochs=1, scheduler=scheduler,
                       hooks=[tb], progress_bar=True)

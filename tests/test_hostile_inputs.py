@@ -427,7 +427,7 @@ def test_every_command_the_closing_block_prints_pastes_as_one_word_per_argument(
     command gives back exactly its arguments, and Hydra reads the values back unchanged."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    from finetune.run import closing_block
+    from finetune.summary import closing_block
 
     marker = tmp_path / "pasted"
     run_dir, root = f"/runs/a,b;touch {marker}", f"/data/$(touch {marker})/it's ${{oc.env:HOME}}"

@@ -42,8 +42,6 @@ from test_cli import assert_clean_error
     (["sched=none", "sched.min_lr=0.1"], "sched.min_lr is set but has no effect with sched.name=none"),
     (["trainer.ema_decay=0.9"], "trainer.ema_decay is set but has no effect with trainer.ema=false"),
     (["trainer.compile_mode=max-autotune"], "trainer.compile_mode is set but has no effect with trainer.compile=false"),
-    (["trainer.early_stopping.min_delta=0.1"], "trainer.early_stopping.min_delta is set but has no effect with "
-                                               "trainer.early_stopping.patience=null"),
 ])
 def test_an_override_the_composed_config_ignores_is_refused(overrides, says):
     with pytest.raises(UserError) as err:
@@ -55,8 +53,7 @@ def test_an_override_the_composed_config_ignores_is_refused(overrides, says):
     ["data=custom", "data.root=/photos", "data.val_split=0.3"], ["head=mlp", "head.hidden=[64]"],
     ["freeze=until", "freeze.until=layer2"], ["optim=sgd", "optim.momentum=0.5"], ["optim.betas=[0.9,0.99]"],
     ["optim.lr=auto", "optim.lr_find.num_updates=50"], ["sched=step", "sched.decay_epochs=3"],
-    ["trainer.ema=true", "trainer.ema_decay=0.9"], ["trainer.early_stopping.patience=2",
-                                                   "trainer.early_stopping.min_delta=0.1"],
+    ["trainer.ema=true", "trainer.ema_decay=0.9"], ["trainer.early_stopping.patience=2", "checkpoint.min_delta=0.1"],
     ["+experiment=example", "data.root=/photos"],
 ])
 def test_the_same_keys_pass_where_they_take_effect(overrides):
@@ -80,6 +77,7 @@ def test_every_shipped_option_composes_and_passes_the_checks():
     (["+lr=0.01"], "'+lr=0.01' sets 'lr', which is not a config key: did you mean optim.lr?"),
     (["lr=0.01"], "'lr=0.01' sets 'lr', which is not a config key: did you mean optim.lr?"),
     (["++trainer.max_epoch=3"], "did you mean trainer.max_epochs?"),
+    (["trainer.early_stopping.min_delta=0.1"], "did you mean checkpoint.min_delta?"),  # moved: one rule for "better"
     (["data.rot=/x"], "did you mean data.root"),
     (["--lr", "0.01"], "'--lr 0.01' is argparse style; finetune takes Hydra overrides: write optim.lr=0.01"),
     (["--lr=0.01"], "'--lr=0.01' is argparse style; finetune takes Hydra overrides: write optim.lr=0.01"),

@@ -203,7 +203,7 @@ def test_trial_reporter_reports_each_epoch_skips_nan_and_raises_when_pruned(tmp_
     study.set_user_attr(PRUNER_ATTR, {"_target_": "optuna.pruners.ThresholdPruner", "lower": 0.5,
                                       "n_warmup_steps": 2})
     trial = study.ask()
-    logger = TensorBoardLogger(tmp_path / "tb", class_names=["a", "b"])
+    logger = TensorBoardLogger(tmp_path / "tb")
     reporter = TrialReporter(study="s", storage=storage, trial=trial.number, monitor="val/acc1", logger=logger)
     reporter.on_epoch_end(TrainState(epoch=1), {}, Scalars(0.1), True)  # still warming up: not pruned
     reporter.on_epoch_end(TrainState(epoch=2), {}, Scalars(float("nan")), False)  # never reaches optuna

@@ -3,7 +3,8 @@
 Modules (verified atomic writes and digests are ``finetune.files``'s): ``weights_file`` (weights files and
 ``load_model``), ``training_state`` (``last.ckpt``: what it holds, RNG), ``manifest``
 (``manifest.json`` and verification), ``policy`` (what to save when, file names) and
-``manager`` (``CheckpointManager``, the hook that saves). Choosing a state to resume from and
+``manager`` (``CheckpointManager``, the hook that saves, the same code on every rank, and its
+writers: ``FileWriter`` on rank 0, ``NoWriter`` elsewhere). Choosing a state to resume from and
 restoring it live in ``finetune.resume``.
 
 Every file is written atomically and verified: a temporary file in the same directory,
@@ -26,7 +27,7 @@ Threads, what each reads, and why it cannot change underneath:
   one else writes that file: ``mkstemp`` made it, and it gets its real name only after
   ``finish``. The caller's buffers are never kept past ``write`` (``torch.save`` frees or
   reuses them at once; hashing them later recorded wrong digests under load).
-* ``finetune-checkpoint`` (``CheckpointManager``, a mid-epoch save) writes a snapshot that
+* ``finetune-checkpoint`` (``FileWriter``, a mid-epoch save) writes a snapshot that
   ``detached_copy`` made at the update boundary: every tensor cloned to the CPU, every dict
   and list rebuilt, so training goes on against other memory. It also updates the manifest
   and the policy's file lists; the training thread touches those only after ``wait()``,
@@ -40,7 +41,8 @@ Threads, what each reads, and why it cannot change underneath:
 
 from finetune.files import (DIGEST, DIGESTS, FileFacts, HashingSink, atomic_link, atomic_write_stream,
                             atomic_write_text, file_digest, fsync_dir)
-from finetune.checkpoint.manager import CheckpointFollower, CheckpointManager, CheckpointWriteError
+from finetune.checkpoint.manager import (Checkpointer, CheckpointManager, CheckpointWriteError, CheckpointWriter,
+                                        FileWriter, NoWriter)
 from finetune.checkpoint.manifest import Manifest, verify_file
 from finetune.checkpoint.policy import (STATE_FILE, CheckpointPolicy, check_policy_state, state_file_name,
                                        top_k_file_name)
@@ -52,7 +54,8 @@ from finetune.checkpoint.weights_file import (WEIGHTS_EXTENSIONS, WEIGHTS_FORMAT
 
 __all__ = [
     "DIGEST", "DIGESTS", "STATE_FILE", "STATE_FORMAT", "WEIGHTS_EXTENSIONS", "WEIGHTS_FORMAT",
-    "CheckpointFollower", "CheckpointManager", "CheckpointPolicy", "CheckpointWriteError", "FileFacts", "HashingSink", "Manifest",
+    "CheckpointManager", "CheckpointPolicy", "CheckpointWriteError", "CheckpointWriter", "Checkpointer", "FileFacts",
+    "FileWriter", "HashingSink", "Manifest", "NoWriter",
     "ModelDescription", "ModelMeta", "RunFacts", "TrainingParts",
     "atomic_link", "atomic_write_stream", "atomic_write_text", "check_policy_state", "detached_copy", "file_digest",
     "fsync_dir",

@@ -1,0 +1,184 @@
+"""A run's lifecycle: `Recipe.setup` builds every part once, `Recipe.train` fits, `Recipe.cleanup` ends
+what setup started, however the run ended.
+
+``setup`` reads as the run's table of contents, in the order that matters (model -> weights ->
+freeze -> optimizer -> restore, so that a restored optimizer state lands on the same parameter
+groups); each line is one builder (`finetune.builders`, the only other code that reads the config).
+Resuming is one `finetune.resume.ResumePlan`, located first and applied last. ``cleanup`` stops the
+loaders' workers, closes the hooks (a background checkpoint save finishes), writes ``summary.json``
+and the closing block (`finetune.summary`), waits for every DDP process, and releases the run dir.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from finetune import builders
+from finetune.checkpoint import TrainingParts
+from finetune.config import check_config, in_a_sweep
+from finetune.data import DataSplit, Loaders
+from finetune.distributed import SINGLE, World
+from finetune.files import open_append
+from finetune.resume import ResumePlan
+from finetune.rundir import RunDirInUse, hold_run_dir
+from finetune.runtime import Runtime, seed_ranks, setup_runtime
+from finetune.signals import StopRequest, TrainingInterrupted, ignore_stop_signals, stop_workers
+from finetune.summary import FINAL_HPARAM_METRICS, RunSummary, closing_block
+from finetune.trainer import TrainState
+
+log = logging.getLogger("finetune")
+
+
+class Recipe:
+    """One fine-tune in ``run_dir``; a context manager whose exit is `cleanup`. Under DDP every process
+    runs the same recipe and rank 0 alone writes the run's files."""
+
+    def __init__(self, run_dir: Path, *, world: World = SINGLE):
+        self.run_dir, self.world = run_dir, world
+        self.summary = RunSummary(run_dir)
+        self.run_log = RunLogHandler(run_dir / "train.log")
+        self.lock = contextlib.ExitStack()
+        self.plan: ResumePlan | None = None
+        self.split: DataSplit | None = None
+        self.loaders: Loaders | None = None
+        self.parts: builders.RunParts | None = None
+        self.hparams: dict[str, Any] = {}
+        self.state: TrainState | None = None
+
+    # ------------------------------------------------------------ setup
+    def setup(self, cfg: DictConfig, *, stop: StopRequest | None = None) -> None:
+        """Build every part of the run once, in order, and put it where the resume plan starts."""
+        check_config(cfg)
+        self.world.check_same_config(OmegaConf.to_yaml(cfg, resolve=True))
+        if self.world.main:  # this process alone writes into the run dir from here on
+            self.lock.enter_context(hold_run_dir(self.run_dir))
+        self.plan = ResumePlan.locate(cfg, run_dir=self.run_dir)
+        self.summary.note_resumed_from(self.plan.source)
+        self.world.barrier()  # every process knows where it starts before rank 0 writes anything
+        rt = setup_runtime(seed=cfg.seed, device=cfg.trainer.device, precision=cfg.trainer.precision,
+                           deterministic=cfg.trainer.deterministic, job=builders.job_number(), world=self.world)
+        model, spec, data_config = self.build_model_and_data(cfg, rt, pretrained=self.plan.fresh)
+        self.plan.place(loaders=self.loaders, world=self.world, accumulate=cfg.trainer.accumulate)
+        freeze = builders.build_freeze(cfg, model, spec)
+        lr, lr_find = builders.choose_lr(cfg, model, spec, loaders=self.loaders, rt=rt, saved=self.plan.lr_record)
+        self.summary.note_lr(lr_find, write=self.world.main)
+        optimizer, scheduler = builders.build_optimization(
+            cfg, model, spec, lr=lr, updates_per_epoch=builders.updates_per_epoch(cfg, self.loaders))
+        training = TrainingParts(model, optimizer, scheduler, grad_scaler=builders.build_grad_scaler(rt),
+                                 ema=builders.build_ema(cfg, model), freeze=freeze)
+        self.parts = builders.build_run(cfg, training, spec=spec, data_config=data_config,
+                                        class_names=self.split.class_names, loaders=self.loaders, rt=rt,
+                                        run_dir=self.run_dir, plan=self.plan, stop=stop, lr_find=lr_find)
+        self.hparams = builders.hparams(cfg, only=builders.swept_keys())
+        seed_ranks(cfg.seed, self.world)
+        self.state = self.plan.apply(training=training, checkpointer=self.parts.hooks.checkpoint,
+                                     metrics=self.parts.hooks.metrics, max_epochs=cfg.trainer.max_epochs,
+                                     world=self.world)
+
+    def build_model_and_data(self, cfg: DictConfig, rt: Runtime, *, pretrained: bool) -> tuple[Any, Any, dict]:
+        """The data split (recorded in ``split.json``), the model (its pretrained weights loaded when
+        ``pretrained``; a resumed model gets its weights from the training state), the loaders."""
+        self.split = builders.build_split(cfg.data, run_dir=self.run_dir, write=self.world.main)
+        model, spec = builders.build_classifier(cfg.model, head=cfg.head, num_classes=len(self.split.class_names))
+        if pretrained:
+            builders.init_weights(cfg.model, model, spec, head=cfg.head, class_names=self.split.class_names,
+                                  run_dir=self.run_dir, write=self.world.main)
+        model = builders.prepare_for_ddp(cfg, model.to(rt.device), rt=rt)
+        data_config = builders.build_data_config(cfg.data, spec)
+        self.loaders = builders.build_loaders(cfg.data, self.split, data_config, seed=cfg.seed, device=rt.device,
+                                              world=self.world)
+        return model, spec, data_config
+
+    def search_lr(self, cfg: DictConfig) -> dict[str, Any]:
+        """Only the range test of ``optim.lr=auto`` (``python -m finetune.lr_find``), on the model as ``cfg``
+        would train it: the same parts as `setup` up to the rate. Returns ``lr_find.json``'s record."""
+        rt = setup_runtime(seed=cfg.seed, device=cfg.trainer.device, precision=cfg.trainer.precision,
+                           deterministic=cfg.trainer.deterministic)
+        try:
+            model, spec, _ = self.build_model_and_data(cfg, rt, pretrained=True)
+            builders.build_freeze(cfg, model, spec)
+            return builders.choose_lr(cfg, model, spec, loaders=self.loaders, rt=rt)[1]
+        finally:
+            self.stop_workers()
+
+    # ------------------------------------------------------------ train
+    def train(self) -> dict[str, float]:
+        """Fit from where setup left off; the final metrics (the last epoch's, and ``best/value``)."""
+        state = self.parts.trainer.fit(self.loaders.train, self.loaders.val, self.state)
+        last = self.parts.hooks.metrics.last
+        final = {k: v for k, v in last.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        final["best/value"] = state.best_value
+        self.summary.completed(state, final)
+        if self.parts.logger is not None:
+            self.parts.logger.log_hparams(self.hparams, {"best": state.best_value} |
+                                          {f"final/{k}": v for k, v in final.items() if k in FINAL_HPARAM_METRICS})
+        return final
+
+    # ------------------------------------------------------------ cleanup
+    def __enter__(self) -> Recipe:
+        root = logging.getLogger()
+        if self.world.main:  # a DDP process other than rank 0 logs as its launcher set up (errors only)
+            root.addHandler(self.run_log)
+            root.setLevel(min(root.level or logging.INFO, logging.INFO))
+        logging.captureWarnings(True)  # e.g. skipped unreadable images reach train.log too
+        return self
+
+    def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: Any) -> None:
+        self.cleanup(exc_type, exc)
+
+    def cleanup(self, exc_type: type | None = None, exc: BaseException | None = None) -> None:
+        """End what setup started, however the run ended: workers, hooks, ``summary.json``, the lock."""
+        try:
+            if exc_type is None or not issubclass(exc_type, RunDirInUse):  # another run's dir: write nothing there
+                self._finish_files(exc_type, exc)
+        finally:
+            self._release(exc_type)
+
+    def stop_workers(self) -> None:
+        """However the run ended: no loader worker process outlives it."""
+        for loader in (self.loaders.train, self.loaders.val) if self.loaders is not None else ():
+            stop_workers(loader)
+
+    def _finish_files(self, exc_type: type | None, exc: BaseException | None) -> None:
+        self.stop_workers()
+        if self.parts is not None:
+            for hook in self.parts.hooks.ordered():  # first: a background checkpoint save finishes here
+                hook.close()
+            checkpoint = self.parts.hooks.checkpoint
+            self.summary.note_files(best=checkpoint.best(), monitor=self.parts.trainer.monitor, paths=checkpoint.paths())
+        self.summary.ended(exc_type, exc)
+        if not self.world.main:
+            return
+        if self.parts is None and exc_type is not None and (self.run_dir / "summary.json").exists():
+            log.error(f"stopped before training, '{self.run_dir / 'summary.json'}' left as it was: {exc}")
+            return  # refused before any work (a resume, a fresh run here): keep that run's summary
+        self.summary.write()
+        if self.parts is not None and not in_a_sweep():  # a sweep ends with its own table instead
+            log.info(closing_block(self.summary.record, data_root=self.split.root if self.split else None))
+
+    def _release(self, exc_type: type | None) -> None:
+        if self.parts is not None and (exc_type is None or issubclass(exc_type, TrainingInterrupted)):
+            # Every process got here at the same step: none exits before rank 0 has written its files
+            # (torchrun stops the other processes as soon as one exits with an error status, 143 included).
+            self.world.barrier()
+            if self.world.distributed and exc_type is not None:
+                ignore_stop_signals()  # each exits 128 + the signal that stopped them all, not killed by torchrun
+        self.lock.close()
+        logging.getLogger().removeHandler(self.run_log)
+        logging.captureWarnings(False)
+        self.run_log.close()
+
+
+class RunLogHandler(logging.FileHandler):
+    """``train.log``: appended to, created by the first line, never through a link planted at its name."""
+
+    def __init__(self, path: Path):
+        super().__init__(path, delay=True, encoding="utf-8")
+
+    def _open(self) -> Any:
+        return open_append(self.baseFilename, encoding=self.encoding)

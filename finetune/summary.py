@@ -1,0 +1,110 @@
+"""How a run ended: ``summary.json`` (status, best metric, paths, wall time), however it ended, and the
+closing block on the console with the commands to run next."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shlex
+import time
+from pathlib import Path
+from typing import Any
+
+from finetune.cli import command, override
+from finetune.errors import RunPruned
+from finetune.files import atomic_write_text
+from finetune.signals import TrainingInterrupted
+from finetune.trainer import TrainState
+
+log = logging.getLogger("finetune")
+FINAL_HPARAM_METRICS = ("val/acc1", "val/loss", "train/loss")  # next to the best value in the trackers' hparams
+
+
+class RunSummary:
+    """A run's account of itself, kept as it goes and written into ``summary.json`` when it ends."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = run_dir
+        self.record: dict[str, Any] = {"status": "running", "run_dir": str(run_dir)}
+        self.started = time.time()
+
+    def note_lr(self, lr_find: dict[str, Any] | None, *, write: bool) -> None:
+        """``optim.lr=auto``'s choice: in ``summary.json``, and whole in ``lr_find.json`` (``write``: this process
+        writes the run's files)."""
+        if lr_find is None:
+            return
+        self.record["lr_find"] = {k: lr_find[k] for k in ("lr", "chosen", "rule", "reason")}
+        if write:
+            atomic_write_text(self.run_dir / "lr_find.json", json.dumps(lr_find, indent=1) + "\n", root=self.run_dir)
+
+    def note_resumed_from(self, path: Path | None) -> None:
+        if path is not None:
+            self.record["resumed_from"] = str(path)
+
+    def completed(self, state: TrainState, final: dict[str, float]) -> None:
+        self.record |= {"status": "completed", "epochs": state.epoch, "steps": state.global_step, "final": final}
+
+    def ended(self, exc_type: type | None, exc: BaseException | None) -> None:
+        """How the run ended, when it did not complete: its status and error, and how to resume."""
+        if exc_type is None:
+            return
+        status = ("interrupted" if issubclass(exc_type, KeyboardInterrupt)
+                  else "pruned" if issubclass(exc_type, RunPruned) else "failed")
+        self.record |= {"status": status, "error": f"{exc_type.__name__}: {exc}"}
+        if issubclass(exc_type, TrainingInterrupted):
+            self.record["resume_with"] = command("finetune", override("resume", self.run_dir))
+
+    def note_files(self, *, best: dict[str, Any], monitor: str, paths: dict[str, str]) -> None:
+        """The best checkpoint's metric and epoch, and every file the run wrote."""
+        self.record["best"] = {"metric": monitor, "value": best.get("value"), "epoch": best.get("epoch")}
+        self.record["paths"] = {"run_dir": str(self.run_dir), **paths, "tensorboard": str(self.run_dir / "tb"),
+                                "metrics": str(self.run_dir / "metrics.jsonl")}
+
+    def write(self) -> None:
+        """``summary.json``, written whole; a full disk is logged, never hides the error that ended the run."""
+        self.record["wall_seconds"] = round(time.time() - self.started, 2)
+        try:
+            atomic_write_text(self.run_dir / "summary.json", json.dumps(self.record, indent=2) + "\n",
+                              root=self.run_dir)
+        except OSError as err:
+            log.error(f"could not write '{self.run_dir / 'summary.json'}': {err}")
+
+
+def closing_block(record: dict[str, Any], *, data_root: str | None) -> str:
+    """The end of a run's console output: how it ended, where its files are, and what to run next
+    (each command quoted for Hydra and the shell: `finetune.cli.command`).
+
+    >>> print(closing_block({"status": "interrupted", "run_dir": "R", "epochs": None, "steps": 7,
+    ...     "best": {"metric": "val/acc1", "value": 0.5, "epoch": 1},
+    ...     "paths": {"best.safetensors": "R/checkpoints/best.safetensors", "last.ckpt": "R/checkpoints/last.ckpt"}},
+    ...     data_root="my photos"))  # doctest: +NORMALIZE_WHITESPACE
+    ---- run interrupted ----
+    best         val/acc1 0.5000 at epoch 1
+    weights      R/checkpoints/best.safetensors
+    run dir      R
+    tensorboard  tensorboard --logdir R/tb
+    next:
+      python -m finetune resume=R
+      python -m finetune.evaluate ckpt=R data=custom "data.root='my photos'"
+      python -m finetune.predict ckpt=R inputs=DIR_OR_GLOB
+      python -m finetune.export ckpt=R format=onnx
+    """
+    run_dir, status, paths = record["run_dir"], record["status"], record.get("paths", {})
+    best, weights = record.get("best") or {}, paths.get("best.safetensors") or paths.get("best.pt")
+    lines = [f"---- run {status} ----"]
+    if record.get("error") and status not in ("completed", "interrupted"):
+        lines.append(f"error        {record['error']}")
+    if best.get("value") is not None:
+        lines.append(f"best         {best['metric']} {best['value']:.4f} at epoch {best['epoch']}")
+    if weights:
+        lines.append(f"weights      {weights}")
+    lines += [f"run dir      {run_dir}", f"tensorboard  {shlex.join(['tensorboard', '--logdir', f'{run_dir}/tb'])}"]
+    ckpt = override("ckpt", run_dir)
+    commands = ([command("finetune", override("resume", run_dir))]
+                if status != "completed" and "last.ckpt" in paths else [])
+    if weights:
+        data = ["data=custom", override("data.root", data_root)] if data_root else []
+        commands += [command("finetune.evaluate", ckpt, *data),
+                     command("finetune.predict", ckpt, "inputs=DIR_OR_GLOB"),
+                     command("finetune.export", ckpt, "format=onnx")]
+    return "\n".join(lines + (["next:"] + [f"  {c}" for c in commands] if commands else []))
