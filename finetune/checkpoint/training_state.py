@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from finetune._torch_compat import copy_state_dict_versions
 from finetune.files import FileFacts, atomic_write_stream
 from finetune.errors import UserError, describe_error
 from finetune.trainer import TrainState
@@ -82,8 +83,7 @@ def detached_copy(obj: Any) -> Any:
         return obj.detach().to("cpu", copy=True)
     if isinstance(obj, dict):
         out = type(obj)((k, detached_copy(v)) for k, v in obj.items())
-        if hasattr(obj, "_metadata"):  # a module state_dict's per-module versions
-            out._metadata = obj._metadata
+        copy_state_dict_versions(obj, out)  # a module state_dict's per-module versions
         return out
     if isinstance(obj, (list, tuple)):
         return type(obj)(detached_copy(v) for v in obj)

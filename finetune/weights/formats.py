@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import struct
 import warnings
 import zipfile
@@ -32,6 +31,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from finetune._torch_compat import blocked_global, is_weights_only_refusal
 from finetune.confine import confined
 from finetune.errors import UserError, describe_error
 from finetune.weights.limits import MAX_DEPTH, TooLarge, measure_tree
@@ -333,11 +333,9 @@ def _torch_load(file: Path, *, mmap: bool, trust_pickle: bool) -> object:
 
 def _load_error(file: Path, err: Exception) -> UserError:
     """Turn a ``torch.load`` failure into one line naming the cause and the fix."""
-    text = str(err)
-    blocked = (re.search(r"GLOBAL ([\w.]+)", text)
-               or re.search(r"Unsupported (?:global|operand)[^:]*: ([^\s.][^\n]*?)(?: was|\n|$)", text))
-    if "Weights only load failed" in text:
-        what = f"the pickled object '{blocked.group(1)}'" if blocked else "pickled objects"
+    if is_weights_only_refusal(err):
+        blocked = blocked_global(err)
+        what = f"the pickled object '{blocked}'" if blocked else "pickled objects"
         return UserError(f"checkpoint '{file}' needs {what}, which safe loading blocks: re-save it as plain tensors "
                          f"(python -m finetune.ckpt convert), or {TRUST_HINT}")
     return UserError(f"checkpoint '{file}' could not be read ({describe_error(err)}): it is truncated or corrupt; "
