@@ -12,6 +12,7 @@ import ast
 import io
 import multiprocessing
 import pickle
+import struct
 import warnings
 import zipfile
 from collections import OrderedDict
@@ -25,7 +26,10 @@ from torch.utils.data.dataloader import _MultiProcessingDataLoaderIter
 from torchvision.ops import FrozenBatchNorm2d
 
 import finetune
+from conftest_weights import TinyNet
 from finetune import _torch_compat as compat
+from finetune.errors import UserError
+from finetune.weights import read_state_dict
 
 PACKAGE = Path(finetune.__file__).parent
 COMPAT = PACKAGE / "_torch_compat.py"
@@ -354,3 +358,45 @@ instantiate(cfg, _partial_=True)
     uses = private_torch_uses(source, torch_private_members())
     assert [int(use.split(":")[0]) for use in uses] == [2, 3, 4, 6, 7, 8, 9, 11, 12, 13], uses
     assert private_torch_uses(COMPAT.read_text(), torch_private_members()), "the scan finds nothing in _torch_compat"
+
+
+# ------------------------------------------------------------------ zip entries zipfile cannot read
+def _script_archive(path: Path) -> Path:
+    torch.jit.save(torch.jit.script(TinyNet().eval()), str(path))
+    return path
+
+
+def _saved(path: Path, obj: object | None = None) -> Path:
+    torch.save(TinyNet().state_dict() if obj is None else obj, path)
+    return path
+
+
+def _central_record(data: bytes, suffix: str) -> int:
+    """Where an entry's central-directory record begins in a zip."""
+    start = 0
+    while (start := data.find(b"PK\x01\x02", start)) >= 0:
+        name_length = struct.unpack_from("<H", data, start + 28)[0]
+        if data[start + 46:start + 46 + name_length].decode().endswith(suffix):
+            return start
+        start += 4
+    raise AssertionError(f"no entry {suffix}")
+
+
+def test_a_zip_version_zipfile_cannot_read_is_one_line(tmp_path: Path) -> None:
+    data = bytearray(saved_bytes(TinyNet().state_dict()))
+    struct.pack_into("<H", data, _central_record(bytes(data), "/data.pkl") + 6, 128)  # version needed: 12.8
+    (tmp_path / "w.pt").write_bytes(bytes(data))
+    with pytest.raises(UserError, match=r"truncated or corrupt zip archive \(NotImplementedError: zip file version "
+                                        r"12\.8\)"):
+        read_state_dict(tmp_path / "w.pt")
+
+
+@pytest.mark.parametrize("kind", ["torch.save", "TorchScript"])
+def test_an_encrypted_entry_is_refused_before_anything_reads_it(tmp_path: Path, kind: str) -> None:
+    path = _saved(tmp_path / "w.pt") if kind == "torch.save" else _script_archive(tmp_path / "w.pt")
+    data = bytearray(path.read_bytes())
+    flags = _central_record(bytes(data), "/data.pkl") + 8
+    struct.pack_into("<H", data, flags, struct.unpack_from("<H", data, flags)[0] | 0x1)
+    path.write_bytes(bytes(data))
+    with pytest.raises(UserError, match=r"has an encrypted or patched entry '.*/data\.pkl', which torch never writes"):
+        read_state_dict(path)

@@ -64,6 +64,7 @@ MAX_INFLATED_BYTES = 64 * 2**20  # a compressed entry (TorchScript code/ text) m
 VIEW_FACTOR, VIEW_SLACK = 2, 2**20
 MAX_METADATA_CHARS = 1000  # a container's scalar entry, as `Checkpoint.metadata` keeps it (for display)
 TRUST_HINT = "set model.trust_pickle=true (CLI: --trust-pickle) only if you trust the file"
+ZIP_FLAGS_NEVER_WRITTEN = 0x1 | 0x20 | 0x40  # encrypted, patched, strongly encrypted: zipfile cannot read them
 
 
 @dataclass
@@ -202,7 +203,7 @@ def _open_zip(file: Path) -> zipfile.ZipFile:
     """
     try:
         archive = zipfile.ZipFile(file)
-    except (zipfile.BadZipFile, OSError, ValueError) as err:
+    except (zipfile.BadZipFile, OSError, ValueError, NotImplementedError) as err:  # the last: a version zipfile lacks
         raise UserError(f"checkpoint '{file}' is a truncated or corrupt zip archive ({describe_error(err)}): "
                         "save or download it again") from None
     try:
@@ -214,12 +215,16 @@ def _open_zip(file: Path) -> zipfile.ZipFile:
 
 
 def _check_zip_entries(file: Path, entries: list[zipfile.ZipInfo]) -> None:
-    """Each entry stored (or small ``code/`` text) and inside the file, and all of them no larger than the file
-    (entries that overlap would let storages claim the same bytes many times)."""
+    """Each entry stored (or small deflated ``code/`` text), unencrypted and inside the file, and all of them no
+    larger than the file (entries that overlap would let storages claim the same bytes many times)."""
     size = file.stat().st_size
     for info in entries:
         stored = info.compress_type == zipfile.ZIP_STORED
-        if not stored and ("/code/" not in f"/{info.filename}" or info.file_size > MAX_INFLATED_BYTES):
+        if info.flag_bits & ZIP_FLAGS_NEVER_WRITTEN:
+            raise UserError(f"checkpoint '{file}' has an encrypted or patched entry '{info.filename}', which torch "
+                            "never writes: refused (a forged or corrupt archive); save or download it again")
+        if not stored and ("/code/" not in f"/{info.filename}" or info.compress_type != zipfile.ZIP_DEFLATED
+                           or info.file_size > MAX_INFLATED_BYTES):
             raise UserError(f"checkpoint '{file}' has a compressed entry '{info.filename}' ({info.compress_size} "
                             f"bytes inflating to {info.file_size}), which torch never writes: refused (a repacked "
                             "or forged archive); re-save the weights with torch.save")
