@@ -21,12 +21,17 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 # Identity functions older TorchScript pickles call to tag list types (torch/jit/_pickle.py).
 LIST_TAGS = ("build_intlist", "build_tensorlist", "build_doublelist", "build_boollist", "restore_type_tag")
-# What torch.load(weights_only=True) says of everything its unpickler refuses (torch/serialization.py).
-REFUSAL_TEXT = re.compile(r"Weights only load failed")
+# What torch.load(weights_only=True) says of everything its unpickler refuses, and of a TorchScript archive,
+# which it never reads weights-only (torch/serialization.py).
+REFUSAL_TEXT = re.compile(r"Weights only load failed|Cannot use ``weights_only=True`` with TorchScript archives")
 # The refused global, as the weights-only unpickler names it ("GLOBAL posix.system was not an allowed global"),
 # then as older releases did ("Unsupported global: ...").
 BLOCKED_GLOBAL = (re.compile(r"GLOBAL ([\w.]+)"),
                   re.compile(r"Unsupported (?:global|operand)[^:]*: ([^\s.][^\n]*?)(?: was|\n|$)"))
+# What torch's readers say of a file they cannot parse: the zip reader (caffe2/serialize/inline_container.cc)
+# and the legacy format's checks (torch/serialization.py, the storage readers in torch/csrc).
+DAMAGE_TEXT = re.compile(r"PytorchStreamReader failed|inline_container\.cc|hasRecord\(|unexpected EOF, expected \d+ "
+                         r"more bytes|Invalid magic number|Invalid protocol version|storage has wrong byte size")
 
 
 def weights_only_unpickler() -> type:
@@ -70,7 +75,8 @@ def list_tag_functions() -> list[Callable[..., Any]]:
 
 def is_weights_only_refusal(err: BaseException) -> bool:
     """Whether ``torch.load(weights_only=True)`` refused what the file holds: an object its unpickler does not
-    allow. torch says so only in the error's text (of every error its unpickler raises)."""
+    allow, or a TorchScript archive. torch says so only in the error's text (for the unpickler, of every error
+    it raises)."""
     return REFUSAL_TEXT.search(str(err)) is not None
 
 
@@ -82,6 +88,12 @@ def blocked_global(err: BaseException) -> str | None:
         if found:
             return found.group(1)
     return None
+
+
+def reports_damaged_file(err: BaseException) -> bool:
+    """Whether ``err`` is torch's reader saying the file itself is malformed (a broken zip record, a legacy
+    file cut short), which torch says only in a ``RuntimeError``'s text."""
+    return isinstance(err, RuntimeError) and DAMAGE_TEXT.search(str(err)) is not None
 
 
 def kept_iterator(loader: Any) -> Any:

@@ -1,9 +1,13 @@
-"""The private torch APIs finetune relies on, checked against the installed torch.
+"""The private torch APIs finetune relies on, checked against the installed torch, and the readers' errors.
 
 Each function of `finetune._torch_compat` has one test here that exercises it as the package
 uses it; when a torch release moves or changes what it relies on, the test names the private
 API, the torch version and the function to update. A scan of the package's source keeps every
 private torch use inside ``finetune/_torch_compat.py``.
+
+Then the readers (`read_state_dict`, `load_model`, `load_training_state`): a file's own damage
+is one "truncated or corrupt" line, while an error the file does not explain (a torch upgrade
+that breaks a reader) says so and keeps the error as its cause, for ``HYDRA_FULL_ERROR=1``.
 """
 
 from __future__ import annotations
@@ -11,15 +15,19 @@ from __future__ import annotations
 import ast
 import io
 import multiprocessing
+import os
 import pickle
+import pickletools
 import struct
 import warnings
 import zipfile
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.data.dataloader import _MultiProcessingDataLoaderIter
@@ -28,6 +36,7 @@ from torchvision.ops import FrozenBatchNorm2d
 import finetune
 from conftest_weights import TinyNet
 from finetune import _torch_compat as compat
+from finetune.checkpoint import load_model, load_training_state
 from finetune.errors import UserError
 from finetune.weights import read_state_dict
 
@@ -142,6 +151,12 @@ def test_is_weights_only_refusal_tells_a_refused_object_from_other_errors() -> N
     refused = refusal(saved_bytes({"x": Foreign()}))
     assert compat.is_weights_only_refusal(refused), needs_update(
         "is_weights_only_refusal", f"refuses a global in other words: {str(refused)[:120]!r}")
+    buffer = io.BytesIO()
+    torch.jit.save(torch.jit.script(nn.Linear(2, 2)), buffer)
+    with pytest.raises(Exception) as info:  # noqa: B017 - which exception is what the test checks
+        torch.load(io.BytesIO(buffer.getvalue()), weights_only=True)
+    assert compat.is_weights_only_refusal(info.value), needs_update(
+        "is_weights_only_refusal", f"refuses a TorchScript archive in other words: {str(info.value)[:120]!r}")
     assert not compat.is_weights_only_refusal(RuntimeError("PytorchStreamReader failed reading zip archive"))
 
 
@@ -157,6 +172,40 @@ def _raw_refusal(data: bytes) -> pickle.UnpicklingError:
     with pytest.raises(pickle.UnpicklingError) as info:
         compat.weights_only_unpickler()(io.BytesIO(data), encoding="utf-8").load()
     return info.value
+
+
+def _rewritten(data: bytes, rename: Callable[[str], str | None]) -> bytes:
+    """A zip with each entry renamed (``None``: dropped)."""
+    out = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(data)) as zin, zipfile.ZipFile(out, "w") as zout:
+        for info in zin.infolist():
+            if (name := rename(info.filename)) is not None:
+                zout.writestr(name, zin.read(info))
+    return out.getvalue()
+
+
+def _without_magic(legacy: bytes) -> bytes:
+    """A legacy ``torch.save`` file whose first pickle (the magic number) is another number."""
+    end = next(pos for op, _, pos in pickletools.genops(legacy) if op.name == "STOP") + 1
+    return pickle.dumps(1, protocol=2) + legacy[end:]
+
+
+def test_reports_damaged_file_recognises_torchs_words_for_a_malformed_file() -> None:
+    zipped, legacy = saved_bytes({"w": torch.arange(64.0)}), saved_bytes({"w": torch.arange(64.0)}, legacy=True)
+    cases = {
+        "a zip without a storage record": _rewritten(zipped, lambda n: None if n.endswith("/data/0") else n),
+        "a zip with a record outside its directory": _rewritten(zipped, lambda n: n.replace("archive/", "x/", 1)
+                                                                if n.endswith("byteorder") else n),
+        "a legacy file cut in its storage bytes": legacy[:-10],
+        "a legacy file with a wrong magic number": _without_magic(legacy),
+    }
+    for case, data in cases.items():
+        with pytest.raises(Exception) as info:  # noqa: B017 - which exception is what the test checks
+            torch.load(io.BytesIO(data), weights_only=True)
+        assert compat.reports_damaged_file(info.value), needs_update(
+            "reports_damaged_file", f"says {type(info.value).__name__}: {str(info.value)[:120]!r} of {case}")
+    assert not compat.reports_damaged_file(RuntimeError("CUDA out of memory"))
+    assert not compat.reports_damaged_file(TypeError("PytorchStreamReader failed"))
 
 
 def _worker_processes() -> set[multiprocessing.Process]:
@@ -360,7 +409,13 @@ instantiate(cfg, _partial_=True)
     assert private_torch_uses(COMPAT.read_text(), torch_private_members()), "the scan finds nothing in _torch_compat"
 
 
-# ------------------------------------------------------------------ zip entries zipfile cannot read
+# ------------------------------------------------------------------ readers: damage is one line, the rest keeps its cause
+def _raiser(err: BaseException) -> Callable[..., object]:
+    def raise_it(*args: object, **kwargs: object) -> object:
+        raise err
+    return raise_it
+
+
 def _script_archive(path: Path) -> Path:
     torch.jit.save(torch.jit.script(TinyNet().eval()), str(path))
     return path
@@ -369,6 +424,57 @@ def _script_archive(path: Path) -> Path:
 def _saved(path: Path, obj: object | None = None) -> Path:
     torch.save(TinyNet().state_dict() if obj is None else obj, path)
     return path
+
+
+def _safetensors(path: Path) -> Path:
+    save_file(TinyNet().state_dict(), str(path))
+    return path
+
+
+# reader name -> (write a file, read it, where to plant the error, what the message says the file was read as)
+READERS = {
+    "torch.save zip": (_saved, read_state_dict, (torch, "load"), "checksums match"),
+    "safetensors": (_safetensors, read_state_dict, ("finetune.weights.formats.safe_open", None), "fresh copy"),
+    "TorchScript as data": (_script_archive, read_state_dict, ("finetune.weights.torchscript.element_size", None),
+                            "checksums match"),
+    "load_model, torch": (_saved, load_model, (torch, "load"), "checksums match"),
+    "load_model, safetensors": (lambda p: _safetensors(p.with_suffix(".safetensors")), load_model,
+                                ("finetune.checkpoint.weights_file.safe_open", None), "fresh copy"),
+    "training state": (_saved, load_training_state, (torch, "load"), "checksums match"),
+}
+
+
+@pytest.mark.parametrize("reader", sorted(READERS))
+def test_an_unexpected_error_in_a_reader_keeps_its_cause(tmp_path: Path, monkeypatch, reader: str) -> None:
+    write, read, (target, attribute), says = READERS[reader]
+    path = write(tmp_path / "w.pt")
+    boom = TypeError("load() got an unexpected keyword argument 'mmap'")  # as if a torch release changed an API
+    monkeypatch.setattr(target, *([attribute] if attribute else []), _raiser(boom))
+    with pytest.raises(UserError) as info:
+        read(path)
+    message = str(info.value)
+    assert info.value.__cause__ is boom, f"the cause is lost: {message}"
+    assert "corrupt" not in message and "truncated" not in message, message
+    assert "unexpected error" in message and "TypeError: load() got an unexpected keyword" in message, message
+    assert "HYDRA_FULL_ERROR=1" in message and says in message and str(path) in message and "\n" not in message
+
+
+def test_an_os_error_is_not_called_corrupt(tmp_path: Path, monkeypatch) -> None:
+    path = _saved(tmp_path / "w.pt")
+    denied = PermissionError(13, "Permission denied")
+    monkeypatch.setattr(torch, "load", _raiser(denied))
+    with pytest.raises(UserError, match=r"could not be read \(PermissionError: .*Permission denied\): check the file "
+                                        "and its permissions") as info:
+        read_state_dict(path)
+    assert info.value.__cause__ is denied and "corrupt" not in str(info.value)
+
+
+def _entry_offset(data: bytes, suffix: str) -> int:
+    """Where the data of a stored entry begins in a zip."""
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        info = next(i for i in archive.infolist() if i.filename.endswith(suffix))
+    name_length, extra_length = struct.unpack_from("<HH", data, info.header_offset + 26)
+    return info.header_offset + 30 + name_length + extra_length
 
 
 def _central_record(data: bytes, suffix: str) -> int:
@@ -380,6 +486,19 @@ def _central_record(data: bytes, suffix: str) -> int:
             return start
         start += 4
     raise AssertionError(f"no entry {suffix}")
+
+
+def test_a_flipped_bit_in_a_pickle_is_named_by_the_zips_checksum(tmp_path: Path) -> None:
+    """The STOP of data.pkl flipped: torch's unpickler raises "Unsupported operand", which alone reads as an object
+    safe loading blocks; the entry's CRC says what it is."""
+    data = bytearray(saved_bytes(TinyNet().state_dict()))
+    with zipfile.ZipFile(io.BytesIO(bytes(data))) as archive:
+        end = _entry_offset(bytes(data), "/data.pkl") + archive.getinfo("archive/data.pkl").file_size - 1
+    data[end] ^= 0x80
+    (tmp_path / "w.pt").write_bytes(bytes(data))
+    with pytest.raises(UserError, match=r"\(BadZipFile: Bad CRC-32 for file 'archive/data.pkl'\): it is truncated or "
+                                        "corrupt; save or download it again"):
+        read_state_dict(tmp_path / "w.pt")
 
 
 def test_a_zip_version_zipfile_cannot_read_is_one_line(tmp_path: Path) -> None:
@@ -400,3 +519,39 @@ def test_an_encrypted_entry_is_refused_before_anything_reads_it(tmp_path: Path, 
     path.write_bytes(bytes(data))
     with pytest.raises(UserError, match=r"has an encrypted or patched entry '.*/data\.pkl', which torch never writes"):
         read_state_dict(path)
+
+
+def test_a_legacy_file_cut_between_its_pickles_is_truncated(tmp_path: Path) -> None:
+    """torch's unpickler raises IndexError on a pickle that ends at once; pickletools says why."""
+    legacy = saved_bytes(TinyNet().state_dict(), legacy=True)
+    second = [pos for op, _, pos in pickletools.genops(legacy) if op.name == "STOP"][0] + 1
+    (tmp_path / "w.pt").write_bytes(legacy[:second + 1])  # the protocol pickle's PROTO opcode, without its argument
+    with pytest.raises(UserError, match=r"could not be read \(IndexError: .*; pickletools: .*\): it is truncated or "
+                                        "corrupt"):
+        read_state_dict(tmp_path / "w.pt")
+
+
+def test_a_torch_save_with_checksums_off_reads_and_fails_like_any(tmp_path: Path, monkeypatch) -> None:
+    """A training state is saved without zip CRCs (each is 0): such entries are not checked, nor called damaged."""
+    crc = torch.serialization.get_crc32_options()
+    torch.serialization.set_crc32_options(False)
+    try:
+        path = _saved(tmp_path / "last.ckpt", {"format": "x", "model": TinyNet().state_dict()})
+    finally:
+        torch.serialization.set_crc32_options(crc)
+    boom = RuntimeError("an error torch never raised before")
+    monkeypatch.setattr(torch, "load", _raiser(boom))
+    with pytest.raises(UserError, match="an unexpected error reading it .*if a fresh copy fails") as info:
+        load_training_state(path)
+    assert info.value.__cause__ is boom
+
+
+def test_the_pickle_check_reads_no_more_than_the_pickles(tmp_path: Path) -> None:
+    """`pickle_flaw` parses pickles as data: a pickle that would run code parses without running it."""
+    from finetune.weights.formats import pickle_flaw
+
+    marker = tmp_path / "pwned"
+    payload = b"\x80\x02cposix\nsystem\nX" + struct.pack("<I", len(f"touch {marker}")) + f"touch {marker}".encode()
+    (tmp_path / "evil.pkl").write_bytes(payload + b"\x85R." + b"\x80\x02K\x01." * 4)  # a call, then 4 pickles of 1
+    assert pickle_flaw(tmp_path / "evil.pkl") is None
+    assert not marker.exists() and os.listdir(tmp_path) == ["evil.pkl"]

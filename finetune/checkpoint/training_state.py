@@ -14,8 +14,9 @@ from torch import nn
 
 from finetune._torch_compat import copy_state_dict_versions
 from finetune.files import FileFacts, atomic_write_stream
-from finetune.errors import UserError, describe_error
+from finetune.errors import UserError
 from finetune.trainer import TrainState
+from finetune.weights.formats import explain_read_error, unexpected_read_error
 from finetune.weights.limits import TooLarge, measure_tree
 
 STATE_FORMAT = "finetune.train_state/1"
@@ -57,8 +58,11 @@ def load_training_state(path: str | Path, *, map_location: str | torch.device = 
     """Read ``last.ckpt`` safely; a corrupt or foreign file is a one-line error naming it."""
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unreadable file gets the same clear message
-        raise UserError(f"training state '{path}' cannot be read ({describe_error(err, limit=160)})") from None
+    except Exception as err:  # noqa: BLE001 - zip, pickle and storage errors have no common base class
+        failure = explain_read_error(Path(path), err)
+        if failure.kind == "unexpected":
+            raise unexpected_read_error(f"training state '{path}' cannot be read", failure) from err
+        raise UserError(f"training state '{path}' cannot be read ({failure.detail})") from err
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         raise UserError(f"'{path}' is not a finetune training state (last.ckpt)")
     try:  # a pickle is a graph: dicts shared between levels would expand when restored (optimizer state)

@@ -46,6 +46,10 @@ class NotPlainData(Exception):
     """The archive's state is not plain tensors and containers: only running it would read it."""
 
 
+class DamagedArchive(ValueError):
+    """The archive contradicts itself (a storage record missing or too short): ``torch.jit.save`` never writes that."""
+
+
 @dataclass
 class _ClassInfo:
     """What ``code/`` says about one TorchScript class."""
@@ -80,10 +84,10 @@ def read_script_tensors(file: Path, archive: zipfile.ZipFile) -> dict[str, torch
         NotPlainData: The state needs code or globals that weights-only loading blocks.
         UserError: The module tree would name more tensors than `finetune.weights.limits` allows, nests
             deeper, or contains itself (refused whether or not the file is trusted).
-        zipfile.BadZipFile, KeyError, ValueError, RuntimeError: The archive is damaged.
+        DamagedArchive, zipfile.BadZipFile, zlib.error, UnicodeDecodeError: The archive is damaged.
     """
     prefix = archive.namelist()[0].split("/", 1)[0]
-    pickled = archive.read(f"{prefix}/data.pkl")
+    pickled = _record(archive, f"{prefix}/data.pkl")
     stand_ins = {name: type(name.rpartition(".")[2], (_ScriptObject,), {"qualified_name": name})
                  for name in _script_globals(pickled)}
     allowed = [(cls, name) for name, cls in stand_ins.items()]
@@ -121,7 +125,7 @@ class _StorageUnpickler(weights_only_unpickler()):
     def persistent_load(self, pid: object) -> torch.storage.TypedStorage:
         if not (isinstance(pid, tuple) and len(pid) == 5 and isinstance(pid[2], str) and isinstance(pid[4], int)
                 and pid[4] >= 0):
-            raise ValueError(f"unexpected storage reference {pid!r:.80} in data.pkl")
+            raise DamagedArchive(f"unexpected storage reference {pid!r:.80} in data.pkl")
         _, storage_type, key, _location, numel = pid  # the location is ignored: everything lands on CPU
         dtype = torch.uint8 if storage_type is torch.UntypedStorage else storage_type.dtype
         if key not in self.storages:
@@ -130,12 +134,23 @@ class _StorageUnpickler(weights_only_unpickler()):
 
     def _read_storage(self, key: str, nbytes: int, dtype: torch.dtype) -> torch.storage.TypedStorage:
         """The bytes of record ``data/<key>`` (its size checked before it is read) as a storage."""
-        info = self.archive.getinfo(f"{self.prefix}/data/{key}")
+        info = _record_info(self.archive, f"{self.prefix}/data/{key}")
         if info.file_size < nbytes:
-            raise ValueError(f"record 'data/{key}' holds {info.file_size} bytes but data.pkl needs {nbytes}")
+            raise DamagedArchive(f"record 'data/{key}' holds {info.file_size} bytes but data.pkl needs {nbytes}")
         data = bytearray(self.archive.read(info)[:nbytes])
         raw = torch.frombuffer(data, dtype=torch.uint8).untyped_storage() if nbytes else torch.UntypedStorage(0)
         return typed_storage(raw, dtype)
+
+
+def _record_info(archive: zipfile.ZipFile, name: str) -> zipfile.ZipInfo:
+    try:
+        return archive.getinfo(name)
+    except KeyError as err:
+        raise DamagedArchive(f"it has no record '{name}'") from err
+
+
+def _record(archive: zipfile.ZipFile, name: str) -> bytes:
+    return archive.read(_record_info(archive, name))
 
 
 def _script_globals(pickled: bytes) -> set[str]:
