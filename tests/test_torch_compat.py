@@ -356,8 +356,9 @@ def private_torch_uses(source: str, members: set[str], *, file: str = "") -> lis
             found = next((a.name for a in node.names if a.name.startswith("torch")
                           and any(map(_private, a.name.split(".")))), None)
         elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "torch":
-            names = [node.module, *(a.name for a in node.names)]
-            found = node.module if any(_private(p) for n in names for p in n.split(".")) else None
+            private = [a.name for a in node.names if _private(a.name)]
+            if private or any(map(_private, node.module.split("."))):
+                found = f"from {node.module} import {', '.join(private or (a.name for a in node.names))}"
         elif isinstance(node, ast.Attribute):
             root, attrs = _chain(node)
             if node.attr in members or (root in torch_names and any(map(_private, attrs))):
