@@ -90,13 +90,10 @@ def stop_workers(loader: Any) -> None:
     Needed on every way out of a run: the workers ignore SIGTERM (``shield_workers``), and a
     failed run's traceback (which Hydra keeps) keeps the loader and its persistent iterator
     alive, so at exit Python's ``multiprocessing`` would terminate them in vain and wait forever.
-    torch has no public call for this; ``_shutdown_workers`` is what its iterator's ``__del__`` runs.
     """
-    iterator = getattr(loader, "_iterator", None)
-    if iterator is not None and hasattr(iterator, "_shutdown_workers"):
-        iterator._shutdown_workers()
-    if iterator is not None:
-        loader._iterator = None
+    from finetune._torch_compat import shutdown_loader_workers  # here: this module imports no torch (__main__)
+
+    shutdown_loader_workers(loader)
 
 
 def ignore_stop_signals() -> None:

@@ -12,9 +12,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from finetune._torch_compat import copy_state_dict_versions
 from finetune.files import FileFacts, atomic_write_stream
-from finetune.errors import UserError, describe_error
+from finetune.errors import UserError
 from finetune.trainer import TrainState
+from finetune.weights.formats import explain_read_error, unexpected_read_error
 from finetune.weights.limits import TooLarge, measure_tree
 
 STATE_FORMAT = "finetune.train_state/1"
@@ -56,8 +58,11 @@ def load_training_state(path: str | Path, *, map_location: str | torch.device = 
     """Read ``last.ckpt`` safely; a corrupt or foreign file is a one-line error naming it."""
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unreadable file gets the same clear message
-        raise UserError(f"training state '{path}' cannot be read ({describe_error(err, limit=160)})") from None
+    except Exception as err:  # noqa: BLE001 - zip, pickle and storage errors have no common base class
+        failure = explain_read_error(Path(path), err)
+        if failure.kind == "unexpected":
+            raise unexpected_read_error(f"training state '{path}' cannot be read", failure) from err
+        raise UserError(f"training state '{path}' cannot be read ({failure.detail})") from err
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         raise UserError(f"'{path}' is not a finetune training state (last.ckpt)")
     try:  # a pickle is a graph: dicts shared between levels would expand when restored (optimizer state)
@@ -82,8 +87,7 @@ def detached_copy(obj: Any) -> Any:
         return obj.detach().to("cpu", copy=True)
     if isinstance(obj, dict):
         out = type(obj)((k, detached_copy(v)) for k, v in obj.items())
-        if hasattr(obj, "_metadata"):  # a module state_dict's per-module versions
-            out._metadata = obj._metadata
+        copy_state_dict_versions(obj, out)  # a module state_dict's per-module versions
         return out
     if isinstance(obj, (list, tuple)):
         return type(obj)(detached_copy(v) for v in obj)

@@ -27,7 +27,7 @@ from torch import nn
 from finetune.errors import UserError, describe_error
 from finetune.files import FileFacts, atomic_write_stream
 from finetune.models import SOURCES, BackboneSpec, build_model
-from finetune.weights.formats import check_tensor_bytes, check_zip_archive
+from finetune.weights.formats import check_tensor_bytes, check_zip_archive, explain_read_error, unexpected_read_error
 
 log = logging.getLogger(__name__)
 
@@ -409,8 +409,8 @@ def _read_weights(path: Path) -> tuple[ModelMeta, dict[str, tuple[int, ...]], Ca
         state = torch.load(path, map_location="cpu", weights_only=True)  # never unpickles code
     except UserError:
         raise
-    except Exception as err:  # noqa: BLE001 - torch, safetensors and zip errors alike: one clear line
-        raise _unreadable(path, err) from None
+    except Exception as err:  # noqa: BLE001 - torch, safetensors and zip errors alike: sorted by _unreadable
+        raise _unreadable(path, err) from err
     if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
         raise UserError(f"'{path}' is not a finetune weights file or training state (no 'model' tensors)")
     meta = ModelMeta.from_metadata(state.get("weights_metadata") or {}, path)
@@ -426,10 +426,14 @@ def _read_weights(path: Path) -> tuple[ModelMeta, dict[str, tuple[int, ...]], Ca
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return safetensors.torch.load_file(str(path))
-    except Exception as err:  # noqa: BLE001 - safetensors and OS errors alike: one clear line
-        raise _unreadable(path, err) from None
+    except Exception as err:  # noqa: BLE001 - safetensors and OS errors alike: sorted by _unreadable
+        raise _unreadable(path, err) from err
 
 
 def _unreadable(path: Path, err: Exception) -> UserError:
-    return UserError(f"'{path}' cannot be read as a finetune weights file ({describe_error(err)}): it is "
+    """One line for a reader's failure (raise it ``from err``): the file's fault, or an unexpected error."""
+    failure = explain_read_error(path, err)
+    if failure.kind == "unexpected":
+        return unexpected_read_error(f"'{path}' cannot be read as a finetune weights file", failure)
+    return UserError(f"'{path}' cannot be read as a finetune weights file ({failure.detail}): it is "
                      "truncated, corrupt, or not a plain-tensor file (load_model never runs pickled code)")

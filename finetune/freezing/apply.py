@@ -7,12 +7,11 @@ kept frozen is the ``freeze.bn`` mode (`BN_MODES`), and `unfreeze_bn` undoes it 
 from __future__ import annotations
 
 import types
-from typing import Any
 
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 from torchvision.ops import FrozenBatchNorm2d as _TvFrozenBatchNorm2d
 
+from finetune._torch_compat import ModuleStateLoading, is_batch_norm
 from finetune.errors import UserError
 from finetune.freezing.plan import FreezePlan, plan_freeze
 
@@ -52,12 +51,13 @@ def apply_freeze(model: nn.Module, plan: FreezePlan | None = None, *, bn: str = 
     return sorted(plan.frozen)
 
 
-class FrozenBatchNorm2d(_TvFrozenBatchNorm2d):
+class FrozenBatchNorm2d(ModuleStateLoading, _TvFrozenBatchNorm2d):
     """torchvision's ``FrozenBatchNorm2d`` that keeps the original affine *Parameters* and state-dict keys.
 
     Keeping the same ``Parameter`` objects (with ``requires_grad=False``) means the optimizer
     still holds them and they resume learning when unfrozen; keeping ``num_batches_tracked``
-    means the state dict has exactly the keys of the ``BatchNorm2d`` it replaced.
+    means the state dict has exactly the keys of the ``BatchNorm2d`` it replaced, and it loads
+    like any module's (`ModuleStateLoading`: torchvision's class would drop it from the dict).
     """
 
     def __init__(self, bn: nn.BatchNorm2d):
@@ -65,15 +65,10 @@ class FrozenBatchNorm2d(_TvFrozenBatchNorm2d):
         self.training = False
         self.source_bn = [bn]  # a list, so the replaced module is not registered as a child
         for key in ("weight", "bias"):
-            del self._buffers[key]
+            delattr(self, key)  # torchvision's buffer, replaced by the Parameter
             setattr(self, key, getattr(bn, key))
         for key in ("running_mean", "running_var", "num_batches_tracked"):
             self.register_buffer(key, getattr(bn, key))
-
-    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
-        # torchvision's override deletes num_batches_tracked from the incoming state dict
-        # (its class has no such buffer); this one keeps the buffer, so load it like any module.
-        nn.Module._load_from_state_dict(self, *args, **kwargs)
 
 
 def pin_eval(module: nn.Module) -> None:
@@ -110,7 +105,7 @@ def is_bn_frozen(model: nn.Module, bn_name: str, frozen: set[str]) -> bool:
 
 def batchnorm_layers(model: nn.Module) -> dict[str, nn.Module]:
     """Every BatchNorm layer (frozen swaps included), by module name."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, (_BatchNorm, _TvFrozenBatchNorm2d))}
+    return {n: m for n, m in model.named_modules() if is_batch_norm(m) or isinstance(m, _TvFrozenBatchNorm2d)}
 
 
 def freeze_bn(model: nn.Module, name: str, bn: str) -> None:
@@ -131,10 +126,8 @@ def unfreeze_bn(model: nn.Module, name: str) -> None:
     if isinstance(module, FrozenBatchNorm2d):
         parent, _, leaf = name.rpartition(".")
         original = module.source_bn[0]
-        for key in ("weight", "bias"):  # the current tensors (a .to(device) may have replaced the buffers)
-            original._parameters[key] = module._parameters[key]
-        for key in ("running_mean", "running_var", "num_batches_tracked"):
-            original._buffers[key] = module._buffers[key]
+        for key in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
+            setattr(original, key, getattr(module, key))  # the current tensors (a .to(device) may have replaced them)
         setattr(model.get_submodule(parent), leaf, original)
         original.train(model.training)
     else:

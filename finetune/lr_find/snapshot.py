@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from finetune._torch_compat import kept_iterator, shutdown_loader_workers
 from finetune.checkpoint.training_state import detached_copy, rng_state, set_rng_state
 
 @dataclass
@@ -96,19 +97,14 @@ def _named_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
 def _loader_state(loader: Any) -> dict[str, Any]:
     generator = getattr(loader, "generator", None)
     return {"generator": generator.get_state() if isinstance(generator, torch.Generator) else None,
-            # where DataLoader keeps the iterator (and the worker processes) of persistent workers
-            "iterator": getattr(loader, "_iterator", None)}
+            # the iterator (and the worker processes) of persistent workers
+            "iterator": kept_iterator(loader)}
 
 
 def _restore_loader(loader: Any, state: dict[str, Any]) -> None:
     if state.get("generator") is not None:
         loader.generator.set_state(state["generator"])
-    iterator = getattr(loader, "_iterator", None)
-    if iterator is not None and iterator is not state.get("iterator"):
-        shutdown = getattr(iterator, "_shutdown_workers", None)  # DataLoader's own; __del__ would call it later
-        if shutdown is not None:
-            shutdown()
-        loader._iterator = state.get("iterator")
+    shutdown_loader_workers(loader, keep=state.get("iterator"))  # workers the range test started
 
 
 def _object_state(obj: Any) -> dict[str, Any]:

@@ -19,23 +19,27 @@ touched (that is the remapper's job, so that it can report what it stripped).
 
 from __future__ import annotations
 
+import io
 import json
 import logging
-import re
+import pickle
+import pickletools
 import struct
 import warnings
 import zipfile
+import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
+from finetune._torch_compat import blocked_global, is_weights_only_refusal, reports_damaged_file
 from finetune.confine import confined
 from finetune.errors import UserError, describe_error
 from finetune.weights.limits import MAX_DEPTH, TooLarge, measure_tree
-from finetune.weights.torchscript import NotPlainData, read_script_tensors
+from finetune.weights.torchscript import DamagedArchive, NotPlainData, read_script_tensors
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +68,15 @@ MAX_INFLATED_BYTES = 64 * 2**20  # a compressed entry (TorchScript code/ text) m
 VIEW_FACTOR, VIEW_SLACK = 2, 2**20
 MAX_METADATA_CHARS = 1000  # a container's scalar entry, as `Checkpoint.metadata` keeps it (for display)
 TRUST_HINT = "set model.trust_pickle=true (CLI: --trust-pickle) only if you trust the file"
+# Errors that, raised while reading a file, show the file is damaged: zipfile's checks, a deflated entry that does
+# not inflate, a pickle or a binary field cut short, names or text that are not UTF-8, safetensors' header and size
+# checks, a TorchScript archive that contradicts itself. Any other error is unexpected: a bug, or a torch release
+# that reads differently (`explain_read_error`).
+DAMAGE_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, pickle.UnpicklingError, struct.error, UnicodeDecodeError,
+                 SafetensorError, DamagedArchive)
+ZIP_FLAGS_NEVER_WRITTEN = 0x1 | 0x20 | 0x40  # encrypted, patched, strongly encrypted: zipfile cannot read them
+CHECKSUM_CHUNK = 2**20  # bytes read at a time when a zip's checksums are checked
+LEGACY_PICKLES = 5  # a legacy torch.save file: magic number, protocol, system info, the object, its storage keys
 
 
 @dataclass
@@ -186,9 +199,7 @@ def _zip_kind(file: Path) -> str:
 
 def check_zip_archive(file: Path) -> None:
     """For a zip file (``torch.save``), the checks of `_open_zip`, before ``torch.load`` inflates anything."""
-    with open(file, "rb") as f:
-        zipped = f.read(4) in (b"PK\x03\x04", b"PK\x05\x06")
-    if zipped:
+    if _is_zip(file):
         _open_zip(file).close()
 
 
@@ -202,9 +213,9 @@ def _open_zip(file: Path) -> zipfile.ZipFile:
     """
     try:
         archive = zipfile.ZipFile(file)
-    except (zipfile.BadZipFile, OSError, ValueError) as err:
+    except (zipfile.BadZipFile, OSError, ValueError, NotImplementedError) as err:  # the last: a version zipfile lacks
         raise UserError(f"checkpoint '{file}' is a truncated or corrupt zip archive ({describe_error(err)}): "
-                        "save or download it again") from None
+                        "save or download it again") from err
     try:
         _check_zip_entries(file, archive.infolist())
     except UserError:
@@ -214,12 +225,16 @@ def _open_zip(file: Path) -> zipfile.ZipFile:
 
 
 def _check_zip_entries(file: Path, entries: list[zipfile.ZipInfo]) -> None:
-    """Each entry stored (or small ``code/`` text) and inside the file, and all of them no larger than the file
-    (entries that overlap would let storages claim the same bytes many times)."""
+    """Each entry stored (or small deflated ``code/`` text), unencrypted and inside the file, and all of them no
+    larger than the file (entries that overlap would let storages claim the same bytes many times)."""
     size = file.stat().st_size
     for info in entries:
         stored = info.compress_type == zipfile.ZIP_STORED
-        if not stored and ("/code/" not in f"/{info.filename}" or info.file_size > MAX_INFLATED_BYTES):
+        if info.flag_bits & ZIP_FLAGS_NEVER_WRITTEN:
+            raise UserError(f"checkpoint '{file}' has an encrypted or patched entry '{info.filename}', which torch "
+                            "never writes: refused (a forged or corrupt archive); save or download it again")
+        if not stored and ("/code/" not in f"/{info.filename}" or info.compress_type != zipfile.ZIP_DEFLATED
+                           or info.file_size > MAX_INFLATED_BYTES):
             raise UserError(f"checkpoint '{file}' has a compressed entry '{info.filename}' ({info.compress_size} "
                             f"bytes inflating to {info.file_size}), which torch never writes: refused (a repacked "
                             "or forged archive); re-save the weights with torch.save")
@@ -290,13 +305,13 @@ def _read_torchscript(file: Path, *, trust_pickle: bool) -> dict[str, torch.Tens
         reason = str(err)
     except UserError:
         raise
-    except Exception as err:  # zip, pickle and storage errors have no common base class
-        raise _load_error(file, err) from None
+    except Exception as err:  # zip, pickle and storage errors have no common base class: sorted by _load_error
+        raise _load_error(file, err) from err
     _warn_trusted(file, f"loading the TorchScript program in '{file}' with torch.jit.load ({reason})")
     try:
         module = torch.jit.load(str(file), map_location="cpu")
     except Exception as err:  # the TorchScript compiler and unpickler raise RuntimeError and others
-        raise _load_error(file, err) from None
+        raise _load_error(file, err) from err
     return {k: v.detach() for k, v in module.state_dict().items()}
 
 
@@ -312,9 +327,8 @@ def _read_safetensors(file: Path) -> tuple[dict[str, torch.Tensor], list[str], d
         with safe_open(str(file), framework="pt", device="cpu") as f:
             metadata = dict(f.metadata() or {})
             tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as err:  # safetensors raises its own SafetensorError and OSError
-        raise UserError(f"checkpoint '{file}' could not be read as safetensors ({describe_error(err)}): it is "
-                        "truncated or corrupt; save or download it again") from None
+    except Exception as err:  # safetensors raises its own SafetensorError and OSError; anything else is a bug
+        raise _load_error(file, err, what="as safetensors") from err
     return tensors, [], metadata
 
 
@@ -327,21 +341,134 @@ def _torch_load(file: Path, *, mmap: bool, trust_pickle: bool) -> object:
             with open(file, "rb") as f:  # a file object: no mmap, but read by content
                 return torch.load(f, map_location="cpu", weights_only=not trust_pickle)
         return torch.load(file, map_location="cpu", weights_only=not trust_pickle, mmap=mmap)
-    except Exception as err:  # pickle, zip and storage errors have no common base class
-        raise _load_error(file, err) from None
+    except Exception as err:  # pickle, zip and storage errors have no common base class: sorted by _load_error
+        raise _load_error(file, err) from err
 
 
-def _load_error(file: Path, err: Exception) -> UserError:
-    """Turn a ``torch.load`` failure into one line naming the cause and the fix."""
-    text = str(err)
-    blocked = (re.search(r"GLOBAL ([\w.]+)", text)
-               or re.search(r"Unsupported (?:global|operand)[^:]*: ([^\s.][^\n]*?)(?: was|\n|$)", text))
-    if "Weights only load failed" in text:
-        what = f"the pickled object '{blocked.group(1)}'" if blocked else "pickled objects"
-        return UserError(f"checkpoint '{file}' needs {what}, which safe loading blocks: re-save it as plain tensors "
+def _load_error(file: Path, err: Exception, *, what: str = "") -> UserError:
+    """Turn a reader's failure into one line naming the cause and the fix (raise it ``from err``).
+
+    ``what``: how the file was read, e.g. ``as safetensors``.
+    """
+    failure = explain_read_error(file, err)
+    read = f"checkpoint '{file}' could not be read{' ' + what if what else ''}"
+    if failure.kind == "blocked":
+        needs = f"the pickled object '{failure.blocked}'" if failure.blocked else "pickled objects"
+        return UserError(f"checkpoint '{file}' needs {needs}, which safe loading blocks: re-save it as plain tensors "
                          f"(python -m finetune.ckpt convert), or {TRUST_HINT}")
-    return UserError(f"checkpoint '{file}' could not be read ({describe_error(err)}): it is truncated or corrupt; "
-                     "save or download it again")
+    if failure.kind == "damaged":
+        return UserError(f"{read} ({failure.detail}): it is truncated or corrupt; save or download it again")
+    if failure.kind == "os":
+        return UserError(f"{read} ({failure.detail}): check the file and its permissions")
+    return unexpected_read_error(read, failure)
+
+
+@dataclass(frozen=True)
+class ReadFailure:
+    """What a reader's failure says about the file it read; see `explain_read_error`."""
+
+    kind: str  # damaged (truncated, corrupt, forged or another kind of file), blocked, os, or unexpected
+    detail: str  # one line naming the error that shows it, e.g. "BadZipFile: Bad CRC-32 for file 'archive/data.pkl'"
+    blocked: str | None = None  # blocked: the global safe loading refused ('posix.system'), when torch names it
+    intact: bool = False  # the file's checksums (a zip's CRCs) were all checked and match
+
+
+def explain_read_error(file: Path, err: BaseException) -> ReadFailure:
+    """Sort a reader's failure on ``file``: damage, objects safe loading blocks, the disk, or unexpected.
+
+    A zip's checksums are checked first, since a flipped bit in a pickle can make torch raise
+    anything. Then ``err`` itself: a weights-only refusal (of an object, or of a TorchScript archive),
+    an error whose type or torch's words say the file is malformed, an `OSError`; for a file without
+    checksums, a flaw in its pickles. Anything else is unexpected (a bug, or a torch release that reads
+    differently): its caller keeps it as the cause.
+    """
+    damage, intact = zip_checksums(file)
+    if damage:
+        return ReadFailure("damaged", damage)
+    if is_weights_only_refusal(err):
+        return ReadFailure("blocked", describe_error(err), blocked_global(err))
+    if isinstance(err, DAMAGE_ERRORS) or reports_damaged_file(err):
+        return ReadFailure("damaged", describe_error(err))
+    if isinstance(err, OSError):
+        return ReadFailure("os", describe_error(err))
+    flaw = None if intact else pickle_flaw(file)  # files without checksums: a garbled pickle raises anything
+    if flaw:
+        return ReadFailure("damaged", f"{describe_error(err)}; pickletools: {flaw}")
+    return ReadFailure("unexpected", describe_error(err), intact=intact)
+
+
+def unexpected_read_error(read: str, failure: ReadFailure) -> UserError:
+    """The one line for an unexpected failure; ``read`` says what could not be read (``checkpoint 'x' could not
+    be read``). Raise it ``from`` the error, whose traceback ``HYDRA_FULL_ERROR=1`` shows."""
+    if failure.intact:
+        return UserError(f"{read}: an unexpected error ({failure.detail}) although its checksums match: please report "
+                         "it with the traceback HYDRA_FULL_ERROR=1 shows")
+    return UserError(f"{read}: an unexpected error reading it ({failure.detail}): if a fresh copy fails the same way, "
+                     "please report it with the traceback HYDRA_FULL_ERROR=1 shows")
+
+
+def zip_checksums(file: Path) -> tuple[str | None, bool]:
+    """``(damage, intact)`` of a zip file: the first damage zipfile finds reading each entry that has a CRC
+    (one line; None if none), and whether every entry had one and matched. ``(None, False)`` for anything else.
+
+    ``torch.save`` writes CRCs unless ``torch.serialization.set_crc32_options(False)`` (then each is 0:
+    such entries are skipped). Entries torch never writes are damage, found before any is read.
+    """
+    try:
+        if not _is_zip(file):
+            return None, False
+        with zipfile.ZipFile(file) as archive:
+            entries = archive.infolist()
+            _check_zip_entries(file, entries)  # bounds what reading them costs
+            checked = [info for info in entries if info.CRC or not info.file_size]
+            for info in checked:
+                with archive.open(info) as record:  # zipfile compares the CRC once the record is read
+                    while record.read(CHECKSUM_CHUNK):
+                        pass
+        return None, len(checked) == len(entries)
+    except UserError as err:  # _check_zip_entries' refusal, a whole sentence
+        return str(err), False
+    except (zipfile.BadZipFile, zlib.error, EOFError, ValueError, NotImplementedError) as err:  # as in _open_zip
+        return describe_error(err), False
+    except OSError:
+        return None, False  # no verdict: the error being explained says more
+
+
+def pickle_flaw(file: Path) -> str | None:
+    """The first flaw stdlib's ``pickletools`` finds in the pickles torch reads from ``file`` (a zip's ``data.pkl``,
+    a legacy file's `LEGACY_PICKLES`), one line; None when they parse or ``file`` holds none.
+
+    Nothing is unpickled: ``pickletools.dis`` only checks the opcodes, the stack and the memo, which
+    a pickle cut short or with a flipped bit fails where torch's unpickler raises IndexError, KeyError...
+    """
+    try:
+        kind = detect_format(file)
+        if kind == "torch-zip":
+            with zipfile.ZipFile(file) as archive:
+                name = next(n for n in archive.namelist() if n.endswith("/data.pkl"))
+                with archive.open(name) as stream:
+                    pickletools.dis(stream, out=_Discard())
+        elif kind == "torch-legacy":
+            with open(file, "rb") as stream:
+                for _ in range(LEGACY_PICKLES):
+                    pickletools.dis(stream, out=_Discard())
+    except (ValueError, IndexError) as err:  # pickletools' complaints; IndexError: its own, on some garbage
+        return str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+    except (UserError, zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, OSError):
+        return None  # no verdict on the pickles: the file is no torch.save file, or its zip is what is damaged
+    return None
+
+
+class _Discard(io.TextIOBase):
+    """A text stream that keeps nothing: ``pickletools.dis`` writes its listing while it checks."""
+
+    def write(self, text: str) -> int:
+        return len(text)
+
+
+def _is_zip(file: Path) -> bool:
+    with open(file, "rb") as f:
+        return f.read(4) in (b"PK\x03\x04", b"PK\x05\x06")
 
 
 def unwrap_container(

@@ -31,21 +31,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.jit._pickle
-from torch._weights_only_unpickler import Unpickler
 
+from finetune._torch_compat import (blocked_global, clear_sparse_tensor_checks, element_size, list_tag_functions,
+                                    typed_storage, weights_only_unpickler)
 from finetune.errors import UserError
 from finetune.weights.limits import TooLarge, measure_tree
 
 SCRIPT_PACKAGE = "__torch__"  # TorchScript's namespace for the classes an archive defines
-# Identity functions older TorchScript pickles call to tag list types (torch/jit/_pickle.py).
-LIST_TAGS = ("build_intlist", "build_tensorlist", "build_doublelist", "build_boollist", "restore_type_tag")
 CLASS_LINE = re.compile(r"^class (\w+)\(([\w.]*)\):")
 MEMBERS_LINE = re.compile(r"^\s+(__parameters__|__buffers__) = \[(.*)\]\s*$")
 
 
 class NotPlainData(Exception):
     """The archive's state is not plain tensors and containers: only running it would read it."""
+
+
+class DamagedArchive(ValueError):
+    """The archive contradicts itself (a storage record missing or too short): ``torch.jit.save`` never writes that."""
 
 
 @dataclass
@@ -82,14 +84,14 @@ def read_script_tensors(file: Path, archive: zipfile.ZipFile) -> dict[str, torch
         NotPlainData: The state needs code or globals that weights-only loading blocks.
         UserError: The module tree would name more tensors than `finetune.weights.limits` allows, nests
             deeper, or contains itself (refused whether or not the file is trusted).
-        zipfile.BadZipFile, KeyError, ValueError, RuntimeError: The archive is damaged.
+        DamagedArchive, zipfile.BadZipFile, zlib.error, UnicodeDecodeError: The archive is damaged.
     """
     prefix = archive.namelist()[0].split("/", 1)[0]
-    pickled = archive.read(f"{prefix}/data.pkl")
+    pickled = _record(archive, f"{prefix}/data.pkl")
     stand_ins = {name: type(name.rpartition(".")[2], (_ScriptObject,), {"qualified_name": name})
                  for name in _script_globals(pickled)}
     allowed = [(cls, name) for name, cls in stand_ins.items()]
-    allowed += [getattr(torch.jit._pickle, name) for name in LIST_TAGS if hasattr(torch.jit._pickle, name)]
+    allowed += list_tag_functions()
     unpickler = _StorageUnpickler(pickled, archive, prefix)
     try:
         with torch.serialization.safe_globals(allowed):
@@ -97,7 +99,7 @@ def read_script_tensors(file: Path, archive: zipfile.ZipFile) -> dict[str, torch
     except pickle.UnpicklingError as err:  # a global or an operation weights-only loading blocks
         raise NotPlainData(_blocked(err)) from None
     finally:
-        torch._utils._sparse_tensors_to_validate.clear()  # sparse tensors are refused below, never used
+        clear_sparse_tensor_checks()  # sparse tensors are refused below, never used
     classes = _class_infos(archive, prefix, set(stand_ins))
     if not isinstance(root, _ScriptObject) or not classes[type(root).qualified_name].is_module:
         raise NotPlainData(f"its data.pkl holds a {type(root).__name__}, not a TorchScript module")
@@ -112,7 +114,7 @@ def read_script_tensors(file: Path, archive: zipfile.ZipFile) -> dict[str, torch
     return tensors
 
 
-class _StorageUnpickler(Unpickler):
+class _StorageUnpickler(weights_only_unpickler()):
     """torch's weights-only unpickler; storages come from the archive's ``data/`` records."""
 
     def __init__(self, pickled: bytes, archive: zipfile.ZipFile, prefix: str) -> None:
@@ -123,21 +125,32 @@ class _StorageUnpickler(Unpickler):
     def persistent_load(self, pid: object) -> torch.storage.TypedStorage:
         if not (isinstance(pid, tuple) and len(pid) == 5 and isinstance(pid[2], str) and isinstance(pid[4], int)
                 and pid[4] >= 0):
-            raise ValueError(f"unexpected storage reference {pid!r:.80} in data.pkl")
+            raise DamagedArchive(f"unexpected storage reference {pid!r:.80} in data.pkl")
         _, storage_type, key, _location, numel = pid  # the location is ignored: everything lands on CPU
         dtype = torch.uint8 if storage_type is torch.UntypedStorage else storage_type.dtype
         if key not in self.storages:
-            self.storages[key] = self._read_storage(key, numel * torch._utils._element_size(dtype), dtype)
+            self.storages[key] = self._read_storage(key, numel * element_size(dtype), dtype)
         return self.storages[key]
 
     def _read_storage(self, key: str, nbytes: int, dtype: torch.dtype) -> torch.storage.TypedStorage:
         """The bytes of record ``data/<key>`` (its size checked before it is read) as a storage."""
-        info = self.archive.getinfo(f"{self.prefix}/data/{key}")
+        info = _record_info(self.archive, f"{self.prefix}/data/{key}")
         if info.file_size < nbytes:
-            raise ValueError(f"record 'data/{key}' holds {info.file_size} bytes but data.pkl needs {nbytes}")
+            raise DamagedArchive(f"record 'data/{key}' holds {info.file_size} bytes but data.pkl needs {nbytes}")
         data = bytearray(self.archive.read(info)[:nbytes])
         raw = torch.frombuffer(data, dtype=torch.uint8).untyped_storage() if nbytes else torch.UntypedStorage(0)
-        return torch.storage.TypedStorage(wrap_storage=raw, dtype=dtype, _internal=True)
+        return typed_storage(raw, dtype)
+
+
+def _record_info(archive: zipfile.ZipFile, name: str) -> zipfile.ZipInfo:
+    try:
+        return archive.getinfo(name)
+    except KeyError as err:
+        raise DamagedArchive(f"it has no record '{name}'") from err
+
+
+def _record(archive: zipfile.ZipFile, name: str) -> bytes:
+    return archive.read(_record_info(archive, name))
 
 
 def _script_globals(pickled: bytes) -> set[str]:
@@ -220,7 +233,7 @@ def _collect(module: _ScriptObject, classes: dict[str, _ClassInfo], prefix: str,
 def _blocked(err: pickle.UnpicklingError) -> str:
     """What the weights-only unpickler refused, in a few words."""
     text = str(err).strip()
-    found = re.search(r"GLOBAL ([\w.]+)", text)
-    if found:
-        return f"it needs the pickled object '{found.group(1)}'"
+    name = blocked_global(err)
+    if name:
+        return f"it needs the pickled object '{name}'"
     return f"UnpicklingError: {text.splitlines()[0][:160]}" if text else "UnpicklingError"
