@@ -153,4 +153,7 @@ def test_pretrained_weights_unreachable_offline_fail_fast(tmp_path, folder):
 
 def test_user_error_has_a_traceback_only_when_asked(tmp_path, folder):
     result = run_cli(tiny_overrides(folder) + ["optim.lr=0"], cwd=tmp_path, env={"HYDRA_FULL_ERROR": "1"})
-    assert result.returncode != 0 and "Traceback" in result.stderr
+    assert result.returncode == 1 and "Traceback (most recent call last):" in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == "finetune.errors.UserError: optim.lr must be positive, got '0.0'"
+    assert "in check_config" in result.stderr  # the traceback of the error that was asked about, not of a crash
+
