@@ -157,3 +157,17 @@ def test_user_error_has_a_traceback_only_when_asked(tmp_path, folder):
     assert result.stderr.strip().splitlines()[-1] == "finetune.errors.UserError: optim.lr must be positive, got '0.0'"
     assert "in check_config" in result.stderr  # the traceback of the error that was asked about, not of a crash
 
+
+def test_the_entry_points_docstring_examples_hold():
+    """pytest's --doctest-modules never collects a ``__main__.py``: their examples run here. Importing
+    one runs nothing (``main()`` is behind ``if __name__ == "__main__"``)."""
+    import doctest
+
+    import finetune.__main__
+    import finetune.lr_find.__main__
+    import finetune.weights.__main__
+
+    results = {m.__name__: doctest.testmod(m) for m in (finetune.__main__, finetune.lr_find.__main__,
+                                                         finetune.weights.__main__)}
+    assert all(r.failed == 0 for r in results.values()), results
+    assert results["finetune.__main__"].attempted >= 1
