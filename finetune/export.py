@@ -12,9 +12,11 @@ Every file carries the facts a consumer needs (class names, preprocessing, versi
 (`finetune.inference.export_metadata`), the safetensors release file in the same metadata as the
 checkpoint's, so ``finetune.load_model`` rebuilds it.
 
->>> # from finetune.export import export
->>> # export("outputs/2026-11-28/10-00-00", "onnx").path
->>> # PosixPath('outputs/2026-11-28/10-00-00/export/best.onnx')
+The example needs a trained run's directory (not run as a doctest):
+
+>>> from finetune.export import export
+>>> export("outputs/2026-11-28/10-00-00", "onnx").path  # doctest: +SKIP
+PosixPath('outputs/2026-11-28/10-00-00/export/best.onnx')
 """
 
 from __future__ import annotations

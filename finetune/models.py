@@ -9,7 +9,9 @@ hub fails within seconds instead of retrying for a minute.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import json
 import os
 import shlex
 import socket
@@ -75,14 +77,15 @@ def build_model(*, name: str, source: str, num_classes: int, in_chans: int = 3,
 
 def _build_timm(name: str, num_classes: int, in_chans: int, head: dict,
                 drop_path_rate: float) -> tuple[nn.Module, str, str]:
-    check_model_name(name, "timm")
+    timm_name = resolve_timm_name(name)
     kwargs: dict[str, Any] = {"num_classes": num_classes, "in_chans": in_chans, "drop_rate": head["dropout"]}
     if head["pool"]:
         kwargs["global_pool"] = head["pool"]
     if drop_path_rate:
         kwargs["drop_path_rate"] = drop_path_rate
     try:
-        model = timm.create_model(name, pretrained=False, **kwargs)
+        model = timm.create_model(timm_name.create_name, pretrained=False, pretrained_cfg=timm_name.pretrained_cfg,
+                                  **(timm_name.model_args | kwargs))
     except TypeError as err:  # e.g. a model without global_pool / drop_path_rate
         raise UserError(f"timm model '{name}' does not accept these head settings {kwargs}: {err}") from None
     cfg = model.pretrained_cfg
@@ -162,17 +165,119 @@ def _replace_first_conv(model: nn.Module, path: str, in_chans: int) -> None:
 
 
 def check_model_name(name: str, source: str) -> None:
-    """Unknown names fail with the closest known names (and the other library, if it knows it)."""
+    """Unknown names fail with the closest known names (and the other library, if it knows it).
+
+    timm takes what ``timm.create_model`` takes: an architecture (``resnet50``), one of its pretrained
+    tags (``resnet50.a1_in1k``) or a Hugging Face Hub repo (``hf-hub:timm/resnet50.a1_in1k``, see
+    `resolve_timm_name`).
+
+    >>> check_model_name("test_resnet.r160_in1k", "timm")
+    >>> check_model_name("test_resnet.r160_in1j", "timm")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    finetune.errors.UserError: model.name 'test_resnet.r160_in1j': ... did you mean: test_resnet.r160_in1k?
+    """
+    if source == "timm":
+        resolve_timm_name(name)
+        return
+    _check_library_name(name, name, source)
+
+
+def _check_library_name(name: str, architecture: str, source: str) -> None:
+    """``architecture`` (``name`` without its timm tag) is one of ``source``'s models."""
     known = timm.list_models() if source == "timm" else torchvision.models.list_models()
-    if name in known:
+    if architecture in known:
         return
     other = "torchvision" if source == "timm" else "timm"
-    other_known = torchvision.models.list_models() if source == "timm" else timm.list_models()
+    other_known = (torchvision.models.list_models() if source == "timm"
+                   else timm.list_models() + timm.list_models(pretrained=True))
     if name in other_known:
         raise UserError(f"model.name '{name}' is a {other} model, not a {source} one: add model.source={other}")
-    close = difflib.get_close_matches(name, known, n=5, cutoff=0.6)
+    candidates = timm.list_models(pretrained=True) if name != architecture else known  # tagged: tagged ones
+    close = difflib.get_close_matches(name, candidates, n=5, cutoff=0.6)
     hint = f"did you mean: {', '.join(close)}?" if close else f"list them with {source}'s list_models()"
     raise UserError(f"model.name '{name}' is not a {source} model; {hint}")
+
+
+@dataclass(frozen=True)
+class TimmName:
+    """A timm ``model.name`` resolved: what ``timm.create_model`` builds it from, and where its weights are."""
+
+    name: str  # as given
+    architecture: str  # the registry entry: resnet50
+    tag: str | None = None  # a registry name's pretrained tag (a1_in1k); None: timm's default one
+    hub_id: str | None = None  # hf-hub names: the repository (REPO[@REVISION])
+    folder: Path | None = None  # local-dir names: the folder with config.json and the weights
+    pretrained_cfg: dict[str, Any] | None = None  # hub and local-dir names: their config.json's
+    model_args: dict[str, Any] = field(default_factory=dict)  # hub and local-dir names: their config.json's
+
+    @property
+    def create_name(self) -> str:
+        """The name ``timm.create_model`` is given (with ``pretrained_cfg`` and ``model_args``)."""
+        return self.architecture if self.pretrained_cfg is not None else self.name
+
+
+def resolve_timm_name(name: str) -> TimmName:
+    """Check and take apart any name ``timm.create_model`` accepts.
+
+    A registry name is an architecture with an optional pretrained tag (``resnet50``,
+    ``resnet50.a1_in1k``); a tag that architecture does not have fails with its tags. An
+    ``hf-hub:REPO[@REVISION]`` name builds the architecture its repository's ``config.json`` names,
+    with that file's pretrained config and model arguments: read from the Hugging Face cache, or
+    downloaded when the hub answers (offline, an uncached one fails at once, naming the
+    ``python -m finetune.weights fetch`` command that caches it). A ``local-dir:FOLDER`` name reads
+    ``FOLDER/config.json``.
+
+    >>> found = resolve_timm_name("test_resnet.r160_in1k")
+    >>> found.architecture, found.tag
+    ('test_resnet', 'r160_in1k')
+
+    Raises:
+        UserError: The name, tag or repository is unknown, or the hub config is not to be had.
+    """
+    try:
+        prefix, model_id = timm.models.parse_model_name(name)
+    except (ValueError, AssertionError) as err:  # 'timm/resnet50' without hf-hub:, an unknown prefix
+        raise UserError(f"model.name '{name}': {err}") from None
+    if prefix in (None, "timm"):  # timm before 1.0.20 answers 'timm' for registry names
+        architecture, tag = timm.models.split_model_name_tag(model_id)
+        _check_library_name(model_id, architecture, "timm")
+        if tag and model_id not in timm.list_models(pretrained=True):
+            tags = {t.partition(".")[2]: t for t in timm.list_pretrained(f"{architecture}.*")}
+            close = [tags[t] for t in difflib.get_close_matches(tag, tags, n=5, cutoff=0.6)]
+            hint = (f"did you mean: {', '.join(close)}?" if close
+                    else f"its tags: {', '.join(tags.values()) or 'none'}")
+            raise UserError(f"model.name '{name}': timm has no pretrained tag '{tag}' for '{architecture}'; {hint}")
+        return TimmName(name, architecture, tag=tag or None)
+    if prefix == "hf-hub":
+        config_file = _hub_file(name, model_id, ["config.json"], config=True)
+        return _from_config(name, config_file, hub_id=model_id, pretrained_cfg={"hf_hub_id": model_id,
+                                                                                "source": "hf-hub"})
+    folder = Path(model_id).expanduser()
+    if not (folder / "config.json").is_file():
+        raise UserError(f"model.name '{name}': '{folder / 'config.json'}' does not exist (a local-dir: model is "
+                        "a folder with timm's config.json and model.safetensors or pytorch_model.bin)")
+    return _from_config(name, folder / "config.json", folder=folder, pretrained_cfg={"file": str(folder),
+                                                                                      "source": "local-dir"})
+
+
+def _from_config(name: str, config_file: Path, *, pretrained_cfg: dict[str, Any], **where: Any) -> TimmName:
+    """The architecture, pretrained config and model arguments in a timm ``config.json`` (as timm reads it)."""
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+        if "pretrained_cfg" not in config:  # timm's older, flat layout
+            config = {"architecture": config.pop("architecture"), "pretrained_cfg": config}
+        architecture, saved, model_args = config["architecture"], config["pretrained_cfg"], config.get("model_args")
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as err:
+        raise UserError(f"model.name '{name}': '{config_file}' is not a timm model config ({err!r})") from None
+    if not isinstance(architecture, str) or architecture not in timm.list_models():
+        raise UserError(f"model.name '{name}': its config names the architecture '{architecture}', which timm "
+                        f"{timm.__version__} does not have: upgrade timm, or check the repository")
+    fields = {f.name for f in dataclasses.fields(timm.models.PretrainedCfg)}  # a newer timm's extra keys dropped
+    cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in dict(saved).items() if k in fields}  # as timm's
+    cfg |= pretrained_cfg
+    if "num_classes" in config:  # as timm does: the base config's class count wins
+        cfg["num_classes"] = config["num_classes"]
+    return TimmName(name, architecture, pretrained_cfg=cfg, model_args=dict(model_args or {}), **where)
 
 
 def resolve_data_config(model: nn.Module, *, source: str, in_chans: int, input_size: int) -> dict[str, Any]:
@@ -199,9 +304,13 @@ def locate_library_weights(name: str, source: str) -> Path:
     return locate(name)
 
 
-def _offline_error(name: str, source: str, where: str) -> UserError:
+def _offline_error(name: str, source: str, where: str, *, config: bool = False) -> UserError:
     fetch = shlex.join(["python", "-m", "finetune.weights", "fetch", name] +
                        (["--source", source] if source != "timm" else []))
+    if config:  # an hf-hub: name: the architecture is in the repository's config.json
+        return UserError(
+            f"model.name '{name}' names its architecture in config.json on {where}, which is not reachable and "
+            f"not cached: on a machine with internet run `{fetch}` and copy the cache folder it prints to this one")
     return UserError(
         f"model.pretrained=true needs {source}'s weights for '{name}' from {where}, which is not reachable "
         f"and not cached: on a machine with internet run `{fetch}` and copy the cache folder it prints to "
@@ -210,22 +319,53 @@ def _offline_error(name: str, source: str, where: str) -> UserError:
 
 
 def _locate_timm_weights(name: str) -> Path:
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError
-
+    """The file of exactly the weights ``name`` picks: its tag's repository (timm's default tag when
+    untagged), an ``hf-hub:`` repository, or a ``local-dir:`` folder."""
+    timm_name = resolve_timm_name(name)
+    default_files = ["model.safetensors", "pytorch_model.bin"]
+    if timm_name.folder is not None:
+        for filename in default_files:
+            if (timm_name.folder / filename).is_file():
+                return timm_name.folder / filename
+        raise UserError(f"model.name '{name}': '{timm_name.folder}' has no model.safetensors or pytorch_model.bin")
+    if timm_name.hub_id is not None:
+        filename = timm_name.pretrained_cfg.get("hf_hub_filename")
+        return _hub_file(name, timm_name.hub_id, [filename] if filename else default_files)
     cfg = timm.models.get_pretrained_cfg(name)
     if cfg is None or not cfg.hf_hub_id:
         raise UserError(f"timm has no pretrained weights for '{name}': set model.pretrained=false "
                         "or give model.weights=PATH")
-    files = [cfg.hf_hub_filename] if cfg.hf_hub_filename else ["model.safetensors", "pytorch_model.bin"]
-    for filename in files:
+    return _hub_file(name, cfg.hf_hub_id, [cfg.hf_hub_filename] if cfg.hf_hub_filename else default_files)
+
+
+def _hub_file(name: str, hub_id: str, filenames: list[str], *, config: bool = False) -> Path:
+    """The first of ``filenames`` in Hugging Face Hub repository ``hub_id`` (``REPO[@REVISION]``): from the
+    cache, else downloaded when the hub answers within seconds.
+
+    Raises:
+        UserError: Not cached and the hub unreachable (naming the command that caches it), or the
+            repository, revision or files do not exist.
+    """
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+
+    repo, _, revision = hub_id.partition("@")
+    for filename in filenames:
         try:
-            return Path(hf_hub_download(cfg.hf_hub_id, filename, local_files_only=True))
+            return Path(hf_hub_download(repo, filename, revision=revision or None, local_files_only=True))
         except EntryNotFoundError:  # not in the local cache: try the next name, then the hub
             continue
     if not hub_reachable("huggingface.co"):
-        raise _offline_error(name, "timm", f"the Hugging Face Hub ({cfg.hf_hub_id})")
-    return Path(hf_hub_download(cfg.hf_hub_id, files[0]))
+        raise _offline_error(name, "timm", f"the Hugging Face Hub ({hub_id})", config=config)
+    for filename in filenames:
+        try:
+            return Path(hf_hub_download(repo, filename, revision=revision or None))
+        except EntryNotFoundError:  # the repository has the next name instead
+            continue
+        except (RepositoryNotFoundError, RevisionNotFoundError) as err:  # gated repositories included
+            raise UserError(f"model.name '{name}': the Hugging Face Hub has no repository or revision "
+                            f"'{hub_id}' open to this machine ({type(err).__name__})") from None
+    raise UserError(f"model.name '{name}': the Hugging Face Hub repository '{hub_id}' has none of {filenames}")
 
 
 def _locate_torchvision_weights(name: str) -> Path:

@@ -324,6 +324,8 @@ def test_a_frozen_groups_rate_is_logged_as_zero_until_it_unfreezes(tmp_path):
         run_dir=tmp_path / "out")
     events = EventAccumulator(str(tmp_path / "out" / "tb"), size_guidance={"scalars": 0}).Reload()
     rates = {tag: [e.value for e in events.Scalars(tag)] for tag in events.Tags()["scalars"] if tag.startswith("lr/")}
-    unfrozen_from = {"lr/head": 1, "lr/backbone.layer4.0": 6, "lr/backbone.stem": 11}
+    unfrozen_from = {"lr/head": 1, "lr/backbone.layer4.0": 6, "lr/backbone.stem": 11}  # the update it trains from
     for tag, step in unfrozen_from.items():
-        assert all(r == 0.0 for r in rates[tag][:step - 1]) and all(r > 0.0 for r in rates[tag][step - 1:]), tag
+        assert len(rates[tag]) == 15, tag  # one rate per update
+        assert [r > 0.0 for r in rates[tag]] == [False] * (step - 1) + [True] * (16 - step), (tag, rates[tag])
+        assert all(r == 0.0 for r in rates[tag][:step - 1]), tag

@@ -48,9 +48,22 @@ def test_features_head_returns_embeddings(source, name, width):
                                              ("test_resnet", "max", 3), ("test_vit", "token", 3),
                                              ("test_vit", "avg", 3)])
 def test_pooling_choices(name, pool, width):
-    model, _ = build_model(name=name, source="timm", num_classes=width, pool=pool)
+    """The logits are the classifier applied to the features pooled as head.pool says, pooled here by hand."""
+    torch.manual_seed(0)
+    model, spec = build_model(name=name, source="timm", num_classes=width, pool=pool)
     size = INPUT[name]
-    assert model.eval()(torch.zeros(2, 3, size, size)).shape == (2, width)
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        features = model.eval().forward_features(x)
+        if name == "test_vit":  # tokens (batch, tokens, dim): the class token, or the mean of the patch tokens
+            pooled = features[:, 0] if pool == "token" else features[:, model.num_prefix_tokens:].mean(dim=1)
+            pooled = model.fc_norm(pooled)
+        else:  # a feature map (batch, channels, height, width)
+            avg, top = features.mean(dim=(2, 3)), features.amax(dim=(2, 3))
+            pooled = {"avg": avg, "max": top, "avgmax": (avg + top) / 2, "catavgmax": torch.cat([avg, top], 1)}[pool]
+        expected = model.get_submodule(spec.classifier)(pooled)
+        assert expected.shape == (2, width)
+        torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_mlp_settings_are_recorded_so_the_same_model_rebuilds():

@@ -342,10 +342,32 @@ def test_ckpt_cli_in_process(hostile, command: str, tmp_path: Path, capsys) -> N
     assert_one_line(captured.err.strip(), fragments)
 
 
-def test_load_model_runs_nothing_and_reads_nothing_outside(hostile) -> None:
+# name -> what finetune.load_model's one error line says (it reads only finetune's own weights files)
+NOT_READ = "cannot be read as a finetune weights file"
+LOAD_MODEL_SAYS = {
+    **{name: (NOT_READ,) for name in HOSTILE},
+    "pickle-zip": (NOT_READ, "UnpicklingError"), "pickle-legacy": (NOT_READ, "UnpicklingError"),
+    "pickle-bare": (NOT_READ, "UnpicklingError"),
+    "torchscript-payload": (NOT_READ, "TorchScript"), "torchscript-stateful": (NOT_READ, "TorchScript"),
+    "torchscript-module-holds-itself": (NOT_READ, "TorchScript"),
+    "truncated-safetensors": (NOT_READ, "SafetensorError"), "truncated-legacy": (NOT_READ, "EOFError"),
+    "safetensors-huge-offsets": (NOT_READ, "SafetensorError"), "safetensors-huge-header": (NOT_READ, "header too large"),
+    "truncated-zip": ("is a truncated or corrupt zip archive", "BadZipFile"),
+    "truncated-torchscript": ("is a truncated or corrupt zip archive", "BadZipFile"),
+    "zip-claims-huge-record": ("is a truncated or corrupt zip archive", "claims 2147483647 bytes"),
+    "zip-deflate-bomb": ("compressed entry", "16777216", "refused"),
+    "zip-overlapping-entries": ("forged or corrupt zip archive", "they overlap"),
+    "pickle-dict-holds-itself": ("is not a finetune weights file or training state (no 'model' tensors)",),
+    "pickle-nested-too-deep": ("is not a finetune weights file or training state (no 'model' tensors)",),
+}
+
+
+def test_load_model_runs_nothing_and_reads_nothing_outside(hostile, request) -> None:
+    """One line naming the file and what is wrong with it (the fixture: nothing ran, nothing changed)."""
     path, _, _ = hostile
-    with pytest.raises(Exception):  # noqa: B017 - the fixture asserts nothing ran or changed
+    with pytest.raises(UserError) as err:
         finetune.load_model(path)
+    assert_one_line(str(err.value), (f"'{path}'", *LOAD_MODEL_SAYS[request.node.callspec.params["hostile"]]))
 
 
 @pytest.mark.parametrize("name", ["pickle-zip", "truncated-safetensors", "torchscript-stateful"])

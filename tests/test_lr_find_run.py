@@ -100,9 +100,12 @@ def test_a_sweep_records_each_jobs_chosen_rate(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     with (sweep_dir / "sweep_summary.csv").open() as f:
         rows = list(csv.DictReader(f))
+    assert sorted((r["job"], r["seed"], r["status"]) for r in rows) == [("0", "0", "completed"),
+                                                                        ("1", "1", "completed")]
     for row in rows:
+        record = json.loads((Path(row["run_dir"]) / "lr_find.json").read_text())
         summary = json.loads((Path(row["run_dir"]) / "summary.json").read_text())
-        assert float(row["chosen_lr"]) == summary["lr_find"]["lr"]
+        assert float(row["chosen_lr"]) == summary["lr_find"]["lr"] == record["lr"] > 0
     assert "lr chosen" in result.stdout
 
 

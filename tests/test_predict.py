@@ -107,7 +107,9 @@ def test_glob_topk_and_flip_tta(work):
 def test_python_function_flip_tta_is_the_mean_of_the_two_softmaxes(work):
     paths = sorted((work / "inputs").glob("*/2.png"))
     rows = predict(work / "run", [str(p) for p in paths], topk=3, tta="hflip", device="cpu")
+    assert [Path(r["path"]) for r in rows] == paths and len(paths) == 3  # a row per image, in order
     expected = eager_probabilities(work / "run", paths, hflip=True)
+    assert not torch.allclose(expected, eager_probabilities(work / "run", paths), atol=1e-4)  # the flip matters
     names = ["class_0", "class_1", "class_2"]
     for row, p in zip(rows, expected):
         got = {row["label"]: row["prob"], row["top2"]: row["prob2"], row["top3"]: row["prob3"]}

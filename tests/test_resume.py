@@ -10,12 +10,15 @@ import signal
 from pathlib import Path
 
 import pytest
+import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from timm.layers import DropPath
 
 from conftest import compose_config, make_image_folder, tiny_overrides
 from finetune import builders
 from finetune.checkpoint import Manifest, load_training_state, save_training_state, verify_file
 from finetune.errors import UserError
+from finetune.models import build_model
 from finetune.run import run
 from finetune.signals import TrainingInterrupted
 from finetune.trainer import TrainerHook
@@ -107,6 +110,44 @@ def test_resume_mid_epoch_with_gradient_accumulation_ends_bit_identical(tmp_path
         out = copy_run(ref, tmp_path / name)
         run(compose_config(overrides + [f"resume={out / 'checkpoints' / name}"]), run_dir=out)
         assert_same_result(out, ref)
+
+
+STOCHASTIC = ["head=mlp", "head.hidden=[16]", "head.dropout=0.5", "model.drop_path_rate=0.5"]
+
+
+def test_the_model_of_the_stochastic_runs_draws_random_numbers_in_training():
+    """What the next test relies on: with these settings a training step draws from the RNG, and its output
+    depends on what it drew, in the head (Dropout) and in the backbone (DropPath), each alone."""
+    for dropout, drop_path in ((0.5, 0.0), (0.0, 0.5)):
+        model, _ = build_model(name="test_resnet", source="timm", num_classes=3, head="mlp", hidden=[16],
+                               dropout=dropout, drop_path_rate=drop_path)
+        assert any(isinstance(m, DropPath) for m in model.modules()) == (drop_path > 0)
+        for norm in model.modules():  # as after training: timm starts each block's last norm at zero, so
+            if isinstance(norm, torch.nn.BatchNorm2d):  # at init the residual DropPath drops is all zeros
+                torch.nn.init.ones_(norm.weight)
+        x = torch.randn(4, 3, 32, 32)
+        model.train()
+        before = torch.get_rng_state()
+        assert not torch.equal(model(x), model(x)), (dropout, drop_path)
+        assert not torch.equal(torch.get_rng_state(), before)
+        model.eval()
+        before = torch.get_rng_state()
+        assert torch.equal(model(x), model(x)) and torch.equal(torch.get_rng_state(), before)
+
+
+@pytest.mark.parametrize("state_file", ["epoch000-step000004.ckpt", "epoch001-step000005.ckpt"])
+def test_resume_with_dropout_and_drop_path_restores_the_rng_and_ends_bit_identical(tmp_path, state_file):
+    """The runs above draw no random numbers while training, so they pass whether or not resume restores
+    the RNG state; here every step's Dropout and DropPath masks come from it: mid-epoch and at an
+    epoch boundary, the resumed run ends with the uninterrupted run's weights only if it does."""
+    root = make_image_folder(tmp_path / "images")  # 18 images, batch 4: 5 updates per epoch
+    overrides = tiny_overrides(root, epochs=2) + POLICY + STOCHASTIC
+    ref = tmp_path / "ref"
+    run(compose_config(overrides), run_dir=ref)
+    out = copy_run(ref, tmp_path / "run")
+    run(compose_config(overrides + [f"resume={out / 'checkpoints' / state_file}"]), run_dir=out)
+    assert_same_result(out, ref)
+    assert train_loss_steps(out) == list(range(1, 11))
 
 
 def test_sigterm_finishes_the_step_saves_and_the_resumed_run_is_identical(reference, tmp_path, monkeypatch):

@@ -157,13 +157,39 @@ def test_head_only_keeps_backbone_and_batchnorm_statistics_bit_identical(tmp_pat
             assert torch.equal(trained[key], value), f"frozen {key} changed"
 
 
-def test_flat_folder_is_split_and_the_split_recorded(tmp_path):
+def test_flat_folder_is_split_and_the_split_recorded(tmp_path, monkeypatch):
+    """An uneven flat folder (4, 10, 10 images), split 70/30: data.balance=loss_weights weighs the loss by
+    N / (C * count) of the training split's class counts."""
     root = make_image_folder(tmp_path / "images", split=False, train=8, val=2)
+    for image in sorted((root / "class_0").iterdir())[4:]:
+        image.unlink()
+    trainers = spy_on_trainers(monkeypatch)
     run(compose_config(tiny_overrides(root, epochs=1) + ["data.val_split=0.3", "data.balance=loss_weights"]),
         run_dir=tmp_path / "out")
     record = json.loads((tmp_path / "out" / "split.json").read_text())
     assert record["layout"] == "split" and record["val_split"] == 0.3
     assert record["class_names"] == ["class_0", "class_1", "class_2"]
+    counts = [record["counts"]["train"][name] for name in record["class_names"]]
+    assert [c + record["counts"]["val"][n] for c, n in zip(counts, record["class_names"])] == [4, 10, 10]
+    expected = torch.tensor([sum(counts) / (3 * c) for c in counts])
+    assert len(trainers) == 1 and expected[0] > expected[1]  # the rare class weighs more
+    torch.testing.assert_close(trainers[0].loss_fn.weight, expected)
+    run(compose_config(tiny_overrides(root, epochs=1) + ["data.val_split=0.3"]), run_dir=tmp_path / "plain")
+    assert len(trainers) == 2 and trainers[1].loss_fn.weight is None  # data.balance=none: an unweighted loss
+
+
+def spy_on_trainers(monkeypatch) -> list:
+    """The trainers the runs of this test build, in order."""
+    from finetune import builders
+
+    built, original = [], builders.build_trainer
+
+    def build_trainer(*args, **kwargs):
+        built.append(original(*args, **kwargs))
+        return built[-1]
+
+    monkeypatch.setattr(builders, "build_trainer", build_trainer)
+    return built
 
 
 def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(tmp_path):

@@ -76,9 +76,9 @@ def test_the_printed_table_names_the_best_job_its_command_and_the_failures(three
 
 def test_tensorboard_over_the_sweep_dir_has_one_hparams_row_per_job(three_job_sweep):
     _, sweep_dir = three_job_sweep
-    for row in read_csv(sweep_dir / "sweep_summary.csv"):
-        if row["status"] != "completed":
-            continue
+    completed = [row for row in read_csv(sweep_dir / "sweep_summary.csv") if row["status"] == "completed"]
+    assert sorted(row["job"] for row in completed) == ["0", "3"]
+    for row in completed:
         hparams, metrics = hparams_of(Path(row["run_dir"]))
         assert hparams["optim.lr"].number_value == pytest.approx(float(row["optim.lr"]))
         assert "sched.name" not in hparams  # only what the jobs override, not every setting
@@ -93,18 +93,19 @@ def test_a_killed_sweep_is_rebuilt_from_its_job_dirs(tmp_path):
                              "trainer.max_epochs=1,50", f"hydra.sweep.dir={sweep_dir}"],
                             cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and not (sweep_dir / "sweep_summary.jsonl").exists():
+    second = sweep_dir / "1" / "train.log"  # the second job (50 epochs) has started
+    while time.monotonic() < deadline and not ((sweep_dir / "sweep_summary.jsonl").exists() and second.exists()):
         time.sleep(0.1)  # the first job (1 epoch) ended and its row is in
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
+    assert second.exists(), "the sweep did not reach its second job within 240 s"
     assert not (sweep_dir / "sweep_summary.csv").exists()  # the sweep never got to its end
 
     result = subprocess.run([sys.executable, "-m", "finetune.sweep", str(sweep_dir)], capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     rows = read_csv(sweep_dir / "sweep_summary.csv")
-    assert rows[0]["job"] == "0" and rows[0]["status"] == "completed"
-    assert [r["status"] for r in rows[1:]] == ["crashed"] * (len(rows) - 1)  # the job killed mid-run
+    assert [(r["job"], r["status"]) for r in rows] == [("0", "completed"), ("1", "crashed")]  # 1: killed mid-run
     assert "sweep summary:" in result.stdout and "best: job 0" in result.stdout
 
 

@@ -227,9 +227,14 @@ class ImageDataset(Dataset):
         transform: Applied to the PIL image; None returns the image itself.
         channels: 3 reads RGB, 1 grey, 4 RGBA (see `load_image`); the model's ``in_chans``.
 
-    >>> ds = ImageDataset([("cat.png", 0)], transform=to_tensor)  # doctest: +SKIP
-    >>> image, label = ds[0]                                       # doctest: +SKIP
-    >>> image, label = ds[(0, 1234)]  # seeded per sample           # doctest: +SKIP
+    >>> import tempfile
+    >>> from torchvision.transforms.functional import to_tensor
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     Image.new("RGB", (8, 6), "red").save(f"{folder}/cat.png")
+    ...     ds = ImageDataset([(f"{folder}/cat.png", 0)], transform=to_tensor)
+    ...     (image, label), (again, _) = ds[0], ds[(0, 1234)]  # the second seeded per sample
+    >>> image.shape, label, torch.equal(image, again)
+    (torch.Size([3, 6, 8]), 0, True)
     """
 
     def __init__(self, samples: Sequence[tuple[str, int]], transform: Transform | None = None,

@@ -15,9 +15,11 @@ Writing is atomic: the set is built in a hidden temporary folder beside its fina
 place and renamed into place, so a killed generation never leaves a half set that a
 later run would reuse, and two concurrent runs both end up using one complete set.
 
->>> root = ensure_demo_dataset(tmp, train_per_class=2, val_per_class=1)  # doctest: +SKIP
->>> sorted(p.name for p in (root / "train").iterdir())  # doctest: +SKIP
-['circle', 'cross', 'hexagon', 'square', 'star', 'triangle']
+>>> import tempfile
+>>> with tempfile.TemporaryDirectory() as tmp:
+...     root = ensure_demo_dataset(tmp, train_per_class=2, val_per_class=1, image_size=32)
+...     sorted(p.name for p in (root / "train").iterdir()), sorted(p.name for p in (root / "val" / "star").iterdir())
+(['circle', 'cross', 'hexagon', 'square', 'star', 'triangle'], ['0000.png'])
 """
 
 from __future__ import annotations

@@ -5,11 +5,13 @@ Fine-tuning needs the pretrained weights of its backbone. A run with ``model.pre
 in timm's (the Hugging Face Hub's) or torchvision's cache, and downloads them only when a hub answers.
 On a machine that has internet, fetch them once, then copy the cache to the one that has none::
 
-    python -m finetune.weights fetch resnet50 convnext_tiny
+    python -m finetune.weights fetch resnet50 convnext_tiny.fb_in22k hf-hub:timm/resnet18.a1_in1k
     rsync -a ~/.cache/huggingface/ gpu-node:~/.cache/huggingface/      # the folder it prints
 
-Runs there find them offline (``python -m finetune model=resnet50 ...``). Or give any weights file with
-``model.weights=PATH``.
+A name is what ``model.name`` takes: an architecture (timm's default weights for it), one of its timm
+pretrained tags (``resnet50.a1_in1k``: exactly those weights), or a Hugging Face Hub repository
+(``hf-hub:REPO``: its config.json, which names the architecture, and its weights). Runs there find them
+offline (``python -m finetune model=resnet50 ...``). Or give any weights file with ``model.weights=PATH``.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ def cache_dir(source: str) -> str:
 
 
 def fetch(names: list[str], *, source: str) -> list[str]:
-    """The cached file of each architecture in ``names`` (downloaded first when it is not cached)."""
+    """The cached weights file of each name in ``names`` (downloaded first when it is not cached)."""
     from finetune.models import locate_library_weights
 
     return [str(locate_library_weights(name, source)) for name in names]
@@ -42,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m finetune.weights", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     get = commands.add_parser("fetch", help="put pretrained weights into this machine's cache")
-    get.add_argument("names", nargs="+", help="architectures, as model.name takes them (resnet50, convnext_tiny)")
+    get.add_argument("names", nargs="+", help="as model.name takes them: resnet50, resnet50.a1_in1k, "
+                                                  "hf-hub:timm/resnet50.a1_in1k")
     get.add_argument("--source", choices=("timm", "torchvision"), default="timm", help="as model.source")
     args = parser.parse_args(argv)
     return status_of(lambda: report(args.names, fetch(args.names, source=args.source), source=args.source))
