@@ -47,17 +47,22 @@ class BackboneSpec:
     first_conv: str  # dotted module path of the input convolution
     data_config: dict[str, Any] = field(default_factory=dict)  # the library's data config (before data.img_size)
     head: dict[str, Any] = field(default_factory=dict)  # head settings used to build it
+    architecture: str = ""  # what rebuilds it with no hub or folder: timm's registry entry (resnet50), or the name
+    model_args: dict[str, Any] = field(default_factory=dict)  # with the architecture: a hub config's model arguments
 
 
 def build_model(*, name: str, source: str, num_classes: int, in_chans: int = 3,
                 input_size: int = 224, pool: str | None = None, dropout: float = 0.0,
                 drop_path_rate: float = 0.0, head: str = "linear", hidden: Sequence[int] = (),
-                activation: str = "relu", norm: str | None = None) -> tuple[nn.Module, BackboneSpec]:
+                activation: str = "relu", norm: str | None = None,
+                model_args: dict[str, Any] | None = None) -> tuple[nn.Module, BackboneSpec]:
     """Create the backbone with a freshly initialised ``num_classes`` head.
 
     ``head``: ``linear`` (the library's classifier), ``mlp`` (``hidden`` sizes, ``activation``,
     ``norm``, ``dropout`` between layers, in place of the classifier, same module path) or
     ``features`` (no classifier: the model returns pooled embeddings; ``num_classes`` is ignored).
+    ``model_args``: a timm registry architecture built with these arguments (what a weights file of an
+    ``hf-hub:`` model records, so that rebuilding it reads no hub and no folder).
 
     >>> model, spec = build_model(name="test_resnet", source="timm", num_classes=3)
     >>> spec.classifier, model(torch.zeros(1, 3, 64, 64)).shape
@@ -67,17 +72,21 @@ def build_model(*, name: str, source: str, num_classes: int, in_chans: int = 3,
     if head != "linear":  # only non-default heads are recorded, so older weights files still rebuild
         settings |= {"head": head, "hidden": list(hidden), "activation": activation, "norm": norm}
     builder = BUILDERS[source]
-    model, classifier, first_conv = builder(name, num_classes, in_chans, settings, drop_path_rate)
+    model, classifier, first_conv, rebuild = builder(name, num_classes, in_chans, settings, drop_path_rate,
+                                                     model_args)
     num_classes = _replace_head(model, classifier, head, num_classes, settings)
     data_config = resolve_data_config(model, source=source, in_chans=in_chans, input_size=input_size)
     spec = BackboneSpec(name=name, source=source, num_classes=num_classes, in_chans=in_chans,
-                        classifier=classifier, first_conv=first_conv, data_config=data_config, head=settings)
+                        classifier=classifier, first_conv=first_conv, data_config=data_config, head=settings,
+                        **rebuild)
     return model, spec
 
 
-def _build_timm(name: str, num_classes: int, in_chans: int, head: dict,
-                drop_path_rate: float) -> tuple[nn.Module, str, str]:
+def _build_timm(name: str, num_classes: int, in_chans: int, head: dict, drop_path_rate: float,
+                model_args: dict[str, Any] | None = None) -> tuple[nn.Module, str, str, dict[str, Any]]:
     timm_name = resolve_timm_name(name)
+    if model_args is not None:  # a weights file's record: its registry architecture, no hub or folder read
+        timm_name = TimmName(name, timm_name.architecture, model_args=dict(model_args))
     kwargs: dict[str, Any] = {"num_classes": num_classes, "in_chans": in_chans, "drop_rate": head["dropout"]}
     if head["pool"]:
         kwargs["global_pool"] = head["pool"]
@@ -95,11 +104,12 @@ def _build_timm(name: str, num_classes: int, in_chans: int, head: dict,
     first_conv = cfg.get("first_conv") or _find_first_conv(model)
     if isinstance(first_conv, (list, tuple)):
         first_conv = first_conv[0]
-    return model, classifier, first_conv
+    return model, classifier, first_conv, {"architecture": timm_name.architecture,
+                                           "model_args": dict(timm_name.model_args)}
 
 
-def _build_torchvision(name: str, num_classes: int, in_chans: int, head: dict,
-                       drop_path_rate: float) -> tuple[nn.Module, str, str]:
+def _build_torchvision(name: str, num_classes: int, in_chans: int, head: dict, drop_path_rate: float,
+                       model_args: dict[str, Any] | None = None) -> tuple[nn.Module, str, str, dict[str, Any]]:
     check_model_name(name, "torchvision")
     if head["pool"] or drop_path_rate:
         raise UserError(f"head.pool and model.drop_path_rate are timm-only settings; torchvision '{name}' "
@@ -115,7 +125,7 @@ def _build_torchvision(name: str, num_classes: int, in_chans: int, head: dict,
     first_conv = _find_first_conv(model)
     if in_chans != 3:
         _replace_first_conv(model, first_conv, in_chans)
-    return model, classifier, first_conv
+    return model, classifier, first_conv, {"architecture": name, "model_args": {}}
 
 
 def _replace_head(model: nn.Module, classifier: str, head: str, num_classes: int, settings: dict) -> int:

@@ -73,6 +73,7 @@ class ModelDescription:
             "num_classes": str(spec.num_classes), "in_chans": str(spec.in_chans),
             "class_names": json.dumps(self.class_names), "head": json.dumps(spec.head),
             "classifier": spec.classifier, "first_conv": spec.first_conv,
+            "architecture": spec.architecture or spec.name, "model_args": json.dumps(spec.model_args),
             "data_config": json.dumps(self.data_config), "monitor": json.dumps(monitor),
             "value": json.dumps(value), "epoch": json.dumps(epoch), "versions": json.dumps(self.versions),
         }
@@ -114,6 +115,11 @@ class ModelMeta:
     data_config: dict[str, Any]
     extra: dict[str, Any] = field(default_factory=dict)  # monitor, value, epoch, versions
     classifier: str | None = None  # the head's module path (weights files record it)
+    architecture: str = ""  # what rebuilds the model: a registry name, never a hub or folder ('' = name)
+    model_args: dict[str, Any] = field(default_factory=dict)  # the architecture's arguments (an hf-hub model's)
+
+    def __post_init__(self) -> None:
+        self.architecture = self.architecture or self.name
 
     def preprocess(self, path: str | Path) -> Any:
         """An image file as the model's input, a ``(C, H, W)`` tensor, exactly as training's evaluation
@@ -170,11 +176,33 @@ class ModelMeta:
         check_classes(class_names, num_classes=num_classes)
         check_head(head)
         check_data_config(data_config, channels=in_chans)
-        return cls(name=_word(_text(meta, "model_name"), "model_name"),
-                   source=_one_of(_text(meta, "model_source"), SOURCES, "model_source"),
+        name = _word(_text(meta, "model_name"), "model_name")
+        return cls(name=name, source=_one_of(_text(meta, "model_source"), SOURCES, "model_source"),
                    num_classes=num_classes, in_chans=in_chans, class_names=class_names, head=head,
                    data_config={**data_config, "input_size": tuple(data_config["input_size"])},
-                   extra=_extra(meta), classifier=_text(meta, "classifier") if "classifier" in meta else None)
+                   extra=_extra(meta), classifier=_text(meta, "classifier") if "classifier" in meta else None,
+                   architecture=_architecture(meta, name), model_args=_model_args(meta))
+
+
+def _architecture(meta: Mapping[str, Any], name: str) -> str:
+    """The name the model is rebuilt from: a library's registry name, never ``hf-hub:`` or ``local-dir:``
+    (a file naming one would make loading it read a hub or a folder someone else chose)."""
+    architecture = _word(_text(meta, "architecture"), "architecture") if "architecture" in meta else name
+    if ":" in architecture or "/" in architecture:
+        raise MetadataError(f"the model to build is {_quoted(architecture)}, a hub or folder name, not an "
+                            "architecture (a file written by finetune records the architecture)")
+    return architecture
+
+
+def _model_args(meta: Mapping[str, Any]) -> dict[str, Any]:
+    """The architecture's arguments: at most 64 plain values (checked again by the meta-device build)."""
+    args = _json_field(meta, "model_args") if "model_args" in meta else {}
+    plain = (str, int, float, bool, type(None))
+    if not isinstance(args, dict) or len(args) > 64 or not all(
+            isinstance(k, str) and (isinstance(v, plain) or isinstance(v, list) and len(v) <= 64
+                                    and all(isinstance(x, plain) for x in v)) for k, v in args.items()):
+        raise MetadataError(f"model_args is {_quoted(args)}, not a mapping of at most 64 plain settings")
+    return args
 
 
 def check_data_config(config: Any, *, channels: int | None = None) -> None:
@@ -346,8 +374,9 @@ def build_checked_model(meta: ModelMeta, shapes: Mapping[str, tuple[int, ...]], 
     Raises:
         UserError: The model cannot be built, or differs from the file (naming the first differing tensor).
     """
-    kwargs = {"name": meta.name, "source": meta.source, "num_classes": meta.num_classes, "in_chans": meta.in_chans,
-              "input_size": meta.data_config["input_size"][-1], **meta.head}
+    kwargs = {"name": meta.architecture, "source": meta.source, "num_classes": meta.num_classes,
+              "in_chans": meta.in_chans, "input_size": meta.data_config["input_size"][-1], **meta.head,
+              "model_args": meta.model_args}
     try:
         with torch.device("meta"):
             skeleton, _ = build_model(**kwargs)
