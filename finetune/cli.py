@@ -23,7 +23,9 @@ from finetune.errors import UserError, message_of
 
 T = TypeVar("T")
 
-PYTHON = "python"  # the interpreter in printed commands
+# The interpreter in printed commands: this one, by its path, so that a pasted command works from any
+# directory and without the virtual environment activated.
+PYTHON = sys.executable or "python"
 HYDRA_PLAIN = re.compile(r"[\w./@%+:-]+")  # a value Hydra reads as it is typed
 CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
@@ -78,10 +80,10 @@ def override(key: str, value: object) -> str:
 
 
 def command(module: str, *args: str) -> str:
-    """``python -m MODULE ARGS`` quoted for the shell: each argument is one word, whatever it holds.
+    """``PYTHON -m MODULE ARGS`` quoted for the shell: each argument is one word, whatever it holds.
 
-    >>> command("finetune", "resume=/runs/x;touch${IFS}y")
-    "python -m finetune 'resume=/runs/x;touch${IFS}y'"
+    >>> command("finetune", "resume=/runs/x;touch${IFS}y")  # doctest: +ELLIPSIS
+    "... -m finetune 'resume=/runs/x;touch${IFS}y'"
     """
     return " ".join(shell_word(w) for w in (PYTHON, "-m", module, *args))
 

@@ -14,6 +14,7 @@ import difflib
 import importlib.resources
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
@@ -35,20 +36,20 @@ class ModelConfig:
     weights: Any = None  # null | PATH | builtin:NAME | list of {path, select, prefix, remap}
     remap: Any = "auto"  # auto | none | a preset name | rules (see docs/weights.md)
     input_size: int = 224  # the backbone's usual input size; data.img_size overrides it
-    in_chans: int = 3
+    in_chans: int = 3  # input channels: 1 grey, 3 RGB, 4 RGBA (the first convolution is adapted)
     num_classes: Optional[int] = None  # default: the number of class folders
     trust_pickle: bool = False  # allow checkpoints that need arbitrary pickled globals
     allow_missing: list[str] = field(default_factory=list)  # regexes of tensors allowed to stay unloaded
     allow_mismatch: list[str] = field(default_factory=list)  # regexes of tensors allowed to change shape
-    drop_path_rate: float = 0.0
+    drop_path_rate: float = 0.0  # stochastic depth, for timm models that have it
 
 
 @dataclass
 class DemoConfig:
-    num_classes: int = 6
-    train_per_class: int = 80
-    val_per_class: int = 20
-    image_size: int = 128
+    num_classes: int = 6  # shape classes, 2 to 8
+    train_per_class: int = 80  # training images per class
+    val_per_class: int = 20  # validation images per class
+    image_size: int = 128  # side of the square demo images, 32 to 512
     seed: int = 0  # the demo images are fixed by this, not by the run's seed
 
 
@@ -57,15 +58,15 @@ class DataConfig:
     name: str = "demo"  # demo | custom
     root: Optional[str] = None  # image folder: DIR/{train,val}/<class>/* or DIR/<class>/*
     img_size: Optional[int] = None  # default: model.input_size
-    batch_size: int = 32
+    batch_size: int = 32  # images per batch and process
     num_workers: Any = "auto"  # a count, or auto: this process's CPUs less one, at most 8 (0 with one CPU)
     val_split: float = 0.2  # used when root has no train/ and val/
     split_seed: int = 0  # the split stays fixed across runs with different seeds
     balance: str = "none"  # none | sampler | loss_weights
-    skip_bad_images: bool = False
+    skip_bad_images: bool = False  # leave unreadable images out (listed in the log) instead of stopping
     crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # train RandomResizedCrop area range
     hflip: float = 0.5  # train horizontal-flip probability
-    color_jitter: float = 0.4
+    color_jitter: float = 0.4  # train colour jitter strength (brightness, contrast, saturation); 0 = off
     auto_augment: Optional[str] = None  # a timm auto-augment spec, e.g. rand-m9-mstd0.5
     cache_dir: str = "~/.cache/finetune"  # where data=demo writes its images once
     demo: DemoConfig = field(default_factory=DemoConfig)
@@ -98,8 +99,8 @@ class FreezeConfig:
 class LRFindConfig:
     """The learning-rate range test that ``optim.lr=auto`` runs before training (``finetune.lr_find``)."""
 
-    start_lr: float = 1e-7
-    end_lr: float = 10.0
+    start_lr: float = 1e-7  # the range test's first rate
+    end_lr: float = 10.0  # the range test's last rate (it stops earlier when the loss diverges)
     num_updates: Optional[int] = None  # null: about 100, fewer when the training set is smaller
     rule: str = "valley"  # how the rate is picked from the curve (finetune.lr_find)
     fallback_lr: float = 1e-3  # used, with a warning, when the curve gives no trustworthy rate
@@ -109,10 +110,10 @@ class LRFindConfig:
 class OptimConfig:
     name: str = "adamw"  # any timm optimizer name: adamw, sgd, ...
     lr: Any = 1e-3  # a positive rate, or auto: an LR range test picks it before training
-    weight_decay: float = 0.05
+    weight_decay: float = 0.05  # decoupled for adamw; norm and bias parameters excluded unless decay_norm_and_bias
     momentum: float = 0.9  # sgd only
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adam-family only
-    decay_norm_and_bias: bool = False
+    decay_norm_and_bias: bool = False  # apply weight decay to norm layers and biases too
     head_lr: Optional[float] = None  # the head's rate; null = lr
     backbone_lr_mult: float = 1.0  # backbone rate = lr * backbone_lr_mult (x layer decay)
     layer_decay: Optional[float] = None  # e.g. 0.75: each layer down from the top learns this much slower
@@ -122,16 +123,16 @@ class OptimConfig:
 @dataclass
 class SchedConfig:
     name: str = "cosine"  # any timm scheduler: cosine, step, multistep, poly, tanh; or none
-    warmup_epochs: float = 0.5
-    warmup_lr: float = 1e-5
-    min_lr: float = 1e-6
+    warmup_epochs: float = 0.5  # linear warmup from warmup_lr, in epochs (fractions allowed)
+    warmup_lr: float = 1e-5  # the rate warmup starts from
+    min_lr: float = 1e-6  # the cosine floor
     decay_epochs: float = 30.0  # step schedules
     decay_rate: float = 0.1  # step schedules
 
 
 @dataclass
 class CheckpointConfig:
-    monitor: str = "val/acc1"
+    monitor: str = "val/acc1"  # the metric that picks best (and drives early stopping): val/acc1, val/loss, ...
     mode: Optional[str] = None  # max | min; inferred from the metric name when null
     save_best: bool = True  # best.<ext> whenever the monitored metric improves
     save_last: bool = True  # last.<ext> and last.ckpt (the training state resume needs)
@@ -145,20 +146,20 @@ class CheckpointConfig:
 
 @dataclass
 class EarlyStoppingConfig:
-    patience: Optional[int] = None  # epochs without improvement of checkpoint.monitor (checkpoint.min_delta); null = off
+    patience: Optional[int] = None  # epochs without a better checkpoint.monitor before stopping; null = off
 
 
 @dataclass
 class TrainerConfig:
-    max_epochs: int = 6
+    max_epochs: int = 6  # epochs to train (a resume may raise it)
     precision: str = "32"  # 32 | bf16 | 16
     device: str = "auto"  # auto | cpu | cuda | cuda:N | per_job (GPU = sweep job number modulo the GPUs)
-    accumulate: int = 1
+    accumulate: int = 1  # batches per optimizer update
     grad_clip: Optional[float] = None  # max global grad norm
-    label_smoothing: float = 0.0
-    ema: bool = False
-    ema_decay: float = 0.998
-    channels_last: bool = False
+    label_smoothing: float = 0.0  # cross-entropy label smoothing
+    ema: bool = False  # an exponential moving average of the weights (timm's ModelEmaV3); weights files hold it
+    ema_decay: float = 0.998  # the EMA's decay per update
+    channels_last: bool = False  # channels-last memory format (faster convolutions on recent GPUs)
     sync_bn: bool = False  # under DDP: BatchNorm statistics over the global batch (SyncBatchNorm, CUDA)
     compile: bool = False  # torch.compile the model's forward (in place: its state_dict keys stay its own)
     compile_mode: str = "default"  # default | reduce-overhead | max-autotune | max-autotune-no-cudagraphs
@@ -168,9 +169,9 @@ class TrainerConfig:
 
 @dataclass
 class LoggerConfig:
-    name: str = "tensorboard"
-    log_every_n_steps: int = 1
-    progress_bar: bool = True
+    name: str = "tensorboard"  # the tracker
+    log_every_n_steps: int = 1  # per-step scalars every N optimizer updates
+    progress_bar: bool = True  # a tqdm bar per epoch
 
 
 @dataclass
@@ -193,7 +194,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
-    seed: int = 0
+    seed: int = 0  # seeds python, numpy, torch and the data order
     resume: Optional[str] = None  # null | auto | RUN_DIR | FILE.ckpt
     resume_allow_config_change: bool = False  # resume even if overrides change the experiment
     resume_allow_unverified: bool = False  # resume from a state that loads but does not match manifest.json
@@ -463,4 +464,103 @@ def check_overrides_take_effect(cfg: DictConfig, overrides: list[str]) -> None:
 
 
 def _shown(value: Any) -> str:
+    return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+
+
+# ------------------------------------------------------------ the config reference (docs/config.md)
+def reference_markdown() -> str:
+    """``docs/config.md``: every key of the schema with its type, its default in the composed default
+    config (``python -m finetune``), and the comment beside its field in this file; then each group's
+    options. Generated, so it cannot drift: ``python scripts/config_reference.py`` rewrites the file and
+    tests/test_config.py compares them."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    register_schema()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        defaults = compose(config_name="config")
+    GlobalHydra.instance().clear()
+    comments = _field_comments()
+    lines = ["# Configuration reference", "",
+             "Generated from the schema in `finetune/config.py` by `python scripts/config_reference.py`; do not "
+             "edit by hand. Defaults are those of `python -m finetune` with no overrides (the `demo` data, the "
+             "`efficientnet_lite0` model); choosing another option of a group (`data=custom`) changes them.", ""]
+    for section, fields in _sections(Config, ""):
+        lines += [f"## `{section}`" if section else "## top level", "", "| key | type | default | meaning |",
+                  "|---|---|---|---|"]
+        for key, f in fields:
+            default = OmegaConf.select(defaults, key, default=None)
+            shown = OmegaConf.to_container(default) if OmegaConf.is_config(default) else default
+            lines.append(f"| `{key}` | {_type_name(f.type)} | `{_yaml_value(shown)}` | {comments.get(key, '')} |")
+        lines.append("")
+    lines += ["## Options of each group", "", "| group | options |", "|---|---|"]
+    root = Path(CONFIG_DIR)
+    for group in sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith(("_", "."))
+                        and d.name != "hydra"):
+        options = sorted(p.stem for p in (root / group).glob("*.yaml"))
+        lines.append(f"| `{group}` | {', '.join(f'`{o}`' for o in options)} |")
+    return "\n".join(lines) + "\n"
+
+
+def _sections(cls: type, prefix: str) -> list[tuple[str, list[tuple[str, Any]]]]:
+    """The schema's dataclasses as (section, [(dotted key, field)]), depth first, fields in order."""
+    own, nested = [], []
+    for f in dataclasses.fields(cls):
+        factory = f.default_factory if f.default_factory is not dataclasses.MISSING else None
+        if isinstance(factory, type) and dataclasses.is_dataclass(factory):
+            nested += _sections(factory, f"{prefix}{f.name}.")
+        else:
+            own.append((f"{prefix}{f.name}", f))
+    return ([(prefix.rstrip("."), own)] if own else []) + nested
+
+
+def _field_comments() -> dict[str, str]:
+    """The ``# comment`` beside each schema field, by dotted key (read from this file's source)."""
+    import ast
+    import io
+    import tokenize
+
+    source = Path(__file__).read_text()
+    tokens = tokenize.generate_tokens(io.StringIO(source).readline)
+    by_line = {tok.start[0]: tok.string.lstrip("#").strip() for tok in tokens if tok.type == tokenize.COMMENT}
+    classes = {node.name: node for node in ast.parse(source).body if isinstance(node, ast.ClassDef)}
+    out: dict[str, str] = {}
+
+    def walk(name: str, prefix: str) -> None:
+        for stmt in classes[name].body:
+            if not isinstance(stmt, ast.AnnAssign) or not isinstance(stmt.target, ast.Name):
+                continue
+            key = f"{prefix}{stmt.target.id}"
+            nested = _nested_class(stmt)
+            if nested in classes:
+                walk(nested, f"{key}.")
+            elif stmt.lineno in by_line:
+                out[key] = by_line[stmt.lineno].replace("|", "\\|")
+
+    walk("Config", "")
+    return out
+
+
+def _nested_class(stmt: Any) -> str | None:
+    """``field(default_factory=X)`` -> ``X``."""
+    import ast
+
+    call = stmt.value
+    if isinstance(call, ast.Call):
+        for kw in call.keywords:
+            if kw.arg == "default_factory" and isinstance(kw.value, ast.Name):
+                return kw.value.id
+    return None
+
+
+def _type_name(annotation: Any) -> str:
+    """``Optional[int]`` -> ``int or null`` (the schema's annotations are strings here)."""
+    text = str(annotation)
+    if text.startswith("Optional[") and text.endswith("]"):
+        return f"{text[len('Optional['):-1]} or null"
+    return text
+
+
+def _yaml_value(value: Any) -> str:
     return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)

@@ -40,7 +40,8 @@ from finetune.files import atomic_write_stream, atomic_write_text, csv_text, rea
 from finetune.config import DataConfig
 from finetune.data.folder import DataSplit
 from finetune.errors import UserError, describe_error, message_of
-from finetune.inference import Classifier, checkpoint_file, eval_loader, load_classifier, run_dir_of, sha256_of
+from finetune.inference import (Classifier, checkpoint_file, eval_loader, load_classifier, output_dir, run_dir_of,
+                                sha256_of)
 from finetune.metrics import EvalResult, MetricAccumulator
 
 log = logging.getLogger("finetune")
@@ -64,6 +65,7 @@ class EvaluateConfig:
     precision: Optional[str] = None  # 32 | bf16 | 16; null: the run's trainer.precision, else 32
     device: str = "auto"
     progress_bar: bool = True
+    out: Optional[str] = None  # where to write; null: RUN_DIR/eval/<date_time>/ beside the checkpoint's run
     data: DataConfig = field(default_factory=DataConfig)
 
 
@@ -76,9 +78,9 @@ def main(cfg: DictConfig) -> None:
 
 
 def run(cfg: DictConfig, out_dir: str | Path | None = None) -> dict[str, Any]:
-    """Evaluate ``cfg.ckpt`` on ``cfg.split`` of ``cfg.data``; write the report into ``out_dir``
-    (default: Hydra's run dir) and return ``metrics.json``'s content."""
-    from finetune.rundir import resolve_run_dir
+    """Evaluate ``cfg.ckpt`` on ``cfg.split`` of ``cfg.data``; write the report into ``out_dir`` (default:
+    ``cfg.out``, else beside the checkpoint's run, `finetune.inference.output_dir`) and return
+    ``metrics.json``'s content."""
     from finetune.runtime import set_deterministic
 
     check_split(cfg.split)
@@ -93,7 +95,8 @@ def run(cfg: DictConfig, out_dir: str | Path | None = None) -> dict[str, Any]:
     loader = eval_loader(samples, classifier.meta, batch_size=settings.batch_size, num_workers=cfg.data.num_workers)
     outputs = evaluate_batches(classifier, loader, progress_bar=cfg.progress_bar)
     report = build_report(outputs, classifier, images=images, split=cfg.split, batch_size=settings.batch_size)
-    write_report(resolve_run_dir(out_dir), report, outputs, samples, label_names=classifier.label_names)
+    write_report(output_dir(out_dir or cfg.out, checkpoint=path, kind="eval"), report, outputs, samples,
+                 label_names=classifier.label_names)
     print(format_table(report))
     return report
 
@@ -360,7 +363,7 @@ def write_report(out_dir: Path, report: dict[str, Any], outputs: Outputs, sample
     atomic_write_stream(out_dir / "confusion_matrix.png", lambda f: image.save(f, format="PNG"))
     atomic_write_text(out_dir / "misclassified.csv", misclassified_csv(outputs, samples, label_names))
     atomic_write_text(out_dir / "metrics.json", json.dumps(report, indent=1) + "\n")
-    log.info(f"wrote metrics.json, confusion_matrix.json/.png, misclassified.csv to {out_dir}")
+    log.info(f"evaluation written to {out_dir}: metrics.json, confusion_matrix.json/.png, misclassified.csv")
 
 
 def misclassified_csv(outputs: Outputs, samples: list[Sample], label_names: list[str]) -> str:

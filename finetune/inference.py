@@ -11,6 +11,7 @@ without torch (``finetune.onnx_predict``) preprocesses exactly as training evalu
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import logging
 from collections.abc import Callable, Sequence
@@ -25,7 +26,7 @@ from torch.utils.data import DataLoader
 from finetune.checkpoint import Manifest, ModelMeta, load_model
 from finetune.checkpoint.weights_file import MAX_CLASSES, MetadataError, check_classes, check_data_config
 from finetune.errors import UserError, describe_error
-from finetune.files import file_digest
+from finetune.files import check_inside, file_digest
 from finetune.runtime import AUTOCAST_DTYPES, resolve_device
 
 log = logging.getLogger("finetune")
@@ -60,6 +61,32 @@ def load_checkpoint(ckpt: str | Path, *, device: str | torch.device = "cpu") -> 
     path = resolve_checkpoint(ckpt)
     model, meta = load_model(path, device=device)
     return model, meta, path
+
+
+def output_dir(out: str | Path | None, *, checkpoint: Path, kind: str) -> Path:
+    """Where evaluate (``kind`` ``eval``) or predict (``predict``) write: ``out`` when given (made if
+    missing); else Hydra's run dir when one was given (``hydra.run.dir=DIR``); else a new folder beside
+    the run the checkpoint belongs to, ``RUN_DIR/<kind>/<date_time>/`` (beside a loose file:
+    ``DIR/<kind>/<date_time>/``), never a link out of it."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if out is not None:
+        path = Path(out).expanduser()
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+    if HydraConfig.initialized() and Path(HydraConfig.get().runtime.output_dir).resolve() != Path.cwd().resolve():
+        return Path(HydraConfig.get().runtime.output_dir)
+    home = run_dir_of(checkpoint) or checkpoint.resolve().parent
+    stamp = datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    for n in range(1000):
+        path = home / kind / (stamp if n == 0 else f"{stamp}_{n}")
+        check_inside(home, path / "x")  # RUN_DIR/<kind> is not a link out of the run dir (someone else's, maybe)
+        try:
+            path.mkdir(parents=True)
+            return path
+        except FileExistsError:
+            continue
+    raise UserError(f"'{home / kind}' already holds 1000 folders named {stamp}: pass out=DIR")
 
 
 def run_dir_of(checkpoint: Path) -> Path | None:

@@ -36,8 +36,7 @@ from finetune.config import CONFIG_PACKAGE
 from finetune.data.folder import IMAGE_EXTENSIONS, find_unreadable_images
 from finetune.errors import UserError
 from finetune.files import GLOB_CHARS, atomic_write_text, csv_text, glob_files, walk_files
-from finetune.inference import Classifier, eval_loader, load_classifier
-from finetune.rundir import resolve_run_dir
+from finetune.inference import Classifier, checkpoint_file, eval_loader, load_classifier, output_dir
 
 log = logging.getLogger("finetune")
 
@@ -61,6 +60,7 @@ class PredictConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     num_workers: Any = 2  # image-loading processes (0: in this process), or auto (as data.num_workers)
     progress_bar: bool = True
+    out: Optional[str] = None  # where to write predictions.csv; null: RUN_DIR/predict/<date_time>/ beside the run
 
 
 ConfigStore.instance().store(name="predict_schema", node=PredictConfig)
@@ -188,14 +188,14 @@ def predictions_csv(rows: list[dict[str, Any]]) -> str:
 
 # ------------------------------------------------------------ the app
 def run(cfg: DictConfig, out_dir: str | Path | None = None) -> Path:
-    """Predict as ``cfg`` says; writes ``predictions.csv`` into ``out_dir`` (default: Hydra's run dir)."""
-    out_dir = resolve_run_dir(out_dir)
+    """Predict as ``cfg`` says; writes ``predictions.csv`` into ``out_dir`` (default: ``cfg.out``, else beside
+    the checkpoint's run, `finetune.inference.output_dir`)."""
     rows = predict(cfg.ckpt, OmegaConf.to_object(cfg.inputs) if OmegaConf.is_config(cfg.inputs) else cfg.inputs,
                    topk=cfg.topk, batch_size=cfg.batch_size, tta=cfg.tta, device=cfg.device,
                    num_workers=cfg.num_workers, progress_bar=cfg.progress_bar)
-    path = out_dir / "predictions.csv"
+    path = output_dir(out_dir or cfg.out, checkpoint=checkpoint_file(cfg.ckpt), kind="predict") / "predictions.csv"
     atomic_write_text(path, predictions_csv(rows))
-    log.info(f"predicted {len(rows)} images: {path}")
+    log.info(f"predicted {len(rows)} images, written to {path}")
     return path
 
 

@@ -28,7 +28,7 @@ from finetune.resume import ResumePlan
 from finetune.rundir import RunDirInUse, hold_run_dir
 from finetune.runtime import Runtime, seed_ranks, setup_runtime
 from finetune.signals import StopRequest, TrainingInterrupted, ignore_stop_signals, stop_workers
-from finetune.summary import FINAL_HPARAM_METRICS, RunSummary, closing_block
+from finetune.summary import FINAL_HPARAM_METRICS, RunSummary, closing_block, start_block
 from finetune.trainer import TrainState
 
 log = logging.getLogger("finetune")
@@ -49,6 +49,7 @@ class Recipe:
         self.parts: builders.RunParts | None = None
         self.hparams: dict[str, Any] = {}
         self.state: TrainState | None = None
+        self.load_report: dict[str, Any] | None = None  # what the pretrained load placed (a fresh start)
 
     # ------------------------------------------------------------ setup
     def setup(self, cfg: DictConfig, *, stop: StopRequest | None = None) -> None:
@@ -63,6 +64,7 @@ class Recipe:
         rt = setup_runtime(seed=cfg.seed, device=cfg.trainer.device, precision=cfg.trainer.precision,
                            deterministic=cfg.trainer.deterministic, job=builders.job_number(), world=self.world)
         model, spec, data_config = self.build_model_and_data(cfg, rt, pretrained=self.plan.fresh)
+        weights = self.weights_line(cfg)
         self.plan.place(loaders=self.loaders, world=self.world, accumulate=cfg.trainer.accumulate)
         freeze = builders.build_freeze(cfg, model, spec)
         lr, lr_find = builders.choose_lr(cfg, model, spec, loaders=self.loaders, rt=rt, saved=self.plan.lr_record)
@@ -75,10 +77,28 @@ class Recipe:
                                         class_names=self.split.class_names, loaders=self.loaders, rt=rt,
                                         run_dir=self.run_dir, plan=self.plan, stop=stop, lr_find=lr_find)
         self.hparams = builders.hparams(cfg, only=builders.swept_keys())
+        log.info(start_block(data=self.split, model=spec.name, source=spec.source, weights=weights,
+                             trainable=sum(p.numel() for p in model.parameters() if p.requires_grad),
+                             total=sum(p.numel() for p in model.parameters()),
+                             frozen=f"freeze={cfg.freeze.name}" + (", thawing on schedule" if cfg.freeze.schedule else ""),
+                             device=str(rt.device), precision=cfg.trainer.precision,
+                             input_size=tuple(data_config["input_size"]), epochs=cfg.trainer.max_epochs,
+                             updates=builders.updates_per_epoch(cfg, self.loaders),
+                             batch=self.loaders.train.batch_size, optimizer=cfg.optim.name, lr=lr))
         seed_ranks(cfg.seed, self.world)
         self.state = self.plan.apply(training=training, checkpointer=self.parts.hooks.checkpoint,
                                      metrics=self.parts.hooks.metrics, max_epochs=cfg.trainer.max_epochs,
                                      world=self.world)
+
+    def weights_line(self, cfg: DictConfig) -> str:
+        """Where the model's weights come from, for the start of the run."""
+        if not self.plan.fresh:
+            return f"from the training state '{self.plan.source}' (resumed)"
+        report = self.load_report or {}
+        sources = [s.get("path") for s in report.get("sources", [])]
+        if not sources:
+            return "random initialisation (no transfer learning: model.pretrained=false and model.weights=null)"
+        return f"{', '.join(map(str, sources))}: {report.get('loaded_fraction', 0.0):.1%} of the backbone loaded"
 
     def build_model_and_data(self, cfg: DictConfig, rt: Runtime, *, pretrained: bool) -> tuple[Any, Any, dict]:
         """The data split (recorded in ``split.json``), the model (its pretrained weights loaded when
@@ -86,8 +106,9 @@ class Recipe:
         self.split = builders.build_split(cfg.data, run_dir=self.run_dir, write=self.world.main)
         model, spec = builders.build_classifier(cfg.model, head=cfg.head, num_classes=len(self.split.class_names))
         if pretrained:
-            builders.init_weights(cfg.model, model, spec, head=cfg.head, class_names=self.split.class_names,
-                                  run_dir=self.run_dir, write=self.world.main)
+            self.load_report = builders.init_weights(cfg.model, model, spec, head=cfg.head,
+                                                     class_names=self.split.class_names, run_dir=self.run_dir,
+                                                     write=self.world.main)
         model = builders.prepare_for_ddp(cfg, model.to(rt.device), rt=rt)
         data_config = builders.build_data_config(cfg.data, spec)
         self.loaders = builders.build_loaders(cfg.data, self.split, data_config, seed=cfg.seed, device=rt.device,

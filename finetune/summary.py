@@ -70,6 +70,43 @@ class RunSummary:
             log.error(f"could not write '{self.run_dir / 'summary.json'}': {err}")
 
 
+def start_block(*, data: Any, model: str, source: str, weights: str, trainable: int, total: int, frozen: str,
+                device: str, precision: str, input_size: tuple[int, ...], epochs: int, updates: int, batch: int,
+                optimizer: str, lr: float, listed: int = 8) -> str:
+    """What a run is about to do, before its first epoch: data, model and weights, what trains, where, how long.
+
+    ``data``: the run's `finetune.data.DataSplit`.
+
+    >>> from finetune.data import DataSplit
+    >>> split = DataSplit([("a/1.png", 0), ("a/2.png", 0), ("b/1.png", 1)], [("b/2.png", 1)], ["a", "b"], "/d",
+    ...                   "split", [], 0.2, 0)
+    >>> print(start_block(data=split, model="resnet50", source="timm", weights="random initialisation",
+    ...                   trainable=10, total=1234, frozen="freeze=head_only", device="cpu", precision="32",
+    ...                   input_size=(3, 224, 224), epochs=2, updates=3, batch=4, optimizer="adamw", lr=1e-3))
+    ---- starting: fine-tune resnet50 (timm) ----
+    data      /d (class folders, split by data.val_split=0.2): 2 classes, 3 train / 1 val images
+    classes   a (2/0), b (1/1)
+    weights   random initialisation
+    params    10 of 1,234 trainable (freeze=head_only)
+    compute   cpu, precision 32, input 3x224x224
+    schedule  2 epochs of 3 updates (batch 4), adamw at lr 0.001
+    """
+    train, val = data.class_counts("train"), data.class_counts("val")
+    layout = ("train/ and val/ folders" if data.layout == "train_val"
+              else f"class folders, split by data.val_split={data.val_split}")
+    classes = [f"{name} ({t}/{v})" for name, t, v in zip(data.class_names, train, val)]
+    more = f", and {len(classes) - listed} more" if len(classes) > listed else ""
+    return "\n".join([
+        f"---- starting: fine-tune {model} ({source}) ----",
+        f"data      {data.root} ({layout}): {len(data.class_names)} classes, {sum(train)} train / {sum(val)} val images",
+        f"classes   {', '.join(classes[:listed])}{more}",
+        f"weights   {weights}",
+        f"params    {trainable:,} of {total:,} trainable ({frozen})",
+        f"compute   {device}, precision {precision}, input {'x'.join(map(str, input_size))}",
+        f"schedule  {epochs} epochs of {updates} updates (batch {batch}), {optimizer} at lr {lr:.4g}",
+    ])
+
+
 def closing_block(record: dict[str, Any], *, data_root: str | None) -> str:
     """The end of a run's console output: how it ended, where its files are, and what to run next
     (each command quoted for Hydra and the shell: `finetune.cli.command`).
@@ -77,17 +114,17 @@ def closing_block(record: dict[str, Any], *, data_root: str | None) -> str:
     >>> print(closing_block({"status": "interrupted", "run_dir": "R", "epochs": None, "steps": 7,
     ...     "best": {"metric": "val/acc1", "value": 0.5, "epoch": 1},
     ...     "paths": {"best.safetensors": "R/checkpoints/best.safetensors", "last.ckpt": "R/checkpoints/last.ckpt"}},
-    ...     data_root="my photos"))  # doctest: +NORMALIZE_WHITESPACE
+    ...     data_root="my photos"))  # doctest: +NORMALIZE_WHITESPACE +ELLIPSIS
     ---- run interrupted ----
     best         val/acc1 0.5000 at epoch 1
     weights      R/checkpoints/best.safetensors
     run dir      R
     tensorboard  tensorboard --logdir R/tb
     next:
-      python -m finetune resume=R
-      python -m finetune.evaluate ckpt=R data=custom "data.root='my photos'"
-      python -m finetune.predict ckpt=R inputs=DIR_OR_GLOB
-      python -m finetune.export ckpt=R format=onnx
+      ...python -m finetune resume=R
+      ...python -m finetune.evaluate ckpt=R data=custom "data.root='my photos'"
+      ...python -m finetune.predict ckpt=R inputs=DIR_OR_GLOB
+      ...python -m finetune.export ckpt=R format=onnx
     """
     run_dir, status, paths = record["run_dir"], record["status"], record.get("paths", {})
     best, weights = record.get("best") or {}, paths.get("best.safetensors") or paths.get("best.pt")

@@ -92,3 +92,15 @@ def test_values_a_type_cannot_rule_out(override, message):
     with pytest.raises(UserError) as info:
         check_config(compose_config(override.split()))
     assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_the_config_reference_is_the_schemas():
+    """docs/config.md is generated from the schema (python scripts/config_reference.py): a key added,
+    renamed or given another default without regenerating it fails here."""
+    from conftest import REPO
+    from finetune.config import reference_markdown, schema_keys
+
+    written = (REPO / "docs" / "config.md").read_text()
+    assert written == reference_markdown(), "docs/config.md is stale: run python scripts/config_reference.py"
+    keys = [k for k in schema_keys() if not any(o.startswith(f"{k}.") for o in schema_keys())]
+    assert all(f"| `{k}` |" in written for k in keys) and len(keys) > 80

@@ -15,6 +15,7 @@ import io
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -416,10 +417,18 @@ def test_a_reproduce_line_never_runs_what_a_job_override_holds(finished, tmp_pat
         hydra["hydra"]["overrides"]["task"] = [override]
         path.write_text(yaml.safe_dump(hydra))
         line = next(x for x in sweep_rebuild(sweep, capsys).splitlines() if x.startswith("reproduce: "))
-        pasted = subprocess.run(["bash", "-c", "python() { printf '%s\\n' \"$@\"; }; " + line.removeprefix("reproduce: ")],
+        pasted = subprocess.run(["bash", "-c", "python() { printf '%s\\n' \"$@\"; }; " + as_python(line.removeprefix("reproduce: "))],
                                 capture_output=True, text=True, cwd=tmp_path)
         assert pasted.returncode == 0 and pasted.stdout.splitlines() == ["-m", "finetune", override], pasted
         assert not marker.exists()
+
+
+def as_python(command: str) -> str:
+    """A printed command with its interpreter (this one, by its path) replaced by ``python``, a shell function
+    the paste tests define to print the arguments it gets."""
+    interpreter = shlex.quote(sys.executable)
+    assert command.startswith(interpreter + " "), command
+    return "python" + command.removeprefix(interpreter)
 
 
 def test_every_command_the_closing_block_prints_pastes_as_one_word_per_argument(tmp_path):
@@ -434,11 +443,11 @@ def test_every_command_the_closing_block_prints_pastes_as_one_word_per_argument(
     block = closing_block({"status": "interrupted", "run_dir": run_dir, "best": {"metric": "val/acc1", "value": 0.5,
                                                                                 "epoch": 1},
                            "paths": {"best.safetensors": "w", "last.ckpt": "s"}}, data_root=root)
-    commands = [line.strip() for line in block.splitlines() if line.strip().startswith("python ")]
+    commands = [line.strip() for line in block.splitlines() if line.strip().startswith(shlex.quote(sys.executable))]
     assert len(commands) == 4
     parser = OverridesParser.create()
     for line in commands:
-        pasted = subprocess.run(["bash", "-c", "python() { printf '%s\\0' \"$@\"; }; " + line],
+        pasted = subprocess.run(["bash", "-c", "python() { printf '%s\\0' \"$@\"; }; " + as_python(line)],
                                 capture_output=True, text=True, cwd=tmp_path)
         args = pasted.stdout.split("\0")[:-1]
         values = {o.key_or_group: OmegaConf.create({"v": o.value()}).v  # as the config will hold it

@@ -167,3 +167,46 @@ def test_offline_training_points_to_fetching_the_weights_not_to_random_init(tmp_
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads((tmp_path / "b" / "load_report.json").read_text())
     assert [s["path"] for s in report["sources"]] == [str(file)] and report["loaded_fraction"] == 1.0
+
+
+
+# ------------------------------------------------------------ what a run says it is about to do, and where files go
+def test_a_run_starts_by_saying_what_it_will_do(tmp_path, caplog):
+    """Data root and layout, classes with their counts, model and weights, what trains, device, length:
+    each line checked against the data and the model it describes."""
+    import logging
+
+    from finetune.run import run
+
+    root = make_image_folder(tmp_path / "images", classes=3, train=5, val=2)
+    (root / "train" / "class_2" / "4.png").unlink()  # uneven: 5, 5, 4 train images
+    caplog.set_level(logging.INFO, logger="finetune")
+    run(compose_config(tiny_overrides(root, epochs=1) + ["freeze=head_only"]), run_dir=tmp_path / "run")
+    block = caplog.text[caplog.text.index("---- starting: fine-tune test_resnet (timm) ----"):]
+    lines = dict(line.split(None, 1) for line in block.splitlines()[1:7])
+    assert lines["data"] == f"{root} (train/ and val/ folders): 3 classes, 14 train / 6 val images"
+    assert lines["classes"] == "class_0 (5/2), class_1 (5/2), class_2 (4/2)"
+    assert lines["weights"].startswith("random initialisation (no transfer learning")
+    model = timm.create_model("test_resnet", num_classes=3)
+    total, head = sum(p.numel() for p in model.parameters()), sum(p.numel() for p in model.fc.parameters())
+    assert lines["params"] == f"{head:,} of {total:,} trainable (freeze=head_only)"
+    assert lines["compute"] == "cpu, precision 32, input 3x32x32"
+    assert lines["schedule"] == "1 epochs of 4 updates (batch 4), adamw at lr 0.001"  # 14 images: 4 + 4 + 4 + 2
+
+
+@pytest.mark.slow
+def test_evaluate_and_predict_write_beside_the_run_and_say_where(tmp_path):
+    """Before, both wrote into ./outputs/... of wherever they were started."""
+    root = make_image_folder(tmp_path / "images", classes=2, train=3, val=2)
+    run_dir = tmp_path / "run"
+    assert run_cli(tiny_overrides(root, epochs=1) + [f"hydra.run.dir={run_dir}"], cwd=tmp_path).returncode == 0
+    work = tmp_path / "work"
+    work.mkdir()
+    for module, kind, name, args in (("finetune.evaluate", "eval", "metrics.json", []),
+                                     ("finetune.predict", "predict", "predictions.csv", [f"inputs={root / 'val'}"])):
+        result = subprocess.run([sys.executable, "-m", module, f"ckpt={run_dir}", *args], cwd=work,
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        (written,) = (run_dir / kind).glob(f"*/{name}")
+        assert str(written.parent) in result.stdout + result.stderr
+    assert list(work.iterdir()) == []  # nothing where they were started

@@ -13,6 +13,7 @@ import json
 import math
 import re
 import shlex
+import sys
 from pathlib import Path
 
 import optuna
@@ -105,7 +106,8 @@ def test_study_records_failed_and_pruned_trials_and_the_same_command_continues_i
 
     # The best trial, printed as a command to paste, reproduces the trial's best value.
     best = optuna.load_study(study_name="test", storage=storage).best_trial
-    line = re.search(r"^best trial (\d+) \(val/acc1 ([\d.]+)\): (python -m finetune .*)$", first.stdout, re.MULTILINE)
+    line = re.search(rf"^best trial (\d+) \(val/acc1 ([\d.]+)\): ({re.escape(shlex.quote(sys.executable))} -m finetune .*)$",
+                     first.stdout, re.MULTILINE)
     assert line and int(line[1]) == best.number, first.stdout[-3000:]
     overrides = shlex.split(line[3])[3:]
     assert f"+experiment={best.params['+experiment']}" in overrides and f"hydra.searchpath=[file://{user}]" in overrides

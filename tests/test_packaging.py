@@ -185,3 +185,18 @@ def test_wheel_ships_the_configs_and_runs_outside_the_repository(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert (out / "checkpoints" / "best.safetensors").is_file()
 
+    # The torch-free predictor, as installed from the wheel, predicts the export of that run with every
+    # import of torch, torchvision and timm refused (test_predict_onnx.TORCH_FREE records any attempt).
+    from test_predict_onnx import TORCH_FREE
+
+    exported = subprocess.run([sys.executable, "-m", "finetune.export", f"ckpt={out}", f"out={tmp_path / 'm.onnx'}"],
+                              cwd=work, capture_output=True, text=True, env={**os.environ, **env}, timeout=600)
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    predicted = subprocess.run([sys.executable, "-c", TORCH_FREE, "finetune.onnx_predict", str(tmp_path / "m.onnx"),
+                                str(root / "val")], cwd=work, capture_output=True, text=True,
+                               env={**os.environ, **env}, timeout=300)
+    assert predicted.returncode == 0 and "not torch-free" not in predicted.stderr, predicted.stderr[-3000:]
+    rows = predicted.stdout.splitlines()
+    assert rows[0].startswith("path,label,prob") and len(rows) == 1 + 9
+    assert all(row.startswith(str(root / "val")) for row in rows[1:])
+

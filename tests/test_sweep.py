@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shlex
 import signal
 import subprocess
 import sys
@@ -68,7 +69,7 @@ def test_the_printed_table_names_the_best_job_its_command_and_the_failures(three
     assert "sweep summary: 4 jobs (2 completed, 2 failed)" in out
     best = read_csv(sweep_dir / "sweep_summary.csv")[0]
     assert f"best: job {best['job']}, val/acc1 {float(best['best val/acc1']):.4f}" in out
-    reproduce = next(line for line in out.splitlines() if line.startswith("reproduce: python -m finetune "))
+    reproduce = next(line for line in out.splitlines() if line.startswith(f"reproduce: {shlex.quote(sys.executable)} -m finetune "))
     assert f"optim.lr={best['optim.lr']}" in reproduce and "data.root=" in reproduce
     assert "job 1 failed: UserError: optim.lr must be positive" in out
     assert result.stderr.count("job failed: ") == 2

@@ -12,7 +12,6 @@ import importlib.util
 import json
 import math
 import re
-import shlex
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from hydra.core.utils import JobReturn, JobStatus
 from hydra.utils import instantiate
 from optuna.trial import Trial, TrialState
 
+from finetune import cli
 from finetune.optuna_trial import PRUNER_ATTR, build_pruner
 from hydra_plugins.finetune_optuna_sweeper._guard import RefusedStudy, escaped, open_storage, shown
 from hydra_plugins.finetune_optuna_sweeper._search_space import SearchSpace
@@ -183,7 +183,7 @@ def report(study: optuna.Study, *, storage: str, monitor: str, extra: list[str])
     overrides = best.user_attrs.get("overrides")
     if not (isinstance(overrides, list) and overrides and all(isinstance(o, str) for o in overrides)):
         overrides = [f"{k}={v}" for k, v in best.params.items()]
-    command = escaped(shlex.join(["python", "-m", "finetune", *overrides, *extra]), limit=None)
+    command = escaped(cli.command("finetune", *overrides, *extra), limit=None)
     lines.append(f"best trial {best.number} ({monitor} {best.value:.4g}): {command}")
     if isinstance(best.user_attrs.get("job_dir"), str):
         lines.append(f"  its run: {escaped(best.user_attrs['job_dir'])}")
