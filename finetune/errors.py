@@ -11,6 +11,13 @@ class UserError(Exception):
     """A problem with the user's input (config, files, data) rather than a bug."""
 
 
+class UnexpectedReadError(UserError):
+    """A reader failed in a way that says nothing about the file (a bug, or a torch release that reads
+    differently): not damage. Raised ``from`` the original error, which ``HYDRA_FULL_ERROR=1`` shows.
+    Whoever would skip a damaged file (resume's fallback to an older state) must not skip this one:
+    the older file would fail the same way, and the newer progress would be dropped silently."""
+
+
 def message_of(err: UserError) -> str:
     """The one line to print for ``err``.
 

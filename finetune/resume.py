@@ -33,7 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 from finetune.checkpoint import (Checkpointer, Manifest, TrainingParts, check_policy_state, load_training_state,
                                  set_rng_state, verify_file)
 from finetune.distributed import SINGLE, World
-from finetune.errors import UserError
+from finetune.errors import UnexpectedReadError, UserError
 from finetune.files import load_yaml_data
 from finetune.loggers import MetricsJsonl
 from finetune.rundir import occupied_run_dir
@@ -174,6 +174,8 @@ def newest_valid_state(directory: Path, *, required: bool, home: Path | None = N
         try:
             state, unverified = load_verified_state(directory / name, manifest.files[name],
                                                     allow_unverified=allow_unverified)
+        except UnexpectedReadError:
+            raise  # not damage: an older state would fail alike, and falling back would drop progress unseen
         except UserError as err:
             log.warning(f"{err}: falling back to the previous checkpoint")
             invalid.append(name)

@@ -17,7 +17,7 @@ from timm.layers import DropPath
 from conftest import compose_config, make_image_folder, tiny_overrides
 from finetune import builders
 from finetune.checkpoint import Manifest, load_training_state, save_training_state, verify_file
-from finetune.errors import UserError
+from finetune.errors import UnexpectedReadError, UserError
 from finetune.models import build_model
 from finetune.run import run
 from finetune.signals import TrainingInterrupted
@@ -227,6 +227,29 @@ def test_resume_auto_skips_a_corrupt_last_ckpt_with_a_warning_naming_it(referenc
     assert any(f"'{last}' is corrupt" in w and "falling back" in w for w in warnings), warnings
     assert json.loads((out / "summary.json").read_text())["resumed_from"].endswith("epoch002-step000014.ckpt")
     assert_same_result(out, ref)
+
+
+def test_resume_auto_stops_on_an_unexpected_read_error_instead_of_falling_back(reference, tmp_path, monkeypatch,
+                                                                              caplog):
+    """A reader failing in a way that says nothing about the file (here: as if a torch release changed
+    torch.load) is not damage: the older states would fail alike, and falling back would drop the newer
+    progress with only a warning. Resume stops on it, naming the newest state, with the cause kept."""
+    ref, overrides = reference
+    out = copy_run(ref, tmp_path / "run")
+    before = {p: p.read_bytes() for p in (out / "checkpoints").iterdir() if p.is_file()}
+    boom = TypeError("load() got an unexpected keyword argument 'mmap'")
+
+    def changed_load(*args, **kwargs):
+        raise boom
+
+    monkeypatch.setattr(torch, "load", changed_load)
+    with caplog.at_level(logging.WARNING, logger="finetune"), pytest.raises(UnexpectedReadError) as info:
+        run(compose_config(overrides + ["resume=auto"]), run_dir=out)
+    message = str(info.value)
+    assert f"'{out / 'checkpoints' / 'last.ckpt'}'" in message and "unexpected error" in message, message
+    assert "TypeError: load() got an unexpected keyword" in message and info.value.__cause__ is boom
+    assert not [r for r in caplog.records if "falling back" in r.getMessage()]
+    assert before == {p: p.read_bytes() for p in before}, "a refused resume changed a checkpoint file"
 
 
 def test_a_fresh_run_never_replaces_a_runs_checkpoints(reference, tmp_path):

@@ -37,7 +37,7 @@ from safetensors import SafetensorError, safe_open
 
 from finetune._torch_compat import blocked_global, is_weights_only_refusal, reports_damaged_file
 from finetune.confine import confined
-from finetune.errors import UserError, describe_error
+from finetune.errors import UnexpectedReadError, UserError, describe_error
 from finetune.weights.limits import MAX_DEPTH, TooLarge, measure_tree
 from finetune.weights.torchscript import DamagedArchive, NotPlainData, read_script_tensors
 
@@ -397,14 +397,14 @@ def explain_read_error(file: Path, err: BaseException) -> ReadFailure:
     return ReadFailure("unexpected", describe_error(err), intact=intact)
 
 
-def unexpected_read_error(read: str, failure: ReadFailure) -> UserError:
+def unexpected_read_error(read: str, failure: ReadFailure) -> UnexpectedReadError:
     """The one line for an unexpected failure; ``read`` says what could not be read (``checkpoint 'x' could not
     be read``). Raise it ``from`` the error, whose traceback ``HYDRA_FULL_ERROR=1`` shows."""
     if failure.intact:
-        return UserError(f"{read}: an unexpected error ({failure.detail}) although its checksums match: please report "
-                         "it with the traceback HYDRA_FULL_ERROR=1 shows")
-    return UserError(f"{read}: an unexpected error reading it ({failure.detail}): if a fresh copy fails the same way, "
-                     "please report it with the traceback HYDRA_FULL_ERROR=1 shows")
+        return UnexpectedReadError(f"{read}: an unexpected error ({failure.detail}) although its checksums match: "
+                                   "please report it with the traceback HYDRA_FULL_ERROR=1 shows")
+    return UnexpectedReadError(f"{read}: an unexpected error reading it ({failure.detail}): if a fresh copy fails "
+                               "the same way, please report it with the traceback HYDRA_FULL_ERROR=1 shows")
 
 
 def zip_checksums(file: Path) -> tuple[str | None, bool]:
