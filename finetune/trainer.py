@@ -162,11 +162,12 @@ class Trainer:
         for inputs, target in bar:
             state.batches_seen += 1
             update = state.batches_seen % self.accumulate == 0 or state.batches_seen == total_batches
+            rates = self.learning_rates()  # the rates this update uses: the scheduler steps inside it
             loss = self.train_step(inputs, target, state, update=update)
             if not self.world.distributed:
                 loss_sum, images = loss_sum + loss * target.shape[0], images + target.shape[0]
                 state.epoch_loss_sum, state.epoch_images = loss_sum, images
-            logs = {"train/loss": loss, **self.learning_rates()}
+            logs = {"train/loss": loss, **rates}
             if update:
                 if self.world.distributed:  # the update's losses over every process (with the stop flags)
                     loss_sum, images, logs["train/loss"] = self._reduced_window(loss_sum, images)

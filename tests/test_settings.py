@@ -113,7 +113,8 @@ def test_sched_step_sets_each_updates_rate_by_the_formula(images, tmp_path, monk
     events = EventAccumulator(str(out / "tb"), size_guidance={"scalars": 0}).Reload()
     logged = events.Scalars("lr/head")
     assert [e.step for e in logged] == list(range(1, 16))
-    assert [e.value for e in logged] == pytest.approx([expected(g) for g in range(1, 16)], rel=1e-6)
+    # lr/<group> at step g is the rate update g used (as timm's train script and Lightning's monitor log it)
+    assert [e.value for e in logged] == pytest.approx([groups[0] for groups in used], rel=1e-6)
 
 
 # ------------------------------------------------------------------ evaluate split=
