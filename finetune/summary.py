@@ -92,8 +92,8 @@ def start_block(*, data: Any, model: str, source: str, weights: str, trainable: 
     schedule  2 epochs of 3 updates (batch 4), adamw at lr 0.001
     """
     train, val = data.class_counts("train"), data.class_counts("val")
-    layout = ("train/ and val/ folders" if data.layout == "train_val"
-              else f"class folders, split by data.val_split={data.val_split}")
+    layout = {"train_val": "train/ and val/ folders", "shards": "WebDataset shards"}.get(
+        data.layout, f"class folders, split by data.val_split={data.val_split}")
     classes = [f"{name} ({t}/{v})" for name, t, v in zip(data.class_names, train, val)]
     more = f", and {len(classes) - listed} more" if len(classes) > listed else ""
     return "\n".join([
