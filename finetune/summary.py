@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune.cli import command, override
-from finetune.errors import RunPruned
+from finetune.errors import RunPruned, UserError, message_of
 from finetune.files import atomic_write_text
 from finetune.signals import TrainingInterrupted
 from finetune.trainer import TrainState
@@ -50,7 +50,9 @@ class RunSummary:
             return
         status = ("interrupted" if issubclass(exc_type, KeyboardInterrupt)
                   else "pruned" if issubclass(exc_type, RunPruned) else "failed")
-        self.record |= {"status": status, "error": f"{exc_type.__name__}: {exc}"}
+        # A UserError raised in a loader worker carries the worker's traceback: the record keeps its one line.
+        message = message_of(exc) if isinstance(exc, UserError) else exc
+        self.record |= {"status": status, "error": f"{exc_type.__name__}: {message}"}
         if issubclass(exc_type, TrainingInterrupted):
             self.record["resume_with"] = command("finetune", override("resume", self.run_dir))
 

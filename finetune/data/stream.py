@@ -41,6 +41,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from finetune._torch_compat import shutdown_loader_workers
 from finetune.data.dataset import load_transformed, seeded_rng
 from finetune.data.sampling import MAX_SAMPLE_SEED, SEED_STRIDE, EvalBatches
 from finetune.data.shards import RawSample, Shard, image_and_label, iter_shard
@@ -376,14 +377,21 @@ class StreamLoader:
         expected = self.expected()
         if isinstance(self.dataset, TrainStream):
             self.sampler.start = 0  # the skip applies once, as for EpochSampler
+        self._iterator = iter(self.loader)  # held here so that the run's teardown can stop its workers
+        try:
+            yield from self._checked(self._iterator, expected)
+        finally:  # an error, the end, or the surplus left: no worker outlives the pass
+            shutdown_loader_workers(self)
+
+    def _checked(self, batches: Iterator, expected: list[tuple[int, int]]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         n = 0
-        for inputs, target, tag in self.loader:
+        for inputs, target, tag in batches:
             if n >= len(expected) or tuple(tag) != expected[n]:
                 raise RuntimeError(f"shard loader yielded batch {tuple(tag)} where {expected[n:n + 1]} was planned")
             n += 1
             yield self.normalize(inputs), target
-            if n == len(expected) and self.sampler is not None:
-                break  # the other processes stop here too: the surplus of longer streams is left out
+            if n == len(expected):
+                return  # the other processes stop here too: the surplus of longer streams is left out
         if n != len(expected):
             raise RuntimeError(f"shard loader ended after {n} of {len(expected)} batches")
 
