@@ -8,6 +8,10 @@ import json
 import multiprocessing
 import os
 import signal
+import socket
+import subprocess
+import sys
+import time
 import tarfile
 from pathlib import Path
 
@@ -280,13 +284,23 @@ def stream_args(out: Path, *, epochs: int = 2, workers: int = 0) -> list[str]:
             f"trainer.max_epochs={epochs}", "logger.progress_bar=false"]
 
 
+def resume_args(out: Path | str) -> list[str]:
+    return stream_args(out, workers=2) + ["checkpoint.every_n_steps=4"]
+
+
+@pytest.fixture(scope="module")
+def reference_run(data, tmp_path_factory) -> Path:
+    """An uninterrupted run on the local shards, two loader workers: what the other runs must equal."""
+    cwd = tmp_path_factory.mktemp("reference")
+    result = run_cli(resume_args(data[2]) + [f"hydra.run.dir={cwd / 'ref'}"], cwd=cwd)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return cwd / "ref"
+
+
 @pytest.mark.slow
-def test_a_run_killed_mid_epoch_and_resumed_ends_bit_identical(data, tmp_path):
-    """SIGKILL right after update 6 of 9 in the first epoch (last save at step 4), two loader workers."""
-    _, _, out = data
-    args = stream_args(out, workers=2) + ["checkpoint.every_n_steps=4"]
-    ref = run_cli(args + [f"hydra.run.dir={tmp_path / 'ref'}"], cwd=tmp_path)
-    assert ref.returncode == 0, ref.stderr[-3000:]
+def test_a_run_killed_mid_epoch_and_resumed_ends_bit_identical(data, reference_run, tmp_path):
+    """SIGKILL right after update 6 of 8 in the first epoch (last save at step 4), two loader workers."""
+    args = resume_args(data[2])
     run = tmp_path / "run"
     killed = run_cli(args + [f"hydra.run.dir={run}"], cwd=tmp_path,
                      env={"FT_SIGNAL_AT": "0:6:SIGKILL", "PYTHONPATH": SIGNAL_AT})
@@ -294,9 +308,126 @@ def test_a_run_killed_mid_epoch_and_resumed_ends_bit_identical(data, tmp_path):
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["train_state"]["batches_seen"] == 4
     resumed = run_cli(args + [f"hydra.run.dir={run}", "resume=auto"], cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert_same_result(run, tmp_path / "ref")
+    assert_same_result(run, reference_run)
     split = json.loads((run / "split.json").read_text())
     assert split["layout"] == "shards" and len(split["shards"]["train"]) == 7
+
+
+# ------------------------------------------------------------------ object storage
+BUCKET = "shards-bucket"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "the S3 server exited"
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise AssertionError(f"the S3 server did not listen on port {port} within {timeout} s")
+
+
+@pytest.fixture(scope="module")
+def s3(data, tmp_path_factory):
+    """moto's S3 server on 127.0.0.1 with authentication on (requests need a key it issued), the shards
+    uploaded to s3://shards-bucket/set/ and, with one shard cut short, to s3://shards-bucket/bad/.
+    Yields the environment a user's job would have (credentials and endpoint: the standard AWS variables)."""
+    import boto3
+
+    root = tmp_path_factory.mktemp("s3")
+    port = free_port()
+    with (root / "moto.log").open("wb") as log:  # the first 3 requests (issuing the key) need no key
+        proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                                stdout=log, stderr=subprocess.STDOUT,
+                                env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "3"})
+    try:
+        wait_for_port(port, proc)
+        endpoint = f"http://127.0.0.1:{port}"
+        iam = boto3.client("iam", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="none",
+                           aws_secret_access_key="none")
+        iam.create_user(UserName="trainer")
+        key = iam.create_access_key(UserName="trainer")["AccessKey"]
+        iam.put_user_policy(UserName="trainer", PolicyName="s3", PolicyDocument=json.dumps(
+            {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}))
+        env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": key["AccessKeyId"],
+               "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"], "AWS_DEFAULT_REGION": "us-east-1",
+               "AWS_CONFIG_FILE": str(root / "none"), "AWS_SHARED_CREDENTIALS_FILE": str(root / "none"),
+               "AWS_EC2_METADATA_DISABLED": "true"}
+        client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
+                              aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+                              aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"])
+        client.create_bucket(Bucket=BUCKET)
+        for path in data[2].iterdir():
+            body = path.read_bytes()
+            client.put_object(Bucket=BUCKET, Key=f"set/{path.name}", Body=body)
+            cut = path.name == "train-000001.tar"
+            client.put_object(Bucket=BUCKET, Key=f"bad/{path.name}", Body=body[:2000] if cut else body)
+        yield env
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def run_all(runs: dict[str, tuple[list[str], dict]], *, cwd: Path, timeout: float = 300) -> dict:
+    """``python -m finetune ARGS`` with each its own environment, started at once; killed past ``timeout``."""
+    base = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    procs = {name: subprocess.Popen([sys.executable, "-m", "finetune", *args], cwd=cwd, env=base | env, text=True,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for name, (args, env) in runs.items()}
+    results = {}
+    for name, proc in procs.items():
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+        results[name] = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    return results
+
+
+@pytest.mark.slow
+def test_training_from_s3_equals_training_from_local_shards_and_writes_no_credential(s3, reference_run, tmp_path):
+    run = tmp_path / "s3run"
+    result = run_all({"s3": (resume_args(f"s3://{BUCKET}/set") + [f"hydra.run.dir={run}"], s3)}, cwd=tmp_path)["s3"]
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_same_result(run, reference_run)  # the same shards through S3: the same run to the last bit
+    files = [p for p in run.rglob("*") if p.is_file()]
+    assert any(p.parent.name == ".hydra" for p in files) and any(p.suffix == ".ckpt" for p in files)
+    for path in files:
+        content = path.read_bytes()
+        for name in ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID"):
+            assert s3[name].encode() not in content, f"{name} written into {path}"
+
+
+@pytest.mark.slow
+def test_storage_failures_end_in_one_line_within_a_bound(s3, tmp_path):
+    one_epoch = ["trainer.max_epochs=1", "data.num_workers=0"]
+    good = stream_args(f"s3://{BUCKET}/set") + one_epoch
+    runs = {
+        "credentials": (good, s3 | {"AWS_SECRET_ACCESS_KEY": "not-the-secret"}),
+        "bucket": (stream_args("s3://no-such-bucket/set") + one_epoch, s3),
+        "truncated": (stream_args(f"s3://{BUCKET}/bad") + one_epoch, s3),
+        "unreachable": (good, s3 | {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}"}),
+    }
+    runs = {name: (args + [f"hydra.run.dir={tmp_path / name}"], env) for name, (args, env) in runs.items()}
+    results = run_all(runs, cwd=tmp_path, timeout=240)  # each must end by itself well before
+    index = f"s3://{BUCKET}/set/index.json"
+    assert_clean_error(results["credentials"], f"cannot read '{index}' (PermissionError", "AWS_ACCESS_KEY_ID")
+    assert_clean_error(results["bucket"], "shard index 's3://no-such-bucket/set/index.json' does not exist")
+    assert_clean_error(results["truncated"], f"shard 's3://{BUCKET}/bad/train-000001.tar' is not a complete tar")
+    assert_clean_error(results["unreachable"], f"cannot read '{index}'", "AWS_ENDPOINT_URL")
 
 
 @pytest.mark.slow

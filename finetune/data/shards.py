@@ -69,10 +69,21 @@ def expand_urls(pattern: str | list[str]) -> list[str]:
     return urls
 
 
+# Bounded waits on object storage: botocore's own defaults wait 60 s for a connection, 5 times over.
+STORAGE_DEFAULTS = {"s3": {"config_kwargs": {"connect_timeout": 10, "read_timeout": 60,
+                                             "retries": {"max_attempts": 3, "mode": "standard"}}}}
+
+
 def open_fs(url: str, storage_options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
-    """The fsspec file system and the path in it of ``url`` (``storage_options``: credentials, endpoint)."""
+    """The fsspec file system and the path in it of ``url`` (``storage_options``: credentials, endpoint).
+
+    Credentials and endpoint come from where the storage's own tools look (for S3: ``AWS_ACCESS_KEY_ID``,
+    ``AWS_ENDPOINT_URL``, ``~/.aws/``), so they never enter the run's config or files.
+    """
+    protocol = url.split("://", 1)[0] if "://" in url else "file"
+    options = STORAGE_DEFAULTS.get(protocol, {}) | (storage_options or {})
     try:
-        fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+        fs, path = fsspec.core.url_to_fs(url, **options)
     except (ImportError, ValueError) as err:
         raise UserError(f"cannot open '{url}' ({describe_error(err)}): install finetune[stream] for s3:// URLs, "
                         "or check the URL") from None
@@ -84,8 +95,8 @@ def read_bounded(fs: fsspec.AbstractFileSystem, path: str, *, max_bytes: int, wh
     try:
         with fs.open(path, "rb") as f:
             data = f.read(max_bytes + 1)
-    except FileNotFoundError:
-        raise UserError(f"{what} '{url}' does not exist") from None
+    except FileNotFoundError as err:
+        raise UserError(f"{what} '{url}' does not exist ({describe_error(err)})") from None
     except Exception as err:  # fsspec back ends raise their own types (botocore, aiohttp)
         raise UserError(storage_error(url, err)) from None
     if len(data) > max_bytes:
@@ -95,7 +106,8 @@ def read_bounded(fs: fsspec.AbstractFileSystem, path: str, *, max_bytes: int, wh
 
 def storage_error(url: str, err: BaseException) -> str:
     """One line for a failure to reach ``url``: what the storage said."""
-    return f"cannot read '{url}' ({describe_error(err)}): check the URL, the credentials and data.storage_options"
+    return (f"cannot read '{url}' ({describe_error(err)}): check the URL, the credentials (AWS_ACCESS_KEY_ID, "
+            "AWS_SECRET_ACCESS_KEY or ~/.aws/) and the endpoint (AWS_ENDPOINT_URL)")
 
 
 def read_index(directory: str, storage_options: dict[str, Any] | None = None) -> dict[str, Shard]:
@@ -178,8 +190,9 @@ def iter_shard(url: str, storage_options: dict[str, Any] | None = None, *, keep:
             yield from _group_members(tar, url, keep)
     except UserError:
         raise
-    except FileNotFoundError:
-        raise UserError(f"shard '{url}' does not exist: check data.train_urls / data.val_urls") from None
+    except FileNotFoundError as err:
+        raise UserError(f"shard '{url}' does not exist ({describe_error(err)}): check data.train_urls / "
+                        "data.val_urls") from None
     except (tarfile.TarError, EOFError) as err:
         raise UserError(f"shard '{url}' is not a complete tar file ({describe_error(err)}): it is truncated or "
                         "damaged; write it again") from None
