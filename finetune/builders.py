@@ -319,7 +319,8 @@ def build_run(cfg: DictConfig, training: TrainingParts, *, spec: BackboneSpec, d
         log.info(f"DDP: {world.size} processes x data.batch_size {loaders.train.batch_size} = global batch "
                  f"{world.size * loaders.train.batch_size} ({rt.device.type})")
     facts = RunFacts(config_yaml=OmegaConf.to_yaml(cfg, resolve=True), versions=versions, seed=cfg.seed,
-                     batch_size=loaders.train.batch_size, lr_find=lr_find, world_size=world.size)
+                     batch_size=loaders.train.batch_size, lr_find=lr_find, world_size=world.size,
+                     streams=getattr(loaders.train_sampler, "workers", None))
     policy = build_checkpoint_policy(cfg)
     writer = FileWriter(run_dir / "checkpoints", policy=policy, parts=training, fresh=plan.new_manifest,
                         model=ModelDescription(spec, class_names=class_names, data_config=data_config,

@@ -306,6 +306,8 @@ def test_a_run_killed_mid_epoch_and_resumed_ends_bit_identical(data, reference_r
                      env={"FT_SIGNAL_AT": "0:6:SIGKILL", "PYTHONPATH": SIGNAL_AT})
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["train_state"]["batches_seen"] == 4
+    other = run_cli([*args, f"hydra.run.dir={run}", "resume=auto", "data.num_workers=1"], cwd=tmp_path)
+    assert_clean_error(other, "in 2 stream(s) per process", "resume with data.num_workers=2")  # and nothing lost:
     resumed = run_cli(args + [f"hydra.run.dir={run}", "resume=auto"], cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_same_result(run, reference_run)
@@ -431,8 +433,11 @@ def test_storage_failures_end_in_one_line_within_a_bound(s3, tmp_path):
 
 
 @pytest.mark.slow
-def test_bad_shard_settings_end_in_one_line(data, tmp_path):
+def test_bad_shard_settings_end_in_one_line(data, reference_run, tmp_path):
     _, _, out = data
+    evaluate = subprocess.run([sys.executable, "-m", "finetune.evaluate", f"ckpt={reference_run}", *stream_args(out)[3:6]],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert_clean_error(evaluate, "finetune.evaluate reads image folders, not shards (yet)")
     missing = run_cli(stream_args(out)[:4] + ["trainer.max_epochs=1"], cwd=tmp_path)
     assert_clean_error(missing, "data=webdataset needs data.train_urls and data.val_urls")
     bad = copy_shards(out, tmp_path / "bad")
@@ -441,3 +446,24 @@ def test_bad_shard_settings_end_in_one_line(data, tmp_path):
     assert_clean_error(truncated, f"shard '{bad}/train-000001.tar' is not a complete tar file")
     ignored = run_cli(stream_args(out) + ["data.root=/x"], cwd=tmp_path)
     assert_clean_error(ignored, "data.root is set but has no effect with data.name=webdataset")
+
+
+@pytest.mark.slow
+def test_two_ddp_processes_train_on_disjoint_shards_in_equal_steps(data, tmp_path):
+    """torchrun, 2 processes (gloo, CPU): each trains on its own streams for the same number of batches
+    (the run would hang otherwise), and the evaluation covers the val shards exactly once (checked in the loop)."""
+    from finetune.data.stream import ShardOrder
+    from test_distributed import ok, torchrun
+
+    _, _, out = data
+    run = tmp_path / "ddp"
+    ok(torchrun(stream_args(out, epochs=2) + [f"hydra.run.dir={run}"], nproc=2, cwd=tmp_path))
+    counts = [s.samples for s in shards_lib.list_shards(train_urls(out))]
+    steps = [ShardOrder(counts, seed=0, batch_size=4, buffer=8, world_size=2, rank=0) for _ in range(2)]
+    for epoch_number, order in enumerate(steps):
+        order.set_epoch(epoch_number)
+    state = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert state["train_state"]["global_step"] == sum(o.steps() for o in steps)
+    assert state["data_order"]["world_size"] == 2
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2]
