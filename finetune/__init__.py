@@ -9,7 +9,8 @@ imports it back, tests/test_architecture.py):
 - saving: ``checkpoint/`` (``policy`` decides, ``manager`` runs the same code on every rank, its
   ``FileWriter`` writes on rank 0); how a run ended: ``summary``;
 - decisions every DDP rank must share: ``distributed.World.agree`` (rank 0's, broadcast);
-- the loop: ``trainer``; trackers: ``loggers`` (the ``Logger`` Protocol); data: ``data/``; models and
+- the loop: ``trainer``; trackers: ``loggers`` (the ``Logger`` Protocol); data: ``data/`` (WebDataset shards:
+  ``data/shards``, exact epochs over them: ``data/stream``; writing them: ``shard``); models and
   heads: ``models``, ``heads``; pretrained weights: ``weights/``; freezing: ``freezing/``;
 - inference (evaluate, predict, export share it): ``inference``; the torch-free ONNX predictor: ``onnx_predict``;
 - every file written, and files from others read with bounds: ``files``; run and sweep dirs: ``rundir``;

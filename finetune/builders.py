@@ -21,6 +21,8 @@ from finetune import data as data_lib
 from finetune.checkpoint import (CheckpointManager, CheckpointPolicy, FileWriter, ModelDescription, NoWriter, RunFacts,
                                  TrainingParts)
 from finetune.config import in_a_sweep, split_override
+from finetune.data import shards as shards_lib
+from finetune.data.stream import ShardSplit
 from finetune.distributed import SINGLE, World
 from finetune.errors import UserError
 from finetune.files import atomic_write_text
@@ -65,24 +67,44 @@ class RunParts:
 
 
 # ---------------------------------------------------------------- data
-def build_split(cfg: DictConfig, *, run_dir: Path, write: bool = True) -> data_lib.DataSplit:
-    """Find the images (generating the demo set once if asked) and record the split in the run dir
-    (``write``: this process writes the run's files; under DDP rank 0 alone)."""
-    if cfg.name == "demo":
-        demo = cfg.demo
-        root = data_lib.ensure_demo_dataset(cfg.cache_dir, seed=demo.seed, num_classes=demo.num_classes,
-                                            train_per_class=demo.train_per_class,
-                                            val_per_class=demo.val_per_class, image_size=demo.image_size)
-    elif cfg.root is None:
-        raise UserError("data=custom needs data.root=DIR: an image folder with DIR/<class>/<image> "
-                        "or DIR/train/<class>/<image> and DIR/val/<class>/<image>")
+def build_split(cfg: DictConfig, *, run_dir: Path, write: bool = True) -> data_lib.DataSplit | ShardSplit:
+    """Find the images (generating the demo set once if asked), or the shards of ``data=webdataset``, and
+    record the split in the run dir (``write``: this process writes the run's files; under DDP rank 0 alone)."""
+    if cfg.name == "webdataset":
+        split = build_shard_split(cfg)
     else:
-        root = cfg.root
-    split = data_lib.scan_image_folder(root, val_split=cfg.val_split, seed=cfg.split_seed,
-                                       skip_bad_images=cfg.skip_bad_images)
+        split = data_lib.scan_image_folder(image_root(cfg), val_split=cfg.val_split, seed=cfg.split_seed,
+                                           skip_bad_images=cfg.skip_bad_images)
     if write:
         atomic_write_text(run_dir / "split.json", json.dumps(split.to_record(), indent=1) + "\n", root=run_dir)
     return split
+
+
+def image_root(cfg: DictConfig) -> str | Path:
+    """The image folder of ``data=demo`` (generated once) or ``data=custom``."""
+    if cfg.name == "demo":
+        demo = cfg.demo
+        return data_lib.ensure_demo_dataset(cfg.cache_dir, seed=demo.seed, num_classes=demo.num_classes,
+                                            train_per_class=demo.train_per_class,
+                                            val_per_class=demo.val_per_class, image_size=demo.image_size)
+    if cfg.root is None:
+        raise UserError("data=custom needs data.root=DIR: an image folder with DIR/<class>/<image> "
+                        "or DIR/train/<class>/<image> and DIR/val/<class>/<image>")
+    return cfg.root
+
+
+def build_shard_split(cfg: DictConfig) -> ShardSplit:
+    """``data=webdataset``: the train and val shards with their counts (index.json), and the class names."""
+    if cfg.train_urls is None or cfg.val_urls is None:
+        raise UserError("data=webdataset needs data.train_urls and data.val_urls (paths, URLs or brace patterns): "
+                        "write shards with python -m finetune.shard SRC OUT")
+    urls = {k: OmegaConf.to_container(v) if OmegaConf.is_config(v) else str(v)
+            for k, v in (("train", cfg.train_urls), ("val", cfg.val_urls))}
+    train, val = shards_lib.list_shards(urls["train"]), shards_lib.list_shards(urls["val"])
+    first = train[0].url
+    classes = list(cfg.classes) if cfg.classes else shards_lib.read_classes(first.rsplit("/", 1)[0] if "/" in first
+                                                                             else ".")
+    return ShardSplit(train, val, classes, root=str(urls["train"]))
 
 
 def build_data_config(cfg: DictConfig, spec: BackboneSpec) -> dict[str, Any]:
@@ -90,21 +112,36 @@ def build_data_config(cfg: DictConfig, spec: BackboneSpec) -> dict[str, Any]:
     return data_lib.effective_data_config(spec.data_config, cfg.img_size)
 
 
-def build_loaders(cfg: DictConfig, split: data_lib.DataSplit, data_config: dict[str, Any], *, seed: int,
+def build_loaders(cfg: DictConfig, split: data_lib.DataSplit | ShardSplit, data_config: dict[str, Any], *, seed: int,
                   device: torch.device, world: World = SINGLE) -> data_lib.Loaders:
     """This process's loaders: ``data.batch_size`` images per batch and process, its shard under DDP;
     on CUDA, batches pinned and normalised on ``device``."""
     augment = {"scale": tuple(cfg.crop_scale), "hflip": cfg.hflip, "color_jitter": cfg.color_jitter,
                "auto_augment": cfg.auto_augment}
-    loaders = data_lib.build_loaders(
-        split, train_transform=data_lib.build_transforms(data_config, img_size=cfg.img_size, train=True, **augment),
-        eval_transform=data_lib.build_transforms(data_config, img_size=cfg.img_size, train=False),
-        batch_size=cfg.batch_size, num_workers=cfg.num_workers, balance=cfg.balance, seed=seed,
-        pin_memory=device.type == "cuda", device=device, channels=data_config["input_size"][0], rank=world.rank,
-        world_size=world.size)
+    transforms = {"train_transform": data_lib.build_transforms(data_config, img_size=cfg.img_size, train=True, **augment),
+                  "eval_transform": data_lib.build_transforms(data_config, img_size=cfg.img_size, train=False)}
+    common = {"batch_size": cfg.batch_size, "seed": seed, "pin_memory": device.type == "cuda", "device": device,
+              "channels": data_config["input_size"][0], "rank": world.rank, "world_size": world.size}
+    if isinstance(split, ShardSplit):
+        loaders = build_stream_loaders(cfg, split, **transforms, **common)
+    else:
+        loaders = data_lib.build_loaders(split, **transforms, **common, num_workers=cfg.num_workers,
+                                         balance=cfg.balance)
     for loader in (loaders.train, loaders.val):  # a stop signal to the process group leaves workers alone
         shield_workers(loader)
     return loaders
+
+
+def build_stream_loaders(cfg: DictConfig, split: ShardSplit, **options: Any) -> data_lib.Loaders:
+    """``data=webdataset``'s loaders (`finetune.data.stream`): exact epochs from the shards' counts."""
+    if cfg.balance != "none":
+        raise UserError(f"data.balance={cfg.balance} needs every sample's label before the epoch, which shards do "
+                        "not give: leave data.balance=none with data=webdataset")
+    if isinstance(cfg.shuffle_buffer, bool) or not isinstance(cfg.shuffle_buffer, int) or cfg.shuffle_buffer < 1:
+        raise UserError(f"data.shuffle_buffer must be a positive number of samples, got '{cfg.shuffle_buffer}'")
+    return data_lib.build_stream_loaders(split, num_workers=data_lib.resolve_num_workers(cfg.num_workers),
+                                         buffer=cfg.shuffle_buffer, storage_options=None,
+                                         context=data_lib.worker_context(), **options)
 
 
 # --------------------------------------------------------------- model
@@ -282,7 +319,8 @@ def build_run(cfg: DictConfig, training: TrainingParts, *, spec: BackboneSpec, d
         log.info(f"DDP: {world.size} processes x data.batch_size {loaders.train.batch_size} = global batch "
                  f"{world.size * loaders.train.batch_size} ({rt.device.type})")
     facts = RunFacts(config_yaml=OmegaConf.to_yaml(cfg, resolve=True), versions=versions, seed=cfg.seed,
-                     batch_size=loaders.train.batch_size, lr_find=lr_find, world_size=world.size)
+                     batch_size=loaders.train.batch_size, lr_find=lr_find, world_size=world.size,
+                     streams=getattr(loaders.train_sampler, "workers", None))
     policy = build_checkpoint_policy(cfg)
     writer = FileWriter(run_dir / "checkpoints", policy=policy, parts=training, fresh=plan.new_manifest,
                         model=ModelDescription(spec, class_names=class_names, data_config=data_config,

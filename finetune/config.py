@@ -55,8 +55,12 @@ class DemoConfig:
 
 @dataclass
 class DataConfig:
-    name: str = "demo"  # demo | custom
+    name: str = "demo"  # demo | custom | webdataset
     root: Optional[str] = None  # image folder: DIR/{train,val}/<class>/* or DIR/<class>/*
+    train_urls: Any = None  # webdataset: train shards, a path, URL or brace pattern (DIR/train-{000000..000127}.tar), or a list
+    val_urls: Any = None  # webdataset: val shards, as train_urls
+    classes: Optional[list[str]] = None  # webdataset: class names in label order; null: classes.txt beside the train shards
+    shuffle_buffer: int = 1000  # webdataset: samples in the seeded shuffle buffer of each stream (1: shard order)
     img_size: Optional[int] = None  # default: model.input_size
     batch_size: int = 32  # images per batch and process
     num_workers: Any = "auto"  # a count, or auto: this process's CPUs less one, at most 8 (0 with one CPU)
@@ -222,7 +226,7 @@ def choices() -> dict[str, tuple]:
 
     return {
         "model.source": SOURCES,
-        "data.name": ("demo", "custom"),
+        "data.name": ("demo", "custom", "webdataset"),
         "data.balance": BALANCE_CHOICES,
         "head.name": HEADS,
         "head.pool": (None, "", "avg", "max", "avgmax", "catavgmax", "token", "avg_token", "map"),  # timm's
@@ -432,6 +436,12 @@ NO_EFFECT = (
              "data=demo trains on the built-in demo set: add data=custom to train on your own folder"),
     NoEffect("data.name", lambda v: v == "custom", ("data.demo", "data.cache_dir"),
              "they configure the built-in demo set, which data=custom does not use"),
+    NoEffect("data.name", lambda v: v != "webdataset",
+             ("data.train_urls", "data.val_urls", "data.classes", "data.shuffle_buffer"),
+             "they configure WebDataset shards: add data=webdataset"),
+    NoEffect("data.name", lambda v: v == "webdataset", ("data.root", "data.val_split", "data.split_seed",
+                                                         "data.skip_bad_images"),
+             "data=webdataset reads the shards of data.train_urls and data.val_urls"),
     NoEffect("head.name", lambda v: v != "mlp", ("head.hidden", "head.activation", "head.norm"),
              "they shape an MLP head: add head=mlp"),
     NoEffect("freeze.name", lambda v: v != "until", ("freeze.until",), "add freeze=until"),

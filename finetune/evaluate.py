@@ -204,6 +204,9 @@ def choose_images(data: DictConfig, training: TrainingRun, *, split: str) -> Eva
     the run's ``split.json`` (exact file list), else the split training would make by seed."""
     from finetune.builders import build_split
 
+    if data.name == "webdataset":
+        raise UserError("finetune.evaluate reads image folders, not shards (yet): give data=custom data.root=DIR; "
+                        "a run on shards logs its val metrics every epoch (metrics.jsonl)")
     folder = build_split(data, run_dir=Path("."), write=False)  # the training scan: checks, seeded split
     if split == "all":
         samples = sorted(folder.train + folder.val, key=lambda s: (s[1], s[0]))

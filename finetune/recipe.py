@@ -180,7 +180,8 @@ class Recipe:
             return  # refused before any work (a resume, a fresh run here): keep that run's summary
         self.summary.write()
         if self.parts is not None and not in_a_sweep():  # a sweep ends with its own table instead
-            log.info(closing_block(self.summary.record, data_root=self.split.root if self.split else None))
+            folder = self.split.root if self.split and self.split.layout != "shards" else None
+            log.info(closing_block(self.summary.record, data_root=folder))
 
     def _release(self, exc_type: type | None) -> None:
         if self.parts is not None and (exc_type is None or issubclass(exc_type, TrainingInterrupted)):

@@ -118,6 +118,7 @@ class ResumePlan:
         """Fit the saved position to this run's world size (`at_world_size`), once the loaders exist."""
         if self.placed:
             raise RuntimeError("a resume plan is placed once")
+        check_same_streams(self.point, loaders.train_sampler)
         self.point, self.placed = at_world_size(self.point, world, loaders=loaders, accumulate=accumulate), True
 
     def apply(self, *, training: TrainingParts, checkpointer: Checkpointer, metrics: MetricsJsonl, max_epochs: int,
@@ -253,6 +254,16 @@ def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------ restore
+def check_same_streams(point: ResumePoint | None, sampler: Any) -> None:
+    """Shards (`finetune.data.stream`): the epoch's order depends on the streams per process (loader
+    workers), so a resume mid-epoch with another count would train on other samples; refused in one line."""
+    saved = ((point.state.get("data_order") or {}).get("streams") if point is not None else None)
+    now = getattr(sampler, "workers", None)
+    if saved is not None and now is not None and saved != now and point.state["train_state"]["batches_seen"]:
+        raise UserError(f"'{point.path}' was saved mid-epoch reading the shards in {saved} stream(s) per process "
+                        f"(loader workers), this run would read {now}: resume with data.num_workers={saved}")
+
+
 def at_world_size(point: ResumePoint | None, world: World, *, loaders: Any, accumulate: int) -> ResumePoint | None:
     """``point`` as this world size continues it: unchanged when it was saved at the same size.
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune.cli import command, override
-from finetune.errors import RunPruned
+from finetune.errors import RunPruned, UserError, message_of
 from finetune.files import atomic_write_text
 from finetune.signals import TrainingInterrupted
 from finetune.trainer import TrainState
@@ -50,7 +50,9 @@ class RunSummary:
             return
         status = ("interrupted" if issubclass(exc_type, KeyboardInterrupt)
                   else "pruned" if issubclass(exc_type, RunPruned) else "failed")
-        self.record |= {"status": status, "error": f"{exc_type.__name__}: {exc}"}
+        # A UserError raised in a loader worker carries the worker's traceback: the record keeps its one line.
+        message = message_of(exc) if isinstance(exc, UserError) else exc
+        self.record |= {"status": status, "error": f"{exc_type.__name__}: {message}"}
         if issubclass(exc_type, TrainingInterrupted):
             self.record["resume_with"] = command("finetune", override("resume", self.run_dir))
 
@@ -92,8 +94,8 @@ def start_block(*, data: Any, model: str, source: str, weights: str, trainable: 
     schedule  2 epochs of 3 updates (batch 4), adamw at lr 0.001
     """
     train, val = data.class_counts("train"), data.class_counts("val")
-    layout = ("train/ and val/ folders" if data.layout == "train_val"
-              else f"class folders, split by data.val_split={data.val_split}")
+    layout = {"train_val": "train/ and val/ folders", "shards": "WebDataset shards"}.get(
+        data.layout, f"class folders, split by data.val_split={data.val_split}")
     classes = [f"{name} ({t}/{v})" for name, t, v in zip(data.class_names, train, val)]
     more = f", and {len(classes) - listed} more" if len(classes) > listed else ""
     return "\n".join([

@@ -16,12 +16,19 @@ median images/s are printed last:
     python scripts/bench_data.py                       # 1 warm-up + 3 epochs, data.num_workers=auto
     python scripts/bench_data.py --workers 2 --epochs 5
     python scripts/bench_data.py --quick               # a small set and two epochs: checks that it runs
+    python scripts/bench_data.py --stream              # training: folder vs local shards vs loopback S3
+
+``--stream`` (issue 23) compares finetune's own training loaders over the same training images (the
+folder split by ``data.val_split=0.2``, seed 0) with the same transforms: ``data=custom`` (the folder),
+``data=webdataset`` from shards written by ``finetune.shard`` into ``--cache-dir``, and the same shards
+served by moto's S3 server on 127.0.0.1 (read through s3fs, as from S3).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import statistics
 import tempfile
 import time
@@ -101,13 +108,15 @@ def compose_run_config(root: Path, args: argparse.Namespace):
         return compose(config_name="config", overrides=overrides)
 
 
-def our_loaders(root: Path, args: argparse.Namespace, *, device: torch.device):
-    """finetune's loaders over every image of ``root`` (train and val both), as `finetune.run` builds them."""
+def our_loaders(root: Path, args: argparse.Namespace, *, device: torch.device, everything: bool = True):
+    """finetune's loaders over every image of ``root`` (train and val both), as `finetune.run` builds them
+    (``everything=False``: the run's own split)."""
     cfg = compose_run_config(root, args)
     with tempfile.TemporaryDirectory() as run_dir:
         split = builders.build_split(cfg.data, run_dir=Path(run_dir), write=False)
-    everything = sorted(split.train + split.val)
-    split = dataclasses.replace(split, train=everything, val=everything)
+    if everything:
+        images = sorted(split.train + split.val)
+        split = dataclasses.replace(split, train=images, val=images)
     _, spec = builders.build_classifier(cfg.model, head=cfg.head, num_classes=split.num_classes)
     data_config = builders.build_data_config(cfg.data, spec)
     return builders.build_loaders(cfg.data, split, data_config, seed=cfg.seed, device=device), data_config
@@ -158,6 +167,80 @@ def report(split: str, speeds: dict[str, list[float]]) -> float:
     return statistics.median(speeds["finetune"]) / statistics.median(speeds["baseline"])
 
 
+# ------------------------------------------------------------------ streaming (--stream)
+def shard_loader(root: Path, args: argparse.Namespace, urls: str, *, device: torch.device):
+    """``data=webdataset``'s train loader over ``urls``, composed and built as a run builds it."""
+    overrides = [f"model={args.model}", "model.pretrained=false", "data=webdataset",
+                 f"data.train_urls='{urls}'", f"data.val_urls='{urls}'", f"data.batch_size={args.batch_size}"]
+    overrides += [f"data.num_workers={args.workers}"] if args.workers is not None else []
+    overrides += [f"data.img_size={args.img_size}"] if args.img_size is not None else []
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides)
+    with tempfile.TemporaryDirectory() as run_dir:
+        split = builders.build_split(cfg.data, run_dir=Path(run_dir), write=False)
+    _, spec = builders.build_classifier(cfg.model, head=cfg.head, num_classes=split.num_classes)
+    return builders.build_loaders(cfg.data, split, builders.build_data_config(cfg.data, spec), seed=cfg.seed,
+                                  device=device).train
+
+
+def loopback_s3(folder: Path):
+    """moto's S3 server on 127.0.0.1 holding the files of ``folder`` under s3://bench/shards/; (process, URL)."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    import boto3
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(600):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            time.sleep(0.1)
+    os.environ.update({"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "bench",
+                       "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"})
+    client = boto3.client("s3")
+    client.create_bucket(Bucket="bench")
+    for path in folder.iterdir():
+        client.upload_file(str(path), "bench", f"shards/{path.name}")
+    return proc
+
+
+def stream_main(args: argparse.Namespace, root: Path, pin_memory: bool) -> None:
+    from finetune.shard import urls_of, write_shards
+
+    device = torch.device("cuda" if pin_memory else "cpu")
+    shards = args.cache_dir / f"bench-shards-{root.name}"
+    if not (shards / "index.json").exists():
+        write_shards(str(root), str(shards), shard_size="16MB", val_split=0.2, seed=0)
+    index = json.loads((shards / "index.json").read_text())
+    folder = our_loaders(root, args, device=device, everything=False)[0].train
+    local = shard_loader(root, args, urls_of(str(shards), index, "train"), device=device)
+    server = loopback_s3(shards)
+    try:
+        remote = shard_loader(root, args, urls_of("s3://bench/shards", index, "train"), device=device)
+        print(f"stream: {len(index['shards'])} shards in {shards}; batch {args.batch_size}, {folder.num_workers} "
+              f"worker(s) for the folder, {local.num_workers} for shards; 1 warm-up + {args.epochs} epochs each")
+        speeds = interleaved({"folder": folder, "shards": local, "s3": remote}, args.epochs)
+    finally:
+        for loader in (folder, local):
+            stop_workers(loader)
+        server.terminate()
+        server.wait()
+    for name, values in speeds.items():
+        print(f"train {name:<7} {statistics.median(values):7.1f} img/s median (epochs: "
+              f"{', '.join(f'{v:.1f}' for v in values)})")
+    base = statistics.median(speeds["folder"])
+    print(f"stream_local_vs_folder: {statistics.median(speeds['shards']) / base:.2f} (target >= 1.0)")
+    print(f"stream_s3_vs_folder: {statistics.median(speeds['s3']) / base:.2f} (target >= 0.8)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workers", default=None, help="data.num_workers for both arms (default: the "
@@ -169,12 +252,16 @@ def main() -> None:
     parser.add_argument("--cache-dir", type=Path, default=Path("~/.cache/finetune").expanduser())
     parser.add_argument("--quick", action="store_true", help=f"{QUICK_SET['small']} + {QUICK_SET['large']} "
                         "images, batch 8, 2 epochs: a check that the script runs")
+    parser.add_argument("--stream", action="store_true", help="training from a folder, local shards and "
+                        "loopback S3 (data=webdataset), side by side")
     args = parser.parse_args()
     if args.quick:
         args.epochs, args.batch_size = min(args.epochs, 2), min(args.batch_size, 8)
     counts = QUICK_SET if args.quick else FULL_SET
     root = ensure_images(args.cache_dir, counts)
     pin_memory = torch.cuda.is_available()  # as a run does: pinned when it trains on CUDA
+    if args.stream:
+        return stream_main(args, root, pin_memory)
     ours, data_config = our_loaders(root, args, device=torch.device("cuda" if pin_memory else "cpu"))
     workers = ours.train.num_workers  # "auto" resolved by build_loaders; the baseline gets the same count
     base_train, base_val = baseline_loaders(root, args, workers=workers, pin_memory=pin_memory)

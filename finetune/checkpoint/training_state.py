@@ -123,6 +123,7 @@ class RunFacts:
     batch_size: int | None
     lr_find: dict[str, Any] | None = None  # how optim.lr=auto chose the rate: a resume takes it, never searches
     world_size: int = 1  # data-parallel processes; batch_size is per process
+    streams: int | None = None  # shards: streams per process (loader workers), which shape the epoch's order
 
 
 def training_state(parts: TrainingParts, progress: TrainState, *, run: RunFacts, policy: dict[str, Any],
@@ -138,6 +139,6 @@ def training_state(parts: TrainingParts, progress: TrainState, *, run: RunFacts,
             **{name: part.state_dict() if part is not None else None for name, part in optional.items()},
             "train_state": progress.to_dict(), "rng": rngs[0], "rng_per_rank": rngs,
             "data_order": {"seed": run.seed, "epoch": progress.epoch, "batches_seen": progress.batches_seen,
-                           "batch_size": run.batch_size, "world_size": run.world_size},
+                           "batch_size": run.batch_size, "world_size": run.world_size, "streams": run.streams},
             "checkpoint_policy": policy, "config_yaml": run.config_yaml, "versions": run.versions,
             "weights_metadata": weights_metadata, "lr_find": run.lr_find}

@@ -12,8 +12,9 @@ from finetune.data.dataset import (ImageDataset, convert_to_channels, convert_to
 from finetune.data.demo import SHAPES, ensure_demo_dataset
 from finetune.data.folder import IMAGE_EXTENSIONS, DataSplit, find_unreadable_images, scan_image_folder
 from finetune.data.loaders import (BALANCE_CHOICES, Loaders, NormalizingLoader, auto_num_workers, build_loaders,
-                                   compute_class_weights, resolve_num_workers)
+                                   compute_class_weights, resolve_num_workers, worker_context)
 from finetune.data.sampling import EpochSampler
+from finetune.data.stream import ShardSplit, build_stream_loaders
 from finetune.data.transforms import Preprocess, build_transforms, effective_data_config
 
 __all__ = [
@@ -26,8 +27,10 @@ __all__ = [
     "Loaders",
     "NormalizingLoader",
     "Preprocess",
+    "ShardSplit",
     "auto_num_workers",
     "build_loaders",
+    "build_stream_loaders",
     "build_transforms",
     "compute_class_weights",
     "convert_to_channels",
@@ -39,5 +42,6 @@ __all__ = [
     "load_rgb",
     "load_transformed",
     "resolve_num_workers",
+    "worker_context",
     "scan_image_folder",
 ]
