@@ -368,6 +368,14 @@ FORMATS: dict[str, Format] = {
 @hydra.main(version_base="1.3", config_path="pkg://finetune.conf", config_name="export")
 def export_app(cfg: DictConfig) -> None:
     """``python -m finetune.export``: export, then print what was written and how to use it."""
+    if cfg.format == "triton":  # a folder (a model repository around an ONNX export), not one file
+        from finetune.triton_repository import export_triton
+
+        arguments = export_arguments(cfg)
+        print(exit_on_user_error(lambda: export_triton(
+            arguments["ckpt"], arguments["out"], model_name=str(cfg.model_name), max_batch_size=cfg.max_batch_size,
+            atol=arguments["atol"], device=arguments["device"])).report())
+        return
     print(exit_on_user_error(lambda: export(**export_arguments(cfg))).report())
 
 

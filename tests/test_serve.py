@@ -396,3 +396,27 @@ def test_the_page_shows_the_top_classes_of_an_uploaded_image(onnx_server, work, 
             page.screenshot(path=str(tmp_path / "page.png"))
         finally:
             browser.close()
+
+
+# ---------------------------------------------------------------- scale-out: a Triton model repository
+def test_export_writes_a_triton_repository_that_tritons_own_proto_parses(work):
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    import onnxruntime
+
+    repo = work / "repository"
+    result = run_together({"triton": [f"ckpt={work / 'run'}", "format=triton", f"out={repo}", "model_name=pets",
+                                      "max_batch_size=16"]}, module="finetune.export", cwd=work)["triton"]
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "onnx vs eager" in result.stdout and f"--model-repository={repo}" in result.stdout
+    # text_format.Parse raises on any field, enum value or syntax Triton's model_config.proto does not have
+    config = text_format.Parse((repo / "pets" / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    assert (config.name, config.platform, config.max_batch_size) == ("pets", "onnxruntime_onnx", 16)
+    assert config.HasField("dynamic_batching") and config.dynamic_batching.max_queue_delay_microseconds > 0
+    session = onnxruntime.InferenceSession(str(repo / "pets" / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
+    for declared, actual in ((config.input, session.get_inputs()), (config.output, session.get_outputs())):
+        assert [(t.name, list(t.dims)) for t in declared] == [(t.name, list(t.shape[1:])) for t in actual]
+        assert all(t.data_type == model_config_pb2.TYPE_FP32 for t in declared)
+    assert config.output[0].label_filename == "labels.txt"
+    assert (repo / "pets" / "labels.txt").read_text().splitlines() == CLASSES
