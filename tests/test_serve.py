@@ -274,6 +274,7 @@ BAD_REQUESTS = {  # name: (send(server, work), status, texts the error names)
     "unknown input": (lambda s, w: infer_fp32(s, "input", [1, 3, 32, 32]), 400, ["unknown input 'input'"]),
     "unknown model": (lambda s, w: infer_bytes(s, [png_bytes(val_images(w)[0])], model="resnet"), 404,
                       ["unknown model 'resnet'", "'finetune'"]),
+    "more images than max_queue": (lambda s, w: infer_bytes(s, [b"x"] * 257), 413, ["257 images", "max_queue=256"]),
     "oversized body": (lambda s, w: infer_bytes(s, [b"\0" * (2 << 20)]), 413, ["max_body_mb", "1 MB"]),
     "not JSON": (lambda s, w: post(s, "/v2/models/finetune/infer", data=b"{nope"), 400, ["not JSON"]),
     "lying header length": (lambda s, w: post(s, "/v2/models/finetune/infer", data=b"{}",
@@ -340,7 +341,7 @@ def test_past_max_queue_the_answer_is_503_with_retry_after(batching_server, work
 def test_sigterm_answers_the_requests_in_flight_and_exits_0(work, busy_cpus):
     files = val_images(work)[:3]
     with serving(work / "run", work / "sigterm.log", "backend=torch", "max_batch_size=8", "max_delay_ms=60000",
-                 "drain_timeout_s=60") as server:
+                 "drain_timeout_s=30") as server:
         with ThreadPoolExecutor(3) as pool:
             pending = [pool.submit(lambda f=f: server.client().infer("finetune", [image_input([f])])) for f in files]
             server.wait_for_queue(3)  # all three wait for a batch that would need 8 images

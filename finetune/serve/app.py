@@ -136,7 +136,7 @@ class Service:
         files = await self.uploaded_files(request)
         self.check_count(len(files), what="the upload")
         topk = topk_of(request.query_params.get("topk"), self.limits.topk)
-        batch = await asyncio.to_thread(lambda: torch.stack([self.model.read(data, name=f"'{name}'")
+        batch = await asyncio.to_thread(lambda: torch.stack([self.model.read(data, name=protocol.quoted(name))
                                                              for name, data in files]))
         probs = await self.batcher.submit(batch)
         rows = self.model.top_k(probs, [name for name, _ in files], topk=topk)

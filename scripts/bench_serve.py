@@ -1,0 +1,159 @@
+"""Benchmark ``python -m finetune.serve``: closed-loop clients over loopback, throughput and latency.
+
+    python scripts/bench_serve.py [--model efficientnet_lite0] [--img-size 224] [--requests 192]
+
+Trains a random-init ``--model`` for one epoch on a few generated images (no download), exports it to
+ONNX, then serves it in turn as:
+
+- ``onnx, max_batch_size=1``: every request runs alone;
+- ``onnx, dynamic``: the defaults (``max_batch_size=32 max_delay_ms=5``);
+- ``torch, dynamic``: the eager model, same batching.
+
+Against each server, ``tritonclient.http`` clients (one per thread, each sending one JPEG per request
+and waiting for the answer before the next: a closed loop) run at concurrency 1, 8 and 32 until
+``--requests`` requests are answered (64 at concurrency 1), after a warm-up. Prints a table of
+throughput (requests/s) and p50/p99 latency (ms), then the ratios the issue asks for, from this one
+run: dynamic vs ``max_batch_size=1`` at concurrency 32, and onnx vs torch. INT8 is not built yet
+(``quantize=int8`` is not implemented), so there is no int8 row.
+
+Server and clients share the machine (2 cores here): the figures include the client's own cost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+CONCURRENCY = (1, 8, 32)
+
+
+def make_run(work: Path, model: str, img_size: int) -> Path:
+    """A random-init ``model`` trained one epoch on 3 x 6 generated images, and its ONNX export."""
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 6), ("val", 2)):
+        for c in range(3):
+            folder = work / "images" / split / f"class_{c}"
+            folder.mkdir(parents=True)
+            for i in range(count):
+                Image.fromarray(rng.integers(0, 255, (img_size, img_size, 3), dtype=np.uint8)).save(folder / f"{i}.jpg")
+    run = work / "run"
+    group = [f"model={model}"] if (Path(__file__).parent.parent / "conf" / "model" / f"{model}.yaml").is_file() else []
+    check([sys.executable, "-m", "finetune", *group, f"model.name={model}", "model.pretrained=false", "data=custom",
+           f"data.root={work / 'images'}", f"data.img_size={img_size}", "data.batch_size=6", "data.num_workers=0",
+           "trainer.max_epochs=1", "logger.progress_bar=false", f"hydra.run.dir={run}"])
+    check([sys.executable, "-m", "finetune.export", f"ckpt={run}", f"out={work / 'model.onnx'}"])
+    return run
+
+
+def check(args: list[str]) -> None:
+    result = subprocess.run(args, capture_output=True, text=True, timeout=1800)
+    if result.returncode != 0:
+        raise SystemExit(f"{' '.join(args)} failed:\n{result.stderr[-3000:]}")
+
+
+def start(args: list[str], log: Path) -> tuple[subprocess.Popen, str]:
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "finetune.serve", "port=0", "device=cpu", *args], stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while (match := re.search(r"serving model .* at http://(\S+)", log.read_text())) is None:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            stop(proc)
+            raise SystemExit(f"the server did not start:\n{log.read_text()[-3000:]}")
+        time.sleep(0.2)
+    return proc, match.group(1)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def closed_loop(address: str, image: bytes, *, concurrency: int, requests: int) -> dict[str, float]:
+    """``requests`` requests from ``concurrency`` clients, each waiting for its answer before the next."""
+    import tritonclient.http as triton
+
+    data = np.array([image], dtype=np.object_)
+    latencies: list[float] = []
+    left = [requests]
+    lock = threading.Lock()
+
+    def client() -> None:
+        connection = triton.InferenceServerClient(address, network_timeout=300, connection_timeout=60)
+        tensor = triton.InferInput("image", [1], "BYTES")
+        tensor.set_data_from_numpy(data)
+        while True:
+            with lock:
+                if left[0] == 0:
+                    return
+                left[0] -= 1
+            started = time.perf_counter()
+            connection.infer("finetune", [tensor])
+            with lock:
+                latencies.append(time.perf_counter() - started)
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        for future in [pool.submit(client) for _ in range(concurrency)]:
+            future.result()
+    seconds = time.perf_counter() - started
+    ms = sorted(1000 * x for x in latencies)
+    return {"rps": len(ms) / seconds, "p50": statistics.median(ms), "p99": ms[min(len(ms) - 1, int(0.99 * len(ms)))]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="efficientnet_lite0")
+    parser.add_argument("--img-size", type=int, default=224)
+    parser.add_argument("--requests", type=int, default=192)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="bench-serve-") as folder:
+        work = Path(folder)
+        run = make_run(work, args.model, args.img_size)
+        buffer = io.BytesIO()
+        Image.open(next((work / "images" / "val").rglob("*.jpg"))).resize((320, 320)).save(buffer, "JPEG", quality=90)
+        configs = {"onnx, max_batch_size=1": [f"ckpt={work / 'model.onnx'}", "backend=onnx", "max_batch_size=1"],
+                   "onnx, dynamic": [f"ckpt={work / 'model.onnx'}", "backend=onnx"],
+                   "torch, dynamic": [f"ckpt={run}", "backend=torch"]}
+        results = {}
+        print(f"{args.model} at {args.img_size} px, one 320x320 JPEG per request, {os.cpu_count()} CPUs")
+        print(f"| server | concurrency | requests/s | p50 ms | p99 ms |\n|---|---:|---:|---:|---:|")
+        for name, server_args in configs.items():
+            proc, address = start(server_args, work / "server.log")
+            try:
+                closed_loop(address, buffer.getvalue(), concurrency=4, requests=16)  # warm-up
+                for concurrency in CONCURRENCY:
+                    count = 64 if concurrency == 1 else args.requests
+                    r = results[name, concurrency] = closed_loop(address, buffer.getvalue(), concurrency=concurrency,
+                                                                 requests=count)
+                    print(f"| {name} | {concurrency} | {r['rps']:.1f} | {r['p50']:.1f} | {r['p99']:.1f} |", flush=True)
+            finally:
+                stop(proc)
+        dynamic = results["onnx, dynamic", 32]["rps"] / results["onnx, max_batch_size=1", 32]["rps"]
+        print(f"\nserve_dynamic_vs_batch1_at_32: {dynamic:.2f} (target >= 2)")
+        for concurrency in CONCURRENCY:
+            ratio = results["onnx, dynamic", concurrency]["rps"] / results["torch, dynamic", concurrency]["rps"]
+            print(f"serve_onnx_vs_torch_at_{concurrency}: {ratio:.2f}")
+
+
+if __name__ == "__main__":
+    main()
