@@ -421,3 +421,16 @@ def test_export_writes_a_triton_repository_that_tritons_own_proto_parses(work):
         assert all(t.data_type == model_config_pb2.TYPE_FP32 for t in declared)
     assert config.output[0].label_filename == "labels.txt"
     assert (repo / "pets" / "labels.txt").read_text().splitlines() == CLASSES
+
+
+def test_bad_settings_are_one_line_errors(work):
+    from conftest import assert_one_line_errors
+
+    results = run_together({
+        "no checkpoint": [f"ckpt={work / 'missing'}", "port=0"],
+        "batch size": [f"ckpt={work / 'run'}", "max_batch_size=0"],
+        "backend": [f"ckpt={work / 'model.onnx'}", "backend=torch", "port=0"],
+    }, module="finetune.serve", cwd=work)
+    assert_one_line_errors(results, {"no checkpoint": ["does not exist", "missing"],
+                                     "batch size": ["max_batch_size must be positive", "'0'"],
+                                     "backend": ["backend=torch needs a weights file", "model.onnx"]})

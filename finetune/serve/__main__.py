@@ -20,13 +20,18 @@ from types import FrameType
 from typing import Optional
 
 import hydra
-import uvicorn
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
 from finetune.cli import exit_on_user_error
 from finetune.config import CONFIG_PACKAGE
 from finetune.errors import UserError
+
+try:
+    import uvicorn
+except ImportError as missing:  # the serve extra is not installed: one line, as every error here
+    print(f"error: python -m finetune.serve needs {missing.name}: pip install 'finetune[serve]'", file=sys.stderr)
+    sys.exit(2)
 
 log = logging.getLogger("finetune")
 
