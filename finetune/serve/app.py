@@ -94,7 +94,8 @@ class Service:
             raise RequestError(404, f"unknown model {protocol.quoted(name)}: this server serves "
                                     f"'{self.model_name}'")
         if version != VERSION:
-            raise RequestError(404, f"model '{name}' has no version {protocol.quoted(version)}: it has version {VERSION}")
+            raise RequestError(404, f"model '{name}' has no version {protocol.quoted(version)}: it has version "
+                                    f"{VERSION}")
 
     # ---------------------------------------------------------------- inference
     async def infer(self, request: Request) -> Response:

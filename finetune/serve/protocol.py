@@ -98,7 +98,8 @@ def parse_input(tensor: dict[str, Any], binary: bytes) -> tuple[str, str, list[i
     elif "data" not in tensor:
         raise bad_request(f"input '{name}' has neither 'data' nor parameters.binary_data_size")
     else:
-        data = json_bytes(tensor["data"], count, name) if datatype == "BYTES" else json_fp32(tensor["data"], shape, name)
+        values = tensor["data"]
+        data = json_bytes(values, count, name) if datatype == "BYTES" else json_fp32(values, shape, name)
     return name, datatype, shape, data
 
 
@@ -178,7 +179,8 @@ def requested_outputs(header: dict[str, Any]) -> dict[str, bool]:
     return chosen
 
 
-def encode_response(*, model_name: str, version: str, request_id: str | None, outputs: dict[str, np.ndarray | list[str]],
+def encode_response(*, model_name: str, version: str, request_id: str | None,
+                    outputs: dict[str, np.ndarray | list[str]],
                     binary: dict[str, bool]) -> tuple[bytes, dict[str, str]]:
     """The response body and its headers: the JSON header, then the binary outputs in order."""
     entries, blobs = [], []
