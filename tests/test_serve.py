@@ -424,6 +424,71 @@ def test_export_writes_a_triton_repository_that_tritons_own_proto_parses(work):
     assert (repo / "pets" / "labels.txt").read_text().splitlines() == CLASSES
 
 
+# ---------------------------------------------------------------- int8: exported, then served as fp32 is
+def onnx_predict_rows(model: Path, files: list[Path], cwd: Path) -> dict[str, dict]:
+    """``finetune-predict-onnx MODEL FILES`` (a subprocess: the torch-free predictor), its CSV rows by path."""
+    import csv
+
+    result = subprocess.run([sys.executable, "-m", "finetune.onnx_predict", str(model), *map(str, files)], cwd=cwd,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return {row["path"]: row for row in csv.DictReader(io.StringIO(result.stdout))}
+
+
+def test_int8_export_is_checked_against_fp32_and_served_as_fp32_is(work):
+    import onnx
+
+    out = work / "model.int8.onnx"
+    result = run_together({"int8": [f"ckpt={work / 'run'}", "quantize=int8", "calib_images=6", f"out={out}"]},
+                          module="finetune.export", cwd=work)["int8"]
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "int8 vs fp32 on 9 validation images: top-1 agreement 100.0%" in result.stdout
+    assert "calibrated on 6 training images" in result.stdout
+    model = onnx.load(str(out))
+    assert {"QuantizeLinear", "DequantizeLinear"} <= {node.op_type for node in model.graph.node}
+    assert all(init.data_type != onnx.TensorProto.FLOAT for init in model.graph.initializer if init.name.endswith(
+        "weight_quantized"))
+    files = val_images(work)
+    rows = onnx_predict_rows(out, files, work)
+    fp32 = predicted(work, "onnx")
+    assert [rows[str(f)]["label"] for f in files] == [fp32[str(f)]["label"] for f in files]  # as the check said
+    with serving(out, work / "int8.log", "backend=onnx") as server:
+        answer = server.client().infer("finetune", [image_input(files)])
+    probs, labels = answer.as_numpy("probabilities"), [x.decode() for x in answer.as_numpy("label")]
+    assert labels == [rows[str(f)]["label"] for f in files]
+    for file, row in zip(files, probs, strict=True):  # the served top-1 probability = finetune-predict-onnx's
+        assert abs(row.max() - float(rows[str(file)]["prob"])) < 1e-5, file
+
+
+def test_an_int8_model_that_disagrees_with_fp32_is_refused_and_nothing_is_written(work, monkeypatch):
+    import finetune.quantize
+    from finetune.errors import UserError
+    from finetune.export import export
+
+    monkeypatch.setattr(finetune.quantize, "MIN_AGREEMENT", 1.01)  # no model can pass: the refusal path, for real
+    out = work / "refused.int8.onnx"
+    with pytest.raises(UserError, match=r"int8 model is refused: .*top-1 agreement 100\.0% \(>= 101% needed\), "
+                                        r"acc1 .* -> .* \(drop .* points, <= 1 allowed\); nothing written"):
+        export(work / "run", "onnx", out=out, quantize="int8", calib_images=4)
+    assert not out.exists() and not [p for p in work.iterdir() if p.name.startswith(".refused")]
+
+
+def test_int8_bad_settings_are_one_line_errors(work):
+    from conftest import assert_one_line_errors
+
+    results = run_together({
+        "unknown": [f"ckpt={work / 'run'}", "quantize=int4"],
+        "format": [f"ckpt={work / 'run'}", "quantize=int8", "format=torchscript"],
+        "calib": [f"ckpt={work / 'run'}", "quantize=int8", "calib_images=0"],
+        "no run": [f"ckpt={work / 'model.onnx'}", "quantize=int8"],
+    }, module="finetune.export", cwd=work)
+    assert_one_line_errors(results, {"unknown": ["quantize 'int4' is not known", "int8"],
+                                     "format": ["applies to format=onnx only", "torchscript"],
+                                     "calib": ["calib_images must be a positive integer", "'0'"],
+                                     "no run": ["model.onnx"]})
+    assert not list(work.glob("**/*.int8.onnx.tmp*"))
+
+
 def test_bad_settings_are_one_line_errors(work):
     from conftest import assert_one_line_errors
 
