@@ -13,8 +13,10 @@ Against each server, ``tritonclient.http`` clients (one per thread, each sending
 and waiting for the answer before the next: a closed loop) run at concurrency 1, 8 and 32 until
 ``--requests`` requests are answered (64 at concurrency 1), after a warm-up. Prints a table of
 throughput (requests/s) and p50/p99 latency (ms), then the ratios the issue asks for, from this one
-run: dynamic vs ``max_batch_size=1`` at concurrency 32, and onnx vs torch. INT8 is not built yet
-(``quantize=int8`` is not implemented), so there is no int8 row.
+run: dynamic vs ``max_batch_size=1`` at concurrency 32, onnx vs torch, and int8 vs fp32: ``onnx int8,
+dynamic`` serves ``python -m finetune.export quantize=int8`` (refused, and left out, if its check against
+fp32 fails), and ``model_int8_vs_fp32`` times the two ONNX files alone in onnxruntime (batch 1 and 32).
+``--servers`` picks some of the servers by name prefix.
 
 Server and clients share the machine (2 cores here): the figures include the client's own cost.
 """
@@ -56,7 +58,33 @@ def make_run(work: Path, model: str, img_size: int) -> Path:
            f"data.root={work / 'images'}", f"data.img_size={img_size}", "data.batch_size=6", "data.num_workers=0",
            "trainer.max_epochs=1", "logger.progress_bar=false", f"hydra.run.dir={run}"])
     check([sys.executable, "-m", "finetune.export", f"ckpt={run}", f"out={work / 'model.onnx'}"])
+    int8 = subprocess.run([sys.executable, "-m", "finetune.export", f"ckpt={run}", "quantize=int8", "calib_images=18",
+                           f"out={work / 'model.int8.onnx'}"], capture_output=True, text=True, timeout=1800)
+    print((int8.stdout + int8.stderr).strip().splitlines()[-1] if int8.returncode == 2 else
+          next(line for line in int8.stdout.splitlines() if line.startswith("int8 vs fp32")))
     return run
+
+
+def model_only(work: Path) -> None:
+    """int8 vs fp32 ONNX files in onnxruntime alone (no HTTP, no decoding): images/s at batch 1 and 32."""
+    import onnxruntime
+
+    fp32 = {}
+    for batch in (1, 32):
+        rates = {}
+        for name in ("model.onnx", "model.int8.onnx"):
+            session = onnxruntime.InferenceSession(str(work / name), providers=["CPUExecutionProvider"])
+            shape = [batch, *session.get_inputs()[0].shape[1:]]
+            x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+            session.run(None, {"input": x})
+            started, runs = time.perf_counter(), max(2, 64 // batch)
+            for _ in range(runs):
+                session.run(None, {"input": x})
+            rates[name] = runs * batch / (time.perf_counter() - started)
+        fp32[batch] = rates["model.onnx"]
+        print(f"model_int8_vs_fp32_batch{batch}: {rates['model.int8.onnx'] / rates['model.onnx']:.2f} "
+              f"({rates['model.int8.onnx']:.1f} vs {rates['model.onnx']:.1f} images/s)")
+    print(f"model_fp32_batch32_vs_batch1: {fp32[32] / fp32[1]:.2f} (images/s per image: what batching can gain)")
 
 
 def check(args: list[str]) -> None:
@@ -125,6 +153,7 @@ def main() -> None:
     parser.add_argument("--model", default="efficientnet_lite0")
     parser.add_argument("--img-size", type=int, default=224)
     parser.add_argument("--requests", type=int, default=192)
+    parser.add_argument("--servers", nargs="*", default=None, help="name prefixes of the servers to run")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as folder:
         work = Path(folder)
@@ -134,6 +163,11 @@ def main() -> None:
         configs = {"onnx, max_batch_size=1": [f"ckpt={work / 'model.onnx'}", "backend=onnx", "max_batch_size=1"],
                    "onnx, dynamic": [f"ckpt={work / 'model.onnx'}", "backend=onnx"],
                    "torch, dynamic": [f"ckpt={run}", "backend=torch"]}
+        if (work / "model.int8.onnx").is_file():
+            configs["onnx int8, dynamic"] = [f"ckpt={work / 'model.int8.onnx'}", "backend=onnx"]
+            model_only(work)
+        if args.servers:
+            configs = {k: v for k, v in configs.items() if any(k.startswith(p) for p in args.servers)}
         results = {}
         print(f"{args.model} at {args.img_size} px, one 320x320 JPEG per request, {os.cpu_count()} CPUs")
         print(f"| server | concurrency | requests/s | p50 ms | p99 ms |\n|---|---:|---:|---:|---:|")
@@ -148,11 +182,17 @@ def main() -> None:
                     print(f"| {name} | {concurrency} | {r['rps']:.1f} | {r['p50']:.1f} | {r['p99']:.1f} |", flush=True)
             finally:
                 stop(proc)
-        dynamic = results["onnx, dynamic", 32]["rps"] / results["onnx, max_batch_size=1", 32]["rps"]
-        print(f"\nserve_dynamic_vs_batch1_at_32: {dynamic:.2f} (target >= 2)")
-        for concurrency in CONCURRENCY:
-            ratio = results["onnx, dynamic", concurrency]["rps"] / results["torch, dynamic", concurrency]["rps"]
-            print(f"serve_onnx_vs_torch_at_{concurrency}: {ratio:.2f}")
+        print()
+        ratio("serve_dynamic_vs_batch1", results, "onnx, dynamic", "onnx, max_batch_size=1", (32,), "(target >= 2)")
+        ratio("serve_onnx_vs_torch", results, "onnx, dynamic", "torch, dynamic", CONCURRENCY)
+        ratio("serve_int8_vs_fp32", results, "onnx int8, dynamic", "onnx, dynamic", CONCURRENCY, "(target >= 1.5)")
+
+
+def ratio(name: str, results: dict, a: str, b: str, concurrencies: tuple[int, ...], note: str = "") -> None:
+    """``name_at_C: a/b`` throughput for each concurrency both servers ran at."""
+    for c in concurrencies:
+        if (a, c) in results and (b, c) in results:
+            print(f"{name}_at_{c}: {results[a, c]['rps'] / results[b, c]['rps']:.2f} {note}".rstrip())
 
 
 if __name__ == "__main__":
