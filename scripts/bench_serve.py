@@ -7,7 +7,11 @@ ONNX, then serves it in turn as:
 
 - ``onnx, max_batch_size=1``: every request runs alone;
 - ``onnx, dynamic``: the defaults (``max_batch_size=32 max_delay_ms=5``);
+- ``onnx, max_batch_size=8``: smaller batches, so that decoding and the model overlap at concurrency 32;
 - ``torch, dynamic``: the eager model, same batching.
+
+"model busy" is the share of the wall time the model ran (the server's ``finetune_batch_duration_seconds``):
+below 100% the model waits for the requests' decoding and HTTP, which batching cannot speed up.
 
 Against each server, ``tritonclient.http`` clients (one per thread, each sending one JPEG per request
 and waiting for the answer before the next: a closed loop) run at concurrency 1, 8 and 32 until
@@ -148,6 +152,16 @@ def closed_loop(address: str, image: bytes, *, concurrency: int, requests: int) 
     return {"rps": len(ms) / seconds, "p50": statistics.median(ms), "p99": ms[min(len(ms) - 1, int(0.99 * len(ms)))]}
 
 
+def model_seconds(address: str) -> tuple[float, float]:
+    """(seconds the model has run, batches) so far, from the server's own ``/metrics``."""
+    import urllib.request
+
+    text = urllib.request.urlopen(f"http://{address}/metrics", timeout=60).read().decode()
+    value = {name: float(re.search(rf"^finetune_batch_duration_seconds_{name} (\S+)$", text, re.M).group(1))
+             for name in ("sum", "count")}
+    return value["sum"], value["count"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="efficientnet_lite0")
@@ -162,6 +176,7 @@ def main() -> None:
         Image.open(next((work / "images" / "val").rglob("*.jpg"))).resize((320, 320)).save(buffer, "JPEG", quality=90)
         configs = {"onnx, max_batch_size=1": [f"ckpt={work / 'model.onnx'}", "backend=onnx", "max_batch_size=1"],
                    "onnx, dynamic": [f"ckpt={work / 'model.onnx'}", "backend=onnx"],
+                   "onnx, max_batch_size=8": [f"ckpt={work / 'model.onnx'}", "backend=onnx", "max_batch_size=8"],
                    "torch, dynamic": [f"ckpt={run}", "backend=torch"]}
         if (work / "model.int8.onnx").is_file():
             configs["onnx int8, dynamic"] = [f"ckpt={work / 'model.int8.onnx'}", "backend=onnx"]
@@ -170,16 +185,20 @@ def main() -> None:
             configs = {k: v for k, v in configs.items() if any(k.startswith(p) for p in args.servers)}
         results = {}
         print(f"{args.model} at {args.img_size} px, one 320x320 JPEG per request, {os.cpu_count()} CPUs")
-        print(f"| server | concurrency | requests/s | p50 ms | p99 ms |\n|---|---:|---:|---:|---:|")
+        print("| server | concurrency | requests/s | p50 ms | p99 ms | model busy | images/batch |\n"
+              "|---|---:|---:|---:|---:|---:|---:|")
         for name, server_args in configs.items():
             proc, address = start(server_args, work / "server.log")
             try:
                 closed_loop(address, buffer.getvalue(), concurrency=4, requests=16)  # warm-up
                 for concurrency in CONCURRENCY:
                     count = 64 if concurrency == 1 else args.requests
+                    (busy, batches), started = model_seconds(address), time.perf_counter()
                     r = results[name, concurrency] = closed_loop(address, buffer.getvalue(), concurrency=concurrency,
                                                                  requests=count)
-                    print(f"| {name} | {concurrency} | {r['rps']:.1f} | {r['p50']:.1f} | {r['p99']:.1f} |", flush=True)
+                    wall, (busy_after, batches_after) = time.perf_counter() - started, model_seconds(address)
+                    print(f"| {name} | {concurrency} | {r['rps']:.1f} | {r['p50']:.1f} | {r['p99']:.1f} | "
+                          f"{(busy_after - busy) / wall:.0%} | {count / (batches_after - batches):.1f} |", flush=True)
             finally:
                 stop(proc)
         print()
