@@ -48,7 +48,7 @@ from finetune.inference import (INPUT_NAME, OUTPUT_NAME, eval_transform, export_
 
 EXTRA_FILE = "finetune.json"  # torch.export / TorchScript: the extra file holding export_metadata(...) as JSON
 CHECK_BATCHES = (1, 3)  # the exported file must match the eager model at both: the batch dimension is dynamic
-QUANTIZE = (None, "int8")  # quantize=: null (fp32) or int8 (format=onnx, `finetune.quantize`)
+QUANTIZE = (None, "int8")  # quantize=: null (fp32), or int8 (format=onnx: `finetune.quantize`)
 EXAMPLE_BATCH = 2  # traced at 2, so that no exporter can specialise the batch to 1
 ONNX_EXTRA = "pip install 'finetune[onnx]'"
 
