@@ -40,7 +40,7 @@ from torch import nn
 
 from finetune.checkpoint import ModelMeta, load_model, save_weights
 from finetune.cli import command, exit_on_user_error, override
-from finetune.files import check_inside, staged_path
+from finetune.files import check_inside, scratch_path, staged_path
 from finetune.errors import UserError, describe_error
 from finetune.runtime import resolve_device
 from finetune.inference import (INPUT_NAME, OUTPUT_NAME, eval_transform, export_metadata, load_checkpoint,
@@ -48,6 +48,7 @@ from finetune.inference import (INPUT_NAME, OUTPUT_NAME, eval_transform, export_
 
 EXTRA_FILE = "finetune.json"  # torch.export / TorchScript: the extra file holding export_metadata(...) as JSON
 CHECK_BATCHES = (1, 3)  # the exported file must match the eager model at both: the batch dimension is dynamic
+QUANTIZE = (None, "int8")  # quantize=: null (fp32), or int8 (format=onnx: `finetune.quantize`)
 EXAMPLE_BATCH = 2  # traced at 2, so that no exporter can specialise the batch to 1
 ONNX_EXTRA = "pip install 'finetune[onnx]'"
 
@@ -83,17 +84,25 @@ class Exported:
 
 
 def export(ckpt: str | Path, format: str = "onnx", out: str | Path | None = None, *,
-           opset: int | None = None, atol: float = 1e-4, device: str = "cpu") -> Exported:
+           opset: int | None = None, atol: float = 1e-4, device: str = "cpu", quantize: str | None = None,
+           calib_images: int = 128) -> Exported:
     """Export the model of ``ckpt`` (a run dir, a weights file or ``last.ckpt``) to ``format``, verified.
 
     ``out``: the file to write; an existing directory gets the default name; None writes
     ``RUN_DIR/export/<checkpoint stem><suffix>`` (``DIR/export/...`` beside a loose checkpoint).
-    Returns what was written; raises `UserError` (nothing written) on bad input or a failed check.
+    ``quantize="int8"`` (format=onnx): the verified fp32 ONNX model quantized by onnxruntime, calibrated on
+    ``calib_images`` training images and checked against fp32 on the run's validation images
+    (`finetune.quantize`). Returns what was written; raises `UserError` (nothing written) on bad input or
+    a failed check.
     """
     spec = format_spec(format, opset=opset)
     atol, torch_device = check_atol(atol), resolve_device(device, key="device")
+    check_quantize(quantize, format)
     source = resolve_checkpoint(ckpt)
-    target = output_path(out, source=source, format=format)
+    target = output_path(out, source=source, format=format, quantize=quantize)
+    if quantize is not None:
+        return export_int8(source, target, opset=opset, atol=atol, device=torch_device,
+                           calib_images=calib_images)
     if out is None:  # the run dir's export/ (perhaps someone else's run dir): never a link out of it
         check_inside(target.parent.parent, target)
     model, meta, source = load_checkpoint(source, device=torch_device)
@@ -105,6 +114,38 @@ def export(ckpt: str | Path, format: str = "onnx", out: str | Path | None = None
         check = verify(spec, format, tmp, model, checks, metadata=metadata, atol=0.0 if spec.exact else atol,
                        device=torch_device)
     return Exported(path=target, format=format, bytes=target.stat().st_size, check=check)
+
+
+def export_int8(source: Path, target: Path, *, opset: int | None, atol: float, device: torch.device,
+                calib_images: int) -> Exported:
+    """The fp32 ONNX export (verified as always, into a scratch file), quantized to int8 into ``target``
+    and kept only if `finetune.quantize.verdict` accepts it."""
+    from finetune.quantize import check_calib_images, quantize_int8, run_images
+
+    calib_images = check_calib_images(calib_images)
+    spec = FORMATS["onnx"]
+    model, meta, source = load_checkpoint(source, device=device)
+    calib, val = run_images(source, meta, calib_images)
+    metadata = spec.describe(meta, source)
+    example = sample_inputs(meta, EXAMPLE_BATCH, seed=0).to(device)
+    checks = [sample_inputs(meta, n, seed=n).to(device) for n in CHECK_BATCHES]
+    with (staged_file(target) as tmp, scratch_path(tmp, "fp32") as fp32, scratch_path(tmp, "prep") as prep,
+          ieee_fp32(device)):
+        spec.write(model, example, fp32, metadata, opset)
+        check = verify(spec, "onnx", fp32, model, checks, metadata=metadata, atol=atol, device=device)
+        check += "\n" + quantize_int8(fp32, tmp, prep, meta=meta, calib=calib, val=val)
+        metadata = {**metadata, "quantization": f"int8 static (onnxruntime QDQ), {len(calib)} calibration images"}
+        set_onnx_metadata(tmp, metadata)
+        if spec.load(tmp, device)[1] != metadata:
+            raise UserError("the int8 ONNX file's metadata does not read back as written: nothing written")
+    return Exported(path=target, format="onnx", bytes=target.stat().st_size, check=check)
+
+
+def check_quantize(quantize: str | None, format: str) -> None:
+    if quantize not in QUANTIZE:
+        raise UserError(f"quantize '{quantize}' is not known: use quantize=int8, or leave it unset (fp32)")
+    if quantize is not None and format != "onnx":
+        raise UserError(f"quantize={quantize} applies to format=onnx only, got format={format}")
 
 
 def format_spec(format: str, *, opset: int | None) -> Format:
@@ -125,9 +166,9 @@ def check_atol(atol: Any) -> float:
     return value
 
 
-def output_path(out: str | Path | None, *, source: Path, format: str) -> Path:
+def output_path(out: str | Path | None, *, source: Path, format: str, quantize: str | None = None) -> Path:
     """The file to write, checked: its directory exists, it is not the checkpoint itself."""
-    default_name = f"{source.stem}{FORMATS[format].suffix}"
+    default_name = f"{source.stem}{'.' + quantize if quantize else ''}{FORMATS[format].suffix}"
     if out is None:
         return (run_dir_of(source) or source.parent) / "export" / default_name
     path = Path(out).expanduser()
@@ -273,6 +314,15 @@ def write_onnx(model: nn.Module, example: torch.Tensor, path: Path, metadata: di
         raise UserError(f"the ONNX model cannot be saved as one file ({describe_error(err)})") from err
 
 
+def set_onnx_metadata(path: Path, metadata: dict[str, str]) -> None:
+    """Replace the ONNX file's ``metadata_props`` with ``metadata`` (the file is our own staged one)."""
+    onnx, _ = import_onnx()
+    proto = onnx.load(str(path))
+    del proto.metadata_props[:]
+    onnx.helper.set_model_props(proto, metadata)
+    onnx.save_model(proto, str(path))
+
+
 @contextmanager
 def quiet_loggers(*names: str, level: int = logging.WARNING) -> Iterator[None]:
     """Raise these loggers to ``level`` for the block."""
@@ -368,6 +418,15 @@ FORMATS: dict[str, Format] = {
 @hydra.main(version_base="1.3", config_path="pkg://finetune.conf", config_name="export")
 def export_app(cfg: DictConfig) -> None:
     """``python -m finetune.export``: export, then print what was written and how to use it."""
+    if cfg.format == "triton":  # a folder (a model repository around an ONNX export), not one file
+        from finetune.triton_repository import export_triton
+
+        arguments = export_arguments(cfg)
+        exit_on_user_error(lambda: check_quantize(cfg.quantize, "triton"))
+        print(exit_on_user_error(lambda: export_triton(
+            arguments["ckpt"], arguments["out"], model_name=str(cfg.model_name), max_batch_size=cfg.max_batch_size,
+            atol=arguments["atol"], device=arguments["device"])).report())
+        return
     print(exit_on_user_error(lambda: export(**export_arguments(cfg))).report())
 
 
@@ -376,7 +435,8 @@ def export_arguments(cfg: DictConfig) -> dict[str, Any]:
     if OmegaConf.is_missing(cfg, "ckpt") or cfg.ckpt in (None, ""):
         raise UserError("ckpt is required: python -m finetune.export ckpt=RUN_DIR (or a weights file, or last.ckpt)")
     return {"ckpt": str(cfg.ckpt), "format": str(cfg.format), "out": None if cfg.out is None else str(cfg.out),
-            "opset": cfg.opset, "atol": cfg.atol, "device": str(cfg.device)}
+            "opset": cfg.opset, "atol": cfg.atol, "device": str(cfg.device), "quantize": cfg.quantize,
+            "calib_images": cfg.calib_images}
 
 
 if __name__ == "__main__":

@@ -262,6 +262,18 @@ def staged_path(target: str | Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+@contextlib.contextmanager
+def scratch_path(beside: str | Path, tag: str) -> Iterator[Path]:
+    """A temporary file name beside ``beside`` for an intermediate a writer needs (e.g. the fp32 model an
+    int8 one is quantized from); removed however the block ends, never moved anywhere."""
+    beside = Path(beside)
+    tmp = beside.with_name(f".{beside.stem}.{os.getpid()}-{secrets.token_hex(4)}.{tag}{beside.suffix}")
+    try:
+        yield tmp
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def atomic_link(source: Path, target: Path) -> None:
     """Make ``target`` name the same bytes as ``source`` (a hard link; a copy where links fail)."""
     tmp = target.with_name(f".{target.name}.{os.getpid()}.link.tmp")

@@ -161,10 +161,17 @@ def predict_probabilities(classifier: Classifier, paths: Sequence[Path], *, batc
     probs = []
     with tqdm(total=len(paths), desc="predict", unit="img", disable=not progress_bar, dynamic_ncols=True) as bar:
         for batch, _ in loader:
-            views = [classifier(view).softmax(dim=1) for view in TTA_VIEWS[tta](batch)]
-            probs.append(torch.stack(views).mean(dim=0).cpu())
+            probs.append(batch_probabilities(classifier, batch, tta=tta))
             bar.update(batch.shape[0])
     return torch.cat(probs)
+
+
+@torch.no_grad()
+def batch_probabilities(classifier: Classifier, batch: torch.Tensor, *, tta: str = "none") -> torch.Tensor:
+    """The probabilities of one preprocessed batch ``(N, C, H, W)``, on the CPU: the softmax of the logits,
+    averaged over the ``tta`` views. ``finetune.serve`` answers with exactly these."""
+    views = [classifier(view).softmax(dim=1) for view in TTA_VIEWS[tta](batch)]
+    return torch.stack(views).mean(dim=0).cpu()
 
 
 def top_k_rows(paths: Sequence[Path], probs: torch.Tensor, label_names: list[str], *, topk: int) -> list[dict]:
