@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ from finetune.models import BackboneSpec, build_model, locate_library_weights
 from finetune.optim import build_optimizer, build_param_groups, build_scheduler
 from finetune.resume import ResumePlan
 from finetune.runtime import Runtime, package_versions
-from finetune.signals import StopRequest, shield_workers
+from finetune.signals import StopRequest, shield_workers, stop_workers
 from finetune.trainer import Trainer, TrainerHook
 from finetune.weights import load_pretrained
 
@@ -216,18 +217,22 @@ def build_optimizer_at(cfg: DictConfig, model: nn.Module, spec: BackboneSpec, *,
 
 
 def choose_lr(cfg: DictConfig, model: nn.Module, spec: BackboneSpec, *, loaders: data_lib.Loaders, rt: Runtime,
+              split: data_lib.DataSplit | None = None, data_config: dict[str, Any] | None = None,
               saved: dict[str, Any] | None = None) -> tuple[float, dict[str, Any] | None]:
     """The peak learning rate, and the record of how ``optim.lr=auto`` chose it (None for a given rate).
 
     A resumed run takes the rate its training state recorded (``saved``): it never searches again. Otherwise the
-    range test runs on the model exactly as it will train (``finetune.lr_find``), and everything it
-    changed is put back before the real optimizer exists.
+    range test runs on the model exactly as it will train (``finetune.lr_find``); with
+    ``optim.lr_find.select=trials`` (and the ``split`` to hold a slice out of) short trial fine-tunes of the
+    curve's candidates then decide (`choose_by_trials`). Everything either changed is put back before the real
+    optimizer exists.
     """
     o = cfg.optim
     if o.lr != "auto":
         return float(o.lr), None
     if rt.world.distributed:  # each process searches on its own shard, every process trains at rank 0's choice
-        return rt.world.agree(choose_lr(cfg, model, spec, loaders=loaders, rt=replace(rt, world=SINGLE), saved=saved))
+        return rt.world.agree(choose_lr(cfg, model, spec, loaders=loaders, rt=replace(rt, world=SINGLE), split=split,
+                                        data_config=data_config, saved=saved))
     if saved is not None:
         log.info(f"optim.lr=auto: the rate chosen before, {saved['lr']:.4g}, from the training state (no new search)")
         return float(saved["lr"]), saved
@@ -241,12 +246,71 @@ def choose_lr(cfg: DictConfig, model: nn.Module, spec: BackboneSpec, *, loaders:
                             trainer=trainer_for, loader=loaders.train, accumulate=cfg.trainer.accumulate,
                             start_lr=o.lr_find.start_lr, end_lr=o.lr_find.end_lr,
                             num_updates=o.lr_find.num_updates, rule=o.lr_find.rule)
-    lr = result.chosen if result.chosen is not None else float(o.lr_find.fallback_lr)
-    if result.chosen is None:
-        log.warning(f"optim.lr=auto: {result.reason}; training with optim.lr_find.fallback_lr={lr:.4g}")
+    record = {"lr": result.chosen, "selected_by": "curve", "choice": result.reason, **result.to_dict()}
+    if o.lr_find.select == "trials" and split is not None:
+        record = choose_by_trials(cfg, model, spec, result, record, split=split, data_config=data_config, rt=rt,
+                                  run_updates=updates_per_epoch(cfg, loaders) * cfg.trainer.max_epochs)
+    if record["lr"] is None:
+        record |= {"lr": float(o.lr_find.fallback_lr), "selected_by": "fallback",
+                   "choice": f"optim.lr_find.fallback_lr: {result.reason}"}
+        log.warning(f"optim.lr=auto: {result.reason}; training with optim.lr_find.fallback_lr={record['lr']:.4g}")
+    elif result.chosen is None:
+        log.warning(f"optim.lr=auto: {result.reason}; the trials chose {record['lr']:.4g} of "
+                    f"optim.lr_find.fallback_lr={o.lr_find.fallback_lr:.4g} and 3x it")
     else:
-        log.info(f"optim.lr=auto: chose {lr:.4g} ({result.reason})")
-    return lr, {"lr": lr, **result.to_dict()}
+        log.info(f"optim.lr=auto: chose {record['lr']:.4g} ({record['choice']})")
+    return float(record["lr"]), record
+
+
+def choose_by_trials(cfg: DictConfig, model: nn.Module, spec: BackboneSpec, find: Any, record: dict[str, Any], *,
+                     split: data_lib.DataSplit, data_config: dict[str, Any], rt: Runtime,
+                     run_updates: int) -> dict[str, Any]:
+    """``record`` with the rate that won short trial fine-tunes (`finetune.lr_find.trials`): the candidates the
+    curve gives, each trained on the training pool less a held-out slice and judged by its loss there."""
+    from finetune import lr_find
+
+    o = cfg.optim.lr_find
+    rates = lr_find.candidate_rates(find, fallback=o.fallback_lr)
+    rest, held = lr_find.holdout_split(split.train, fraction=o.holdout, seed=cfg.seed)
+    if not held or len(rates) < 2:
+        why = "no class has 2 training images to hold one out" if not held else "a single candidate rate"
+        log.warning(f"optim.lr=auto: no trials ({why}); the range test's choice stands")
+        return record | {"trials": {"skipped": why}}
+    trial = build_loaders(cfg.data, replace(split, train=rest, val=held), data_config, seed=cfg.seed,
+                          device=rt.device)
+    first = lr_find.first_rung_updates(run_updates, o.trial_updates)
+    started = time.perf_counter()
+    try:
+        rungs = lr_find.run_trials(model, rates=rates, trainer=trial_trainer(cfg, model, spec, trial, rt=rt),
+                                   loader=trial.train, holdout=trial.val, first_updates=first,
+                                   accumulate=cfg.trainer.accumulate)
+    finally:
+        for loader in (trial.train, trial.val):
+            stop_workers(loader)
+    lr, total = rungs[-1]["kept"][0], sum(r["updates"] * len(r["scores"]) for r in rungs)
+    choice = (f"won short trial fine-tunes of {len(rates)} candidates ({', '.join(f'{r:.2g}' for r in rates)}; "
+              f"{total} updates, {time.perf_counter() - started:.0f} s) judged by the loss on {len(held)} "
+              f"held-out training images")
+    trials = {"candidates": rates, "holdout_images": len(held), "train_images": len(rest), "updates": total,
+              "seconds": round(time.perf_counter() - started, 2), "rungs": rungs}
+    return record | {"lr": lr, "selected_by": "trials", "choice": choice, "trials": trials}
+
+
+def trial_trainer(cfg: DictConfig, model: nn.Module, spec: BackboneSpec, loaders: data_lib.Loaders, *,
+                  rt: Runtime) -> Any:
+    """``make(rate, updates)``: the run's loop with a fresh optimizer at peak ``rate`` and the run's schedule
+    compressed to ``updates`` updates (warmup and decay keep their share of the run)."""
+    s, epochs = cfg.sched, cfg.trainer.max_epochs
+
+    def make(rate: float, updates: int) -> Trainer:
+        optimizer = build_optimizer_at(cfg, model, spec, lr=rate)
+        scheduler = build_scheduler(optimizer, name=s.name, epochs=1, updates_per_epoch=updates,
+                                    warmup_epochs=s.warmup_epochs / epochs, warmup_lr=s.warmup_lr, min_lr=s.min_lr,
+                                    decay_epochs=s.decay_epochs / epochs, decay_rate=s.decay_rate)
+        parts = TrainingParts(model, optimizer, scheduler, grad_scaler=build_grad_scaler(rt))
+        return build_trainer(cfg, parts, loaders=loaders, rt=rt, num_classes=spec.num_classes, hooks=[])
+
+    return make
 
 
 def build_ema(cfg: DictConfig, model: nn.Module) -> ModelEmaV3 | None:

@@ -104,6 +104,9 @@ class LRFindConfig:
     num_updates: Optional[int] = None  # null: about 100, fewer when the training set is smaller
     rule: str = "valley"  # how the rate is picked from the curve (finetune.lr_find)
     fallback_lr: float = 1e-3  # used, with a warning, when the curve gives no trustworthy rate
+    select: str = "trials"  # trials: short fine-tunes of the curve's candidates decide | curve: the rule alone
+    holdout: float = 0.2  # trials: share of each class of the training pool held out to judge them
+    trial_updates: Optional[int] = None  # trials: updates per candidate in the first rung; null: 1/8 of the run's, >= 6
 
 
 @dataclass
@@ -279,6 +282,9 @@ def check_config(cfg: DictConfig) -> None:
                         f"got '{cfg.model.num_classes}'")
 
 
+LR_SELECT = ("trials", "curve")  # how optim.lr=auto picks: finetune.lr_find.trials, or the curve's rule alone
+
+
 def _check_lr(o: DictConfig) -> None:
     if o.lr == "auto":
         if o.head_lr is not None:
@@ -287,6 +293,12 @@ def _check_lr(o: DictConfig) -> None:
         for key in ("start_lr", "end_lr", "fallback_lr"):
             if not o.lr_find[key] > 0:
                 raise UserError(f"optim.lr_find.{key} must be positive, got '{o.lr_find[key]}'")
+        if o.lr_find.select not in LR_SELECT:
+            raise UserError(f"optim.lr_find.select must be one of {', '.join(LR_SELECT)}; got '{o.lr_find.select}'")
+        if not 0.0 < o.lr_find.holdout < 1.0:
+            raise UserError(f"optim.lr_find.holdout must be between 0 and 1, got '{o.lr_find.holdout}'")
+        if o.lr_find.trial_updates is not None and not o.lr_find.trial_updates > 0:
+            raise UserError(f"optim.lr_find.trial_updates must be positive or null, got '{o.lr_find.trial_updates}'")
         if not o.lr_find.start_lr < o.lr_find.end_lr:
             raise UserError(f"optim.lr_find.start_lr '{o.lr_find.start_lr}' must be below end_lr '{o.lr_find.end_lr}'")
         return
@@ -441,6 +453,8 @@ NO_EFFECT = (
     NoEffect("optim.name", lambda v: not _takes_betas(str(v)), ("optim.betas",),
              "only Adam-style optimizers (and LAMB) take it: add optim=adamw"),
     NoEffect("optim.lr", lambda v: v != "auto", ("optim.lr_find",), "the range test runs with optim.lr=auto"),
+    NoEffect("optim.lr_find.select", lambda v: v == "curve", ("optim.lr_find.holdout", "optim.lr_find.trial_updates"),
+             "only optim.lr_find.select=trials runs trials"),
     NoEffect("sched.name", lambda v: v not in ("step", "multistep"), ("sched.decay_epochs", "sched.decay_rate"),
              "only step schedules decay by epochs: add sched=step"),
     NoEffect("sched.name", lambda v: v == "none", ("sched.warmup_epochs", "sched.warmup_lr", "sched.min_lr"),
