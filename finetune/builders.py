@@ -95,8 +95,9 @@ def build_loaders(cfg: DictConfig, split: data_lib.DataSplit, data_config: dict[
                   device: torch.device, world: World = SINGLE) -> data_lib.Loaders:
     """This process's loaders: ``data.batch_size`` images per batch and process, its shard under DDP;
     on CUDA, batches pinned and normalised on ``device``."""
-    augment = {"scale": tuple(cfg.crop_scale), "hflip": cfg.hflip, "color_jitter": cfg.color_jitter,
-               "auto_augment": cfg.auto_augment}
+    augment = data_lib.augment_settings(cfg.augment, scale=cfg.crop_scale, ratio=cfg.crop_ratio, hflip=cfg.hflip,
+                                        color_jitter=cfg.color_jitter, auto_augment=cfg.auto_augment,
+                                        re_prob=cfg.random_erase)
     loaders = data_lib.build_loaders(
         split, train_transform=data_lib.build_transforms(data_config, img_size=cfg.img_size, train=True, **augment),
         eval_transform=data_lib.build_transforms(data_config, img_size=cfg.img_size, train=False),

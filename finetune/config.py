@@ -64,10 +64,13 @@ class DataConfig:
     split_seed: int = 0  # the split stays fixed across runs with different seeds
     balance: str = "none"  # none | sampler | loss_weights
     skip_bad_images: bool = False  # leave unreadable images out (listed in the log) instead of stopping
-    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # train RandomResizedCrop area range
-    hflip: float = 0.5  # train horizontal-flip probability
-    color_jitter: float = 0.4  # train colour jitter strength (brightness, contrast, saturation); 0 = off
-    auto_augment: Optional[str] = None  # a timm auto-augment spec, e.g. rand-m9-mstd0.5
+    augment: str = "light"  # train augmentation preset: none | light | medium | heavy (the keys below override it)
+    crop_scale: Optional[list[float]] = None  # train RandomResizedCrop area range; null: the preset's (light: 0.08-1)
+    crop_ratio: Optional[list[float]] = None  # train RandomResizedCrop aspect range; null: the preset's (3/4-4/3)
+    hflip: Optional[float] = None  # train horizontal-flip probability; null: the preset's (light: 0.5)
+    color_jitter: Optional[float] = None  # train colour jitter strength; 0 = off; null: the preset's (light: 0.4)
+    auto_augment: Optional[str] = None  # a timm auto-augment spec, e.g. rand-m9-mstd0.5, or none; null: the preset's
+    random_erase: Optional[float] = None  # train random-erasing probability; null: the preset's (light: 0)
     cache_dir: str = "~/.cache/finetune"  # where data=demo writes its images once
     demo: DemoConfig = field(default_factory=DemoConfig)
 
@@ -216,7 +219,7 @@ def choices() -> dict[str, tuple]:
     top, so composing a config (``--cfg job``, ``--help``) does not import torch.
     """
     from finetune.checkpoint import WEIGHTS_EXTENSIONS
-    from finetune.data import BALANCE_CHOICES
+    from finetune.data import AUGMENT_PRESETS, BALANCE_CHOICES
     from finetune.freezing import BN_MODES, FREEZE_MODES
     from finetune.heads import HEAD_INITS, NORMS
     from finetune.models import HEADS, SOURCES
@@ -227,6 +230,7 @@ def choices() -> dict[str, tuple]:
         "model.source": SOURCES,
         "data.name": ("demo", "custom"),
         "data.balance": BALANCE_CHOICES,
+        "data.augment": tuple(AUGMENT_PRESETS),
         "head.name": HEADS,
         "head.pool": (None, "", "avg", "max", "avgmax", "catavgmax", "token", "avg_token", "map"),  # timm's
         "head.norm": tuple(NORMS),
@@ -266,6 +270,13 @@ def check_config(cfg: DictConfig) -> None:
     workers = cfg.data.num_workers
     if workers != "auto" and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 0):
         raise UserError(f"data.num_workers must be a non-negative integer or auto, got '{workers}'")
+    for key in ("data.hflip", "data.random_erase"):
+        if _get(cfg, key) is not None and not 0.0 <= _get(cfg, key) <= 1.0:
+            raise UserError(f"{key} must be a probability between 0 and 1 (or null: the preset's), got '{_get(cfg, key)}'")
+    for key in ("data.crop_scale", "data.crop_ratio"):
+        value = _get(cfg, key)
+        if value is not None and not (len(value) == 2 and 0 < value[0] <= value[1]):
+            raise UserError(f"{key} must be [low, high] with 0 < low <= high (or null: the preset's), got '{list(value)}'")
     if not 0.0 < cfg.data.val_split < 1.0:
         raise UserError(f"data.val_split must be between 0 and 1, got '{cfg.data.val_split}'")
     if cfg.trainer.grad_clip is not None and not cfg.trainer.grad_clip > 0:

@@ -14,7 +14,7 @@ from finetune.data.folder import IMAGE_EXTENSIONS, DataSplit, find_unreadable_im
 from finetune.data.loaders import (BALANCE_CHOICES, Loaders, NormalizingLoader, auto_num_workers, build_loaders,
                                    compute_class_weights, resolve_num_workers)
 from finetune.data.sampling import EpochSampler
-from finetune.data.transforms import Preprocess, build_transforms, effective_data_config
+from finetune.data.transforms import AUGMENT_PRESETS, Preprocess, augment_settings, build_transforms, effective_data_config
 
 __all__ = [
     "BALANCE_CHOICES",
@@ -29,6 +29,8 @@ __all__ = [
     "auto_num_workers",
     "build_loaders",
     "build_transforms",
+    "AUGMENT_PRESETS",
+    "augment_settings",
     "compute_class_weights",
     "convert_to_channels",
     "convert_to_rgb",
