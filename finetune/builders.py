@@ -124,6 +124,23 @@ def build_classifier(cfg: DictConfig, *, head: DictConfig, num_classes: int) -> 
                        activation=head.activation, norm=head.norm)
 
 
+def set_grad_checkpointing(cfg: DictConfig, model: nn.Module, spec: BackboneSpec) -> None:
+    """``trainer.grad_checkpointing``: timm's ``set_grad_checkpointing`` (its blocks' activations recomputed in the
+    backward, non-reentrant: frozen layers are fine); refused in one line by a model that cannot."""
+    if not cfg.grad_checkpointing:
+        return
+    setter = getattr(model, "set_grad_checkpointing", None)
+    if setter is None:
+        raise UserError(f"trainer.grad_checkpointing=true needs a timm model; {spec.source}'s '{spec.name}' has no "
+                        "set_grad_checkpointing: use a timm model or leave it false")
+    try:
+        setter(True)
+    except (AssertionError, NotImplementedError) as err:  # timm's way of saying a model cannot
+        raise UserError(f"trainer.grad_checkpointing=true: timm's '{spec.name}' does not support it ({err}); "
+                        "leave it false") from None
+    log.info(f"trainer.grad_checkpointing: {spec.name}'s blocks recompute their activations in the backward")
+
+
 def init_weights(cfg: DictConfig, model: nn.Module, spec: BackboneSpec, *, head: DictConfig,
                  class_names: list[str], run_dir: Path, write: bool = True) -> dict[str, Any]:
     """Initialise from ``model.weights`` or the library's own weights; write ``load_report.json``.

@@ -166,6 +166,7 @@ class TrainerConfig:
     ema: bool = False  # an exponential moving average of the weights (timm's ModelEmaV3); weights files hold it
     ema_decay: float = 0.998  # the EMA's decay per update
     channels_last: bool = False  # channels-last memory format (faster convolutions on recent GPUs)
+    grad_checkpointing: bool = False  # recompute activations in the backward (timm's set_grad_checkpointing): less memory
     sync_bn: bool = False  # under DDP: BatchNorm statistics over the global batch (SyncBatchNorm, CUDA)
     compile: bool = False  # torch.compile the model's forward (in place: its state_dict keys stay its own)
     compile_mode: str = "default"  # default | reduce-overhead | max-autotune | max-autotune-no-cudagraphs

@@ -106,6 +106,7 @@ class Recipe:
         ``pretrained``; a resumed model gets its weights from the training state), the loaders."""
         self.split = builders.build_split(cfg.data, run_dir=self.run_dir, write=self.world.main)
         model, spec = builders.build_classifier(cfg.model, head=cfg.head, num_classes=len(self.split.class_names))
+        builders.set_grad_checkpointing(cfg.trainer, model, spec)
         if pretrained:
             self.load_report = builders.init_weights(cfg.model, model, spec, head=cfg.head,
                                                      class_names=self.split.class_names, run_dir=self.run_dir,
