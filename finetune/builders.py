@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from timm.loss import SoftTargetCrossEntropy
 from timm.utils import ModelEmaV3
 from torch import nn
 
@@ -28,6 +29,7 @@ from finetune.files import atomic_write_text
 from finetune.freezing import FreezeController, apply_freeze, plan_freeze
 from finetune.heads import init_head, warm_start_subset
 from finetune.loggers import LogEvents, Logger, MetricsJsonl, TensorBoardLogger
+from finetune.mixing import BatchMixer
 from finetune.models import BackboneSpec, build_model, locate_library_weights
 from finetune.optim import build_optimizer, build_param_groups, build_scheduler
 from finetune.resume import ResumePlan
@@ -402,13 +404,23 @@ def build_trial_reporter(cfg: DictConfig, *, logger: Logger | None, world: World
                          monitor=cfg.checkpoint.monitor, logger=logger, world=world)
 
 
+def build_mixer(cfg: DictConfig, *, num_classes: int) -> BatchMixer | None:
+    """``data.mixup``/``data.cutmix``: timm's Mixup with the run's label smoothing folded into its soft targets."""
+    d = cfg.data
+    if not (d.mixup or d.cutmix):
+        return None
+    return BatchMixer(mixup=d.mixup, cutmix=d.cutmix, prob=d.mix_prob, label_smoothing=cfg.trainer.label_smoothing,
+                      num_classes=num_classes, seed=cfg.seed, off_epoch=d.mix_off_epoch)
+
+
 def build_trainer(cfg: DictConfig, training: TrainingParts, *, loaders: data_lib.Loaders, rt: Runtime,
                   num_classes: int, hooks: list, stop: StopRequest | None = None) -> Trainer:
     """The loop with its loss; ``stop`` is set by SIGTERM/SIGINT to stop after a save."""
     t = cfg.trainer
     weight = loaders.class_weights.to(rt.device) if loaders.class_weights is not None else None
-    return Trainer(model=training.model, optimizer=training.optimizer,
-                   loss_fn=nn.CrossEntropyLoss(weight=weight, label_smoothing=t.label_smoothing), device=rt.device,
+    mixer = build_mixer(cfg, num_classes=num_classes)
+    loss_fn = SoftTargetCrossEntropy() if mixer else nn.CrossEntropyLoss(weight=weight, label_smoothing=t.label_smoothing)
+    return Trainer(model=training.model, optimizer=training.optimizer, loss_fn=loss_fn, mixer=mixer, device=rt.device,
                    num_classes=num_classes, max_epochs=t.max_epochs, scheduler=training.scheduler,
                    autocast_dtype=rt.autocast_dtype, grad_scaler=training.grad_scaler, accumulate=t.accumulate,
                    grad_clip=t.grad_clip, ema=training.ema, channels_last=t.channels_last,

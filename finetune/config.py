@@ -71,6 +71,10 @@ class DataConfig:
     color_jitter: Optional[float] = None  # train colour jitter strength; 0 = off; null: the preset's (light: 0.4)
     auto_augment: Optional[str] = None  # a timm auto-augment spec, e.g. rand-m9-mstd0.5, or none; null: the preset's
     random_erase: Optional[float] = None  # train random-erasing probability; null: the preset's (light: 0)
+    mixup: float = 0.0  # Mixup's Beta alpha (timm Mixup, soft targets); 0 = off; e.g. 0.8
+    cutmix: float = 0.0  # CutMix's Beta alpha; 0 = off; e.g. 1.0 (with mixup too, each batch picks one)
+    mix_prob: float = 1.0  # the chance that a training batch is mixed
+    mix_off_epoch: Optional[int] = None  # mix only the first N epochs (timm's mixup_off_epoch); null: every epoch
     cache_dir: str = "~/.cache/finetune"  # where data=demo writes its images once
     demo: DemoConfig = field(default_factory=DemoConfig)
 
@@ -274,6 +278,7 @@ def check_config(cfg: DictConfig) -> None:
     for key in ("data.hflip", "data.random_erase"):
         if _get(cfg, key) is not None and not 0.0 <= _get(cfg, key) <= 1.0:
             raise UserError(f"{key} must be a probability between 0 and 1 (or null: the preset's), got '{_get(cfg, key)}'")
+    _check_mixing(cfg)
     for key in ("data.crop_scale", "data.crop_ratio"):
         value = _get(cfg, key)
         if value is not None and not (len(value) == 2 and 0 < value[0] <= value[1]):
@@ -292,6 +297,18 @@ def check_config(cfg: DictConfig) -> None:
     if cfg.model.num_classes is not None and cfg.model.num_classes < 2:
         raise UserError(f"model.num_classes must be at least 2 (or null to take it from the data), "
                         f"got '{cfg.model.num_classes}'")
+
+
+def _check_mixing(cfg: DictConfig) -> None:
+    d = cfg.data
+    for key in ("mixup", "cutmix"):
+        if not d[key] >= 0:
+            raise UserError(f"data.{key} must be 0 (off) or a positive Beta alpha, got '{d[key]}'")
+    if not 0.0 <= d.mix_prob <= 1.0:
+        raise UserError(f"data.mix_prob must be a probability between 0 and 1, got '{d.mix_prob}'")
+    if (d.mixup or d.cutmix) and d.balance == "loss_weights":
+        raise UserError("data.mixup/data.cutmix train on soft targets, which data.balance=loss_weights cannot weigh: "
+                        "use data.balance=sampler")
 
 
 LR_SELECT = ("trials", "curve")  # how optim.lr=auto picks: finetune.lr_find.trials, or the curve's rule alone
