@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from timm.loss import SoftTargetCrossEntropy
 from timm.utils import ModelEmaV3
 from torch import nn
 
@@ -29,11 +31,12 @@ from finetune.files import atomic_write_text
 from finetune.freezing import FreezeController, apply_freeze, plan_freeze
 from finetune.heads import init_head, warm_start_subset
 from finetune.loggers import LogEvents, Logger, MetricsJsonl, TensorBoardLogger
+from finetune.mixing import BatchMixer
 from finetune.models import BackboneSpec, build_model, locate_library_weights
 from finetune.optim import build_optimizer, build_param_groups, build_scheduler
 from finetune.resume import ResumePlan
 from finetune.runtime import Runtime, package_versions
-from finetune.signals import StopRequest, shield_workers
+from finetune.signals import StopRequest, shield_workers, stop_workers
 from finetune.trainer import Trainer, TrainerHook
 from finetune.weights import load_pretrained
 
@@ -116,8 +119,9 @@ def build_loaders(cfg: DictConfig, split: data_lib.DataSplit | ShardSplit, data_
                   device: torch.device, world: World = SINGLE) -> data_lib.Loaders:
     """This process's loaders: ``data.batch_size`` images per batch and process, its shard under DDP;
     on CUDA, batches pinned and normalised on ``device``."""
-    augment = {"scale": tuple(cfg.crop_scale), "hflip": cfg.hflip, "color_jitter": cfg.color_jitter,
-               "auto_augment": cfg.auto_augment}
+    augment = data_lib.augment_settings(cfg.augment, scale=cfg.crop_scale, ratio=cfg.crop_ratio, hflip=cfg.hflip,
+                                        color_jitter=cfg.color_jitter, auto_augment=cfg.auto_augment,
+                                        re_prob=cfg.random_erase)
     transforms = {"train_transform": data_lib.build_transforms(data_config, img_size=cfg.img_size, train=True, **augment),
                   "eval_transform": data_lib.build_transforms(data_config, img_size=cfg.img_size, train=False)}
     common = {"batch_size": cfg.batch_size, "seed": seed, "pin_memory": device.type == "cuda", "device": device,
@@ -157,6 +161,23 @@ def build_classifier(cfg: DictConfig, *, head: DictConfig, num_classes: int) -> 
                        in_chans=cfg.in_chans, input_size=cfg.input_size, pool=head.pool, dropout=head.dropout,
                        drop_path_rate=cfg.drop_path_rate, head=head.name, hidden=list(head.hidden),
                        activation=head.activation, norm=head.norm)
+
+
+def set_grad_checkpointing(cfg: DictConfig, model: nn.Module, spec: BackboneSpec) -> None:
+    """``trainer.grad_checkpointing``: timm's ``set_grad_checkpointing`` (its blocks' activations recomputed in the
+    backward, non-reentrant: frozen layers are fine); refused in one line by a model that cannot."""
+    if not cfg.grad_checkpointing:
+        return
+    setter = getattr(model, "set_grad_checkpointing", None)
+    if setter is None:
+        raise UserError(f"trainer.grad_checkpointing=true needs a timm model; {spec.source}'s '{spec.name}' has no "
+                        "set_grad_checkpointing: use a timm model or leave it false")
+    try:
+        setter(True)
+    except (AssertionError, NotImplementedError) as err:  # timm's way of saying a model cannot
+        raise UserError(f"trainer.grad_checkpointing=true: timm's '{spec.name}' does not support it ({err}); "
+                        "leave it false") from None
+    log.info(f"trainer.grad_checkpointing: {spec.name}'s blocks recompute their activations in the backward")
 
 
 def init_weights(cfg: DictConfig, model: nn.Module, spec: BackboneSpec, *, head: DictConfig,
@@ -253,18 +274,22 @@ def build_optimizer_at(cfg: DictConfig, model: nn.Module, spec: BackboneSpec, *,
 
 
 def choose_lr(cfg: DictConfig, model: nn.Module, spec: BackboneSpec, *, loaders: data_lib.Loaders, rt: Runtime,
+              split: data_lib.DataSplit | None = None, data_config: dict[str, Any] | None = None,
               saved: dict[str, Any] | None = None) -> tuple[float, dict[str, Any] | None]:
     """The peak learning rate, and the record of how ``optim.lr=auto`` chose it (None for a given rate).
 
     A resumed run takes the rate its training state recorded (``saved``): it never searches again. Otherwise the
-    range test runs on the model exactly as it will train (``finetune.lr_find``), and everything it
-    changed is put back before the real optimizer exists.
+    range test runs on the model exactly as it will train (``finetune.lr_find``); with
+    ``optim.lr_find.select=trials`` (and the ``split`` to hold a slice out of) short trial fine-tunes of the
+    curve's candidates then decide (`choose_by_trials`). Everything either changed is put back before the real
+    optimizer exists.
     """
     o = cfg.optim
     if o.lr != "auto":
         return float(o.lr), None
     if rt.world.distributed:  # each process searches on its own shard, every process trains at rank 0's choice
-        return rt.world.agree(choose_lr(cfg, model, spec, loaders=loaders, rt=replace(rt, world=SINGLE), saved=saved))
+        return rt.world.agree(choose_lr(cfg, model, spec, loaders=loaders, rt=replace(rt, world=SINGLE), split=split,
+                                        data_config=data_config, saved=saved))
     if saved is not None:
         log.info(f"optim.lr=auto: the rate chosen before, {saved['lr']:.4g}, from the training state (no new search)")
         return float(saved["lr"]), saved
@@ -278,12 +303,71 @@ def choose_lr(cfg: DictConfig, model: nn.Module, spec: BackboneSpec, *, loaders:
                             trainer=trainer_for, loader=loaders.train, accumulate=cfg.trainer.accumulate,
                             start_lr=o.lr_find.start_lr, end_lr=o.lr_find.end_lr,
                             num_updates=o.lr_find.num_updates, rule=o.lr_find.rule)
-    lr = result.chosen if result.chosen is not None else float(o.lr_find.fallback_lr)
-    if result.chosen is None:
-        log.warning(f"optim.lr=auto: {result.reason}; training with optim.lr_find.fallback_lr={lr:.4g}")
+    record = {"lr": result.chosen, "selected_by": "curve", "choice": result.reason, **result.to_dict()}
+    if o.lr_find.select == "trials" and split is not None:
+        record = choose_by_trials(cfg, model, spec, result, record, split=split, data_config=data_config, rt=rt,
+                                  run_updates=updates_per_epoch(cfg, loaders) * cfg.trainer.max_epochs)
+    if record["lr"] is None:
+        record |= {"lr": float(o.lr_find.fallback_lr), "selected_by": "fallback",
+                   "choice": f"optim.lr_find.fallback_lr: {result.reason}"}
+        log.warning(f"optim.lr=auto: {result.reason}; training with optim.lr_find.fallback_lr={record['lr']:.4g}")
+    elif result.chosen is None:
+        log.warning(f"optim.lr=auto: {result.reason}; the trials chose {record['lr']:.4g} of "
+                    f"optim.lr_find.fallback_lr={o.lr_find.fallback_lr:.4g} and 3x it")
     else:
-        log.info(f"optim.lr=auto: chose {lr:.4g} ({result.reason})")
-    return lr, {"lr": lr, **result.to_dict()}
+        log.info(f"optim.lr=auto: chose {record['lr']:.4g} ({record['choice']})")
+    return float(record["lr"]), record
+
+
+def choose_by_trials(cfg: DictConfig, model: nn.Module, spec: BackboneSpec, find: Any, record: dict[str, Any], *,
+                     split: data_lib.DataSplit, data_config: dict[str, Any], rt: Runtime,
+                     run_updates: int) -> dict[str, Any]:
+    """``record`` with the rate that won short trial fine-tunes (`finetune.lr_find.trials`): the candidates the
+    curve gives, each trained on the training pool less a held-out slice and judged by its loss there."""
+    from finetune import lr_find
+
+    o = cfg.optim.lr_find
+    rates = lr_find.candidate_rates(find, fallback=o.fallback_lr)
+    rest, held = lr_find.holdout_split(split.train, fraction=o.holdout, seed=cfg.seed)
+    if not held or len(rates) < 2:
+        why = "no class has 2 training images to hold one out" if not held else "a single candidate rate"
+        log.warning(f"optim.lr=auto: no trials ({why}); the range test's choice stands")
+        return record | {"trials": {"skipped": why}}
+    trial = build_loaders(cfg.data, replace(split, train=rest, val=held), data_config, seed=cfg.seed,
+                          device=rt.device)
+    first = lr_find.first_rung_updates(run_updates, o.trial_updates)
+    started = time.perf_counter()
+    try:
+        rungs = lr_find.run_trials(model, rates=rates, trainer=trial_trainer(cfg, model, spec, trial, rt=rt),
+                                   loader=trial.train, holdout=trial.val, first_updates=first,
+                                   accumulate=cfg.trainer.accumulate)
+    finally:
+        for loader in (trial.train, trial.val):
+            stop_workers(loader)
+    lr, total = rungs[-1]["kept"][0], sum(r["updates"] * len(r["scores"]) for r in rungs)
+    choice = (f"won short trial fine-tunes of {len(rates)} candidates ({', '.join(f'{r:.2g}' for r in rates)}; "
+              f"{total} updates, {time.perf_counter() - started:.0f} s) judged by the loss on {len(held)} "
+              f"held-out training images")
+    trials = {"candidates": rates, "holdout_images": len(held), "train_images": len(rest), "updates": total,
+              "seconds": round(time.perf_counter() - started, 2), "rungs": rungs}
+    return record | {"lr": lr, "selected_by": "trials", "choice": choice, "trials": trials}
+
+
+def trial_trainer(cfg: DictConfig, model: nn.Module, spec: BackboneSpec, loaders: data_lib.Loaders, *,
+                  rt: Runtime) -> Any:
+    """``make(rate, updates)``: the run's loop with a fresh optimizer at peak ``rate`` and the run's schedule
+    compressed to ``updates`` updates (warmup and decay keep their share of the run)."""
+    s, epochs = cfg.sched, cfg.trainer.max_epochs
+
+    def make(rate: float, updates: int) -> Trainer:
+        optimizer = build_optimizer_at(cfg, model, spec, lr=rate)
+        scheduler = build_scheduler(optimizer, name=s.name, epochs=1, updates_per_epoch=updates,
+                                    warmup_epochs=s.warmup_epochs / epochs, warmup_lr=s.warmup_lr, min_lr=s.min_lr,
+                                    decay_epochs=s.decay_epochs / epochs, decay_rate=s.decay_rate)
+        parts = TrainingParts(model, optimizer, scheduler, grad_scaler=build_grad_scaler(rt))
+        return build_trainer(cfg, parts, loaders=loaders, rt=rt, num_classes=spec.num_classes, hooks=[])
+
+    return make
 
 
 def build_ema(cfg: DictConfig, model: nn.Module) -> ModelEmaV3 | None:
@@ -358,13 +442,23 @@ def build_trial_reporter(cfg: DictConfig, *, logger: Logger | None, world: World
                          monitor=cfg.checkpoint.monitor, logger=logger, world=world)
 
 
+def build_mixer(cfg: DictConfig, *, num_classes: int) -> BatchMixer | None:
+    """``data.mixup``/``data.cutmix``: timm's Mixup with the run's label smoothing folded into its soft targets."""
+    d = cfg.data
+    if not (d.mixup or d.cutmix):
+        return None
+    return BatchMixer(mixup=d.mixup, cutmix=d.cutmix, prob=d.mix_prob, label_smoothing=cfg.trainer.label_smoothing,
+                      num_classes=num_classes, seed=cfg.seed, off_epoch=d.mix_off_epoch)
+
+
 def build_trainer(cfg: DictConfig, training: TrainingParts, *, loaders: data_lib.Loaders, rt: Runtime,
                   num_classes: int, hooks: list, stop: StopRequest | None = None) -> Trainer:
     """The loop with its loss; ``stop`` is set by SIGTERM/SIGINT to stop after a save."""
     t = cfg.trainer
     weight = loaders.class_weights.to(rt.device) if loaders.class_weights is not None else None
-    return Trainer(model=training.model, optimizer=training.optimizer,
-                   loss_fn=nn.CrossEntropyLoss(weight=weight, label_smoothing=t.label_smoothing), device=rt.device,
+    mixer = build_mixer(cfg, num_classes=num_classes)
+    loss_fn = SoftTargetCrossEntropy() if mixer else nn.CrossEntropyLoss(weight=weight, label_smoothing=t.label_smoothing)
+    return Trainer(model=training.model, optimizer=training.optimizer, loss_fn=loss_fn, mixer=mixer, device=rt.device,
                    num_classes=num_classes, max_epochs=t.max_epochs, scheduler=training.scheduler,
                    autocast_dtype=rt.autocast_dtype, grad_scaler=training.grad_scaler, accumulate=t.accumulate,
                    grad_clip=t.grad_clip, ema=training.ema, channels_last=t.channels_last,

@@ -68,10 +68,17 @@ class DataConfig:
     split_seed: int = 0  # the split stays fixed across runs with different seeds
     balance: str = "none"  # none | sampler | loss_weights
     skip_bad_images: bool = False  # leave unreadable images out (listed in the log) instead of stopping
-    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # train RandomResizedCrop area range
-    hflip: float = 0.5  # train horizontal-flip probability
-    color_jitter: float = 0.4  # train colour jitter strength (brightness, contrast, saturation); 0 = off
-    auto_augment: Optional[str] = None  # a timm auto-augment spec, e.g. rand-m9-mstd0.5
+    augment: str = "light"  # train augmentation preset: none | light | medium | heavy (the keys below override it)
+    crop_scale: Optional[list[float]] = None  # train RandomResizedCrop area range; null: the preset's (light: 0.08-1)
+    crop_ratio: Optional[list[float]] = None  # train RandomResizedCrop aspect range; null: the preset's (3/4-4/3)
+    hflip: Optional[float] = None  # train horizontal-flip probability; null: the preset's (light: 0.5)
+    color_jitter: Optional[float] = None  # train colour jitter strength; 0 = off; null: the preset's (light: 0.4)
+    auto_augment: Optional[str] = None  # a timm auto-augment spec, e.g. rand-m9-mstd0.5, or none; null: the preset's
+    random_erase: Optional[float] = None  # train random-erasing probability; null: the preset's (light: 0)
+    mixup: float = 0.0  # Mixup's Beta alpha (timm Mixup, soft targets); 0 = off; e.g. 0.8
+    cutmix: float = 0.0  # CutMix's Beta alpha; 0 = off; e.g. 1.0 (with mixup too, each batch picks one)
+    mix_prob: float = 1.0  # the chance that a training batch is mixed
+    mix_off_epoch: Optional[int] = None  # mix only the first N epochs (timm's mixup_off_epoch); null: every epoch
     cache_dir: str = "~/.cache/finetune"  # where data=demo writes its images once
     demo: DemoConfig = field(default_factory=DemoConfig)
 
@@ -108,6 +115,9 @@ class LRFindConfig:
     num_updates: Optional[int] = None  # null: about 100, fewer when the training set is smaller
     rule: str = "valley"  # how the rate is picked from the curve (finetune.lr_find)
     fallback_lr: float = 1e-3  # used, with a warning, when the curve gives no trustworthy rate
+    select: str = "trials"  # trials: short fine-tunes of the curve's candidates decide | curve: the rule alone
+    holdout: float = 0.2  # trials: share of each class of the training pool held out to judge them
+    trial_updates: Optional[int] = None  # trials: updates per candidate in the first rung; null: 1/8 of the run's, >= 6
 
 
 @dataclass
@@ -164,6 +174,7 @@ class TrainerConfig:
     ema: bool = False  # an exponential moving average of the weights (timm's ModelEmaV3); weights files hold it
     ema_decay: float = 0.998  # the EMA's decay per update
     channels_last: bool = False  # channels-last memory format (faster convolutions on recent GPUs)
+    grad_checkpointing: bool = False  # recompute activations in the backward (timm's set_grad_checkpointing): less memory
     sync_bn: bool = False  # under DDP: BatchNorm statistics over the global batch (SyncBatchNorm, CUDA)
     compile: bool = False  # torch.compile the model's forward (in place: its state_dict keys stay its own)
     compile_mode: str = "default"  # default | reduce-overhead | max-autotune | max-autotune-no-cudagraphs
@@ -217,7 +228,7 @@ def choices() -> dict[str, tuple]:
     top, so composing a config (``--cfg job``, ``--help``) does not import torch.
     """
     from finetune.checkpoint import WEIGHTS_EXTENSIONS
-    from finetune.data import BALANCE_CHOICES
+    from finetune.data import AUGMENT_PRESETS, BALANCE_CHOICES
     from finetune.freezing import BN_MODES, FREEZE_MODES
     from finetune.heads import HEAD_INITS, NORMS
     from finetune.models import HEADS, SOURCES
@@ -228,6 +239,7 @@ def choices() -> dict[str, tuple]:
         "model.source": SOURCES,
         "data.name": ("demo", "custom", "webdataset"),
         "data.balance": BALANCE_CHOICES,
+        "data.augment": tuple(AUGMENT_PRESETS),
         "head.name": HEADS,
         "head.pool": (None, "", "avg", "max", "avgmax", "catavgmax", "token", "avg_token", "map"),  # timm's
         "head.norm": tuple(NORMS),
@@ -267,6 +279,14 @@ def check_config(cfg: DictConfig) -> None:
     workers = cfg.data.num_workers
     if workers != "auto" and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 0):
         raise UserError(f"data.num_workers must be a non-negative integer or auto, got '{workers}'")
+    for key in ("data.hflip", "data.random_erase"):
+        if _get(cfg, key) is not None and not 0.0 <= _get(cfg, key) <= 1.0:
+            raise UserError(f"{key} must be a probability between 0 and 1 (or null: the preset's), got '{_get(cfg, key)}'")
+    _check_mixing(cfg)
+    for key in ("data.crop_scale", "data.crop_ratio"):
+        value = _get(cfg, key)
+        if value is not None and not (len(value) == 2 and 0 < value[0] <= value[1]):
+            raise UserError(f"{key} must be [low, high] with 0 < low <= high (or null: the preset's), got '{list(value)}'")
     if not 0.0 < cfg.data.val_split < 1.0:
         raise UserError(f"data.val_split must be between 0 and 1, got '{cfg.data.val_split}'")
     if cfg.trainer.grad_clip is not None and not cfg.trainer.grad_clip > 0:
@@ -283,6 +303,21 @@ def check_config(cfg: DictConfig) -> None:
                         f"got '{cfg.model.num_classes}'")
 
 
+def _check_mixing(cfg: DictConfig) -> None:
+    d = cfg.data
+    for key in ("mixup", "cutmix"):
+        if not d[key] >= 0:
+            raise UserError(f"data.{key} must be 0 (off) or a positive Beta alpha, got '{d[key]}'")
+    if not 0.0 <= d.mix_prob <= 1.0:
+        raise UserError(f"data.mix_prob must be a probability between 0 and 1, got '{d.mix_prob}'")
+    if (d.mixup or d.cutmix) and d.balance == "loss_weights":
+        raise UserError("data.mixup/data.cutmix train on soft targets, which data.balance=loss_weights cannot weigh: "
+                        "use data.balance=sampler")
+
+
+LR_SELECT = ("trials", "curve")  # how optim.lr=auto picks: finetune.lr_find.trials, or the curve's rule alone
+
+
 def _check_lr(o: DictConfig) -> None:
     if o.lr == "auto":
         if o.head_lr is not None:
@@ -291,6 +326,12 @@ def _check_lr(o: DictConfig) -> None:
         for key in ("start_lr", "end_lr", "fallback_lr"):
             if not o.lr_find[key] > 0:
                 raise UserError(f"optim.lr_find.{key} must be positive, got '{o.lr_find[key]}'")
+        if o.lr_find.select not in LR_SELECT:
+            raise UserError(f"optim.lr_find.select must be one of {', '.join(LR_SELECT)}; got '{o.lr_find.select}'")
+        if not 0.0 < o.lr_find.holdout < 1.0:
+            raise UserError(f"optim.lr_find.holdout must be between 0 and 1, got '{o.lr_find.holdout}'")
+        if o.lr_find.trial_updates is not None and not o.lr_find.trial_updates > 0:
+            raise UserError(f"optim.lr_find.trial_updates must be positive or null, got '{o.lr_find.trial_updates}'")
         if not o.lr_find.start_lr < o.lr_find.end_lr:
             raise UserError(f"optim.lr_find.start_lr '{o.lr_find.start_lr}' must be below end_lr '{o.lr_find.end_lr}'")
         return
@@ -451,6 +492,8 @@ NO_EFFECT = (
     NoEffect("optim.name", lambda v: not _takes_betas(str(v)), ("optim.betas",),
              "only Adam-style optimizers (and LAMB) take it: add optim=adamw"),
     NoEffect("optim.lr", lambda v: v != "auto", ("optim.lr_find",), "the range test runs with optim.lr=auto"),
+    NoEffect("optim.lr_find.select", lambda v: v == "curve", ("optim.lr_find.holdout", "optim.lr_find.trial_updates"),
+             "only optim.lr_find.select=trials runs trials"),
     NoEffect("sched.name", lambda v: v not in ("step", "multistep"), ("sched.decay_epochs", "sched.decay_rate"),
              "only step schedules decay by epochs: add sched=step"),
     NoEffect("sched.name", lambda v: v == "none", ("sched.warmup_epochs", "sched.warmup_lr", "sched.min_lr"),

@@ -87,6 +87,16 @@ class Loggers:
             logger.close()
 
 
+def trials_table(trials: dict[str, Any]) -> str:
+    """``optim.lr=auto``'s trial fine-tunes as a markdown table: each rung's rates and held-out losses."""
+    rows = ["| rung | updates | rate | held-out loss | kept |", "|---|---:|---:|---:|---|"]
+    for i, rung in enumerate(trials["rungs"]):
+        for rate, loss in rung["scores"]:
+            shown = f"{loss:.4f}" if loss is not None else "diverged"
+            rows.append(f"| {i + 1} | {rung['updates']} | {rate:.3g} | {shown} | {'yes' if rate in rung['kept'] else ''} |")
+    return "\n".join(rows)
+
+
 class LogEvents(TrainerHook):
     """The trainer's events as `Logger` calls: per-step ``train/loss`` and ``lr/*`` (every
     ``log_every_n_steps``), per-epoch ``val/*``, ``train/epoch_loss``, ``epoch``, ``val_class/<name>`` and
@@ -119,7 +129,10 @@ class LogEvents(TrainerHook):
         from finetune.lr_find import draw_curve, from_record
 
         self.logger.log_image("lr_find/curve", draw_curve(from_record(record)), step=0)
-        self.logger.log_text("lr_find/choice", f"lr {record['lr']:.4g}: {record['reason']}", step=0)
+        self.logger.log_text("lr_find/choice", f"lr {record['lr']:.4g}: {record.get('choice', record['reason'])}",
+                             step=0)
+        if record.get("trials", {}).get("rungs"):
+            self.logger.log_text("lr_find/trials", trials_table(record["trials"]), step=0)
 
     def close(self) -> None:
         self.logger.close()

@@ -67,7 +67,8 @@ class Recipe:
         weights = self.weights_line(cfg)
         self.plan.place(loaders=self.loaders, world=self.world, accumulate=cfg.trainer.accumulate)
         freeze = builders.build_freeze(cfg, model, spec)
-        lr, lr_find = builders.choose_lr(cfg, model, spec, loaders=self.loaders, rt=rt, saved=self.plan.lr_record)
+        lr, lr_find = builders.choose_lr(cfg, model, spec, loaders=self.loaders, rt=rt, split=self.split,
+                                         data_config=data_config, saved=self.plan.lr_record)
         self.summary.note_lr(lr_find, write=self.world.main)
         optimizer, scheduler = builders.build_optimization(
             cfg, model, spec, lr=lr, updates_per_epoch=builders.updates_per_epoch(cfg, self.loaders))
@@ -105,6 +106,7 @@ class Recipe:
         ``pretrained``; a resumed model gets its weights from the training state), the loaders."""
         self.split = builders.build_split(cfg.data, run_dir=self.run_dir, write=self.world.main)
         model, spec = builders.build_classifier(cfg.model, head=cfg.head, num_classes=len(self.split.class_names))
+        builders.set_grad_checkpointing(cfg.trainer, model, spec)
         if pretrained:
             self.load_report = builders.init_weights(cfg.model, model, spec, head=cfg.head,
                                                      class_names=self.split.class_names, run_dir=self.run_dir,
@@ -121,9 +123,10 @@ class Recipe:
         rt = setup_runtime(seed=cfg.seed, device=cfg.trainer.device, precision=cfg.trainer.precision,
                            deterministic=cfg.trainer.deterministic)
         try:
-            model, spec, _ = self.build_model_and_data(cfg, rt, pretrained=True)
+            model, spec, data_config = self.build_model_and_data(cfg, rt, pretrained=True)
             builders.build_freeze(cfg, model, spec)
-            return builders.choose_lr(cfg, model, spec, loaders=self.loaders, rt=rt)[1]
+            return builders.choose_lr(cfg, model, spec, loaders=self.loaders, rt=rt, split=self.split,
+                                      data_config=data_config)[1]
         finally:
             self.stop_workers()
 

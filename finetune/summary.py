@@ -33,7 +33,8 @@ class RunSummary:
         writes the run's files)."""
         if lr_find is None:
             return
-        self.record["lr_find"] = {k: lr_find[k] for k in ("lr", "chosen", "rule", "reason")}
+        keys = ("lr", "selected_by", "choice", "chosen", "rule", "reason")  # a state from before trials has no choice
+        self.record["lr_find"] = {k: lr_find[k] for k in keys if k in lr_find}
         if write:
             atomic_write_text(self.run_dir / "lr_find.json", json.dumps(lr_find, indent=1) + "\n", root=self.run_dir)
 

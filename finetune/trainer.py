@@ -98,7 +98,7 @@ class Trainer:
                  channels_last: bool = False, monitor: str = "val/acc1", mode: str | None = None,
                  patience: int | None = None, min_delta: float = 0.0, hooks: Sequence[TrainerHook] = (),
                  progress_bar: bool = True, stop: StopRequest | None = None, world: World = SINGLE,
-                 ddp_options: dict[str, Any] | None = None):
+                 ddp_options: dict[str, Any] | None = None, mixer: Any = None):
         self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
         self.scheduler, self.grad_scaler, self.ema = scheduler, grad_scaler, ema
         self.device, self.num_classes, self.max_epochs = device, num_classes, max_epochs
@@ -110,6 +110,7 @@ class Trainer:
         self.stop = stop  # polled at optimizer-update boundaries; set by SIGTERM/SIGINT
         self.eval_loss = nn.CrossEntropyLoss(reduction="sum")
         self.world, self.ddp_options = world, dict(ddp_options or {})
+        self.mixer = mixer  # Mixup/CutMix of training batches (finetune.mixing.BatchMixer), soft targets
         self.train_model: nn.Module = model  # what the forward of a training step calls (DDP's wrapper under DDP)
         self._trainable: tuple[bool, ...] | None = None  # which parameters the DDP wrapper was built for
         self._window = [0.0, 0.0]  # loss sum and images of the micro-batches since the last update (this process)
@@ -188,6 +189,8 @@ class Trainer:
         """Forward and backward on one batch; an optimizer update when ``update``. Returns the loss."""
         inputs = inputs.to(self.device, non_blocking=True, memory_format=self.memory_format)
         target = target.to(self.device, non_blocking=True)
+        if self.mixer is not None:
+            inputs, target = self.mixer(inputs, target, epoch=state.epoch, batch=state.batches_seen)
         # Under DDP, the non-final micro-batches of an accumulation window skip the all-reduce.
         sync = self.train_model.no_sync() if self.world.distributed and not update else contextlib.nullcontext()
         with sync:

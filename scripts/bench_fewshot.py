@@ -1,16 +1,26 @@
-"""Few-shot fine-tuning: the current defaults against optim.lr=auto, freeze=gradual and freeze=head_only.
+"""Few-shot fine-tuning: ``optim.lr=auto`` against the usual simple recipes, on generated data sets of three difficulties.
 
-    PYTHONPATH=. python scripts/bench_fewshot.py                       # 10 images per class, 2 seeds
-    PYTHONPATH=. python scripts/bench_fewshot.py --per-class 5 --seeds 0 1 2 --epochs 10
+    PYTHONPATH=. python scripts/bench_fewshot.py                                  # the whole grid (long)
+    PYTHONPATH=. python scripts/bench_fewshot.py --sets easy --per-class 5 --seeds 0 --out /tmp/fewshot.jsonl
+    PYTHONPATH=. python scripts/bench_fewshot.py --table /tmp/fewshot.jsonl       # the table of saved results
 
-The data is the project's own generated demo set (6 shape classes drawn on textured
-backgrounds, ``finetune.data.ensure_demo_dataset``) with ``--per-class`` training images per
-class and 20 validation images per class; the model is the default one
-(``tf_efficientnet_lite0`` with the packaged ImageNet weights) at ``--img-size``; every
-configuration gets the same budget (``--epochs``, batch 16). Each run goes through
-``finetune.run.run`` in this process, one after another, seeds interleaved. Printed: per
-configuration the mean and spread over seeds of the best and final ``val/acc1``, the rate
-``optim.lr=auto`` chose, and the wall time; the last line names the best configuration.
+Data: the project's generated shape sets (``finetune.data.ensure_demo_dataset``, shapes on cluttered
+backgrounds; only the outline tells classes apart), three difficulties: ``easy`` 4 classes,
+``medium`` 6, ``hard`` 8 (arrow and crescent added), each drawn from its own demo seed, with
+``--per-class`` training images per class and 20 validation images per class. The model is the
+default one (``tf_efficientnet_lite0``, packaged ImageNet weights) at ``--img-size``; every
+configuration gets the same budget (``--epochs``, batch 16; ``auto``'s search comes on top and is
+reported). Configurations: the defaults (lr 1e-3, nothing frozen), ``freeze=head_only``,
+``optim.lr`` x3 (3e-3), ``optim.lr=auto`` (trials: the default) and ``optim.lr=auto
+optim.lr_find.select=curve`` (the range test's rule alone, as before issue 26); and, asked for by
+``--configs``, the ``data.augment`` presets (``augment=none`` ... ``augment=heavy``, each with its own crop
+scale, not the demo's 0.35-1).
+
+Each run goes through ``finetune.run.run`` in this process; each result is appended to ``--out``
+(JSON lines) as soon as it exists, so an interrupted grid keeps what it did, and ``--table`` prints
+the table of any such file: per cell the mean best ``val/acc1`` over seeds, ``auto``'s margin
+against the best of {defaults, head_only, lr x3} (target >= -0.02) and against the defaults (target
+>= -0.02), and the rates ``auto`` chose.
 """
 
 from __future__ import annotations
@@ -20,6 +30,7 @@ import json
 import statistics
 import tempfile
 import time
+from collections import defaultdict
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
@@ -29,11 +40,17 @@ from finetune.__main__ import CONFIG_DIR
 from finetune.run import run
 
 CONFIGS = {
-    "defaults (lr 1e-3, freeze none)": [],
-    "optim.lr=auto": ["optim.lr=auto"],
-    "freeze=gradual": ["freeze=gradual"],
-    "freeze=head_only": ["freeze=head_only"],
+    "defaults": [],
+    "head_only": ["freeze=head_only"],
+    "lr x3": ["optim.lr=3e-3"],
+    "auto": ["optim.lr=auto"],
+    "auto (curve)": ["optim.lr=auto", "optim.lr_find.select=curve"],
+    # the augmentation presets at the defaults' rate (issue 26, item 2): --configs augment=none augment=light ...
+    **{f"augment={name}": [f"data.augment={name}", "data.crop_scale=null"] for name in ("none", "light", "medium", "heavy")},
 }
+BASELINES = ("defaults", "head_only", "lr x3")
+SETS = {"easy": {"num_classes": 4, "seed": 11}, "medium": {"num_classes": 6, "seed": 12},
+        "hard": {"num_classes": 8, "seed": 13}}
 
 
 def compose_config(overrides: list[str]):
@@ -42,42 +59,79 @@ def compose_config(overrides: list[str]):
         return compose(config_name="config", overrides=overrides)
 
 
-def one_run(extra: list[str], *, seed: int, args: argparse.Namespace, out: Path) -> dict:
-    overrides = [f"data.demo.train_per_class={args.per_class}", "data.demo.val_per_class=20",
-                 f"data.cache_dir={out / 'data'}", f"data.img_size={args.img_size}", "data.batch_size=16",
+def one_run(extra: list[str], *, data: str, per_class: int, seed: int, args: argparse.Namespace, out: Path) -> dict:
+    demo = SETS[data]
+    overrides = [f"data.demo.num_classes={demo['num_classes']}", f"data.demo.seed={demo['seed']}",
+                 f"data.demo.train_per_class={per_class}", "data.demo.val_per_class=20",
+                 f"data.demo.image_size={args.img_size}", f"data.cache_dir={args.cache}",
+                 f"data.img_size={args.img_size}", "data.batch_size=16", "data.num_workers=0",
                  f"trainer.max_epochs={args.epochs}", f"seed={seed}", "logger.progress_bar=false", *extra]
-    run_dir = out / f"run-{len(list(out.glob('run-*')))}"
+    run_dir = out / f"run-{time.monotonic_ns()}"
     started = time.perf_counter()
     final = run(compose_config(overrides), run_dir=run_dir)
     summary = json.loads((run_dir / "summary.json").read_text())
+    lr_find = summary.get("lr_find") or {}
+    record = json.loads((run_dir / "lr_find.json").read_text()) if (run_dir / "lr_find.json").exists() else {}
     return {"best": summary["best"]["value"], "final": final["val/acc1"], "seconds": time.perf_counter() - started,
-            "lr": (summary.get("lr_find") or {}).get("lr")}
+            "lr": lr_find.get("lr"), "search_seconds": (record.get("trials") or {}).get("seconds")}
+
+
+def print_table(rows: list[dict]) -> None:
+    cells: dict[tuple, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    for row in rows:
+        cells[(row["set"], row["per_class"])][row["config"]].append(row)
+    names = [n for n in CONFIGS if any(n in c for c in cells.values())]
+    print("| set | per class | seeds | " + " | ".join(names) + " | auto - best baseline | auto - defaults | auto's rates |")
+    print("|---|---:|---:|" + "---:|" * len(names) + "---:|---:|---|")
+    order = {name: i for i, name in enumerate(SETS)}
+    worst_best, worst_default = float("inf"), float("inf")
+    for (data, per_class), by_config in sorted(cells.items(), key=lambda kv: (order[kv[0][0]], kv[0][1])):
+        means = {n: statistics.mean(r["best"] for r in by_config[n]) for n in names if by_config.get(n)}
+        shown = [f"{means[n]:.3f} ± {statistics.pstdev([r['best'] for r in by_config[n]]):.3f}" if n in means else "-"
+                 for n in names]
+        seeds = max(len(v) for v in by_config.values())
+        margin = margin_default = "-"
+        if "auto" in means and all(b in means for b in BASELINES):
+            best = max(means[b] for b in BASELINES)
+            margin, margin_default = means["auto"] - best, means["auto"] - means["defaults"]
+            worst_best, worst_default = min(worst_best, margin), min(worst_default, margin_default)
+            margin, margin_default = f"{margin:+.3f}", f"{margin_default:+.3f}"
+        rates = ", ".join(f"{r['lr']:.2g}" for r in by_config.get("auto", []))
+        print(f"| {data} | {per_class} | {seeds} | " + " | ".join(shown) + f" | {margin} | {margin_default} | {rates} |")
+    if worst_best != float("inf"):
+        print(f"\nfewshot_auto_minus_best_baseline_worst_cell: {worst_best:+.3f} (target >= -0.02)")
+        print(f"fewshot_auto_minus_defaults_worst_cell: {worst_default:+.3f} (target >= -0.02)")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--per-class", type=int, default=10, help="training images per class (default 10)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--sets", nargs="+", default=list(SETS), choices=list(SETS))
+    parser.add_argument("--per-class", type=int, nargs="+", default=[5, 10, 20], help="training images per class")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--configs", nargs="+", default=[*CONFIGS][:5], choices=list(CONFIGS))
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--img-size", type=int, default=64)
+    parser.add_argument("--out", type=Path, help="append each result here (JSON lines)")
+    parser.add_argument("--table", type=Path, help="only print the table of the results in this file")
+    parser.add_argument("--cache", default="~/.cache/finetune", help="where the generated sets are written once")
     args = parser.parse_args()
-    results: dict[str, list[dict]] = {name: [] for name in CONFIGS}
+    if args.table:
+        print_table([json.loads(line) for line in args.table.read_text().splitlines() if line.strip()])
+        return
+    rows = []
     with tempfile.TemporaryDirectory(prefix="bench_fewshot_") as tmp:
-        for seed in args.seeds:
-            for name, extra in CONFIGS.items():
-                results[name].append(one_run(extra, seed=seed, args=args, out=Path(tmp)))
-                print(f"seed {seed} {name}: {results[name][-1]}", flush=True)
-    print(f"\n{args.per_class} images per class, 6 classes, {args.epochs} epochs, {args.img_size} px, "
-          f"seeds {args.seeds}")
-    print(f"{'configuration':34} {'best val/acc1':>16} {'final val/acc1':>16} {'lr chosen':>12} {'seconds':>8}")
-    for name, rows in results.items():
-        best, final = [r["best"] for r in rows], [r["final"] for r in rows]
-        lrs = [f"{r['lr']:.2g}" for r in rows if r["lr"] is not None]
-        spread = statistics.pstdev(best) if len(best) > 1 else 0.0
-        print(f"{name:34} {statistics.mean(best):>10.3f} ±{spread:.3f} {statistics.mean(final):>16.3f} "
-              f"{','.join(lrs) or '-':>12} {statistics.mean(r['seconds'] for r in rows):>8.1f}")
-    winner = max(results, key=lambda n: statistics.mean(r["best"] for r in results[n]))
-    print(f"fewshot_best_configuration: {winner}")
+        for data in args.sets:
+            for per_class in args.per_class:
+                for seed in args.seeds:
+                    for name in args.configs:
+                        result = one_run(CONFIGS[name], data=data, per_class=per_class, seed=seed, args=args,
+                                         out=Path(tmp))
+                        rows.append({"set": data, "per_class": per_class, "seed": seed, "config": name, **result})
+                        print(json.dumps(rows[-1]), flush=True)
+                        if args.out:
+                            with args.out.open("a") as f:
+                                f.write(json.dumps(rows[-1]) + "\n")
+    print_table(rows)
 
 
 if __name__ == "__main__":

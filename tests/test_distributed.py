@@ -294,15 +294,15 @@ def test_unfreezing_ema_bf16_channels_last_layer_decay_and_lr_auto_under_ddp_res
     rank 0's rate broadcast), early stopping; SIGTERM mid-run and resume=auto end bit-identical."""
     features = ["freeze=gradual", "trainer.ema=true", "trainer.ema_decay=0.9", "trainer.precision=bf16",
                 "trainer.channels_last=true", "optim.layer_decay=0.8", "optim.lr=auto", "optim.lr_find.num_updates=12",
-                "trainer.early_stopping.patience=10"]
+                "optim.lr_find.trial_updates=2", "trainer.early_stopping.patience=10"]
     straight = tmp_path / "straight"
     ok(torchrun(args(data, 4, *features, f"hydra.run.dir={straight}"), nproc=2, cwd=tmp_path))
     log = (straight / "train.log").read_text()
     assert "DistributedDataParallel wraps the model again" in log
     search = json.loads((straight / "lr_find.json").read_text())  # rank 0's search, which every rank trains with
-    if search["chosen"] is not None:  # the log says what the record says: a rate from the curve, and why
-        assert search["lr"] == search["chosen"]
-        assert f"optim.lr=auto: chose {search['lr']:.4g} ({search['reason']})" in log
+    if search["chosen"] is not None:  # the log says what the record says: the rate the trials chose, and why
+        assert search["selected_by"] == "trials" and search["lr"] == search["trials"]["rungs"][-1]["kept"][0]
+        assert f"optim.lr=auto: chose {search['lr']:.4g} ({search['choice']})" in log
     else:  # or the fallback rate, and why the curve gave none
         assert search["lr"] == 1e-3 and (f"optim.lr=auto: {search['reason']}; training with "
                                          f"optim.lr_find.fallback_lr=0.001") in log

@@ -18,7 +18,7 @@ from finetune.signals import TrainingInterrupted
 from test_checkpoint import assert_same_result
 from test_resume import with_signals
 
-AUTO = ["optim.lr=auto", "checkpoint.every_n_steps=2"]
+AUTO = ["optim.lr=auto", "optim.lr_find.trial_updates=2", "checkpoint.every_n_steps=2"]
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +31,8 @@ def auto_run(tmp_path_factory) -> tuple[Path, list[str], dict]:
 
 def test_training_after_the_search_is_bit_identical_to_the_chosen_rate_given_by_hand(auto_run, tmp_path):
     out, overrides, chosen = auto_run
-    assert chosen["chosen"] is not None and chosen["lr"] == chosen["chosen"], chosen
-    by_hand = [o for o in overrides if o != "optim.lr=auto"] + [f"optim.lr={chosen['lr']!r}"]
+    assert chosen["chosen"] is not None and chosen["selected_by"] == "trials", chosen
+    by_hand = [o for o in overrides if not o.startswith("optim.lr")] + [f"optim.lr={chosen['lr']!r}"]
     run(compose_config(by_hand), run_dir=tmp_path / "by_hand")
     assert_same_result(out, tmp_path / "by_hand")
     metrics = [{k: v for k, v in json.loads(line).items() if k != "seconds"}
@@ -47,12 +47,18 @@ def test_the_search_shows_its_work(auto_run):
     record = json.loads((out / "lr_find.json").read_text())
     assert {"lr", "rates", "losses", "smoothed", "rule", "chosen", "reason"} <= set(record)
     assert record["lr"] == chosen["lr"] and len(record["rates"]) == len(record["losses"]) > 10
-    assert min(record["rates"]) <= record["lr"] <= max(record["rates"])
+    assert min(record["rates"]) <= record["chosen"] <= max(record["rates"])
+    trials = record["trials"]  # the candidates from the curve (and the usual rate), and who won each rung
+    assert record["chosen"] in trials["candidates"] and 1e-3 in trials["candidates"]
+    assert [len(r["scores"]) for r in trials["rungs"]] == [len(trials["candidates"]), 2]
+    assert [r["updates"] for r in trials["rungs"]] == [2, 6] and trials["rungs"][-1]["kept"] == [record["lr"]]
+    assert trials["updates"] == 2 * len(trials["candidates"]) + 12 and trials["holdout_images"] == 3  # 1 of 6 per class
     state = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
     assert state["lr_find"]["lr"] == chosen["lr"]  # a resume takes it from here
     events = EventAccumulator(str(out / "tb"), size_guidance={"images": 0}).Reload()
     assert "lr_find/curve" in events.Tags()["images"]
-    assert f"optim.lr=auto: chose {chosen['lr']:.4g}" in (out / "train.log").read_text()
+    assert {"lr_find/choice/text_summary", "lr_find/trials/text_summary"} <= set(events.Tags()["tensors"])
+    assert f"optim.lr=auto: chose {chosen['lr']:.4g} ({record['choice']})" in (out / "train.log").read_text()
 
 
 def test_a_resume_takes_the_chosen_rate_and_never_searches_again(auto_run, tmp_path, monkeypatch, caplog):
@@ -67,6 +73,7 @@ def test_a_resume_takes_the_chosen_rate_and_never_searches_again(auto_run, tmp_p
     import finetune.lr_find
 
     monkeypatch.setattr(finetune.lr_find, "search", lambda *a, **k: pytest.fail("searched again on resume"))
+    monkeypatch.setattr(finetune.lr_find, "run_trials", lambda *a, **k: pytest.fail("ran trials again on resume"))
     run(compose_config(overrides + ["resume=auto"]), run_dir=stopped)
     assert "(no new search)" in caplog.text
     assert (stopped / "lr_find.json").read_text() == searched
@@ -74,18 +81,21 @@ def test_a_resume_takes_the_chosen_rate_and_never_searches_again(auto_run, tmp_p
 
 
 def test_no_trustworthy_rate_falls_back_with_a_warning(tmp_path, caplog):
-    """Rates far too small to move the loss: a flat curve, so the configured fallback is used."""
+    """Rates far too small to move the loss: a flat curve, so the configured fallback is used (without trials:
+    what they do without a curve, `test_lr_find_trials.py` checks)."""
     overrides = tiny_overrides(make_image_folder(tmp_path / "images"), epochs=1) + [
-        "optim.lr=auto", "optim.lr_find.start_lr=1e-12", "optim.lr_find.end_lr=1e-11", "optim.lr_find.fallback_lr=3e-4"]
+        "optim.lr=auto", "optim.lr_find.start_lr=1e-12", "optim.lr_find.end_lr=1e-11", "optim.lr_find.fallback_lr=3e-4",
+        "optim.lr_find.select=curve"]
     run(compose_config(overrides), run_dir=tmp_path / "out")
     record = json.loads((tmp_path / "out" / "summary.json").read_text())["lr_find"]
     assert record["chosen"] is None and record["lr"] == 3e-4 and "flat" in record["reason"]
+    assert record["selected_by"] == "fallback"
     assert "training with optim.lr_find.fallback_lr=0.0003" in caplog.text
 
 
 @pytest.mark.parametrize("extra", [["freeze=gradual"], ["optim.layer_decay=0.75"]])
 def test_it_composes_with_gradual_unfreezing_and_layer_decay(tmp_path, extra):
-    overrides = tiny_overrides(make_image_folder(tmp_path / "images"), epochs=4) + ["optim.lr=auto"] + extra
+    overrides = tiny_overrides(make_image_folder(tmp_path / "images"), epochs=4) + AUTO[:2] + extra
     run(compose_config(overrides), run_dir=tmp_path / "out")
     record = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert record["status"] == "completed" and record["lr_find"]["lr"] > 0
@@ -95,7 +105,7 @@ def test_it_composes_with_gradual_unfreezing_and_layer_decay(tmp_path, extra):
 def test_a_sweep_records_each_jobs_chosen_rate(tmp_path):
     root = make_image_folder(tmp_path / "images")
     sweep_dir = tmp_path / "sweep"
-    result = run_cli(["-m", *tiny_overrides(root, epochs=1), "optim.lr=auto", "seed=0,1",
+    result = run_cli(["-m", *tiny_overrides(root, epochs=1), *AUTO[:2], "seed=0,1",
                       f"hydra.sweep.dir={sweep_dir}"], cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     with (sweep_dir / "sweep_summary.csv").open() as f:

@@ -15,7 +15,8 @@ from finetune.data.loaders import (BALANCE_CHOICES, Loaders, NormalizingLoader, 
                                    compute_class_weights, resolve_num_workers, worker_context)
 from finetune.data.sampling import EpochSampler
 from finetune.data.stream import ShardSplit, build_stream_loaders
-from finetune.data.transforms import Preprocess, build_transforms, effective_data_config
+from finetune.data.transforms import (AUGMENT_PRESETS, Preprocess, augment_settings, build_transforms,
+                                      effective_data_config)
 
 __all__ = [
     "BALANCE_CHOICES",
@@ -32,6 +33,8 @@ __all__ = [
     "build_loaders",
     "build_stream_loaders",
     "build_transforms",
+    "AUGMENT_PRESETS",
+    "augment_settings",
     "compute_class_weights",
     "convert_to_channels",
     "convert_to_rgb",

@@ -27,6 +27,42 @@ from torchvision.transforms import functional as F
 from finetune.data.dataset import MAX_IMAGE_PIXELS
 from finetune.errors import UserError
 
+# ``data.augment``: the train transform's settings per preset (timm's create_transform arguments); any of
+# data.crop_scale, crop_ratio, hflip, color_jitter, auto_augment, random_erase set in the config overrides its
+# preset's value. "light" is timm's default train transform, the behaviour before presets existed.
+AUGMENT_PRESETS: dict[str, dict[str, Any]] = {
+    "none": {"scale": (1.0, 1.0), "ratio": (1.0, 1.0), "hflip": 0.0, "color_jitter": 0.0, "auto_augment": None,
+             "re_prob": 0.0},
+    "light": {"scale": (0.08, 1.0), "ratio": (3 / 4, 4 / 3), "hflip": 0.5, "color_jitter": 0.4, "auto_augment": None,
+              "re_prob": 0.0},
+    # TrivialAugment (Mueller & Hutter 2021): one op per image at a magnitude drawn uniformly (timm: n1, mstd > 100)
+    "medium": {"scale": (0.08, 1.0), "ratio": (3 / 4, 4 / 3), "hflip": 0.5, "color_jitter": 0.4,
+               "auto_augment": "rand-n1-m10-mstd101-inc1", "re_prob": 0.25},
+    # timm's ImageNet recipe (RandAugment m9, two ops, and random erasing), erasing more often
+    "heavy": {"scale": (0.08, 1.0), "ratio": (3 / 4, 4 / 3), "hflip": 0.5, "color_jitter": 0.4,
+              "auto_augment": "rand-m9-n2-mstd0.5-inc1", "re_prob": 0.5},
+}
+
+
+def augment_settings(preset: str, **overrides: Any) -> dict[str, Any]:
+    """The train transform's settings: ``preset``'s (`AUGMENT_PRESETS`), with every override that is not None
+    in its place; ``auto_augment="none"`` switches a preset's auto-augment off.
+
+    >>> augment_settings("medium", hflip=0.0, auto_augment="none", scale=[0.35, 1.0])["auto_augment"]
+    >>> augment_settings("heavy", scale=[0.35, 1.0])["scale"], augment_settings("none")["re_prob"]
+    ((0.35, 1.0), 0.0)
+    """
+    if preset not in AUGMENT_PRESETS:
+        raise UserError(f"data.augment '{preset}' is not a preset: use {', '.join(AUGMENT_PRESETS)}")
+    settings = dict(AUGMENT_PRESETS[preset])
+    for key, value in overrides.items():
+        if value is not None:
+            settings[key] = tuple(value) if key in ("scale", "ratio") else value
+    if settings["auto_augment"] == "none":
+        settings["auto_augment"] = None
+    return settings
+
+
 REDUCTIONS = (8, 4, 2, 1)  # the scales libjpeg decodes a JPEG at (Pillow's Image.draft), largest first
 
 
@@ -77,6 +113,8 @@ def build_transforms(
     hflip: float = 0.5,
     color_jitter: float = 0.4,
     auto_augment: str | None = None,
+    ratio: tuple[float, float] | None = None,
+    re_prob: float = 0.0,
 ) -> Callable[[Any], Any]:
     """timm's train augmentation or eval resize + centre crop, to a normalised tensor.
 
@@ -89,6 +127,9 @@ def build_transforms(
         hflip: Horizontal-flip probability (train only).
         color_jitter: Colour-jitter strength (train only).
         auto_augment: A timm auto-augment spec, e.g. ``"rand-m9-mstd0.5"`` (train only).
+        ratio: Aspect-ratio range of the random-resized crop (timm default ``(3/4, 4/3)``).
+        re_prob: Random-erasing probability (train only; timm's per-pixel mode). Erasing works on the
+            normalised tensor, so the loader then normalises in its workers.
 
     Returns:
         A callable from an RGB PIL image to a ``(C, H, W)`` float tensor (a `Preprocess`).
@@ -105,7 +146,8 @@ def build_transforms(
     if not train:
         return Preprocess(create_transform(is_training=False, **common))
     return Preprocess(create_transform(
-        is_training=True, scale=scale, hflip=hflip, color_jitter=color_jitter, auto_augment=auto_augment, **common
+        is_training=True, scale=scale, ratio=ratio, hflip=hflip, color_jitter=color_jitter, auto_augment=auto_augment,
+        re_prob=re_prob, re_mode="pixel", **common
     ))
 
 

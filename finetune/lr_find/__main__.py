@@ -1,4 +1,5 @@
-"""``python -m finetune.lr_find [overrides]``: only the range test of ``optim.lr=auto``, printed and drawn.
+"""``python -m finetune.lr_find [overrides]``: only the search of ``optim.lr=auto`` (the range test, then the
+trials), printed and drawn.
 
 Takes the same overrides as ``python -m finetune``; writes ``lr_find.json`` and ``lr_find.png``
 into its run dir (``hydra.run.dir``) and trains nothing.
@@ -20,8 +21,8 @@ def find(cfg: DictConfig) -> None:
     from finetune.run import find_lr
 
     record = exit_on_user_error(lambda: find_lr(cfg))
-    verdict = "chose" if record["chosen"] is not None else "found no trustworthy rate, would fall back to"
-    print(f"lr_find: {verdict} {record['lr']:.4g} ({record['reason']}); "
+    verdict = "found no trustworthy rate, would fall back to" if record["selected_by"] == "fallback" else "chose"
+    print(f"lr_find: {verdict} {record['lr']:.4g} ({record['choice']}); "
           f"train with optim.lr={record['lr']!r} or optim.lr=auto")
 
 

@@ -1,0 +1,151 @@
+"""Budget-aware selection of the peak rate: short trial fine-tunes of a few candidates, by successive halving.
+
+Why: the range test alone (`finetune.lr_find.curve`) answers "which rates are safe", not "which rate
+trains best within this run's budget". On few-shot data its valley sits 2-10x below the rates that
+win a 10-epoch fine-tune (``docs/benchmarks.md``, issue 12: it lost to the fixed default in every
+cell). So ``optim.lr=auto`` (``optim.lr_find.select=trials``, the default) reads the curve for
+candidates and lets short fine-tunes decide:
+
+- `candidate_rates`: the valley, the steepest fall, 3x and 10x the valley (fastai's "a bit before
+  the minimum" lies there), and the configured ``fallback_lr`` with 3x it (the usual fixed
+  recipe): so the chosen rate is never picked without the usual recipe having been tried. Rates
+  within 1.5x of a lower one merge; rates at or beyond where the test diverged are dropped.
+- `holdout_split`: a class-stratified slice of the *training* pool (the validation set is never
+  seen): the trials train on the rest and are judged on it.
+- `successive_halving` (Jamieson & Talwalkar 2016): every candidate trains ``first_updates``
+  updates, each time from the same starting weights, under the run's own schedule shape
+  compressed to the trial; the best third (lowest held-out loss) trains ``eta`` times longer; and
+  so on until one is left. Cost: ``n * first_updates`` for the first rung, about as much again for
+  the later ones.
+
+Held-out *loss* judges (not accuracy): on a slice of a few images per class accuracy moves in
+steps of 1/n and ties, the loss does not.
+
+Pure functions here; the trials themselves run in `finetune.lr_find.run_trials`.
+
+>>> rungs = successive_halving([1e-4, 3e-4, 1e-3, 1e-2], lambda rate, n: abs(rate - 1e-3) / n, first_updates=2)
+>>> [r["updates"] for r in rungs], rungs[0]["kept"], rungs[-1]["kept"]
+([2, 6], [0.001, 0.0003], [0.001])
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from finetune.lr_find.curve import LRFind
+
+MERGE_RATIO = 1.5  # candidates closer than this (ratio) are one candidate: trials could not tell them apart
+ETA = 3  # successive halving keeps the best 1/ETA of each rung, and gives it ETA times the updates
+ABOVE_VALLEY = (3.0, 10.0)  # multiples of the valley tried too: faster rates, still below the blow-up
+ABOVE_FALLBACK = (1.0, 3.0)  # multiples of optim.lr_find.fallback_lr (the usual fixed rate) tried too
+MIN_TRIAL_UPDATES = 6  # the first rung's updates per candidate, at least: fewer barely leave the warmup
+TRIAL_SHARE = 8  # by default the first rung gets 1/8 of the run's updates per candidate
+
+
+def candidate_rates(find: LRFind, *, fallback: float) -> list[float]:
+    """The rates the trials compare, increasing: from the range test's curve and the usual fixed rate.
+
+    >>> find = LRFind([1e-5, 1e-4, 1e-3, 1e-2, 1e-1], [2.0, 1.9, 1.2, 1.0, float("nan")], [], "valley",
+    ...               chosen=1e-4, reason="", chosen_index=1)
+    >>> [f"{r:.0e}" for r in candidate_rates(find, fallback=1e-3)]
+    ['1e-04', '3e-04', '1e-03', '3e-03']
+    """
+    rates = [fallback * m for m in ABOVE_FALLBACK]
+    if find.chosen is not None:
+        rates += [find.chosen, *(find.chosen * m for m in ABOVE_VALLEY)]
+        steepest = _steepest(find)
+        if steepest is not None:
+            rates.append(steepest)
+    ceiling = _divergence_rate(find)
+    return _merge(sorted(r for r in rates if r < ceiling))
+
+
+def _steepest(find: LRFind) -> float | None:
+    """The rate where the smoothed loss falls fastest (Lightning's suggestion), within the finite curve."""
+    curve = np.array([v if v is not None else math.nan for v in find.smoothed], dtype=float)
+    finite = int(np.isfinite(curve).sum()) if np.isfinite(curve).all() else int(np.argmax(~np.isfinite(curve)))
+    if finite < 3:
+        return None
+    first = max(1, finite // 10)
+    slopes = np.diff(curve[first - 1:finite])
+    return float(find.rates[first + int(np.argmin(slopes))])
+
+
+def _divergence_rate(find: LRFind) -> float:
+    """The rate at which the range test stopped on a blown-up loss; infinity when it never did."""
+    losses = list(find.losses)
+    for rate, loss in zip(find.rates, losses, strict=False):
+        if loss is None or not math.isfinite(loss):
+            return float(rate)
+    smoothed = [v for v in find.smoothed if v is not None and math.isfinite(v)]
+    if smoothed and smoothed[-1] > 2 * min(smoothed):  # stopped by the divergence check
+        return float(find.rates[len(smoothed) - 1])
+    return math.inf
+
+
+def _merge(rates: Sequence[float]) -> list[float]:
+    kept: list[float] = []
+    for rate in rates:
+        if not kept or rate >= kept[-1] * MERGE_RATIO:
+            kept.append(rate)
+    return kept
+
+
+def first_rung_updates(run_updates: int, configured: int | None) -> int:
+    """Updates per candidate in the first rung: as configured, else 1/8 of the run's, at least 6.
+
+    >>> first_rung_updates(400, None), first_rung_updates(20, None), first_rung_updates(20, 3)
+    (50, 6, 3)
+    """
+    return configured if configured is not None else max(MIN_TRIAL_UPDATES, math.ceil(run_updates / TRIAL_SHARE))
+
+
+def successive_halving(rates: Sequence[float], score: Callable[[float, int], float], *, first_updates: int,
+                       eta: int = ETA) -> list[dict[str, Any]]:
+    """Score every rate, keep the best ``1/eta`` at ``eta`` times the updates, until one is left.
+
+    Args:
+        rates: The candidates.
+        score: ``score(rate, updates)``: the held-out loss after a trial of ``updates`` updates from the
+            starting weights (lower is better; ``inf`` for a trial that diverged).
+        first_updates: Updates of the first rung.
+
+    Returns:
+        One record per rung: ``updates``, ``scores`` (``[rate, loss]`` pairs) and ``kept`` (the rates
+        that go on; the last rung keeps one: the choice).
+    """
+    rungs, alive, updates = [], list(rates), first_updates
+    while True:
+        scores = [(rate, float(score(rate, updates))) for rate in alive]
+        keep = 1 if len(alive) <= eta else math.ceil(len(alive) / eta)
+        ranked = sorted(scores, key=lambda pair: (pair[1], pair[0]))  # ties: the lower rate, the safer one
+        alive = [rate for rate, _ in ranked[:keep]]
+        rungs.append({"updates": updates, "scores": [[r, v if math.isfinite(v) else None] for r, v in scores],
+                      "kept": alive})
+        if len(alive) == 1:
+            return rungs
+        updates *= eta
+
+
+def holdout_split(samples: Sequence[tuple[str, int]], *, fraction: float, seed: int) -> tuple[list, list]:
+    """``(rest, held_out)``: ``fraction`` of each class (at least one image) held out, for classes of 2 or more.
+
+    >>> rest, held = holdout_split([("a", 0), ("b", 0), ("c", 0), ("d", 1)], fraction=0.2, seed=0)
+    >>> len(rest), len(held), sorted(label for _, label in held)
+    (3, 1, [0])
+    """
+    by_class: dict[int, list[tuple[str, int]]] = {}
+    for sample in samples:
+        by_class.setdefault(sample[1], []).append(sample)
+    rng, held = random.Random(seed), set()
+    for label in sorted(by_class):
+        members = by_class[label]
+        if len(members) >= 2:
+            count = min(len(members) - 1, max(1, round(fraction * len(members))))
+            held.update(id(s) for s in rng.sample(members, count))
+    return [s for s in samples if id(s) not in held], [s for s in samples if id(s) in held]

@@ -1,0 +1,88 @@
+"""``optim.lr=auto``'s trials (issue 26): the candidates the curve gives, the held-out slice, successive
+halving, and the settings that configure them. The whole run (trials, then training bit-identical to the
+chosen rate given by hand, resume without a search) is in ``test_lr_find_run.py``."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from conftest import compose_config
+from finetune.config import check_config, check_overrides_take_effect
+from finetune.errors import UserError
+from finetune.lr_find import LRFind, candidate_rates, first_rung_updates, holdout_split, successive_halving
+
+
+def curve(rates, losses, chosen=None):
+    smoothed = [v if math.isfinite(v) else None for v in losses]
+    return LRFind(list(rates), list(losses), smoothed, "valley", chosen=chosen, reason="",
+                  chosen_index=None if chosen is None else list(rates).index(chosen))
+
+
+def test_candidates_span_the_valley_its_multiples_and_the_usual_rate_below_the_blow_up():
+    rates = [10 ** (-6 + i * 0.25) for i in range(25)]  # 1e-6 .. 1
+    losses = [2.0 - 0.05 * i for i in range(20)] + [1.5, 3.0, 6.0, 12.0, math.nan]
+    valley = rates[8]
+    got = candidate_rates(curve(rates, losses, chosen=valley), fallback=1e-3)
+    assert got == sorted(got)
+    for wanted in (valley, 3 * valley, 10 * valley, 1e-3, 3e-3):
+        assert any(abs(math.log(r / wanted)) < math.log(1.5) for r in got), (wanted, got)
+    assert all(b >= 1.5 * a for a, b in zip(got, got[1:], strict=False))  # near ones merged
+    assert max(got) < rates[-1]  # never at the rate where the loss was no longer finite
+
+
+def test_without_a_curve_the_trials_compare_the_usual_rate_and_three_times_it():
+    flat = curve([1e-7 * 10 ** (i / 10) for i in range(20)], [2.0] * 20)
+    assert candidate_rates(flat, fallback=3e-4) == pytest.approx([3e-4, 9e-4])
+
+
+def test_successive_halving_keeps_the_best_third_gives_it_three_times_the_updates_and_ends_with_one():
+    calls = []
+
+    def score(rate, updates):  # held-out loss: best at 1e-3, the longer trained the better; 1e-1 diverges
+        calls.append((rate, updates))
+        return math.inf if rate >= 1e-1 else abs(math.log10(rate) + 3) + 1 / updates
+
+    rates = [1e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-1]
+    rungs = successive_halving(rates, score, first_updates=4)
+    assert [r["updates"] for r in rungs] == [4, 12]
+    assert [len(r["scores"]) for r in rungs] == [6, 2]
+    assert rungs[0]["kept"] == [1e-3, 3e-3] and rungs[-1]["kept"] == [1e-3]
+    assert [1e-1, None] in rungs[0]["scores"]  # a diverged trial is recorded, never kept
+    assert calls == [(r, 4) for r in rates] + [(1e-3, 12), (3e-3, 12)]
+
+
+def test_the_held_out_slice_is_stratified_reproducible_and_leaves_every_class_an_image():
+    samples = [(f"{c}/{i}.png", c) for c in range(3) for i in range((2, 5, 10)[c])]
+    rest, held = holdout_split(samples, fraction=0.2, seed=7)
+    assert sorted(rest + held) == sorted(samples) and not set(rest) & set(held)
+    assert sorted(label for _, label in held) == [0, 1, 2, 2]  # 1 of 2, 1 of 5, 2 of 10
+    assert {label for _, label in rest} == {0, 1, 2}
+    assert holdout_split(samples, fraction=0.2, seed=7) == (rest, held)
+    assert holdout_split(samples, fraction=0.2, seed=8)[1] != held
+    assert holdout_split([("a", 0), ("b", 1)], fraction=0.5, seed=0) == ([("a", 0), ("b", 1)], [])
+
+
+def test_the_first_rung_is_an_eighth_of_the_run_at_least_six_updates_unless_configured():
+    assert first_rung_updates(800, None) == 100 and first_rung_updates(10, None) == 6
+    assert first_rung_updates(800, 2) == 2
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["optim.lr_find.select=best"], "optim.lr_find.select must be one of trials, curve; got 'best'"),
+    (["optim.lr_find.holdout=1.0"], "optim.lr_find.holdout must be between 0 and 1, got '1.0'"),
+    (["optim.lr_find.trial_updates=0"], "optim.lr_find.trial_updates must be positive or null, got '0'"),
+])
+def test_bad_trial_settings_are_refused_in_one_line(overrides, message):
+    with pytest.raises(UserError) as err:
+        check_config(compose_config(["optim.lr=auto", *overrides]))
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_trial_settings_without_trials_are_refused():
+    overrides = ["optim.lr=auto", "optim.lr_find.select=curve", "optim.lr_find.holdout=0.3"]
+    with pytest.raises(UserError, match="optim.lr_find.holdout is set but has no effect with optim.lr_find.select="
+                                        "curve: only optim.lr_find.select=trials runs trials"):
+        check_overrides_take_effect(compose_config(overrides), overrides)
+    check_overrides_take_effect(compose_config(overrides[:1] + overrides[2:]), overrides[:1] + overrides[2:])
