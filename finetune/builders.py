@@ -65,24 +65,42 @@ class RunParts:
 
 
 # ---------------------------------------------------------------- data
-def build_split(cfg: DictConfig, *, run_dir: Path, write: bool = True) -> data_lib.DataSplit:
-    """Find the images (generating the demo set once if asked) and record the split in the run dir
-    (``write``: this process writes the run's files; under DDP rank 0 alone)."""
-    if cfg.name == "demo":
-        demo = cfg.demo
-        root = data_lib.ensure_demo_dataset(cfg.cache_dir, seed=demo.seed, num_classes=demo.num_classes,
-                                            train_per_class=demo.train_per_class,
-                                            val_per_class=demo.val_per_class, image_size=demo.image_size)
-    elif cfg.root is None:
-        raise UserError("data=custom needs data.root=DIR: an image folder with DIR/<class>/<image> "
-                        "or DIR/train/<class>/<image> and DIR/val/<class>/<image>")
+def build_split(cfg: DictConfig, *, run_dir: Path, write: bool = True,
+                multilabel: bool = False) -> data_lib.DataSplit:
+    """Find the images (generating the demo set once if asked; reading ``data.file`` for a label table)
+    and record the split in the run dir (``write``: this process writes the run's files; under DDP rank 0
+    alone). ``data.folds``/``data.fold``: fold ``fold`` is val, the others train."""
+    folds, fold = cfg.get("folds"), cfg.get("fold")
+    if cfg.name == "table":
+        split = _scan_table(cfg, multilabel=multilabel, folds=folds, fold=fold)
     else:
-        root = cfg.root
-    split = data_lib.scan_image_folder(root, val_split=cfg.val_split, seed=cfg.split_seed,
-                                       skip_bad_images=cfg.skip_bad_images)
+        split = data_lib.scan_image_folder(_folder_root(cfg), val_split=cfg.val_split, seed=cfg.split_seed,
+                                           skip_bad_images=cfg.skip_bad_images, folds=folds, fold=fold)
     if write:
         atomic_write_text(run_dir / "split.json", json.dumps(split.to_record(), indent=1) + "\n", root=run_dir)
     return split
+
+
+def _folder_root(cfg: DictConfig) -> str:
+    if cfg.name == "demo":
+        demo = cfg.demo
+        return str(data_lib.ensure_demo_dataset(cfg.cache_dir, seed=demo.seed, num_classes=demo.num_classes,
+                                                train_per_class=demo.train_per_class,
+                                                val_per_class=demo.val_per_class, image_size=demo.image_size))
+    if cfg.root is None:
+        raise UserError("data=custom needs data.root=DIR: an image folder with DIR/<class>/<image> "
+                        "or DIR/train/<class>/<image> and DIR/val/<class>/<image>")
+    return cfg.root
+
+
+def _scan_table(cfg: DictConfig, *, multilabel: bool, folds: int | None, fold: int | None) -> data_lib.DataSplit:
+    if cfg.file is None:
+        raise UserError("data=table needs data.file=TABLE: a CSV, TSV, JSONL or Parquet file with the columns "
+                        "path and label (or labels, with task=multilabel)")
+    columns = data_lib.TableColumns(path=cfg.columns.path, label=cfg.columns.label, split=cfg.columns.split)
+    return data_lib.scan_table(cfg.file, columns=columns, multilabel=multilabel, label_sep=cfg.label_sep,
+                               classes=cfg.classes, allow_outside=cfg.allow_outside, val_split=cfg.val_split,
+                               seed=cfg.split_seed, folds=folds, fold=fold, skip_bad_images=cfg.skip_bad_images)
 
 
 def build_data_config(cfg: DictConfig, spec: BackboneSpec) -> dict[str, Any]:

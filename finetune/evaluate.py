@@ -50,7 +50,8 @@ SPLITS = ("val", "train", "all")
 ECE_BINS = 15
 # What evaluate takes from a training run's config (someone else's file when the run dir is): where its
 # images are and how it split them, never where to write (the demo set goes under this user's data.cache_dir).
-DATA_KEYS_FROM_RUN = ("name", "root", "val_split", "split_seed", "skip_bad_images", "demo")
+DATA_KEYS_FROM_RUN = ("name", "root", "val_split", "split_seed", "skip_bad_images", "demo", "file", "columns", "classes",
+                      "label_sep", "allow_outside", "folds", "fold")
 Sample = tuple[str, int]
 
 
@@ -170,12 +171,15 @@ class TrainingRun:
         if data.root is not None or data.name != "custom" or not isinstance(self.setting("data"), dict):
             return data
         run_data = {k: v for k, v in self.setting("data").items() if k in DATA_KEYS_FROM_RUN}
+        if run_data.get("name") == "table":  # data.file as the run read it (a relative path was the run's cwd's)
+            run_data["file"] = self.split_record().get("source") or run_data.get("file")
         try:
             merged = OmegaConf.merge(data, run_data)
         except Exception as err:  # noqa: BLE001 - the file is data: a bad value is one line
             raise UserError(f"'{self.path}/.hydra/config.yaml' has data settings this version cannot use "
                             f"({describe_error(err)}): give data=custom data.root=DIR") from None
-        log.info(f"data: the images of run '{self.path}' (data.name={merged.name}, data.root={merged.root})")
+        where = f"data.file={merged.file}" if merged.name == "table" else f"data.root={merged.root}"
+        log.info(f"data: the images of run '{self.path}' (data.name={merged.name}, {where})")
         return merged
 
 
@@ -208,7 +212,7 @@ def choose_images(data: DictConfig, training: TrainingRun, *, split: str) -> Eva
     if split == "all":
         samples = sorted(folder.train + folder.val, key=lambda s: (s[1], s[0]))
         return EvalImages(samples, folder.class_names, folder.root, "all")
-    if folder.layout == "train_val":
+    if folder.layout in ("train_val", "column"):  # the split is in the data: its folders, a table's split column
         return EvalImages(getattr(folder, split), folder.class_names, folder.root, "folder")
     if training.path is not None:
         return images_of_record(training.split_record(), folder, split=split, record_path=training.path / "split.json")
@@ -222,7 +226,7 @@ def images_of_record(record: dict[str, Any], folder: DataSplit, *, split: str, r
     """The files ``split.json`` lists for ``split``, under ``data.root`` (where the data set is now)."""
     hint = (f"data.root '{folder.root}' is not the folder that run was trained on: evaluate every image in it "
             "with split=all")
-    if record.get("layout") != "split":
+    if record.get("layout") not in ("split", "folds"):
         raise UserError(f"'{record_path}' records a train/ and val/ folder, but {hint}")
     try:
         names, entries = list(record["class_names"]), list(record["files"][split])

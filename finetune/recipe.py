@@ -180,7 +180,11 @@ class Recipe:
             return  # refused before any work (a resume, a fresh run here): keep that run's summary
         self.summary.write()
         if self.parts is not None and not in_a_sweep():  # a sweep ends with its own table instead
-            log.info(closing_block(self.summary.record, data_root=self.split.root if self.split else None))
+            log.info(closing_block(self.summary.record, data_root=self.folder_root()))
+
+    def folder_root(self) -> str | None:
+        """The image folder a later evaluate names (None for a table: evaluate takes the run's own data)."""
+        return self.split.root if self.split is not None and self.split.source is None else None
 
     def _release(self, exc_type: type | None) -> None:
         if self.parts is not None and (exc_type is None or issubclass(exc_type, TrainingInterrupted)):

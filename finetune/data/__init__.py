@@ -1,6 +1,7 @@
 """Data: the demo set, image folders, transforms, reproducible sampling and loaders.
 
-Flow: `ensure_demo_dataset` (demo only) -> `scan_image_folder` -> `build_transforms`
+Flow: `ensure_demo_dataset` (demo only) -> `scan_image_folder` (or `scan_table` for a label table)
+-> `build_transforms`
 -> `build_loaders`. The demo set is an ordinary image folder, read by the same code.
 Speed (issue 15, docs/benchmarks.md): JPEGs decoded at a reduced size where the transform
 allows it (`Preprocess`, `load_transformed`), 8-bit batches normalised after collation
@@ -14,12 +15,14 @@ from finetune.data.folder import IMAGE_EXTENSIONS, DataSplit, find_unreadable_im
 from finetune.data.loaders import (BALANCE_CHOICES, Loaders, NormalizingLoader, auto_num_workers, build_loaders,
                                    compute_class_weights, resolve_num_workers)
 from finetune.data.sampling import EpochSampler
+from finetune.data.table import TableColumns, read_table, scan_table
 from finetune.data.transforms import Preprocess, build_transforms, effective_data_config
 
 __all__ = [
     "BALANCE_CHOICES",
     "IMAGE_EXTENSIONS",
     "SHAPES",
+    "TableColumns",
     "DataSplit",
     "EpochSampler",
     "ImageDataset",
@@ -38,6 +41,8 @@ __all__ = [
     "load_image",
     "load_rgb",
     "load_transformed",
+    "read_table",
     "resolve_num_workers",
     "scan_image_folder",
+    "scan_table",
 ]
