@@ -304,7 +304,7 @@ def build_run(cfg: DictConfig, training: TrainingParts, *, spec: BackboneSpec, d
     policy = build_checkpoint_policy(cfg)
     writer = FileWriter(run_dir / "checkpoints", policy=policy, parts=training, fresh=plan.new_manifest,
                         model=ModelDescription(spec, class_names=class_names, data_config=data_config,
-                                               versions=versions)) if world.main else NoWriter()
+                                               versions=versions, task=cfg.task.name)) if world.main else NoWriter()
     logger, events = build_logging(cfg, class_names=class_names, run_dir=run_dir, plan=plan, world=world)
     if lr_find is not None and plan.fresh and events is not None:  # a resume took the rate from its state
         events.log_lr_find(lr_find)
@@ -343,8 +343,8 @@ def build_trainer(cfg: DictConfig, training: TrainingParts, *, loaders: data_lib
     """The loop with its loss; ``stop`` is set by SIGTERM/SIGINT to stop after a save."""
     t = cfg.trainer
     weight = loaders.class_weights.to(rt.device) if loaders.class_weights is not None else None
-    return Trainer(model=training.model, optimizer=training.optimizer,
-                   loss_fn=nn.CrossEntropyLoss(weight=weight, label_smoothing=t.label_smoothing), device=rt.device,
+    return Trainer(model=training.model, optimizer=training.optimizer, multilabel=cfg.task.name == "multilabel",
+                   loss_fn=build_loss(cfg.task, weight=weight, smoothing=t.label_smoothing), device=rt.device,
                    num_classes=num_classes, max_epochs=t.max_epochs, scheduler=training.scheduler,
                    autocast_dtype=rt.autocast_dtype, grad_scaler=training.grad_scaler, accumulate=t.accumulate,
                    grad_clip=t.grad_clip, ema=training.ema, channels_last=t.channels_last,
@@ -352,6 +352,18 @@ def build_trainer(cfg: DictConfig, training: TrainingParts, *, loaders: data_lib
                    min_delta=cfg.checkpoint.min_delta, hooks=hooks,
                    progress_bar=cfg.logger.progress_bar and rt.world.main, stop=stop, world=rt.world,
                    ddp_options={"device_ids": [rt.device.index]} if rt.device.type == "cuda" else {})
+
+
+def build_loss(task: DictConfig, *, weight: torch.Tensor | None, smoothing: float) -> nn.Module:
+    """``task.loss``: cross-entropy (``weight``: per-class weights), BCE (``weight``: ``pos_weight``), or ASL."""
+    from finetune.losses import SmoothedBCE, asymmetric_loss
+
+    losses = {
+        "ce": lambda: nn.CrossEntropyLoss(weight=weight, label_smoothing=smoothing),
+        "bce": lambda: SmoothedBCE(pos_weight=weight, smoothing=smoothing),
+        "asl": lambda: asymmetric_loss(gamma_neg=task.asl_gamma_neg, gamma_pos=task.asl_gamma_pos, clip=task.asl_clip),
+    }
+    return losses[task.loss]()
 
 
 def hparams(cfg: DictConfig, *, only: list[str] | None = None) -> dict[str, Any]:

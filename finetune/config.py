@@ -348,6 +348,8 @@ def _check_task(cfg: DictConfig) -> None:
                         "cannot express: give a table with data=table data.file=labels.csv (a labels column, "
                         "classes joined by ';')")
     refusals = {
+        cfg.model.num_classes is not None: f"model.num_classes={cfg.model.num_classes} adds spare outputs, which "
+                                           "label sets cannot address: leave it null with task=multilabel",
         cfg.head.subset is not None: f"head.subset '{cfg.head.subset}' warm-starts softmax rows of a pretrained "
                                      "classifier, which has no meaning for sigmoid outputs: drop head.subset",
         cfg.data.balance == "sampler": "data.balance=sampler draws images by their one class; with several labels "

@@ -14,6 +14,7 @@ import contextlib
 import datetime
 import json
 import logging
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -170,6 +171,52 @@ class Classifier:
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         return self.run(batch)
+
+    @property
+    def multilabel(self) -> bool:
+        return self.meta.task == "multilabel"
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """Softmax over the classes; sigmoid per class for a multi-label model."""
+        return torch.sigmoid(logits) if self.multilabel else logits.softmax(dim=1)
+
+    def thresholds(self, override: Any = None) -> list[float]:
+        """A multi-label model's decision thresholds: ``override`` (a number for every class, a list, or a file
+        with one number per line), else those tuned on its validation set, else 0.5."""
+        if override is None:
+            return list(self.meta.thresholds or [0.5] * self.num_classes)
+        return parse_thresholds(override, self.num_classes)
+
+
+def parse_thresholds(value: Any, num_classes: int) -> list[float]:
+    """``thresholds=``: a number in [0, 1] for every class, a list of one per class, or a file of them (one a line).
+
+    >>> parse_thresholds(0.3, 2), parse_thresholds([0.2, 0.7], 2)
+    ([0.3, 0.3], [0.2, 0.7])
+    """
+    from omegaconf import OmegaConf
+
+    if OmegaConf.is_config(value):
+        value = OmegaConf.to_container(value)
+    if isinstance(value, str) and not _is_number(value):
+        from finetune.files import read_text_bounded
+
+        text = read_text_bounded(Path(value).expanduser(), max_bytes=16 << 20, what="thresholds file")
+        value = [line.strip() for line in text.splitlines() if line.strip()]
+    values = [value] * num_classes if not isinstance(value, list) else value
+    if len(values) != num_classes or not all(_is_number(v) and 0.0 <= float(v) <= 1.0 for v in values):
+        raise UserError(f"thresholds must be a number in [0, 1], a list of {num_classes} of them (one per class) or "
+                        f"a file with one per line, got '{value if not isinstance(value, list) else values[:8]}'")
+    return [float(v) for v in values]
+
+
+def _is_number(value: Any) -> bool:
+    if isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return False
 
 
 def checkpoint_file(ckpt: str | Path | None) -> Path:

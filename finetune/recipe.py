@@ -103,7 +103,8 @@ class Recipe:
     def build_model_and_data(self, cfg: DictConfig, rt: Runtime, *, pretrained: bool) -> tuple[Any, Any, dict]:
         """The data split (recorded in ``split.json``), the model (its pretrained weights loaded when
         ``pretrained``; a resumed model gets its weights from the training state), the loaders."""
-        self.split = builders.build_split(cfg.data, run_dir=self.run_dir, write=self.world.main)
+        self.split = builders.build_split(cfg.data, run_dir=self.run_dir, write=self.world.main,
+                                          multilabel=cfg.task.name == "multilabel")
         model, spec = builders.build_classifier(cfg.model, head=cfg.head, num_classes=len(self.split.class_names))
         if pretrained:
             self.load_report = builders.init_weights(cfg.model, model, spec, head=cfg.head,
