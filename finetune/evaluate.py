@@ -424,14 +424,27 @@ def evaluate_label_sets(classifier: Classifier, images: EvalImages, *, threshold
             logits = classifier(inputs)
             target = target.to(logits.device)
             accumulator.update(logits, target, loss_fn(logits, target).item())
-    report = label_set_report(accumulator.result(), classifier.label_names) | {
+    result = accumulator.result()
+    report = label_set_report(result, classifier.label_names) | {
         "num_images": len(samples), "class_names": list(classifier.meta.class_names),
         "checkpoint": {"path": str(classifier.path.resolve()), "sha256": sha256_of(classifier.path)},
         "split_source": images.source, "data_root": images.root, "batch_size": settings.batch_size}
+    atomic_write_text(out_dir / "scores.csv", scores_csv(result, samples, classifier.label_names))
     atomic_write_text(out_dir / "metrics.json", json.dumps(report, indent=1) + "\n")
-    log.info(f"evaluation written to {out_dir}: metrics.json")
+    log.info(f"evaluation written to {out_dir}: metrics.json, scores.csv")
     print(format_label_set_table(report))
     return report
+
+
+def scores_csv(result: Any, samples: list[tuple[str, tuple[int, ...]]], names: list[str]) -> str:
+    """``path,true,predicted,p:<class>...`` per image in data order: the sigmoid scores the metrics came from,
+    at full precision (``repr``), so that any other tool recomputes the same numbers."""
+    predicted = result.scores >= np.asarray(result.thresholds)[None, :]
+    rows = [["path", "true", "predicted"] + [f"p:{n}" for n in names]]
+    for i, (path, labels) in enumerate(samples):
+        rows.append([path, ";".join(names[c] for c in labels), ";".join(n for n, p in zip(names, predicted[i]) if p)]
+                    + [repr(float(v)) for v in result.scores[i]])
+    return csv_text(rows)
 
 
 def label_sets_of_checkpoint(images: EvalImages, class_names: list[str]) -> list[tuple[str, tuple[int, ...]]]:

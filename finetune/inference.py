@@ -119,7 +119,14 @@ def export_metadata(meta: ModelMeta, *, source: Path) -> dict[str, str]:
     config = {k: list(v) if isinstance(v, tuple) else v for k, v in meta.data_config.items()}
     return {"format": EXPORT_FORMAT, "model_name": meta.name, "class_names": json.dumps(meta.class_names),
             "data_config": json.dumps(config), "versions": json.dumps(package_versions()),
-            "source_checkpoint": json.dumps({"name": source.name, "sha256": sha256_of(source)})}
+            "source_checkpoint": json.dumps({"name": source.name, "sha256": sha256_of(source)})} | task_metadata(meta)
+
+
+def task_metadata(meta: ModelMeta) -> dict[str, str]:
+    """A multi-label model's ``task`` and decision ``thresholds`` (nothing for a single-label one)."""
+    if meta.task == "multiclass":
+        return {}
+    return {"task": meta.task, "thresholds": json.dumps(meta.thresholds or [0.5] * meta.num_classes)}
 
 
 def read_export_metadata(props: dict[str, str], *, path: Path) -> dict[str, Any]:
@@ -138,10 +145,23 @@ def read_export_metadata(props: dict[str, str], *, path: Path) -> dict[str, Any]
                 raise MetadataError(f"{key} is a {type(facts[key]).__name__}, not a mapping")
         if not isinstance(props["model_name"], str):
             raise MetadataError("model_name is not a string")
+        facts |= exported_task(props)
     except MetadataError as err:
         raise UserError(f"'{path}' is refused: in its finetune metadata, {err}, which finetune never writes: the "
                         "file is damaged or forged; export it again with python -m finetune.export") from err
     return {"model_name": props["model_name"], **facts}
+
+
+def exported_task(props: dict[str, str]) -> dict[str, Any]:
+    """``task`` and ``thresholds`` of an exported file, checked (a multi-label model has a threshold per class)."""
+    task = props.get("task", "multiclass")
+    if task not in ("multiclass", "multilabel"):
+        raise MetadataError(f"task is {task!r:.40}, not multiclass or multilabel")
+    thresholds = _json_prop(props, "thresholds") if "thresholds" in props else None
+    if thresholds is not None and not (isinstance(thresholds, list) and all(
+            isinstance(t, (int, float)) and not isinstance(t, bool) and 0.0 <= t <= 1.0 for t in thresholds)):
+        raise MetadataError("thresholds is not a list of numbers in [0, 1]")
+    return {"task": task, "thresholds": thresholds}
 
 
 def _json_prop(props: dict[str, str], key: str) -> Any:
@@ -301,7 +321,8 @@ def onnx_meta(exported: dict[str, Any], *, outputs: Any, path: Path) -> ModelMet
     return ModelMeta(name=exported["model_name"], source="onnx", in_chans=int(data_config["input_size"][0]),
                      num_classes=num_classes, class_names=list(exported["class_names"]), head={},
                      data_config=data_config,
-                     extra={"versions": exported["versions"], "source_checkpoint": exported["source_checkpoint"]})
+                     extra={"versions": exported["versions"], "source_checkpoint": exported["source_checkpoint"]},
+                     task=exported.get("task", "multiclass"), thresholds=exported.get("thresholds"))
 
 
 # ------------------------------------------------------------ the evaluation loader
