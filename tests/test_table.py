@@ -239,3 +239,42 @@ def test_bad_tables_and_settings_on_the_command_line(flat, tmp_path):
         "fold_range": ["data.fold must be an integer in 0 .. 2", "'3'"],
         "file_on_folders": ["data.file", "data=table"],
     })
+
+
+@pytest.mark.slow
+def test_a_cross_validation_sweep_summarises_mean_and_std_per_configuration(flat, tmp_path):
+    sweep = tmp_path / "cv"
+    result = run_cli(["-m", *TINY, "data=table", f"data.file={flat / 'labels.csv'}", "data.folds=3",
+                      "data.fold=range(3)", "optim.lr=1e-3,3e-4", "trainer.max_epochs=1", f"hydra.sweep.dir={sweep}"],
+                     cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    jobs = {}
+    for job in sorted(p for p in sweep.iterdir() if p.name.isdigit()):
+        overrides = (job / ".hydra" / "overrides.yaml").read_text()
+        lr = "0.001" if "optim.lr=0.001" in overrides else "0.0003"
+        split = json.loads((job / "split.json").read_text())
+        best = json.loads((job / "summary.json").read_text())["best"]["value"]
+        jobs.setdefault(lr, []).append((split["fold"], {p for p, _ in split["files"]["val"]},
+                                        {p for p, _ in split["files"]["train"]}, best, int(job.name)))
+    everything = set(os.path.relpath(p, flat) for p in table_rows(flat))
+    for folds in jobs.values():  # each configuration: three disjoint val folds covering the table
+        assert sorted(f for f, *_ in folds) == [0, 1, 2]
+        vals = [v for _, v, *_ in folds]
+        assert set().union(*vals) == everything and sum(map(len, vals)) == len(everything)
+        assert all(t == everything - v for _, v, t, *_ in folds)
+    with open(sweep / "sweep_folds.csv", newline="") as f:
+        rows = list(__import__("csv").DictReader(f))
+    assert [set(r) for r in rows] == [{"optim.lr", "folds", "mean", "std", "jobs"}] * 2
+    for row in rows:
+        bests = [b for *_, b, _ in jobs[row["optim.lr"]]]
+        mean = sum(bests) / 3
+        assert row["folds"] == "3" and float(row["mean"]) == pytest.approx(mean, abs=1e-12)
+        assert float(row["std"]) == pytest.approx((sum((b - mean) ** 2 for b in bests) / 3) ** 0.5, abs=1e-12)
+        assert sorted(map(int, row["jobs"].split())) == sorted(j for *_, j in jobs[row["optim.lr"]])
+    assert float(rows[0]["mean"]) >= float(rows[1]["mean"])  # ranked by the mean (val/acc1: higher first)
+    assert "cross-validation: 2 configuration(s), mean and std over folds" in result.stdout
+    written = (sweep / "sweep_folds.csv").read_text()
+    (sweep / "sweep_folds.csv").unlink()
+    rebuilt = subprocess.run([sys.executable, "-m", "finetune.sweep", str(sweep)], capture_output=True, text=True,
+                             timeout=120)
+    assert rebuilt.returncode == 0 and (sweep / "sweep_folds.csv").read_text() == written
