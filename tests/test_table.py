@@ -228,17 +228,31 @@ def test_bad_tables_and_settings_on_the_command_line(flat, tmp_path):
     results = run_together({
         "escape": [*base, "data=table", f"data.file={flat / 'cli_escape.csv'}"],
         "no_file": [*base, "data=table"],
-        "fold_alone": [*base, "data=table", f"data.file={flat / 'labels.csv'}", "data.fold=1"],
         "fold_range": [*base, "data=table", f"data.file={flat / 'labels.csv'}", "data.folds=3", "data.fold=3"],
-        "file_on_folders": [*base, "data=custom", f"data.root={flat / 'images'}", "data.file=x.csv"],
     }, module="finetune", cwd=tmp_path)
     assert_one_line_errors(results, {
         "escape": ["cli_escape.csv' line 3: path '../x.png' leads outside", "data.allow_outside=true"],
         "no_file": ["data=table needs data.file="],
-        "fold_alone": ["data.fold=1 needs data.folds=K"],
         "fold_range": ["data.fold must be an integer in 0 .. 2", "'3'"],
-        "file_on_folders": ["data.file", "data=table"],
     })
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["data=table", "data.file=t.csv", "data.fold=1"], "data.fold=1 needs data.folds=K"),
+    (["data=table", "data.file=t.csv", "data.folds=4"], "data.folds=4 needs data.fold=i"),
+    (["data=table", "data.file=t.csv", "data.folds=1", "data.fold=0"], "data.folds must be an integer of at least 2"),
+    (["data=custom", "data.root=/x", "data.file=t.csv"], "add data=table"),
+    (["data=table", "data.file=t.csv", "data.root=/x"], "drop data.root"),
+])
+def test_table_and_fold_settings_that_make_no_sense_are_refused(overrides, expected):
+    from conftest import compose_config
+
+    from finetune.config import check_config, check_overrides_take_effect
+
+    with pytest.raises(UserError, match=re.escape(expected)):
+        cfg = compose_config(overrides)
+        check_overrides_take_effect(cfg, overrides)
+        check_config(cfg)
 
 
 @pytest.mark.slow
