@@ -205,3 +205,23 @@ def test_resume_mid_epoch_in_multilabel_ends_bit_identical(trained, tmp_path):
     assert_same_result(out, run_dir)
     assert (out / "metrics.jsonl").read_text() .splitlines()[-1].split('"seconds"')[0] == \
         (run_dir / "metrics.jsonl").read_text().splitlines()[-1].split('"seconds"')[0]
+
+
+def test_the_losses_of_task_multilabel():
+    import torch
+    from omegaconf import OmegaConf
+    from timm.loss import AsymmetricLossMultiLabel
+
+    from finetune.builders import build_loss
+
+    logits, target = torch.randn(6, 4, generator=torch.Generator().manual_seed(0)), (torch.rand(6, 4) > 0.5).float()
+    task = OmegaConf.create({"name": "multilabel", "loss": "bce", "asl_gamma_neg": 4.0, "asl_gamma_pos": 1.0,
+                             "asl_clip": 0.05})
+    weight = torch.tensor([1.0, 2.0, 3.0, 0.5])
+    bce = build_loss(task, weight=weight, smoothing=0.0)(logits, target)
+    assert torch.equal(bce, torch.nn.BCEWithLogitsLoss(pos_weight=weight)(logits, target))
+    smoothed = build_loss(task, weight=None, smoothing=0.1)(logits, target)
+    assert torch.allclose(smoothed, torch.nn.BCEWithLogitsLoss()(logits, target * 0.9 + 0.05))
+    asl = build_loss(OmegaConf.merge(task, {"loss": "asl"}), weight=None, smoothing=0.0)(logits, target)
+    summed = AsymmetricLossMultiLabel(gamma_neg=4.0, gamma_pos=1.0, clip=0.05, reduction="sum")(logits, target)
+    assert torch.allclose(asl, summed / target.numel())  # a mean over images and classes, as BCE's
