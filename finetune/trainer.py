@@ -259,6 +259,12 @@ class Trainer:
     def evaluate(self, loader: Iterable, model: nn.Module | None = None) -> EvalResult:
         """Loss, accuracies and confusion matrix over ``loader`` (EMA weights when EMA is on)."""
         model = model or (self.ema.module if self.ema is not None else self.model)  # never the DDP wrapper
+        if self.world.distributed:
+            # DDP broadcasts rank 0's buffers at the start of each training forward, then every rank's forward
+            # updates its own BatchNorm statistics: without this, each rank would evaluate its shard with other
+            # running statistics than the model rank 0 saves (and evaluate reproduces).
+            for buffer in model.buffers():
+                torch.distributed.broadcast(buffer, src=0)
         was_training = model.training
         model.eval()
         batches = getattr(loader, "batch_sampler", None)  # `EvalBatches`: which batches of the whole set are ours

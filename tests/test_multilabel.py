@@ -225,3 +225,22 @@ def test_the_losses_of_task_multilabel():
     asl = build_loss(OmegaConf.merge(task, {"loss": "asl"}), weight=None, smoothing=0.0)(logits, target)
     summed = AsymmetricLossMultiLabel(gamma_neg=4.0, gamma_pos=1.0, clip=0.05, reduction="sum")(logits, target)
     assert torch.allclose(asl, summed / target.numel())  # a mean over images and classes, as BCE's
+
+
+@pytest.mark.slow
+def test_ddp_val_map_is_the_map_of_the_whole_set_not_an_average_of_ranks(trained, tmp_path):
+    """Two gloo processes train one epoch; each epoch's val/mAP must be the AP of every rank's scores
+    together: the single-process evaluate of the same weights gives it exactly (a mean of the two
+    ranks' APs would not). 8 val images in batches of 4: each rank scores one batch."""
+    from test_distributed import ok, torchrun
+
+    base, _, overrides = trained
+    run_dir = tmp_path / "ddp"
+    common = [o.replace("data.batch_size=8", "data.batch_size=4") for o in overrides[:-3]]
+    ok(torchrun([*common, "trainer.max_epochs=1", "trainer.device=cpu",
+                 f"hydra.run.dir={run_dir}"], nproc=2, cwd=tmp_path))
+    epoch = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    python("-m", "finetune.evaluate", f"ckpt={run_dir}", "progress_bar=false", f"out={tmp_path / 'eval'}",
+           cwd=tmp_path)
+    report = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert report["num_images"] == 8 and report["mAP"] == epoch["val/mAP"]
