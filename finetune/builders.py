@@ -70,14 +70,20 @@ class RunParts:
 
 
 # ---------------------------------------------------------------- data
-def build_split(cfg: DictConfig, *, run_dir: Path, write: bool = True) -> data_lib.DataSplit | ShardSplit:
-    """Find the images (generating the demo set once if asked), or the shards of ``data=webdataset``, and
-    record the split in the run dir (``write``: this process writes the run's files; under DDP rank 0 alone)."""
+def build_split(cfg: DictConfig, *, run_dir: Path, write: bool = True,
+                multilabel: bool = False) -> data_lib.DataSplit | ShardSplit:
+    """Find the images (generating the demo set once if asked; reading ``data.file`` for a label table), or
+    the shards of ``data=webdataset``, and record the split in the run dir (``write``: this process writes
+    the run's files; under DDP rank 0 alone). ``data.folds``/``data.fold``: fold ``fold`` is val, the
+    others train."""
+    folds, fold = cfg.get("folds"), cfg.get("fold")
     if cfg.name == "webdataset":
         split = build_shard_split(cfg)
+    elif cfg.name == "table":
+        split = _scan_table(cfg, multilabel=multilabel, folds=folds, fold=fold)
     else:
         split = data_lib.scan_image_folder(image_root(cfg), val_split=cfg.val_split, seed=cfg.split_seed,
-                                           skip_bad_images=cfg.skip_bad_images)
+                                           skip_bad_images=cfg.skip_bad_images, folds=folds, fold=fold)
     if write:
         atomic_write_text(run_dir / "split.json", json.dumps(split.to_record(), indent=1) + "\n", root=run_dir)
     return split
@@ -105,9 +111,19 @@ def build_shard_split(cfg: DictConfig) -> ShardSplit:
             for k, v in (("train", cfg.train_urls), ("val", cfg.val_urls))}
     train, val = shards_lib.list_shards(urls["train"]), shards_lib.list_shards(urls["val"])
     first = train[0].url
-    classes = list(cfg.classes) if cfg.classes else shards_lib.read_classes(first.rsplit("/", 1)[0] if "/" in first
-                                                                             else ".")
+    beside = first.rsplit("/", 1)[0] if "/" in first else "."
+    classes = data_lib.given_classes(cfg.classes) if cfg.classes else shards_lib.read_classes(beside)
     return ShardSplit(train, val, classes, root=str(urls["train"]))
+
+
+def _scan_table(cfg: DictConfig, *, multilabel: bool, folds: int | None, fold: int | None) -> data_lib.DataSplit:
+    if cfg.file is None:
+        raise UserError("data=table needs data.file=TABLE: a CSV, TSV, JSONL or Parquet file with the columns "
+                        "path and label (or labels, with task=multilabel)")
+    columns = data_lib.TableColumns(path=cfg.columns.path, label=cfg.columns.label, split=cfg.columns.split)
+    return data_lib.scan_table(cfg.file, columns=columns, multilabel=multilabel, label_sep=cfg.label_sep,
+                               classes=cfg.classes, allow_outside=cfg.allow_outside, val_split=cfg.val_split,
+                               seed=cfg.split_seed, folds=folds, fold=fold, skip_bad_images=cfg.skip_bad_images)
 
 
 def build_data_config(cfg: DictConfig, spec: BackboneSpec) -> dict[str, Any]:
@@ -408,7 +424,7 @@ def build_run(cfg: DictConfig, training: TrainingParts, *, spec: BackboneSpec, d
     policy = build_checkpoint_policy(cfg)
     writer = FileWriter(run_dir / "checkpoints", policy=policy, parts=training, fresh=plan.new_manifest,
                         model=ModelDescription(spec, class_names=class_names, data_config=data_config,
-                                               versions=versions)) if world.main else NoWriter()
+                                               versions=versions, task=cfg.task.name)) if world.main else NoWriter()
     logger, events = build_logging(cfg, class_names=class_names, run_dir=run_dir, plan=plan, world=world)
     if lr_find is not None and plan.fresh and events is not None:  # a resume took the rate from its state
         events.log_lr_find(lr_find)
@@ -457,8 +473,9 @@ def build_trainer(cfg: DictConfig, training: TrainingParts, *, loaders: data_lib
     t = cfg.trainer
     weight = loaders.class_weights.to(rt.device) if loaders.class_weights is not None else None
     mixer = build_mixer(cfg, num_classes=num_classes)
-    loss_fn = SoftTargetCrossEntropy() if mixer else nn.CrossEntropyLoss(weight=weight, label_smoothing=t.label_smoothing)
-    return Trainer(model=training.model, optimizer=training.optimizer, loss_fn=loss_fn, mixer=mixer, device=rt.device,
+    loss_fn = SoftTargetCrossEntropy() if mixer else build_loss(cfg.task, weight=weight, smoothing=t.label_smoothing)
+    return Trainer(model=training.model, optimizer=training.optimizer, multilabel=cfg.task.name == "multilabel",
+                   loss_fn=loss_fn, mixer=mixer, device=rt.device,
                    num_classes=num_classes, max_epochs=t.max_epochs, scheduler=training.scheduler,
                    autocast_dtype=rt.autocast_dtype, grad_scaler=training.grad_scaler, accumulate=t.accumulate,
                    grad_clip=t.grad_clip, ema=training.ema, channels_last=t.channels_last,
@@ -466,6 +483,18 @@ def build_trainer(cfg: DictConfig, training: TrainingParts, *, loaders: data_lib
                    min_delta=cfg.checkpoint.min_delta, hooks=hooks,
                    progress_bar=cfg.logger.progress_bar and rt.world.main, stop=stop, world=rt.world,
                    ddp_options={"device_ids": [rt.device.index]} if rt.device.type == "cuda" else {})
+
+
+def build_loss(task: DictConfig, *, weight: torch.Tensor | None, smoothing: float) -> nn.Module:
+    """``task.loss``: cross-entropy (``weight``: per-class weights), BCE (``weight``: ``pos_weight``), or ASL."""
+    from finetune.losses import SmoothedBCE, asymmetric_loss
+
+    losses = {
+        "ce": lambda: nn.CrossEntropyLoss(weight=weight, label_smoothing=smoothing),
+        "bce": lambda: SmoothedBCE(pos_weight=weight, smoothing=smoothing),
+        "asl": lambda: asymmetric_loss(gamma_neg=task.asl_gamma_neg, gamma_pos=task.asl_gamma_pos, clip=task.asl_clip),
+    }
+    return losses[task.loss]()
 
 
 def hparams(cfg: DictConfig, *, only: list[str] | None = None) -> dict[str, Any]:

@@ -54,12 +54,27 @@ class DemoConfig:
 
 
 @dataclass
+class TableColumnsConfig:
+    """Column names of a label table (``data=table``)."""
+
+    path: str = "path"
+    label: Optional[str] = None  # null: label (task=multiclass) or labels (task=multilabel)
+    split: Optional[str] = None  # null: a column named split when the table has one (train | val | test)
+
+
+@dataclass
 class DataConfig:
-    name: str = "demo"  # demo | custom | webdataset
+    name: str = "demo"  # demo | custom | table | webdataset
     root: Optional[str] = None  # image folder: DIR/{train,val}/<class>/* or DIR/<class>/*
+    file: Optional[str] = None  # data=table: a CSV, TSV, JSONL or Parquet table of paths and labels
+    columns: TableColumnsConfig = field(default_factory=TableColumnsConfig)
+    classes: Any = None  # table, webdataset: class names in label order, a list or a file with one a line (null: table: the sorted labels; shards: classes.txt beside the train shards)
+    label_sep: str = ";"  # task=multilabel: what separates the classes in a labels cell
+    allow_outside: bool = False  # data=table: allow image paths outside the table's folder tree
+    folds: Optional[int] = None  # k-fold cross-validation: the number of folds (null: off)
+    fold: Optional[int] = None  # the fold validated on, 0 .. folds-1
     train_urls: Any = None  # webdataset: train shards, a path, URL or brace pattern (DIR/train-{000000..000127}.tar), or a list
     val_urls: Any = None  # webdataset: val shards, as train_urls
-    classes: Optional[list[str]] = None  # webdataset: class names in label order; null: classes.txt beside the train shards
     shuffle_buffer: int = 1000  # webdataset: samples in the seeded shuffle buffer of each stream (1: shard order)
     img_size: Optional[int] = None  # default: model.input_size
     batch_size: int = 32  # images per batch and process
@@ -81,6 +96,15 @@ class DataConfig:
     mix_off_epoch: Optional[int] = None  # mix only the first N epochs (timm's mixup_off_epoch); null: every epoch
     cache_dir: str = "~/.cache/finetune"  # where data=demo writes its images once
     demo: DemoConfig = field(default_factory=DemoConfig)
+
+
+@dataclass
+class TaskConfig:
+    name: str = "multiclass"  # multiclass (softmax, cross-entropy) | multilabel (sigmoid, BCE-with-logits)
+    loss: str = "ce"  # multiclass: ce; multilabel: bce | asl (timm's AsymmetricLossMultiLabel)
+    asl_gamma_neg: float = 4.0  # task.loss=asl: focusing of negatives
+    asl_gamma_pos: float = 1.0  # task.loss=asl: focusing of positives
+    asl_clip: float = 0.05  # task.loss=asl: probability margin shifted off easy negatives
 
 
 @dataclass
@@ -202,6 +226,7 @@ class SweepConfig:
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
     freeze: FreezeConfig = field(default_factory=FreezeConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -237,7 +262,8 @@ def choices() -> dict[str, tuple]:
 
     return {
         "model.source": SOURCES,
-        "data.name": ("demo", "custom", "webdataset"),
+        "data.name": ("demo", "custom", "table", "webdataset"),
+        "task.name": tuple(TASK_LOSSES),
         "data.balance": BALANCE_CHOICES,
         "data.augment": tuple(AUGMENT_PRESETS),
         "head.name": HEADS,
@@ -253,6 +279,11 @@ def choices() -> dict[str, tuple]:
         "checkpoint.weights_format": tuple(WEIGHTS_EXTENSIONS),
         "logger.name": ("tensorboard",),
     }
+
+TASK_LOSSES = {"multiclass": ("ce",), "multilabel": ("bce", "asl")}  # task.name -> the losses it takes
+# What each task's evaluation reports (finetune.metrics): what checkpoint.monitor may name besides train/loss.
+TASK_METRICS = {"multiclass": ("val/acc1", "val/acc5", "val/loss"),
+                "multilabel": ("val/mAP", "val/f1", "val/exact_match", "val/loss")}
 
 POSITIVE = ("data.batch_size", "trainer.max_epochs", "trainer.accumulate",
             "model.in_chans", "logger.log_every_n_steps")
@@ -298,6 +329,7 @@ def check_config(cfg: DictConfig) -> None:
     if not cfg.optim.backbone_lr_mult >= 0:
         raise UserError(f"optim.backbone_lr_mult must not be negative, got '{cfg.optim.backbone_lr_mult}'")
     _check_checkpoint(cfg.checkpoint)
+    _check_task(cfg)
     if cfg.model.num_classes is not None and cfg.model.num_classes < 2:
         raise UserError(f"model.num_classes must be at least 2 (or null to take it from the data), "
                         f"got '{cfg.model.num_classes}'")
@@ -339,6 +371,50 @@ def _check_lr(o: DictConfig) -> None:
         raise UserError(f"optim.lr must be a positive number or auto, got '{o.lr}'")
     if not o.lr > 0:
         raise UserError(f"optim.lr must be positive, got '{float(o.lr)}'")
+
+
+def _check_task(cfg: DictConfig) -> None:
+    """What multi-label training cannot do, refused before any work (one line each)."""
+    from finetune.data.splits import check_folds
+
+    check_folds(cfg.data.folds, cfg.data.fold)
+    task, loss = cfg.task.name, cfg.task.loss
+    if loss not in TASK_LOSSES[task]:
+        raise UserError(f"task.loss '{loss}' is not a loss of task={task}: use one of {', '.join(TASK_LOSSES[task])}")
+    monitor = cfg.checkpoint.monitor
+    if monitor.startswith("val/") and monitor not in TASK_METRICS[task]:
+        raise UserError(f"checkpoint.monitor '{monitor}' is not a metric of task={task}: monitor one of "
+                        f"{', '.join(TASK_METRICS[task])} or train/loss")
+    if task != "multilabel":
+        return
+    if cfg.data.name != "table":
+        source = "shards" if cfg.data.name == "webdataset" else "class folders"
+        raise UserError(f"task=multilabel needs several labels per image, which {source} (data={cfg.data.name}) "
+                        "cannot express yet: give a table with data=table data.file=labels.csv (a labels column, "
+                        "classes joined by ';')")
+    refusals = {
+        cfg.model.num_classes is not None: f"model.num_classes={cfg.model.num_classes} adds spare outputs, which "
+                                           "label sets cannot address: leave it null with task=multilabel",
+        cfg.head.subset is not None: f"head.subset '{cfg.head.subset}' warm-starts softmax rows of a pretrained "
+                                     "classifier, which has no meaning for sigmoid outputs: drop head.subset",
+        cfg.data.balance == "sampler": "data.balance=sampler draws images by their one class; with several labels "
+                                       "per image use data.balance=loss_weights (BCE's pos_weight from label "
+                                       "frequencies)",
+        loss == "asl" and cfg.data.balance == "loss_weights": "data.balance=loss_weights sets BCE's pos_weight; "
+                                                              "task.loss=asl balances by its own focusing "
+                                                              "(task.asl_gamma_neg): drop one of them",
+        loss == "asl" and cfg.trainer.label_smoothing > 0: f"trainer.label_smoothing={cfg.trainer.label_smoothing} "
+                                                           "with task.loss=asl: its asymmetric focusing is defined "
+                                                           "for 0/1 targets: set trainer.label_smoothing=0 (BCE "
+                                                           "smooths targets to y(1-e)+e/2)",
+        bool(cfg.data.get("mixup") or cfg.data.get("cutmix")): f"data.mixup/data.cutmix ({cfg.data.get('mixup')}/"
+                                                               f"{cfg.data.get('cutmix')}) mix one-hot class targets "
+                                                               "and are not built for task=multilabel yet: set "
+                                                               "data.mixup=0 data.cutmix=0",
+    }
+    for refused, message in refusals.items():
+        if refused:
+            raise UserError(message)
 
 
 def _check_checkpoint(c: DictConfig) -> None:
@@ -472,17 +548,27 @@ def _takes_betas(name: str) -> bool:
     return takes_betas(name)
 
 
+TABLE_KEYS = ("data.file", "data.columns", "data.classes", "data.allow_outside")
 NO_EFFECT = (
     NoEffect("data.name", lambda v: v == "demo", ("data.root", "data.val_split", "data.split_seed"),
              "data=demo trains on the built-in demo set: add data=custom to train on your own folder"),
-    NoEffect("data.name", lambda v: v == "custom", ("data.demo", "data.cache_dir"),
-             "they configure the built-in demo set, which data=custom does not use"),
-    NoEffect("data.name", lambda v: v != "webdataset",
-             ("data.train_urls", "data.val_urls", "data.classes", "data.shuffle_buffer"),
+    NoEffect("data.name", lambda v: v in ("custom", "table", "webdataset"), ("data.demo", "data.cache_dir"),
+             "they configure the built-in demo set, which data=custom, data=table and data=webdataset do not use"),
+    NoEffect("data.name", lambda v: v not in ("table", "webdataset"), ("data.classes",),
+             "it names the classes of a label table or of shards: add data=table or data=webdataset"),
+    NoEffect("data.name", lambda v: v != "table", tuple(k for k in TABLE_KEYS if k != "data.classes"),
+             "they describe a label table: add data=table (data.file=labels.csv)"),
+    NoEffect("data.name", lambda v: v == "table", ("data.root",),
+             "data=table reads the images data.file names (paths relative to its folder): drop data.root"),
+    NoEffect("data.name", lambda v: v != "webdataset", ("data.train_urls", "data.val_urls", "data.shuffle_buffer"),
              "they configure WebDataset shards: add data=webdataset"),
     NoEffect("data.name", lambda v: v == "webdataset", ("data.root", "data.val_split", "data.split_seed",
-                                                         "data.skip_bad_images"),
-             "data=webdataset reads the shards of data.train_urls and data.val_urls"),
+                                                         "data.skip_bad_images", "data.folds", "data.fold"),
+             "data=webdataset reads the shards of data.train_urls and data.val_urls, split as they were written"),
+    NoEffect("task.name", lambda v: v != "multilabel", ("data.label_sep",),
+             "it separates the classes of a labels cell: add task=multilabel"),
+    NoEffect("task.loss", lambda v: v != "asl", ("task.asl_gamma_neg", "task.asl_gamma_pos", "task.asl_clip"),
+             "they shape the asymmetric loss: add task=multilabel task.loss=asl"),
     NoEffect("head.name", lambda v: v != "mlp", ("head.hidden", "head.activation", "head.norm"),
              "they shape an MLP head: add head=mlp"),
     NoEffect("freeze.name", lambda v: v != "until", ("freeze.until",), "add freeze=until"),

@@ -26,6 +26,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Optional
 
 import hydra
+import numpy as np
 import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
@@ -50,7 +51,8 @@ SPLITS = ("val", "train", "all")
 ECE_BINS = 15
 # What evaluate takes from a training run's config (someone else's file when the run dir is): where its
 # images are and how it split them, never where to write (the demo set goes under this user's data.cache_dir).
-DATA_KEYS_FROM_RUN = ("name", "root", "val_split", "split_seed", "skip_bad_images", "demo")
+DATA_KEYS_FROM_RUN = ("name", "root", "val_split", "split_seed", "skip_bad_images", "demo", "file", "columns", "classes",
+                      "label_sep", "allow_outside", "folds", "fold")
 Sample = tuple[str, int]
 
 
@@ -66,6 +68,7 @@ class EvaluateConfig:
     device: str = "auto"
     progress_bar: bool = True
     out: Optional[str] = None  # where to write; null: RUN_DIR/eval/<date_time>/ beside the checkpoint's run
+    thresholds: Any = None  # multi-label: null (the model's tuned thresholds), a number, a list, or a file
     data: DataConfig = field(default_factory=DataConfig)
 
 
@@ -90,7 +93,12 @@ def run(cfg: DictConfig, out_dir: str | Path | None = None) -> dict[str, Any]:
     set_deterministic(True)  # as training evaluated (trainer.deterministic)
     classifier = load_classifier(path, device=cfg.device, precision=settings.precision,
                                  channels_last=settings.channels_last)
-    images = choose_images(training.data_config(cfg.data), training, split=cfg.split)
+    images = choose_images(training.data_config(cfg.data), training, split=cfg.split,
+                           multilabel=classifier.multilabel)
+    if classifier.multilabel:
+        return evaluate_label_sets(classifier, images, thresholds=classifier.thresholds(cfg.thresholds),
+                                   settings=settings, num_workers=cfg.data.num_workers, progress_bar=cfg.progress_bar,
+                                   out_dir=output_dir(out_dir or cfg.out, checkpoint=path, kind="eval"))
     samples = to_checkpoint_labels(images, classifier.meta.class_names)
     loader = eval_loader(samples, classifier.meta, batch_size=settings.batch_size, num_workers=cfg.data.num_workers)
     outputs = evaluate_batches(classifier, loader, progress_bar=cfg.progress_bar)
@@ -170,12 +178,15 @@ class TrainingRun:
         if data.root is not None or data.name != "custom" or not isinstance(self.setting("data"), dict):
             return data
         run_data = {k: v for k, v in self.setting("data").items() if k in DATA_KEYS_FROM_RUN}
+        if run_data.get("name") == "table":  # data.file as the run read it (a relative path was the run's cwd's)
+            run_data["file"] = self.split_record().get("source") or run_data.get("file")
         try:
             merged = OmegaConf.merge(data, run_data)
         except Exception as err:  # noqa: BLE001 - the file is data: a bad value is one line
             raise UserError(f"'{self.path}/.hydra/config.yaml' has data settings this version cannot use "
                             f"({describe_error(err)}): give data=custom data.root=DIR") from None
-        log.info(f"data: the images of run '{self.path}' (data.name={merged.name}, data.root={merged.root})")
+        where = f"data.file={merged.file}" if merged.name == "table" else f"data.root={merged.root}"
+        log.info(f"data: the images of run '{self.path}' (data.name={merged.name}, {where})")
         return merged
 
 
@@ -199,19 +210,19 @@ class EvalImages:
     source: str  # "folder", "split.json", "seed" or "all"
 
 
-def choose_images(data: DictConfig, training: TrainingRun, *, split: str) -> EvalImages:
+def choose_images(data: DictConfig, training: TrainingRun, *, split: str, multilabel: bool = False) -> EvalImages:
     """``split``'s images of ``data.root``: its ``train/``/``val/`` folder; for a class-folder root
     the run's ``split.json`` (exact file list), else the split training would make by seed."""
     from finetune.builders import build_split
 
     if data.name == "webdataset":
-        raise UserError("finetune.evaluate reads image folders, not shards (yet): give data=custom data.root=DIR; "
-                        "a run on shards logs its val metrics every epoch (metrics.jsonl)")
-    folder = build_split(data, run_dir=Path("."), write=False)  # the training scan: checks, seeded split
+        raise UserError("finetune.evaluate reads image folders and tables, not shards (yet): give data=custom "
+                        "data.root=DIR; a run on shards logs its val metrics every epoch (metrics.jsonl)")
+    folder = build_split(data, run_dir=Path("."), write=False, multilabel=multilabel)  # the training scan
     if split == "all":
         samples = sorted(folder.train + folder.val, key=lambda s: (s[1], s[0]))
         return EvalImages(samples, folder.class_names, folder.root, "all")
-    if folder.layout == "train_val":
+    if folder.layout in ("train_val", "column"):  # the split is in the data: its folders, a table's split column
         return EvalImages(getattr(folder, split), folder.class_names, folder.root, "folder")
     if training.path is not None:
         return images_of_record(training.split_record(), folder, split=split, record_path=training.path / "split.json")
@@ -225,14 +236,15 @@ def images_of_record(record: dict[str, Any], folder: DataSplit, *, split: str, r
     """The files ``split.json`` lists for ``split``, under ``data.root`` (where the data set is now)."""
     hint = (f"data.root '{folder.root}' is not the folder that run was trained on: evaluate every image in it "
             "with split=all")
-    if record.get("layout") != "split":
+    if record.get("layout") not in ("split", "folds"):
         raise UserError(f"'{record_path}' records a train/ and val/ folder, but {hint}")
     try:
         names, entries = list(record["class_names"]), list(record["files"][split])
-        samples = [(checked_name(rel, record_path), int(label)) for rel, label in entries]
+        samples = [(checked_name(rel, record_path), tuple(map(int, label)) if folder.multilabel else int(label))
+                   for rel, label in entries]
     except (KeyError, TypeError, ValueError) as err:
         raise UserError(f"'{record_path}' is not a split record ({describe_error(err)}): evaluate split=all") from None
-    if not all(0 <= label < len(names) for _, label in samples):
+    if not all(0 <= c < len(names) for _, label in samples for c in (label if folder.multilabel else (label,))):
         raise UserError(f"'{record_path}' has labels outside its class names: evaluate split=all")
     samples = [(str(Path(folder.root) / rel), label) for rel, label in samples]
     missing = [p for p, _ in samples if not Path(p).is_file()]
@@ -391,6 +403,93 @@ def format_table(report: dict[str, Any]) -> str:
     acc5 = "-" if report["acc5"] is None else f"{report['acc5']:.4f}"
     lines.append(f"acc1 {report['acc1']:.4f}  acc5 {acc5}  loss {report['loss']:.4f}  ece {report['ece']:.4f}  "
                  f"({report['num_images']} images, split {report['split']}: {report['split_source']})")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------ multi-label models
+def evaluate_label_sets(classifier: Classifier, images: EvalImages, *, thresholds: list[float],
+                        settings: EvalSettings, num_workers: Any, progress_bar: bool, out_dir: Path) -> dict[str, Any]:
+    """A multi-label model on ``images``: `Trainer.evaluate`'s pass (`MultilabelAccumulator`, the same
+    val/loss and val/mAP), then ``metrics.json`` with mAP, F1 (macro, micro), exact match, Hamming loss and per
+    class ap/precision/recall/f1/threshold/support at ``thresholds``."""
+    from finetune.data.loaders import multi_hot
+    from finetune.metrics import MultilabelAccumulator
+    from finetune.trainer import multilabel_eval_loss
+
+    samples = label_sets_of_checkpoint(images, classifier.meta.class_names)
+    loader = eval_loader(multi_hot(samples, classifier.num_classes), classifier.meta, batch_size=settings.batch_size,
+                         num_workers=num_workers)
+    accumulator = MultilabelAccumulator(classifier.num_classes, thresholds=thresholds)
+    loss_fn = multilabel_eval_loss(classifier.num_classes)
+    with torch.no_grad():
+        for inputs, target in tqdm(iter(loader), total=len(loader), desc="evaluate", unit="batch",
+                                   disable=not progress_bar, dynamic_ncols=True):
+            logits = classifier(inputs)
+            target = target.to(logits.device)
+            accumulator.update(logits, target, loss_fn(logits, target).item())
+    result = accumulator.result()
+    report = label_set_report(result, classifier.label_names) | {
+        "num_images": len(samples), "class_names": list(classifier.meta.class_names),
+        "checkpoint": {"path": str(classifier.path.resolve()), "sha256": sha256_of(classifier.path)},
+        "split_source": images.source, "data_root": images.root, "batch_size": settings.batch_size}
+    atomic_write_text(out_dir / "scores.csv", scores_csv(result, samples, classifier.label_names))
+    atomic_write_text(out_dir / "metrics.json", json.dumps(report, indent=1) + "\n")
+    log.info(f"evaluation written to {out_dir}: metrics.json, scores.csv")
+    print(format_label_set_table(report))
+    return report
+
+
+def scores_csv(result: Any, samples: list[tuple[str, tuple[int, ...]]], names: list[str]) -> str:
+    """``path,true,predicted,p:<class>...`` per image in data order: the sigmoid scores the metrics came from,
+    at full precision (``repr``), so that any other tool recomputes the same numbers."""
+    predicted = result.scores >= np.asarray(result.thresholds)[None, :]
+    rows = [["path", "true", "predicted"] + [f"p:{n}" for n in names]]
+    for i, (path, labels) in enumerate(samples):
+        rows.append([path, ";".join(names[c] for c in labels), ";".join(n for n, p in zip(names, predicted[i]) if p)]
+                    + [repr(float(v)) for v in result.scores[i]])
+    return csv_text(rows)
+
+
+def label_sets_of_checkpoint(images: EvalImages, class_names: list[str]) -> list[tuple[str, tuple[int, ...]]]:
+    """The samples' label sets as the checkpoint's class indices (matched by name)."""
+    extra = [c for c in images.class_names if c not in class_names]
+    if extra:
+        raise UserError(f"the data names classes the checkpoint does not know ({quote(extra)}): evaluate on a table "
+                        "labelled with the classes the model was trained on")
+    index = {name: i for i, name in enumerate(class_names)}
+    return [(path, tuple(sorted(index[images.class_names[c]] for c in labels))) for path, labels in images.samples]
+
+
+def label_set_report(result: Any, names: list[str]) -> dict[str, Any]:
+    """``metrics.json``'s numbers for label sets (a class is predicted at probability >= its threshold)."""
+    from finetune.metrics import precision_recall
+
+    predicted = result.scores >= np.asarray(result.thresholds)[None, :]
+    targets = result.targets
+    tp, fp, fn = ((predicted & targets).sum()), ((predicted & ~targets).sum()), ((~predicted & targets).sum())
+    per_class = {}
+    for c, name in enumerate(names):
+        precision, recall = precision_recall(predicted[:, c], targets[:, c])
+        per_class[name] = {"ap": result.per_class_ap[c], "precision": precision, "recall": recall,
+                           "f1": result.per_class_f1[c], "threshold": result.thresholds[c],
+                           "support": int(targets[:, c].sum())}
+    return {"task": "multilabel", "mAP": result.mAP, "f1_macro": result.f1,
+            "f1_micro": float(2 * tp / max(2 * tp + fp + fn, 1)), "exact_match": result.exact_match,
+            "hamming_loss": float((predicted != targets).mean()) if targets.size else 0.0, "loss": result.loss,
+            "per_class": per_class}
+
+
+def format_label_set_table(report: dict[str, Any]) -> str:
+    """AP, precision, recall, F1, threshold and support per class, then the totals."""
+    width = max(12, *(len(name) for name in report["per_class"]))
+    lines = [f"{'class':<{width}} {'ap':>7} {'precision':>9} {'recall':>7} {'f1':>7} {'thresh':>7} {'support':>8}"]
+    for name, m in report["per_class"].items():
+        ap = "-" if m["ap"] is None else f"{m['ap']:.4f}"
+        lines.append(f"{name:<{width}} {ap:>7} {m['precision']:>9.4f} {m['recall']:>7.4f} {m['f1']:>7.4f} "
+                     f"{m['threshold']:>7.4f} {m['support']:>8}")
+    lines.append(f"mAP {report['mAP']:.4f}  f1 macro {report['f1_macro']:.4f} micro {report['f1_micro']:.4f}  "
+                 f"exact match {report['exact_match']:.4f}  hamming {report['hamming_loss']:.4f}  loss "
+                 f"{report['loss']:.4f}  ({report['num_images']} images, {report['split_source']})")
     return "\n".join(lines)
 
 

@@ -14,6 +14,7 @@ import contextlib
 import datetime
 import json
 import logging
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -118,7 +119,14 @@ def export_metadata(meta: ModelMeta, *, source: Path) -> dict[str, str]:
     config = {k: list(v) if isinstance(v, tuple) else v for k, v in meta.data_config.items()}
     return {"format": EXPORT_FORMAT, "model_name": meta.name, "class_names": json.dumps(meta.class_names),
             "data_config": json.dumps(config), "versions": json.dumps(package_versions()),
-            "source_checkpoint": json.dumps({"name": source.name, "sha256": sha256_of(source)})}
+            "source_checkpoint": json.dumps({"name": source.name, "sha256": sha256_of(source)})} | task_metadata(meta)
+
+
+def task_metadata(meta: ModelMeta) -> dict[str, str]:
+    """A multi-label model's ``task`` and decision ``thresholds`` (nothing for a single-label one)."""
+    if meta.task == "multiclass":
+        return {}
+    return {"task": meta.task, "thresholds": json.dumps(meta.thresholds or [0.5] * meta.num_classes)}
 
 
 def read_export_metadata(props: dict[str, str], *, path: Path) -> dict[str, Any]:
@@ -137,10 +145,23 @@ def read_export_metadata(props: dict[str, str], *, path: Path) -> dict[str, Any]
                 raise MetadataError(f"{key} is a {type(facts[key]).__name__}, not a mapping")
         if not isinstance(props["model_name"], str):
             raise MetadataError("model_name is not a string")
+        facts |= exported_task(props)
     except MetadataError as err:
         raise UserError(f"'{path}' is refused: in its finetune metadata, {err}, which finetune never writes: the "
                         "file is damaged or forged; export it again with python -m finetune.export") from err
     return {"model_name": props["model_name"], **facts}
+
+
+def exported_task(props: dict[str, str]) -> dict[str, Any]:
+    """``task`` and ``thresholds`` of an exported file, checked (a multi-label model has a threshold per class)."""
+    task = props.get("task", "multiclass")
+    if task not in ("multiclass", "multilabel"):
+        raise MetadataError(f"task is {task!r:.40}, not multiclass or multilabel")
+    thresholds = _json_prop(props, "thresholds") if "thresholds" in props else None
+    if thresholds is not None and not (isinstance(thresholds, list) and all(
+            isinstance(t, (int, float)) and not isinstance(t, bool) and 0.0 <= t <= 1.0 for t in thresholds)):
+        raise MetadataError("thresholds is not a list of numbers in [0, 1]")
+    return {"task": task, "thresholds": thresholds}
 
 
 def _json_prop(props: dict[str, str], key: str) -> Any:
@@ -170,6 +191,52 @@ class Classifier:
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         return self.run(batch)
+
+    @property
+    def multilabel(self) -> bool:
+        return self.meta.task == "multilabel"
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """Softmax over the classes; sigmoid per class for a multi-label model."""
+        return torch.sigmoid(logits) if self.multilabel else logits.softmax(dim=1)
+
+    def thresholds(self, override: Any = None) -> list[float]:
+        """A multi-label model's decision thresholds: ``override`` (a number for every class, a list, or a file
+        with one number per line), else those tuned on its validation set, else 0.5."""
+        if override is None:
+            return list(self.meta.thresholds or [0.5] * self.num_classes)
+        return parse_thresholds(override, self.num_classes)
+
+
+def parse_thresholds(value: Any, num_classes: int) -> list[float]:
+    """``thresholds=``: a number in [0, 1] for every class, a list of one per class, or a file of them (one a line).
+
+    >>> parse_thresholds(0.3, 2), parse_thresholds([0.2, 0.7], 2)
+    ([0.3, 0.3], [0.2, 0.7])
+    """
+    from omegaconf import OmegaConf
+
+    if OmegaConf.is_config(value):
+        value = OmegaConf.to_container(value)
+    if isinstance(value, str) and not _is_number(value):
+        from finetune.files import read_text_bounded
+
+        text = read_text_bounded(Path(value).expanduser(), max_bytes=16 << 20, what="thresholds file")
+        value = [line.strip() for line in text.splitlines() if line.strip()]
+    values = [value] * num_classes if not isinstance(value, list) else value
+    if len(values) != num_classes or not all(_is_number(v) and 0.0 <= float(v) <= 1.0 for v in values):
+        raise UserError(f"thresholds must be a number in [0, 1], a list of {num_classes} of them (one per class) or "
+                        f"a file with one per line, got '{value if not isinstance(value, list) else values[:8]}'")
+    return [float(v) for v in values]
+
+
+def _is_number(value: Any) -> bool:
+    if isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return False
 
 
 def checkpoint_file(ckpt: str | Path | None) -> Path:
@@ -254,7 +321,8 @@ def onnx_meta(exported: dict[str, Any], *, outputs: Any, path: Path) -> ModelMet
     return ModelMeta(name=exported["model_name"], source="onnx", in_chans=int(data_config["input_size"][0]),
                      num_classes=num_classes, class_names=list(exported["class_names"]), head={},
                      data_config=data_config,
-                     extra={"versions": exported["versions"], "source_checkpoint": exported["source_checkpoint"]})
+                     extra={"versions": exported["versions"], "source_checkpoint": exported["source_checkpoint"]},
+                     task=exported.get("task", "multiclass"), thresholds=exported.get("thresholds"))
 
 
 # ------------------------------------------------------------ the evaluation loader

@@ -118,11 +118,12 @@ class LogEvents(TrainerHook):
 
     def on_epoch_end(self, state: TrainState, logs: dict[str, float], result: EvalResult,
                      improved: bool) -> None:
-        per_class = {f"val_class/{name}": acc for name, acc in zip(self.class_names, result.per_class_acc)}
+        per_class = {f"val_class/{name}": value for name, value in zip(self.class_names, result.per_class)}
         self.logger.log_scalars({**result.scalars(), "train/epoch_loss": logs["train/loss"], "epoch": state.epoch,
                                  **per_class}, step=state.global_step)
-        self.logger.log_image("val/confusion_matrix", render_confusion(result.confusion, self.class_names),
-                              step=state.global_step)
+        if result.confusion is not None:  # multi-label results have none
+            self.logger.log_image("val/confusion_matrix", render_confusion(result.confusion, self.class_names),
+                                  step=state.global_step)
 
     def log_lr_find(self, record: dict[str, Any]) -> None:
         """``optim.lr=auto``'s range test: the curve with the chosen point (image) and the choice (text), at step 0."""
@@ -200,7 +201,7 @@ class MetricsJsonl(TrainerHook):
     def on_epoch_end(self, state: TrainState, logs: dict[str, float], result: EvalResult,
                      improved: bool) -> None:
         record = {"epoch": state.epoch, "step": state.global_step, "train/loss": logs["train/loss"],
-                  **result.scalars(), "val/per_class_acc": result.per_class_acc,
+                  **result.scalars(), f"val/per_class_{result.per_class_name}": result.per_class,
                   "lr": {k.removeprefix("lr/"): v for k, v in logs.items() if k.startswith("lr/")},
                   "seconds": logs["seconds"], "best": improved}
         if self.path is not None:

@@ -12,7 +12,9 @@ finetune evaluated them: EXIF orientation applied, converted to the model's chan
 cropped (timm's ``squash`` and ``border`` crop modes too), scaled to [0, 1] and normalised in
 float32: timm's eval transform, pixel for pixel. A JPEG at least twice the resize target is decoded
 at 1/2, 1/4 or 1/8 of its size first, as finetune's loader decodes it (``read``). The CSV has the columns of
-``finetune.predict``'s ``predictions.csv``: ``path,label,prob,top2,prob2,...`` (``prob``: softmax).
+``finetune.predict``'s ``predictions.csv``: ``path,label,prob,top2,prob2,...`` (``prob``: softmax); for a
+multi-label model (``task=multilabel``) ``path,labels,p:<class>,...`` (sigmoid; ``labels``: the classes at or
+above the thresholds the export recorded, joined by ``;``).
 Files are found as ``finetune.predict`` finds them, and the ``path`` column is written the same way;
 unreadable images and other files are named on stderr and left out. Bad arguments, no image at
 all, or a model file finetune did not export are one ``error:`` line (exit status 2).
@@ -69,9 +71,30 @@ def run(args: argparse.Namespace) -> None:
         raise UsageError(f"--out '{args.out}': directory '{Path(args.out).parent}' does not exist")
     session, class_names, config = load_session(args.model)
     paths = find_images(args.inputs)
+    thresholds = label_thresholds(session, len(class_names))
+    if thresholds is not None:  # a multi-label model: path,labels,p:<class>...
+        rows = predict(session, paths, config, class_names, topk=0, batch_size=args.batch_size, thresholds=thresholds)
+        write_rows(["path", "labels"] + [f"p:{name}" for name in class_names], rows, out=args.out)
+        return
     topk = min(args.topk, len(class_names))
     write_csv(predict(session, paths, config, class_names, topk=topk, batch_size=args.batch_size), topk=topk,
               out=args.out)
+
+
+def label_thresholds(session: onnxruntime.InferenceSession, outputs: int) -> list[float] | None:
+    """A multi-label model's per-class decision thresholds (metadata ``task``/``thresholds``); None otherwise."""
+    props = session.get_modelmeta().custom_metadata_map
+    if props.get("task", "multiclass") == "multiclass":
+        return None
+    try:
+        thresholds = json.loads(props.get("thresholds", "null")) or [0.5] * outputs
+        if props["task"] != "multilabel" or not isinstance(thresholds, list) or len(thresholds) != outputs or not all(
+                isinstance(t, (int, float)) and not isinstance(t, bool) and 0 <= t <= 1 for t in thresholds):
+            raise ValueError(f"task {quoted(props['task'])} with thresholds {quoted(thresholds)}")
+    except (ValueError, RecursionError) as err:
+        raise UsageError(f"the model is refused: in its finetune metadata, {err}: the file is damaged or forged; "
+                         "export it again with python -m finetune.export") from err
+    return [float(t) for t in thresholds]
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -327,7 +350,8 @@ def center_crop(pixels: np.ndarray, height: int, width: int, *, fill: Sequence[i
 # --- inference and output ---------------------------------------------------------------------------
 
 def predict(session: onnxruntime.InferenceSession, paths: list[str], config: dict[str, Any],
-            class_names: list[str], *, topk: int, batch_size: int) -> list[list[Any]]:
+            class_names: list[str], *, topk: int, batch_size: int,
+            thresholds: list[float] | None = None) -> list[list[Any]]:
     """One CSV row per readable image; an unreadable one is named on stderr and left out."""
     rows = []
     for start in range(0, len(paths), batch_size):
@@ -340,13 +364,26 @@ def predict(session: onnxruntime.InferenceSession, paths: list[str], config: dic
                 print(f"warning: skipped '{path}': {type(err).__name__}: {err}", file=sys.stderr)
         if batch:
             logits = session.run([OUTPUT_NAME], {INPUT_NAME: np.stack(arrays)})[0]
-            rows += [row(path, p, class_names, topk) for path, p in zip(batch, softmax(logits), strict=True)]
+            if thresholds is not None:
+                rows += [label_set_row(path, p, class_names, thresholds) for path, p in zip(batch, sigmoid(logits))]
+            else:
+                rows += [row(path, p, class_names, topk) for path, p in zip(batch, softmax(logits), strict=True)]
     return rows
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
     shifted = np.exp(logits - logits.max(axis=1, keepdims=True))  # float32, as torch's softmax
     return shifted / shifted.sum(axis=1, keepdims=True)
+
+
+def sigmoid(logits: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-logits.astype(np.float32)))
+
+
+def label_set_row(path: str, probs: np.ndarray, class_names: list[str], thresholds: list[float]) -> list[Any]:
+    """``path``, the classes at or above their threshold joined by ``;``, then each class's probability."""
+    chosen = [name for name, p, t in zip(class_names, probs.tolist(), thresholds) if p >= t]
+    return [path, ";".join(chosen)] + [f"{p:.6f}" for p in probs.tolist()]
 
 
 def row(path: str, probs: np.ndarray, class_names: list[str], topk: int) -> list[Any]:
@@ -365,7 +402,11 @@ def header(topk: int) -> list[str]:
 def write_csv(rows: list[list[Any]], *, topk: int, out: str | None) -> None:
     """The CSV to stdout, or to ``out`` (written whole: a temporary file beside it, renamed when
     complete); cells as `finetune.files.csv_text` writes them (RFC 4180, no formula-like text)."""
-    text = csv_text([header(topk), *rows])
+    write_rows(header(topk), rows, out=out)
+
+
+def write_rows(columns: list[str], rows: list[list[Any]], *, out: str | None) -> None:
+    text = csv_text([columns, *rows])
     if out is None:
         sys.stdout.write(text)
         return

@@ -61,6 +61,7 @@ class PredictConfig:
     num_workers: Any = 2  # image-loading processes (0: in this process), or auto (as data.num_workers)
     progress_bar: bool = True
     out: Optional[str] = None  # where to write predictions.csv; null: RUN_DIR/predict/<date_time>/ beside the run
+    thresholds: Any = None  # multi-label: null (the model's tuned thresholds), a number, a list, or a file
 
 
 ConfigStore.instance().store(name="predict_schema", node=PredictConfig)
@@ -127,20 +128,23 @@ def listing(items: Sequence[Any]) -> str:
 # ------------------------------------------------------------ predicting
 def predict(ckpt: str | Path, inputs: str | Path | Sequence[str | Path], *, topk: int = 5, batch_size: int = 64,
             tta: str = "none", device: str = "auto", num_workers: int | str = 0,
-            progress_bar: bool = False) -> list[dict[str, Any]]:
+            progress_bar: bool = False, thresholds: Any = None) -> list[dict[str, Any]]:
     """Classify the images ``inputs`` names with the model in ``ckpt``.
 
     Returns:
         One dict per image, in input order, with the columns of ``predictions.csv``: ``path``,
         ``label`` (top-1 class name), ``prob``, then ``top2``, ``prob2``, ... up to ``topk``
         (capped at the number of classes). With ``tta="hflip"`` the probabilities are the mean
-        of the softmax of each image and of its mirror image.
+        of the softmax of each image and of its mirror image. A multi-label model: ``path``, ``labels``
+        (the classes at or above their threshold, joined by ``;``), then ``p:<class>`` per class (sigmoid).
     """
     check_options(topk=topk, batch_size=batch_size, tta=tta)
     classifier = load_classifier(ckpt, device=device)
     paths = find_images(inputs)
     probs = predict_probabilities(classifier, paths, batch_size=batch_size, tta=tta, num_workers=num_workers,
                                   progress_bar=progress_bar)
+    if classifier.multilabel:
+        return label_set_rows(paths, probs, classifier.label_names, thresholds=classifier.thresholds(thresholds))
     return top_k_rows(paths, probs, classifier.label_names, topk=topk)
 
 
@@ -155,7 +159,8 @@ def check_options(*, topk: int, batch_size: int, tta: str) -> None:
 @torch.no_grad()
 def predict_probabilities(classifier: Classifier, paths: Sequence[Path], *, batch_size: int, tta: str = "none",
                           num_workers: int | str = 0, progress_bar: bool = False) -> torch.Tensor:
-    """Softmax probabilities ``[len(paths), num_classes]``, averaged over the ``tta`` views of each image."""
+    """Softmax probabilities ``[len(paths), num_classes]`` (multi-label: sigmoid), averaged over the ``tta``
+    views of each image."""
     loader = eval_loader([(str(p), 0) for p in paths], classifier.meta, batch_size=batch_size,
                          num_workers=num_workers)
     probs = []
@@ -168,9 +173,10 @@ def predict_probabilities(classifier: Classifier, paths: Sequence[Path], *, batc
 
 @torch.no_grad()
 def batch_probabilities(classifier: Classifier, batch: torch.Tensor, *, tta: str = "none") -> torch.Tensor:
-    """The probabilities of one preprocessed batch ``(N, C, H, W)``, on the CPU: the softmax of the logits,
-    averaged over the ``tta`` views. ``finetune.serve`` answers with exactly these."""
-    views = [classifier(view).softmax(dim=1) for view in TTA_VIEWS[tta](batch)]
+    """The probabilities of one preprocessed batch ``(N, C, H, W)``, on the CPU: the softmax of the logits
+    (a multi-label model's sigmoid), averaged over the ``tta`` views. ``finetune.serve`` answers with exactly
+    these."""
+    views = [classifier.probabilities(classifier(view)) for view in TTA_VIEWS[tta](batch)]
     return torch.stack(views).mean(dim=0).cpu()
 
 
@@ -183,6 +189,16 @@ def top_k_rows(paths: Sequence[Path], probs: torch.Tensor, label_names: list[str
         for rank, (p, k) in enumerate(zip(ps[1:], ks[1:]), start=2):
             row |= {f"top{rank}": label_names[k], f"prob{rank}": p}
         rows.append(row)
+    return rows
+
+
+def label_set_rows(paths: Sequence[Path], probs: torch.Tensor, label_names: list[str], *,
+                   thresholds: list[float]) -> list[dict]:
+    """``{path, labels, p:<class>...}`` per image: the classes whose probability reaches their threshold."""
+    rows = []
+    for path, ps in zip(paths, probs.tolist()):
+        chosen = [name for name, p, t in zip(label_names, ps, thresholds) if p >= t]
+        rows.append({"path": str(path), "labels": ";".join(chosen)} | {f"p:{n}": p for n, p in zip(label_names, ps)})
     return rows
 
 
@@ -199,7 +215,7 @@ def run(cfg: DictConfig, out_dir: str | Path | None = None) -> Path:
     the checkpoint's run, `finetune.inference.output_dir`)."""
     rows = predict(cfg.ckpt, OmegaConf.to_object(cfg.inputs) if OmegaConf.is_config(cfg.inputs) else cfg.inputs,
                    topk=cfg.topk, batch_size=cfg.batch_size, tta=cfg.tta, device=cfg.device,
-                   num_workers=cfg.num_workers, progress_bar=cfg.progress_bar)
+                   num_workers=cfg.num_workers, progress_bar=cfg.progress_bar, thresholds=cfg.thresholds)
     path = output_dir(out_dir or cfg.out, checkpoint=checkpoint_file(cfg.ckpt), kind="predict") / "predictions.csv"
     atomic_write_text(path, predictions_csv(rows))
     log.info(f"predicted {len(rows)} images, written to {path}")

@@ -104,7 +104,8 @@ class Recipe:
     def build_model_and_data(self, cfg: DictConfig, rt: Runtime, *, pretrained: bool) -> tuple[Any, Any, dict]:
         """The data split (recorded in ``split.json``), the model (its pretrained weights loaded when
         ``pretrained``; a resumed model gets its weights from the training state), the loaders."""
-        self.split = builders.build_split(cfg.data, run_dir=self.run_dir, write=self.world.main)
+        self.split = builders.build_split(cfg.data, run_dir=self.run_dir, write=self.world.main,
+                                          multilabel=cfg.task.name == "multilabel")
         model, spec = builders.build_classifier(cfg.model, head=cfg.head, num_classes=len(self.split.class_names))
         builders.set_grad_checkpointing(cfg.trainer, model, spec)
         if pretrained:
@@ -183,8 +184,14 @@ class Recipe:
             return  # refused before any work (a resume, a fresh run here): keep that run's summary
         self.summary.write()
         if self.parts is not None and not in_a_sweep():  # a sweep ends with its own table instead
-            folder = self.split.root if self.split and self.split.layout != "shards" else None
-            log.info(closing_block(self.summary.record, data_root=folder))
+            log.info(closing_block(self.summary.record, data_root=self.folder_root()))
+
+    def folder_root(self) -> str | None:
+        """The image folder a later evaluate names (None for a table or shards: evaluate takes the run's own
+        data, or none)."""
+        if self.split is None or self.split.layout == "shards":
+            return None
+        return self.split.root if self.split.source is None else None
 
     def _release(self, exc_type: type | None) -> None:
         if self.parts is not None and (exc_type is None or issubclass(exc_type, TrainingInterrupted)):

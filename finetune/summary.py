@@ -95,8 +95,7 @@ def start_block(*, data: Any, model: str, source: str, weights: str, trainable: 
     schedule  2 epochs of 3 updates (batch 4), adamw at lr 0.001
     """
     train, val = data.class_counts("train"), data.class_counts("val")
-    layout = {"train_val": "train/ and val/ folders", "shards": "WebDataset shards"}.get(
-        data.layout, f"class folders, split by data.val_split={data.val_split}")
+    layout = _layout(data)
     classes = [f"{name} ({t}/{v})" for name, t, v in zip(data.class_names, train, val)]
     more = f", and {len(classes) - listed} more" if len(classes) > listed else ""
     return "\n".join([
@@ -108,6 +107,17 @@ def start_block(*, data: Any, model: str, source: str, weights: str, trainable: 
         f"compute   {device}, precision {precision}, input {'x'.join(map(str, input_size))}",
         f"schedule  {epochs} epochs of {updates} updates (batch {batch}), {optimizer} at lr {lr:.4g}",
     ])
+
+
+def _layout(data: Any) -> str:
+    """How the images were found and split, in words."""
+    if data.layout == "shards":
+        return "WebDataset shards"
+    what = f"table {data.source}" if data.source else "class folders"
+    if data.layout == "folds":
+        return f"{what}, fold {data.fold} of data.folds={data.folds} validated"
+    return {"train_val": "train/ and val/ folders", "column": f"{what}, split by its split column"}.get(
+        data.layout, f"{what}, split by data.val_split={data.val_split}")
 
 
 def closing_block(record: dict[str, Any], *, data_root: str | None) -> str:

@@ -9,6 +9,10 @@ jobs never raise here (``finetune.__main__`` records a failed job and goes on) a
 are rebuilt from the job dirs, not from the jsonl alone:
 
     python -m finetune.sweep SWEEP_DIR      # rebuild and print (finished, partial or crashed sweep)
+
+When ``data.fold`` is among the swept keys (k-fold cross-validation: ``data.folds=5 data.fold='range(5)'``),
+``sweep_folds.csv`` has a row per configuration (the other swept keys) with the mean and std over its folds,
+and the printed table ranks the configurations by that mean.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from finetune.files import atomic_write_text, csv_text, open_append, read_json_d
 from finetune.metrics import infer_mode
 
 SUMMARY_JSONL, SUMMARY_CSV = "sweep_summary.jsonl", "sweep_summary.csv"
+FOLDS_CSV, FOLD_KEY = "sweep_folds.csv", "data.fold"  # k-fold cross-validation: a row per configuration
 FAILED = ("failed", "crashed", "unreadable")  # statuses that make a sweep's exit status non-zero
 STATUSES = ("completed", "interrupted", "pruned", "failed", "running")  # what a summary.json may say
 MAX_JOBS = 100_000  # job dirs a summary reads: a bound on the work a sweep dir from someone else can cause
@@ -145,8 +150,46 @@ def summarise(sweep_dir: Path) -> list[dict[str, Any]]:
     if len(jobs) > MAX_JOBS:
         raise UserError(f"sweep dir '{sweep_dir}' has more than {MAX_JOBS} job dirs: refused")
     rows = sorted((job_row(d) for d in jobs), key=_rank)
-    write_csv(sweep_dir / SUMMARY_CSV, rows, swept_keys(sweep_dir, rows))
+    keys = swept_keys(sweep_dir, rows)
+    write_csv(sweep_dir / SUMMARY_CSV, rows, keys)
+    if FOLD_KEY in keys:
+        write_folds_csv(sweep_dir / FOLDS_CSV, fold_summary(rows, keys), [k for k in keys if k != FOLD_KEY])
     return rows
+
+
+def fold_summary(rows: list[dict[str, Any]], keys: list[str]) -> list[dict[str, Any]]:
+    """One entry per configuration (the values of the swept keys other than ``data.fold``): the folds that
+    completed with a value, the ``mean`` and ``std`` (population, numpy's default) of their best values, and
+    every job number of the configuration; ranked by mean (the monitor's mode), configurations without a
+    completed fold last.
+
+    >>> rows = [{"overrides": [f"data.fold={f}", f"optim.lr={lr}"], "status": "completed", "best": b, "job": j,
+    ...          "mode": "max", "monitor": "val/acc1"}
+    ...         for j, (f, lr, b) in enumerate([(0, 1, 0.5), (1, 1, 0.7), (0, 2, 0.9), (1, 2, 0.8)])]
+    >>> [(g["config"], g["folds"], round(g["mean"], 3), round(g["std"], 3), g["jobs"])
+    ...  for g in fold_summary(rows, ["data.fold", "optim.lr"])]
+    [({'optim.lr': '2'}, 2, 0.85, 0.05, [2, 3]), ({'optim.lr': '1'}, 2, 0.6, 0.1, [0, 1])]
+    """
+    others = [k for k in keys if k != FOLD_KEY]
+    groups: dict[tuple, dict[str, Any]] = {}
+    for r in sorted(rows, key=lambda r: r["job"]):
+        values = dict(split_override(o) for o in r["overrides"])
+        config = {k: values.get(k, "") for k in others}
+        group = groups.setdefault(tuple(config.values()), {"config": config, "values": [], "jobs": [],
+                                                           "mode": None, "monitor": None})
+        group["jobs"].append(r["job"])
+        if r["status"] == "completed" and isinstance(r["best"], (int, float)) and math.isfinite(r["best"]):
+            group["values"].append(r["best"])
+            group["mode"] = r["mode"] or infer_mode(r["monitor"] or "")
+            group["monitor"] = r["monitor"]
+    out = []
+    for group in groups.values():
+        values = group.pop("values")
+        mean = sum(values) / len(values) if values else None
+        std = math.sqrt(sum((v - mean) ** 2 for v in values) / len(values)) if values else None
+        out.append(group | {"folds": len(values), "mean": mean, "std": std})
+    return sorted(out, key=lambda g: (g["mean"] is None, 0.0 if g["mean"] is None else
+                                      (-g["mean"] if g["mode"] == "max" else g["mean"])))
 
 
 def _rank(row: dict[str, Any]) -> tuple:
@@ -195,6 +238,26 @@ def write_csv(path: Path, rows: list[dict[str, Any]], keys: list[str]) -> None:
     atomic_write_text(path, csv_text(table), root=path.parent)
 
 
+def write_folds_csv(path: Path, groups: list[dict[str, Any]], keys: list[str]) -> None:
+    """``sweep_folds.csv``: per configuration its swept values, ``folds``, ``mean``, ``std`` and ``jobs``."""
+    table = [[*keys, "folds", "mean", "std", "jobs"]]
+    table += [[*g["config"].values(), g["folds"], "" if g["mean"] is None else g["mean"],
+               "" if g["std"] is None else g["std"], " ".join(map(str, g["jobs"]))] for g in groups]
+    atomic_write_text(path, csv_text(table), root=path.parent)
+
+
+def format_folds(groups: list[dict[str, Any]], keys: list[str]) -> list[str]:
+    """The cross-validation table: configurations ranked by their mean over folds."""
+    monitor = next((g["monitor"] for g in groups if g["monitor"]), "best")
+    header = [*keys, "folds", f"mean {monitor}", "std", "jobs"]
+    table = [[printable(c, 80) for c in row] for row in [header] + [
+        [*g["config"].values(), str(g["folds"]), "-" if g["mean"] is None else f"{g['mean']:.4f}",
+         "-" if g["std"] is None else f"{g['std']:.4f}", " ".join(map(str, g["jobs"]))] for g in groups]]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in table]
+    return [f"cross-validation: {len(groups)} configuration(s), mean and std over folds"] + lines
+
+
 def format_summary(rows: list[dict[str, Any]], keys: list[str]) -> str:
     """The table (best first), the best job and the command that reproduces it, what failed and why."""
     if not rows:
@@ -216,6 +279,8 @@ def format_summary(rows: list[dict[str, Any]], keys: list[str]) -> str:
         lines.append(reproduce_line(best))
     lines += [f"job {r['job']} {r['status']}: {printable(r['error'] or 'no summary.json (killed?)')}"
               for r in rows if r["status"] in FAILED]
+    if FOLD_KEY in keys:
+        lines += format_folds(fold_summary(rows, keys), [k for k in keys if k != FOLD_KEY])
     return "\n".join(lines)
 
 
@@ -263,7 +328,8 @@ def main(argv: list[str] | None = None) -> int:
 def print_summary(sweep_dir: Path) -> None:
     rows = summarise(sweep_dir)
     print(format_summary(rows, swept_keys(sweep_dir, rows)))
-    print(f"written: {sweep_dir / SUMMARY_CSV}")
+    print(f"written: {sweep_dir / SUMMARY_CSV}" + (f", {sweep_dir / FOLDS_CSV}" if (sweep_dir / FOLDS_CSV).is_file()
+                                                     else ""))
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from finetune.distributed import SINGLE, World
 from finetune.errors import UserError
-from finetune.metrics import EvalResult, MetricAccumulator, infer_mode, is_better
+from finetune.metrics import EvalResult, MetricAccumulator, MultilabelAccumulator, infer_mode, is_better
 from finetune.signals import STOP_SIGNALS, StopRequest, TrainingInterrupted
 
 log = logging.getLogger("finetune")
@@ -98,7 +98,7 @@ class Trainer:
                  channels_last: bool = False, monitor: str = "val/acc1", mode: str | None = None,
                  patience: int | None = None, min_delta: float = 0.0, hooks: Sequence[TrainerHook] = (),
                  progress_bar: bool = True, stop: StopRequest | None = None, world: World = SINGLE,
-                 ddp_options: dict[str, Any] | None = None, mixer: Any = None):
+                 ddp_options: dict[str, Any] | None = None, mixer: Any = None, multilabel: bool = False):
         self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
         self.scheduler, self.grad_scaler, self.ema = scheduler, grad_scaler, ema
         self.device, self.num_classes, self.max_epochs = device, num_classes, max_epochs
@@ -108,7 +108,8 @@ class Trainer:
         self.patience, self.min_delta = patience, min_delta
         self.hooks, self.progress_bar = list(hooks), progress_bar
         self.stop = stop  # polled at optimizer-update boundaries; set by SIGTERM/SIGINT
-        self.eval_loss = nn.CrossEntropyLoss(reduction="sum")
+        self.multilabel = multilabel  # targets are multi-hot rows; sigmoid scores, BCE, val/mAP
+        self.eval_loss = multilabel_eval_loss(num_classes) if multilabel else nn.CrossEntropyLoss(reduction="sum")
         self.world, self.ddp_options = world, dict(ddp_options or {})
         self.mixer = mixer  # Mixup/CutMix of training batches (finetune.mixing.BatchMixer), soft targets
         self.train_model: nn.Module = model  # what the forward of a training step calls (DDP's wrapper under DDP)
@@ -219,6 +220,11 @@ class Trainer:
         The loss function's own mean divides by this process's images (or class weights); the
         global batch divides by all processes' together, which one small all-reduce gives.
         """
+        if self.multilabel:  # the loss's mean over this process's images and classes, then over the global batch
+            total = self.loss_fn(logits.float(), target) * target.numel()
+            denominator = torch.tensor([float(target.numel())], device=logits.device)
+            torch.distributed.all_reduce(denominator)
+            return total * self.world.size / denominator
         weight = getattr(self.loss_fn, "weight", None)
         smoothing = getattr(self.loss_fn, "label_smoothing", 0.0)
         total = torch.nn.functional.cross_entropy(logits.float(), target, weight=weight, reduction="sum",
@@ -257,11 +263,18 @@ class Trainer:
     def evaluate(self, loader: Iterable, model: nn.Module | None = None) -> EvalResult:
         """Loss, accuracies and confusion matrix over ``loader`` (EMA weights when EMA is on)."""
         model = model or (self.ema.module if self.ema is not None else self.model)  # never the DDP wrapper
+        if self.world.distributed:
+            # DDP broadcasts rank 0's buffers at the start of each training forward, then every rank's forward
+            # updates its own BatchNorm statistics: without this, each rank would evaluate its shard with other
+            # running statistics than the model rank 0 saves (and evaluate reproduces).
+            for buffer in model.buffers():
+                torch.distributed.broadcast(buffer, src=0)
         was_training = model.training
         model.eval()
         batches = getattr(loader, "batch_sampler", None)  # `EvalBatches`: which batches of the whole set are ours
         batch_ids = getattr(batches, "batch_ids", None)
-        acc = MetricAccumulator(self.num_classes, total_batches=getattr(batches, "total_batches", None))
+        accumulator = MultilabelAccumulator if self.multilabel else MetricAccumulator
+        acc = accumulator(self.num_classes, total_batches=getattr(batches, "total_batches", None))
         for k, (inputs, target) in enumerate(loader):
             inputs = inputs.to(self.device, non_blocking=True, memory_format=self.memory_format)
             target = target.to(self.device, non_blocking=True)
@@ -346,8 +359,14 @@ class Trainer:
         return improved
 
     def _log_epoch(self, state: TrainState, logs: dict[str, float], result: EvalResult) -> None:
-        acc5 = f" val/acc5 {result.acc5:.4f}" if result.acc5 is not None else ""
+        scalars = " ".join(f"{k} {v:.4f}" for k, v in result.scalars().items())
         log.info(f"epoch {state.epoch}/{self.max_epochs} step {state.global_step} "
-                 f"train/loss {logs['train/loss']:.4f} val/loss {result.loss:.4f} "
-                 f"val/acc1 {result.acc1:.4f}{acc5} best {self.monitor} {state.best_value:.4f} "
+                 f"train/loss {logs['train/loss']:.4f} {scalars} best {self.monitor} {state.best_value:.4f} "
                  f"(epoch {state.best_epoch}) {logs['seconds']:.1f}s")
+
+
+def multilabel_eval_loss(num_classes: int) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """val/loss of label sets: BCE-with-logits summed over the images, each image's mean over the classes."""
+    def loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return nn.functional.binary_cross_entropy_with_logits(logits, target, reduction="sum") / num_classes
+    return loss

@@ -156,3 +156,29 @@ def run_bounded(args: list[str], *, cwd: Path, timeout: float = 120, address_spa
         out, err = proc.communicate()
         return subprocess.CompletedProcess(proc.args, None, out, err + f"\n[killed after {timeout} s]")
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+SHAPE_CLASSES = ("red", "green", "blue", "yellow")
+
+
+def make_multilabel_table(root: Path, *, images: int = 48, size: int = 32, classes: int = 3, seed: int = 0,
+                          name: str = "labels.csv") -> Path:
+    """Images of pasted shapes, a label set each: a square of a class's colour in its own quadrant for each
+    class the image has (none too), on noise. Returns ``root/labels.csv`` (path,labels with ';')."""
+    rng = np.random.default_rng(seed)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    rows = ["path,labels"]
+    quarter = size // 2
+    for i in range(images):
+        pixels = rng.integers(0, 80, (size, size, 3), dtype=np.uint8)
+        present = [c for c in range(classes) if rng.random() < 0.4]
+        for c in present:
+            y, x = divmod(c, 2)
+            side = int(rng.integers(quarter // 2, quarter + 1))
+            oy, ox = rng.integers(0, quarter - side + 1, 2)
+            top, left = y * quarter + oy, x * quarter + ox
+            pixels[top:top + side, left:left + side] = COLOURS[c % len(COLOURS)]
+        Image.fromarray(pixels).save(root / "images" / f"{i}.png")
+        rows.append(f"images/{i}.png,{';'.join(SHAPE_CLASSES[c] for c in present)}")
+    (root / name).write_text("\n".join(rows) + "\n")
+    return root / name

@@ -37,7 +37,9 @@ def test_design_groups_have_their_options():
 
 @pytest.mark.parametrize("group, option", [(g, o) for g, opts in GROUP_OPTIONS.items() for o in opts])
 def test_every_option_composes_and_validates(group, option):
-    overrides = [f"{group}={option}"] + (["data.root=/somewhere"] if option == "custom" else [])
+    needs = {"custom": ["data.root=/somewhere"], "table": ["data.file=labels.csv"],
+             "multilabel": ["data=table", "data.file=labels.csv"]}
+    overrides = [f"{group}={option}"] + needs.get(option, [])
     check_config(compose_config(overrides))
 
 

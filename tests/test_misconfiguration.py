@@ -70,6 +70,7 @@ def test_every_shipped_option_composes_and_passes_the_checks():
                 overrides = [f"{group}={option}"]
             overrides += ["freeze.until=layer1"] if (group, option) == ("freeze", "until") else []
             overrides += ["freeze.include=[x]"] if (group, option) == ("freeze", "patterns") else []
+            overrides += ["data=table", "data.file=t.csv"] if (group, option) == ("task", "multilabel") else []
             check_config(compose_config(overrides))
 
 

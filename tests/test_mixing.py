@@ -59,6 +59,8 @@ def test_off_epoch_and_an_odd_batch_give_smoothed_one_hot_targets_unmixed():
     (["data.mixup=-1"], "data.mixup must be 0 (off) or a positive Beta alpha, got '-1.0'"),
     (["data.mix_prob=2"], "data.mix_prob must be a probability between 0 and 1, got '2.0'"),
     (["data.cutmix=1", "data.balance=loss_weights"], "cannot weigh: use data.balance=sampler"),
+    (["data.mixup=0.8", "task=multilabel", "data=table", "data.file=t.csv"],
+     "data.mixup/data.cutmix (0.8/0.0) mix one-hot class targets and are not built for task=multilabel yet"),
 ])
 def test_bad_mixing_settings_are_refused_in_one_line(overrides, message):
     with pytest.raises(UserError) as err:

@@ -54,6 +54,7 @@ class CheckpointManager(TrainerHook):
         self.top_k: list[dict[str, Any]] = []  # best first: {name, value, epoch, step}
         self.last_saved: tuple[int, int, int] | None = None  # (epoch, step, batches) of last.ckpt
         self.last_value: float | None = None  # the monitored metric of the latest epoch
+        self.thresholds: list[float] | None = None  # multi-label: per-class thresholds tuned on the latest epoch
 
     # ------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -89,12 +90,13 @@ class CheckpointManager(TrainerHook):
                      improved: bool) -> None:
         self.wait()
         value = self.last_value = (result.scalars() | logs).get(self.monitor)
+        self.thresholds = getattr(result, "tuned_thresholds", None)  # multi-label: tuned on this epoch's val scores
         saves: EpochSaves = self.world.agree(plan_epoch_end(
             self.policy, epoch=state.epoch, step=state.global_step, value=value, improved=improved, top_k=self.top_k))
         if saves.best:
-            self.writer.write_weights(f"best{self.policy.ext}", "best", state, value)
+            self.writer.write_weights(f"best{self.policy.ext}", "best", state, value, thresholds=self.thresholds)
         if saves.top_k_name is not None:
-            self.writer.write_weights(saves.top_k_name, "top_k", state, value)
+            self.writer.write_weights(saves.top_k_name, "top_k", state, value, thresholds=self.thresholds)
             self.top_k = [dict(e) for e in saves.top_k]
             self.writer.remove(saves.displaced)  # the new file is in place before the ones it displaces go
         if saves.last:
@@ -116,7 +118,7 @@ class CheckpointManager(TrainerHook):
 
     # ------------------------------------------------------------ saving
     def save_last(self, state: TrainState, value: float | None) -> None:
-        self.writer.write_weights(f"last{self.policy.ext}", "last", state, value)
+        self.writer.write_weights(f"last{self.policy.ext}", "last", state, value, thresholds=self.thresholds)
         self.save_state(state)
 
     def save_state(self, state: TrainState, *, background: bool = False) -> None:
@@ -178,7 +180,8 @@ class Checkpointer(Protocol):
 class CheckpointWriter(Protocol):
     """Where a `CheckpointManager`'s saves land: files on rank 0 (`FileWriter`), nothing elsewhere (`NoWriter`)."""
 
-    def write_weights(self, name: str, kind: str, state: TrainState, value: float | None) -> None: ...
+    def write_weights(self, name: str, kind: str, state: TrainState, value: float | None, *,
+                      thresholds: list[float] | None = None) -> None: ...
 
     def write_state(self, snapshot: Callable[[], dict[str, Any]], state: TrainState, *, background: bool) -> None: ...
 
@@ -204,7 +207,8 @@ class NoWriter:
     """The writer of a DDP process other than rank 0: it takes part in every save (the manager's
     collectives) and writes nothing."""
 
-    def write_weights(self, name: str, kind: str, state: TrainState, value: float | None) -> None:
+    def write_weights(self, name: str, kind: str, state: TrainState, value: float | None, *,
+                      thresholds: list[float] | None = None) -> None:
         pass
 
     def write_state(self, snapshot: Callable[[], dict[str, Any]], state: TrainState, *, background: bool) -> None:
@@ -295,8 +299,9 @@ class FileWriter:
     def weights_metadata(self, *, epoch: int) -> dict[str, str]:
         return self.model.metadata(epoch=epoch)
 
-    def write_weights(self, name: str, kind: str, state: TrainState, value: float | None) -> None:
-        meta = self.model.metadata(monitor=self.policy.monitor, value=value, epoch=state.epoch)
+    def write_weights(self, name: str, kind: str, state: TrainState, value: float | None, *,
+                      thresholds: list[float] | None = None) -> None:
+        meta = self.model.metadata(monitor=self.policy.monitor, value=value, epoch=state.epoch, thresholds=thresholds)
         facts = self._guarded(name, lambda p: save_weights(p, self.parts.deploy_model(), meta,
                                                            self.policy.weights_format))
         self._record(name, facts, kind, state, value)

@@ -63,12 +63,17 @@ class ModelDescription:
     class_names: list[str]
     data_config: dict[str, Any]  # the preprocessing inference must reproduce
     versions: dict[str, str]
+    task: str = "multiclass"  # multilabel: sigmoid outputs, a decision threshold per class
 
     def metadata(self, *, monitor: str | None = None, value: float | None = None,
-                 epoch: int | None = None) -> dict[str, str]:
-        """String metadata for a weights file: enough to rebuild the model and its preprocessing."""
+                 epoch: int | None = None, thresholds: list[float] | None = None) -> dict[str, str]:
+        """String metadata for a weights file: enough to rebuild the model and its preprocessing (and, for a
+        multi-label model, to decide: ``task`` and the per-class ``thresholds``)."""
         spec = self.spec
-        return {
+        task = {"task": self.task} if self.task != "multiclass" else {}
+        if thresholds is not None:
+            task["thresholds"] = json.dumps(thresholds)
+        return task | {
             "format": WEIGHTS_FORMAT, "model_name": spec.name, "model_source": spec.source,
             "num_classes": str(spec.num_classes), "in_chans": str(spec.in_chans),
             "class_names": json.dumps(self.class_names), "head": json.dumps(spec.head),
@@ -117,6 +122,8 @@ class ModelMeta:
     classifier: str | None = None  # the head's module path (weights files record it)
     architecture: str = ""  # what rebuilds the model: a registry name, never a hub or folder ('' = name)
     model_args: dict[str, Any] = field(default_factory=dict)  # the architecture's arguments (an hf-hub model's)
+    task: str = "multiclass"  # or multilabel (sigmoid outputs)
+    thresholds: list[float] | None = None  # multilabel: a class is predicted at probability >= its threshold
 
     def __post_init__(self) -> None:
         self.architecture = self.architecture or self.name
@@ -181,7 +188,24 @@ class ModelMeta:
                    num_classes=num_classes, in_chans=in_chans, class_names=class_names, head=head,
                    data_config={**data_config, "input_size": tuple(data_config["input_size"])},
                    extra=_extra(meta), classifier=_text(meta, "classifier") if "classifier" in meta else None,
-                   architecture=_architecture(meta, name), model_args=_model_args(meta))
+                   architecture=_architecture(meta, name), model_args=_model_args(meta),
+                   task=_one_of(_text(meta, "task"), TASKS, "task") if "task" in meta else "multiclass",
+                   thresholds=_thresholds(meta, num_classes))
+
+
+TASKS = ("multiclass", "multilabel")
+
+
+def _thresholds(meta: Mapping[str, Any], num_classes: int) -> list[float] | None:
+    """A multi-label model's decision thresholds: one number in [0, 1] per output."""
+    if "thresholds" not in meta:
+        return None
+    values = _json_field(meta, "thresholds")
+    if not isinstance(values, list) or len(values) != num_classes:
+        raise MetadataError(f"thresholds is {_quoted(values)}, not a list of {num_classes} numbers")
+    for value in values:
+        _in_range(value, "thresholds", 0.0, 1.0, integer=False)
+    return [float(v) for v in values]
 
 
 def _architecture(meta: Mapping[str, Any], name: str) -> str:

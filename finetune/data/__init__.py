@@ -1,6 +1,7 @@
 """Data: the demo set, image folders, transforms, reproducible sampling and loaders.
 
-Flow: `ensure_demo_dataset` (demo only) -> `scan_image_folder` -> `build_transforms`
+Flow: `ensure_demo_dataset` (demo only) -> `scan_image_folder` (or `scan_table` for a label table)
+-> `build_transforms`
 -> `build_loaders`. The demo set is an ordinary image folder, read by the same code.
 Speed (issue 15, docs/benchmarks.md): JPEGs decoded at a reduced size where the transform
 allows it (`Preprocess`, `load_transformed`), 8-bit batches normalised after collation
@@ -15,6 +16,7 @@ from finetune.data.loaders import (BALANCE_CHOICES, Loaders, NormalizingLoader, 
                                    compute_class_weights, resolve_num_workers, worker_context)
 from finetune.data.sampling import EpochSampler
 from finetune.data.stream import ShardSplit, build_stream_loaders
+from finetune.data.table import TableColumns, given_classes, read_table, scan_table
 from finetune.data.transforms import (AUGMENT_PRESETS, Preprocess, augment_settings, build_transforms,
                                       effective_data_config)
 
@@ -22,6 +24,7 @@ __all__ = [
     "BALANCE_CHOICES",
     "IMAGE_EXTENSIONS",
     "SHAPES",
+    "TableColumns",
     "DataSplit",
     "EpochSampler",
     "ImageDataset",
@@ -44,7 +47,10 @@ __all__ = [
     "load_image",
     "load_rgb",
     "load_transformed",
+    "given_classes",
+    "read_table",
     "resolve_num_workers",
     "worker_context",
     "scan_image_folder",
+    "scan_table",
 ]

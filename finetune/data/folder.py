@@ -19,8 +19,10 @@ import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from finetune.data.dataset import open_image
+from finetune.data.splits import assign_multiclass_folds, check_folds
 from finetune.errors import UserError, describe_error
 from finetune.files import walk_files
 
@@ -28,22 +30,27 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", 
 LAYOUT_HINT = "expected DIR/<class>/<image> or DIR/train/<class>/<image> with DIR/val/<class>/<image>"
 MAX_LISTED = 5
 
-Sample = tuple[str, int]
+Sample = tuple[str, Any]  # (path, class index); multi-label: (path, tuple of class indices)
 
 
 @dataclass
 class DataSplit:
-    """Train and val samples of an image folder, with where they came from.
+    """Train and val samples of an image folder or a label table, with where they came from.
 
     Attributes:
-        train: ``(path, label)`` pairs for training.
+        train: ``(path, label)`` pairs for training (multi-label: ``(path, (label, ...))``).
         val: ``(path, label)`` pairs for validation.
-        class_names: Class names in label order (sorted folder names).
-        root: The data set root, ``~`` expanded and absolute.
-        layout: ``"train_val"`` (given folders) or ``"split"`` (split by ``val_split``).
-        skipped: Unreadable files that were left out (paths).
+        class_names: Class names in label order (sorted folder names, or the table's classes).
+        root: The data set root, ``~`` expanded and absolute (a table's folder).
+        layout: ``"train_val"`` (given folders), ``"split"`` (split by ``val_split``), ``"column"`` (a
+            table's split column) or ``"folds"`` (fold ``fold`` of ``folds`` is val).
+        skipped: Unreadable (or, for a table, missing) files that were left out (paths).
         val_split: The fraction held out when ``layout == "split"``, else None.
         seed: The seed of the split.
+        multilabel: Labels are sets of classes (``task=multilabel``).
+        test: A table's ``split=test`` rows (never trained or validated on).
+        folds, fold: k-fold cross-validation: the number of folds and the one validated on.
+        source: The label table the samples come from (None for a folder).
     """
 
     train: list[Sample]
@@ -54,6 +61,11 @@ class DataSplit:
     skipped: list[str] = field(default_factory=list)
     val_split: float | None = None
     seed: int = 0
+    multilabel: bool = False
+    test: list[Sample] = field(default_factory=list)
+    folds: int | None = None
+    fold: int | None = None
+    source: str | None = None
 
     @property
     def num_classes(self) -> int:
@@ -61,10 +73,11 @@ class DataSplit:
         return len(self.class_names)
 
     def class_counts(self, split: str = "train") -> list[int]:
-        """Number of samples per class, in label order, of ``split`` ("train" or "val")."""
+        """Number of samples per class (multi-label: positives), in label order, of ``split``."""
         counts = [0] * self.num_classes
         for _, label in self._samples(split):
-            counts[label] += 1
+            for index in (label if self.multilabel else (label,)):
+                counts[index] += 1
         return counts
 
     def to_record(self) -> dict:
@@ -73,25 +86,32 @@ class DataSplit:
         File paths are relative to ``root`` (POSIX separators) so the record survives
         moving the data set.
         """
+        splits = ("train", "val", "test") if self.test else ("train", "val")
         return {
             "root": self.root,
             "layout": self.layout,
             "val_split": self.val_split,
             "seed": self.seed,
+            "task": "multilabel" if self.multilabel else "multiclass",
+            "source": self.source,
+            "folds": self.folds,
+            "fold": self.fold,
             "class_names": list(self.class_names),
-            "counts": {split: dict(zip(self.class_names, self.class_counts(split))) for split in ("train", "val")},
-            "files": {split: [[self._relative(p), label] for p, label in self._samples(split)]
-                      for split in ("train", "val")},
+            "counts": {split: dict(zip(self.class_names, self.class_counts(split))) for split in splits},
+            "files": {split: [[self._relative(p), list(label) if self.multilabel else label]
+                              for p, label in self._samples(split)] for split in splits},
             "skipped": [self._relative(p) for p in self.skipped],
         }
 
     def _samples(self, split: str) -> list[Sample]:
-        if split not in ("train", "val"):
-            raise ValueError(f"split must be 'train' or 'val', got {split!r}")
-        return self.train if split == "train" else self.val
+        if split not in ("train", "val", "test"):
+            raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
+        return {"train": self.train, "val": self.val, "test": self.test}[split]
 
     def _relative(self, path: str) -> str:
-        return Path(os.path.relpath(path, self.root)).as_posix()
+        """Relative to ``root`` (POSIX separators); a table's image outside it (``data.allow_outside``): absolute."""
+        relative = Path(os.path.relpath(path, self.root)).as_posix()
+        return Path(path).as_posix() if relative == ".." or relative.startswith("../") else relative
 
 
 def scan_image_folder(
@@ -101,6 +121,8 @@ def scan_image_folder(
     seed: int = 0,
     skip_bad_images: bool = False,
     check_images: bool = True,
+    folds: int | None = None,
+    fold: int | None = None,
 ) -> DataSplit:
     """Collect, check and split the images under ``root``.
 
@@ -111,6 +133,8 @@ def scan_image_folder(
         seed: Seed of that split.
         skip_bad_images: Leave unreadable images out with a warning instead of failing.
         check_images: Decode every image once to find unreadable ones before training.
+        folds, fold: k-fold cross-validation over every image (``train/`` and ``val/`` together): fold
+            ``fold`` of ``folds`` (`finetune.data.splits.assign_multiclass_folds`) is val.
 
     Returns:
         The samples of each split, class names and provenance.
@@ -132,6 +156,11 @@ def scan_image_folder(
     for key, by_class in files.items():
         _check_classes(base if key == "all" else base / key, by_class, skipped)
     class_names = sorted(next(iter(files.values())))
+    if folds is not None:
+        check_folds(folds, fold)
+        pool = {name: sorted(p for by_class in files.values() for p in by_class[name]) for name in class_names}
+        train, val = split_by_fold(pool, class_names, folds=folds, fold=fold, seed=seed)
+        return DataSplit(train, val, class_names, str(base), "folds", skipped, None, seed, folds=folds, fold=fold)
     if layout == "train_val":
         train, val = _label(files["train"], class_names), _label(files["val"], class_names)
         return DataSplit(train, val, class_names, str(base), layout, skipped, None, seed)
@@ -236,6 +265,17 @@ def _split_stratified(
     return train, val
 
 
+def split_by_fold(by_class: dict[str, list[str]], class_names: list[str], *, folds: int, fold: int,
+                  seed: int) -> tuple[list[Sample], list[Sample]]:
+    """Train (every other fold) and val (fold ``fold``), each by class, then path."""
+    assigned = assign_multiclass_folds(by_class, class_names, folds=folds, seed=seed)
+    train, val = [], []
+    for label, name in enumerate(class_names):
+        for path in sorted(by_class[name]):
+            (val if assigned[path] == fold else train).append((path, label))
+    return train, val
+
+
 def find_unreadable_images(paths: list[str], *, max_workers: int | None = None) -> list[tuple[str, str]]:
     """Decode each image once and return ``(path, reason)`` for those that fail.
 
@@ -263,19 +303,25 @@ def _read_error(path: str) -> str | None:
 def _drop_bad_images(base: Path, files: dict[str, dict[str, list[str]]], skip: bool) -> list[str]:
     """Check every image; fail listing the bad ones, or drop them with a warning."""
     paths = [p for by_class in files.values() for images in by_class.values() for p in images]
-    bad = find_unreadable_images(paths)
-    if not bad:
-        return []
-    listed = "; ".join(f"'{os.path.relpath(p, base)}' ({reason})" for p, reason in bad[:MAX_LISTED])
-    more = f" and {len(bad) - MAX_LISTED} more" if len(bad) > MAX_LISTED else ""
-    if not skip:
-        raise UserError(
-            f"{len(bad)} unreadable image(s) under data.root '{base}': {listed}{more}: "
-            "fix or remove them, or set data.skip_bad_images=true to skip them"
-        )
-    warnings.warn(f"skipping {len(bad)} unreadable image(s) under data.root '{base}': {listed}{more}", stacklevel=3)
-    bad_set = {p for p, _ in bad}
+    bad_set = check_images_readable(paths, base, skip=skip, where=f"data.root '{base}'")
     for by_class in files.values():
         for name, images in by_class.items():
             by_class[name] = [p for p in images if p not in bad_set]
     return sorted(bad_set)
+
+
+def check_images_readable(paths: list[str], base: Path, *, skip: bool, where: str) -> set[str]:
+    """The unreadable images among ``paths``: none, or with ``skip`` those (listed in a warning);
+    otherwise one `UserError` listing them (names relative to ``base``)."""
+    bad = find_unreadable_images(paths)
+    if not bad:
+        return set()
+    listed = "; ".join(f"'{os.path.relpath(p, base)}' ({reason})" for p, reason in bad[:MAX_LISTED])
+    more = f" and {len(bad) - MAX_LISTED} more" if len(bad) > MAX_LISTED else ""
+    if not skip:
+        raise UserError(
+            f"{len(bad)} unreadable image(s) under {where}: {listed}{more}: "
+            "fix or remove them, or set data.skip_bad_images=true to skip them"
+        )
+    warnings.warn(f"skipping {len(bad)} unreadable image(s) under {where}: {listed}{more}", stacklevel=4)
+    return {p for p, _ in bad}

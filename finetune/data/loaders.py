@@ -49,8 +49,8 @@ class Loaders:
         train: The training loader; call ``train_sampler.set_epoch(e)`` before each epoch.
         val: The validation loader (fixed order, eval transform).
         train_sampler: The train loader's sampler (``set_epoch``, ``set_start``).
-        class_weights: Per-class weights for ``CrossEntropyLoss(weight=...)`` when
-            ``balance="loss_weights"``, else None.
+        class_weights: Per-class weights for ``CrossEntropyLoss(weight=...)`` (multi-label: BCE's
+            ``pos_weight``, `positive_weights`) when ``balance="loss_weights"``, else None.
     """
 
     train: DataLoader
@@ -106,12 +106,16 @@ def build_loaders(
                              world_size=world_size)
     # Own generators: without one, every pass would draw worker seeds from the global RNG.
     common = _loader_options(num_workers, pin_memory) | {"channels": channels, "device": device}
-    train = image_loader(split.train, train_transform, sampler=sampler, batch_size=batch_size,
+    train_samples, val_samples = (multi_hot(split.train, split.num_classes), multi_hot(split.val, split.num_classes)) \
+        if split.multilabel else (split.train, split.val)
+    train = image_loader(train_samples, train_transform, sampler=sampler, batch_size=batch_size,
                          generator=torch.Generator().manual_seed(seed), **common)
-    val = image_loader(split.val, eval_transform,
+    val = image_loader(val_samples, eval_transform,
                        batch_sampler=EvalBatches(len(split.val), batch_size, rank=rank, world_size=world_size),
                        generator=torch.Generator().manual_seed(seed), **common)
-    weights = compute_class_weights(counts) if balance == "loss_weights" else None
+    weights = None
+    if balance == "loss_weights":
+        weights = positive_weights(counts, len(split.train)) if split.multilabel else compute_class_weights(counts)
     return Loaders(train, val, sampler, weights)
 
 
@@ -258,6 +262,29 @@ def compute_class_weights(counts: list[int]) -> torch.Tensor:
     """
     total, num_classes = sum(counts), len(counts)
     return torch.tensor([total / (num_classes * max(count, 1)) for count in counts], dtype=torch.float32)
+
+
+def positive_weights(positives: list[int], images: int) -> torch.Tensor:
+    """BCE's ``pos_weight`` per class: negatives / positives (a class without a positive: 1).
+
+    >>> positive_weights([10, 25, 0], 50).tolist()
+    [4.0, 1.0, 1.0]
+    """
+    return torch.tensor([(images - p) / p if p else 1.0 for p in positives], dtype=torch.float32)
+
+
+def multi_hot(samples: list[tuple[str, Any]], num_classes: int) -> list[tuple[str, torch.Tensor]]:
+    """``(path, classes)`` samples as ``(path, float32 multi-hot row)``: what BCE takes as its target.
+
+    >>> multi_hot([("a.png", (0, 2)), ("b.png", ())], 3)[0][1].tolist()
+    [1.0, 0.0, 1.0]
+    """
+    out = []
+    for path, classes in samples:
+        row = torch.zeros(num_classes, dtype=torch.float32)
+        row[list(classes)] = 1.0
+        out.append((path, row))
+    return out
 
 
 def seed_worker(worker_id: int) -> None:

@@ -48,6 +48,9 @@ class ServedModel:
     source: Path  # the checkpoint or .onnx file the user named (a run dir resolved to its weights)
 
     def __post_init__(self) -> None:
+        if self.classifier.multilabel:
+            raise UserError(f"'{self.source}' is a task=multilabel model, and finetune.serve answers single-label "
+                            "models only (yet): use python -m finetune.predict, or the exported ONNX file")
         self.transform = eval_transform(self.classifier.meta)
 
     @property
