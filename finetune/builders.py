@@ -32,7 +32,7 @@ from finetune.optim import build_optimizer, build_param_groups, build_scheduler
 from finetune.resume import ResumePlan
 from finetune.runtime import Runtime, package_versions
 from finetune.signals import StopRequest, shield_workers
-from finetune.trackers import TrackerContext, build_trackers
+from finetune.trackers import TrackerContext, build_trackers, without_passwords
 from finetune.trainer import Trainer, TrainerHook
 from finetune.weights import load_pretrained
 
@@ -312,7 +312,7 @@ def build_logging(cfg: DictConfig, *, class_names: list[str], run_dir: Path, pla
     context = TrackerContext(run_dir=run_dir, run_name=run_name(run_dir), purge_step=continuation.get("purge_step"),
                              resume_ids=plan.tracker_ids(), sweep=sweep_facts(cfg))
     logger = build_trackers(sections, context)
-    logger.log_config(OmegaConf.to_container(cfg, resolve=True))
+    logger.log_config(without_passwords(OmegaConf.to_container(cfg, resolve=True)))
     return logger, LogEvents(logger, class_names=class_names, log_every_n_steps=cfg.logger.log_every_n_steps,
                              replay=continuation.get("replay"))
 

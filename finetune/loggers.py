@@ -111,11 +111,8 @@ class Loggers:
         return {name: {"error": error, "dropped_events": self.dropped[name]} for name, error in self.failed.items()}
 
     def close(self, status: str = "FINISHED") -> None:
-        for name, logger in self.loggers.items():
-            try:
-                logger.close(status)
-            except Exception as err:  # noqa: BLE001
-                log.warning(f"logger {name}: could not close ({type(err).__name__}: {err})")
+        """End every tracker's run with ``status`` (a failed one's end is one more dropped event)."""
+        self._each("close", status)
 
 
 class LogEvents(TrainerHook):

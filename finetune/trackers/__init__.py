@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,3 +63,20 @@ def build_trackers(sections: dict[str, dict[str, Any] | None], context: TrackerC
     for name, error in failed.items():
         loggers.failed[name], loggers.dropped[name] = error, 0
     return loggers
+
+
+URL_PASSWORD = re.compile(r"(://[^/:@\s]*:)[^@\s/]+@")
+
+
+def without_passwords(config: Any) -> Any:
+    """``config`` with the password of every URL in it as ``***`` (a tracker logs the config: a
+    ``sweep.storage`` URL would carry its password to the tracking server).
+
+    >>> without_passwords({"sweep": {"storage": "postgresql://ft:s3cret@db/optuna"}, "n": [1]})
+    {'sweep': {'storage': 'postgresql://ft:***@db/optuna'}, 'n': [1]}
+    """
+    if isinstance(config, dict):
+        return {k: without_passwords(v) for k, v in config.items()}
+    if isinstance(config, list):
+        return [without_passwords(v) for v in config]
+    return URL_PASSWORD.sub(r"\1***@", config) if isinstance(config, str) else config

