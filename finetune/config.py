@@ -181,7 +181,7 @@ class CsvSettings:
 class MlflowSettings:
     """``logger=mlflow`` (``pip install 'finetune[mlflow]'``, `finetune.trackers.mlflow_tracker`)."""
 
-    tracking_uri: Optional[str] = None  # null: $MLFLOW_TRACKING_URI, else MLflow's local default (./mlruns); or http://HOST:PORT
+    tracking_uri: Optional[str] = None  # null: $MLFLOW_TRACKING_URI, else MLflow's default in the working dir (3.x: sqlite ./mlflow.db; 2.x: ./mlruns); or http://HOST:PORT
     experiment_name: str = "finetune"  # created when missing
     run_name: Optional[str] = None  # null: the run dir's name (a sweep's job: its number)
     log_weights: bool = True  # upload best.<ext> as an artifact (false: only the small files)
