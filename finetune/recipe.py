@@ -212,7 +212,12 @@ class Recipe:
 
 
 def tracker_status(exc_type: type | None) -> str:
-    """How the trackers see the run's end: ``FINISHED``, ``KILLED`` (interrupted, a pruned trial) or ``FAILED``."""
+    """How the trackers see the run's end: ``FINISHED``, ``KILLED`` (interrupted, a pruned trial) or ``FAILED``.
+
+    >>> from finetune.signals import TrainingInterrupted
+    >>> [tracker_status(e) for e in (None, TrainingInterrupted, KeyboardInterrupt, RunPruned, ValueError, OSError)]
+    ['FINISHED', 'KILLED', 'KILLED', 'KILLED', 'FAILED', 'FAILED']
+    """
     if exc_type is None:
         return "FINISHED"
     return "KILLED" if issubclass(exc_type, (KeyboardInterrupt, RunPruned)) else "FAILED"
