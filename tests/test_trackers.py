@@ -173,6 +173,16 @@ def test_interrupted_run_ends_killed(server, images, tmp_path):
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["status"] == "interrupted"
 
 
+def test_a_failed_run_ends_failed(server, images, tmp_path):
+    args = tracked(images, server.uri, "failed", f"hydra.run.dir={tmp_path / 'run'}", "optim.lr=1e30",
+                   "trainer.max_epochs=1")
+    result = run_cli(args, cwd=tmp_path)
+    assert result.returncode not in (0, None) and "train/loss became" in result.stderr, result.stderr[-3000:]
+    (run,) = runs_of(MlflowClient(server.uri), "failed")
+    assert run.info.status == "FAILED"
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["status"] == "failed"
+
+
 def test_mlflow_down_at_start_is_one_warning_and_the_run_completes(images, tmp_path):
     result = run_cli(tracked(images, f"http://127.0.0.1:{free_port()}", "nowhere", f"hydra.run.dir={tmp_path / 'run'}"),
                      cwd=tmp_path)
