@@ -156,11 +156,11 @@ def config_groups() -> dict[str, list[str]]:
 
 def check_options(group: str, value: str, *, given: str) -> None:
     """Each option a ``group=option`` (or a sweep ``group=a,b``) names exists, else one line with the
-    closest options."""
+    closest options; a list (``logger=[tensorboard,csv]``) names several."""
     if "(" in value:  # choice(...), glob(...): Hydra checks what it expands to
         return
     options = config_groups()[group]
-    for option in (v.strip() for v in value.split(",")):
+    for option in (v.strip(" []") for v in value.split(",")):
         if option in options or option in ("null", ""):
             continue
         close = difflib.get_close_matches(option, options, n=3, cutoff=0.5)

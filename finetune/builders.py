@@ -30,13 +30,14 @@ from finetune.errors import UserError
 from finetune.files import atomic_write_text
 from finetune.freezing import FreezeController, apply_freeze, plan_freeze
 from finetune.heads import init_head, warm_start_subset
-from finetune.loggers import LogEvents, Logger, MetricsJsonl, TensorBoardLogger
+from finetune.loggers import LogEvents, Loggers, MetricsJsonl
 from finetune.mixing import BatchMixer
 from finetune.models import BackboneSpec, build_model, locate_library_weights
 from finetune.optim import build_optimizer, build_param_groups, build_scheduler
 from finetune.resume import ResumePlan
 from finetune.runtime import Runtime, package_versions
 from finetune.signals import StopRequest, shield_workers, stop_workers
+from finetune.trackers import TrackerContext, build_trackers, without_passwords
 from finetune.trainer import Trainer, TrainerHook
 from finetune.weights import load_pretrained
 
@@ -66,7 +67,7 @@ class RunParts:
     trainer: Trainer
     training: TrainingParts
     hooks: RunHooks
-    logger: Logger | None
+    logger: Loggers | None
 
 
 # ---------------------------------------------------------------- data
@@ -418,14 +419,15 @@ def build_run(cfg: DictConfig, training: TrainingParts, *, spec: BackboneSpec, d
     if world.distributed:
         log.info(f"DDP: {world.size} processes x data.batch_size {loaders.train.batch_size} = global batch "
                  f"{world.size * loaders.train.batch_size} ({rt.device.type})")
+    logger, events = build_logging(cfg, class_names=class_names, run_dir=run_dir, plan=plan, world=world)
     facts = RunFacts(config_yaml=OmegaConf.to_yaml(cfg, resolve=True), versions=versions, seed=cfg.seed,
                      batch_size=loaders.train.batch_size, lr_find=lr_find, world_size=world.size,
-                     streams=getattr(loaders.train_sampler, "workers", None))
+                     streams=getattr(loaders.train_sampler, "workers", None),
+                     trackers=logger.resume_ids() if logger is not None else {})
     policy = build_checkpoint_policy(cfg)
     writer = FileWriter(run_dir / "checkpoints", policy=policy, parts=training, fresh=plan.new_manifest,
                         model=ModelDescription(spec, class_names=class_names, data_config=data_config,
                                                versions=versions, task=cfg.task.name)) if world.main else NoWriter()
-    logger, events = build_logging(cfg, class_names=class_names, run_dir=run_dir, plan=plan, world=world)
     if lr_find is not None and plan.fresh and events is not None:  # a resume took the rate from its state
         events.log_lr_find(lr_find)
     hooks = RunHooks(log=events, metrics=MetricsJsonl(run_dir / "metrics.jsonl" if world.main else None),
@@ -437,18 +439,37 @@ def build_run(cfg: DictConfig, training: TrainingParts, *, spec: BackboneSpec, d
 
 
 def build_logging(cfg: DictConfig, *, class_names: list[str], run_dir: Path, plan: ResumePlan,
-                  world: World) -> tuple[Logger | None, LogEvents | None]:
-    """The trackers (TensorBoard in ``RUN_DIR/tb``, continuing a resumed run's events) and the hook that
-    feeds them; none off rank 0."""
+                  world: World) -> tuple[Loggers | None, LogEvents | None]:
+    """The trackers ``logger=`` selects (`finetune.trackers`: each continues a resumed run without a step
+    logged twice) with the run's config, and the hook that feeds them; none off rank 0."""
     if not world.main:
         return None, None
     continuation = plan.tensorboard()
-    logger = TensorBoardLogger(run_dir / "tb", purge_step=continuation.get("purge_step"))
+    sections = {name: OmegaConf.to_container(cfg.logger[name], resolve=True) for name in cfg.logger
+                if isinstance(cfg.logger[name], DictConfig)}
+    context = TrackerContext(run_dir=run_dir, run_name=run_name(run_dir), purge_step=continuation.get("purge_step"),
+                             resume_ids=plan.tracker_ids(), sweep=sweep_facts(cfg))
+    logger = build_trackers(sections, context)
+    logger.log_config(without_passwords(OmegaConf.to_container(cfg, resolve=True)))
     return logger, LogEvents(logger, class_names=class_names, log_every_n_steps=cfg.logger.log_every_n_steps,
                              replay=continuation.get("replay"))
 
 
-def build_trial_reporter(cfg: DictConfig, *, logger: Logger | None, world: World) -> TrainerHook | None:
+def run_name(run_dir: Path) -> str:
+    """A tracker's name for the run: the run dir's name; a sweep's job: its number (``hydra.job.num``)."""
+    return str(job_number()) if in_a_sweep() else run_dir.name
+
+
+def sweep_facts(cfg: DictConfig) -> dict[str, Any] | None:
+    """Where a sweep job belongs (its sweep dir, job number, and Optuna trial): None outside a sweep."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not in_a_sweep():
+        return None
+    return {"dir": HydraConfig.get().sweep.dir, "job": job_number(), "trial": cfg.sweep.trial, "study": cfg.sweep.study}
+
+
+def build_trial_reporter(cfg: DictConfig, *, logger: Loggers | None, world: World) -> TrainerHook | None:
     """A sweeper's trial (``sweep.trial``): reports each epoch after its save, stops the run when pruned."""
     if cfg.sweep.trial is None:
         return None

@@ -15,7 +15,7 @@ import importlib.resources
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
@@ -207,10 +207,49 @@ class TrainerConfig:
 
 
 @dataclass
+class TensorBoardSettings:
+    """``logger=tensorboard``: event files in ``RUN_DIR/tb`` (nothing to set)."""
+
+
+@dataclass
+class CsvSettings:
+    """``logger=csv``: ``RUN_DIR/metrics.csv``, one row per logged step (nothing to set)."""
+
+
+@dataclass
+class MlflowSettings:
+    """``logger=mlflow`` (``pip install 'finetune[mlflow]'``, `finetune.trackers.mlflow_tracker`)."""
+
+    tracking_uri: Optional[str] = None  # null: $MLFLOW_TRACKING_URI, else MLflow's default in the working dir (3.x: sqlite ./mlflow.db; 2.x: ./mlruns); or http://HOST:PORT
+    experiment_name: str = "finetune"  # created when missing
+    run_name: Optional[str] = None  # null: the run dir's name (a sweep's job: its number)
+    log_weights: bool = True  # upload best.<ext> as an artifact (false: only the small files)
+    tags: dict[str, str] = field(default_factory=dict)  # extra run tags
+
+
+@dataclass
+class WandbSettings:
+    """``logger=wandb`` (``pip install 'finetune[wandb]'``, `finetune.trackers.wandb_tracker`)."""
+
+    project: str = "finetune"  # the W&B project
+    entity: Optional[str] = None  # null: the API key's default entity
+    mode: Optional[str] = None  # online | offline | disabled; null: $WANDB_MODE, else online
+    run_name: Optional[str] = None  # null: the run dir's name
+    log_weights: bool = True  # best.<ext> as a model artifact
+    tags: list[str] = field(default_factory=list)  # run tags
+
+
+@dataclass
 class LoggerConfig:
-    name: str = "tensorboard"  # the tracker
+    """The trackers: ``logger=[tensorboard,csv,mlflow]`` selects several (each option sets its own section;
+    a section that is null is a tracker not in use)."""
+
     log_every_n_steps: int = 1  # per-step scalars every N optimizer updates
     progress_bar: bool = True  # a tqdm bar per epoch
+    tensorboard: Optional[TensorBoardSettings] = None  # logger=tensorboard: event files in RUN_DIR/tb
+    csv: Optional[CsvSettings] = None  # logger=csv: RUN_DIR/metrics.csv, one row per logged step
+    mlflow: Optional[MlflowSettings] = None  # logger=mlflow: one MLflow run (below)
+    wandb: Optional[WandbSettings] = None  # logger=wandb: one W&B run (below)
 
 
 @dataclass
@@ -277,7 +316,7 @@ def choices() -> dict[str, tuple]:
         "trainer.compile_mode": COMPILE_MODES,
         "checkpoint.mode": (None, "max", "min"),
         "checkpoint.weights_format": tuple(WEIGHTS_EXTENSIONS),
-        "logger.name": ("tensorboard",),
+        "logger.wandb.mode": (None, "online", "offline", "disabled"),
     }
 
 TASK_LOSSES = {"multiclass": ("ce",), "multilabel": ("bce", "asl")}  # task.name -> the losses it takes
@@ -428,8 +467,11 @@ def _check_checkpoint(c: DictConfig) -> None:
 
 
 def _get(cfg: DictConfig, dotted: str) -> Any:
+    """The value at ``dotted``; None below a section that is null (a tracker not in use)."""
     node: Any = cfg
     for part in dotted.split("."):
+        if node is None:
+            return None
         node = node[part]
     return node
 
@@ -467,10 +509,11 @@ def schema_keys() -> dict[str, bool]:
     out: dict[str, bool] = {}
 
     def walk(cls: type, prefix: str) -> None:
+        hints = get_type_hints(cls)
         for f in dataclasses.fields(cls):
             key = f"{prefix}{f.name}"
-            nested = f.default_factory if f.default_factory is not dataclasses.MISSING else None
-            if isinstance(nested, type) and dataclasses.is_dataclass(nested):
+            nested = _section_type(hints[f.name])
+            if nested is not None:
                 out[key] = False
                 walk(nested, f"{key}.")
             else:
@@ -478,6 +521,13 @@ def schema_keys() -> dict[str, bool]:
 
     walk(Config, "")
     return out
+
+
+def _section_type(hint: Any) -> type | None:
+    """The dataclass a field holds (``Optional[X]`` too: a tracker's section), or None for a value."""
+    if get_origin(hint) is Union:
+        hint = next((arg for arg in get_args(hint) if arg is not type(None)), None)
+    return hint if isinstance(hint, type) and dataclasses.is_dataclass(hint) else None
 
 
 def closest_keys(key: str, *, n: int = 3) -> list[str]:
@@ -630,6 +680,8 @@ def reference_markdown() -> str:
                   "|---|---|---|---|"]
         for key, f in fields:
             default = OmegaConf.select(defaults, key, default=None)
+            if OmegaConf.select(defaults, key.rpartition(".")[0], default=None) is None:  # a tracker not selected
+                default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
             shown = OmegaConf.to_container(default) if OmegaConf.is_config(default) else default
             lines.append(f"| `{key}` | {_type_name(f.type)} | `{_yaml_value(shown)}` | {comments.get(key, '')} |")
         lines.append("")
@@ -645,10 +697,11 @@ def reference_markdown() -> str:
 def _sections(cls: type, prefix: str) -> list[tuple[str, list[tuple[str, Any]]]]:
     """The schema's dataclasses as (section, [(dotted key, field)]), depth first, fields in order."""
     own, nested = [], []
+    hints = get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        factory = f.default_factory if f.default_factory is not dataclasses.MISSING else None
-        if isinstance(factory, type) and dataclasses.is_dataclass(factory):
-            nested += _sections(factory, f"{prefix}{f.name}.")
+        section = _section_type(hints[f.name])
+        if section is not None and dataclasses.fields(section):
+            nested += _sections(section, f"{prefix}{f.name}.")
         else:
             own.append((f"{prefix}{f.name}", f))
     return ([(prefix.rstrip("."), own)] if own else []) + nested
@@ -671,14 +724,24 @@ def _field_comments() -> dict[str, str]:
             if not isinstance(stmt, ast.AnnAssign) or not isinstance(stmt.target, ast.Name):
                 continue
             key = f"{prefix}{stmt.target.id}"
-            nested = _nested_class(stmt)
+            nested = _nested_class(stmt) or _optional_class(stmt)
             if nested in classes:
                 walk(nested, f"{key}.")
-            elif stmt.lineno in by_line:
+            if stmt.lineno in by_line:
                 out[key] = by_line[stmt.lineno].replace("|", "\\|")
 
     walk("Config", "")
     return out
+
+
+def _optional_class(stmt: Any) -> str | None:
+    """``Optional[X] = None`` -> ``X`` (a tracker's section)."""
+    import ast
+
+    ann = stmt.annotation
+    if isinstance(ann, ast.Subscript) and isinstance(ann.value, ast.Name) and ann.value.id == "Optional":
+        return ann.slice.id if isinstance(ann.slice, ast.Name) else None
+    return None
 
 
 def _nested_class(stmt: Any) -> str | None:

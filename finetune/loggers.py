@@ -30,7 +30,7 @@ log = logging.getLogger("finetune")
 
 
 class Logger(Protocol):
-    """What a tracker (TensorBoard, and any other) receives from a run."""
+    """What a tracker (TensorBoard, CSV, MLflow, W&B) receives from a run (`finetune.trackers`)."""
 
     def log_config(self, config: dict[str, Any]) -> None:
         """The run's resolved config (nested), once at the start."""
@@ -49,42 +49,70 @@ class Logger(Protocol):
     def log_artifact(self, path: Path) -> None:
         """A file the run wrote (best weights, summary.json, load_report.json)."""
 
-    def close(self) -> None: ...
+    def close(self, status: str = "FINISHED") -> None:
+        """The run ended: ``FINISHED``, ``FAILED`` or ``KILLED`` (interrupted)."""
+
+
+RUN_STATUSES = ("FINISHED", "FAILED", "KILLED")
 
 
 class Loggers:
-    """Several loggers as one: each call goes to every one of them, in order."""
+    """Several trackers as one, by name: each call goes to every one of them, in order.
 
-    def __init__(self, loggers: Sequence[Logger]):
-        self.loggers = list(loggers)
+    A tracker that fails (a server down, a disk full) never stops the run: its first failure is one
+    warning line, and its events from then on are dropped and counted (`dropped`, in ``summary.json``).
+    Dropped, not queued: a tracker that came back would get a curve with a hole, which is no better than
+    a count, and a queue of a long run's events would grow without bound.
+    """
+
+    def __init__(self, loggers: dict[str, Logger]):
+        self.loggers = dict(loggers)
+        self.failed: dict[str, str] = {}  # tracker -> its first error
+        self.dropped: dict[str, int] = {}  # tracker -> events not delivered
+
+    def _each(self, method: str, *args: Any, **kwargs: Any) -> None:
+        for name, logger in self.loggers.items():
+            if name in self.failed:
+                self.dropped[name] += 1
+                continue
+            try:
+                getattr(logger, method)(*args, **kwargs)
+            except Exception as err:  # noqa: BLE001 - any tracker error: the run goes on without it
+                self.failed[name], self.dropped[name] = f"{type(err).__name__}: {err}".splitlines()[0][:300], 1
+                log.warning(f"logger {name}: {self.failed[name]}; training continues, its events from here on "
+                            "are dropped (counted in summary.json)")
 
     def log_config(self, config: dict[str, Any]) -> None:
-        for logger in self.loggers:
-            logger.log_config(config)
+        self._each("log_config", config)
 
     def log_scalars(self, scalars: dict[str, float], *, step: int) -> None:
-        for logger in self.loggers:
-            logger.log_scalars(scalars, step=step)
+        self._each("log_scalars", scalars, step=step)
 
     def log_image(self, tag: str, image: np.ndarray, *, step: int) -> None:
-        for logger in self.loggers:
-            logger.log_image(tag, image, step=step)
+        self._each("log_image", tag, image, step=step)
 
     def log_text(self, tag: str, text: str, *, step: int) -> None:
-        for logger in self.loggers:
-            logger.log_text(tag, text, step=step)
+        self._each("log_text", tag, text, step=step)
 
     def log_hparams(self, hparams: dict[str, Any], metrics: dict[str, float]) -> None:
-        for logger in self.loggers:
-            logger.log_hparams(hparams, metrics)
+        self._each("log_hparams", hparams, metrics)
 
     def log_artifact(self, path: Path) -> None:
-        for logger in self.loggers:
-            logger.log_artifact(path)
+        if path.is_file():
+            self._each("log_artifact", path)
 
-    def close(self) -> None:
-        for logger in self.loggers:
-            logger.close()
+    def resume_ids(self) -> dict[str, str]:
+        """Each tracker's run id that a resume continues (kept in the training state)."""
+        ids = {name: getattr(logger, "run_id", None) for name, logger in self.loggers.items()}
+        return {name: run_id for name, run_id in ids.items() if run_id is not None}
+
+    def report(self) -> dict[str, Any]:
+        """What failed and how many events each failed tracker lost (``summary.json``'s ``trackers``)."""
+        return {name: {"error": error, "dropped_events": self.dropped[name]} for name, error in self.failed.items()}
+
+    def close(self, status: str = "FINISHED") -> None:
+        """End every tracker's run with ``status`` (a failed one's end is one more dropped event)."""
+        self._each("close", status)
 
 
 def trials_table(trials: dict[str, Any]) -> str:
@@ -135,8 +163,8 @@ class LogEvents(TrainerHook):
         if record.get("trials", {}).get("rungs"):
             self.logger.log_text("lr_find/trials", trials_table(record["trials"]), step=0)
 
-    def close(self) -> None:
-        self.logger.close()
+    def close(self, status: str = "FINISHED") -> None:
+        self.logger.close(status)
 
 
 class TensorBoardLogger:
@@ -170,7 +198,7 @@ class TensorBoardLogger:
     def log_artifact(self, path: Path) -> None:
         pass  # the files are in the run dir beside the event files
 
-    def close(self) -> None:
+    def close(self, status: str = "FINISHED") -> None:
         self.writer.close()
 
 

@@ -23,6 +23,7 @@ from finetune.checkpoint import TrainingParts
 from finetune.config import check_config, in_a_sweep
 from finetune.data import DataSplit, Loaders
 from finetune.distributed import SINGLE, World
+from finetune.errors import RunPruned
 from finetune.files import open_append
 from finetune.resume import ResumePlan
 from finetune.rundir import RunDirInUse, hold_run_dir
@@ -173,7 +174,8 @@ class Recipe:
         self.stop_workers()
         if self.parts is not None:
             for hook in self.parts.hooks.ordered():  # first: a background checkpoint save finishes here
-                hook.close()
+                if hook is not self.parts.hooks.log:  # the trackers end last, with the run's files
+                    hook.close()
             checkpoint = self.parts.hooks.checkpoint
             self.summary.note_files(best=checkpoint.best(), monitor=self.parts.trainer.monitor, paths=checkpoint.paths())
         self.summary.ended(exc_type, exc)
@@ -183,6 +185,8 @@ class Recipe:
             log.error(f"stopped before training, '{self.run_dir / 'summary.json'}' left as it was: {exc}")
             return  # refused before any work (a resume, a fresh run here): keep that run's summary
         self.summary.write()
+        if self.parts is not None and self.parts.logger is not None:
+            self.close_trackers(tracker_status(exc_type))
         if self.parts is not None and not in_a_sweep():  # a sweep ends with its own table instead
             log.info(closing_block(self.summary.record, data_root=self.folder_root()))
 
@@ -192,6 +196,18 @@ class Recipe:
         if self.split is None or self.split.layout == "shards":
             return None
         return self.split.root if self.split.source is None else None
+
+    def close_trackers(self, status: str) -> None:
+        """The run's files to the trackers (best weights, ``summary.json``, ``load_report.json``), then their
+        end (``status``); a tracker that dropped events is noted in ``summary.json`` (written again)."""
+        loggers = self.parts.logger
+        best = [Path(p) for name, p in self.parts.hooks.checkpoint.paths().items() if name.startswith("best.")]
+        for path in [*best, self.run_dir / "summary.json", self.run_dir / "load_report.json"]:
+            loggers.log_artifact(path)
+        self.parts.hooks.log.close(status)
+        if loggers.report():
+            self.summary.record["trackers"] = loggers.report()
+            self.summary.write()
 
     def _release(self, exc_type: type | None) -> None:
         if self.parts is not None and (exc_type is None or issubclass(exc_type, TrainingInterrupted)):
@@ -204,6 +220,18 @@ class Recipe:
         logging.getLogger().removeHandler(self.run_log)
         logging.captureWarnings(False)
         self.run_log.close()
+
+
+def tracker_status(exc_type: type | None) -> str:
+    """How the trackers see the run's end: ``FINISHED``, ``KILLED`` (interrupted, a pruned trial) or ``FAILED``.
+
+    >>> from finetune.signals import TrainingInterrupted
+    >>> [tracker_status(e) for e in (None, TrainingInterrupted, KeyboardInterrupt, RunPruned, ValueError, OSError)]
+    ['FINISHED', 'KILLED', 'KILLED', 'KILLED', 'FAILED', 'FAILED']
+    """
+    if exc_type is None:
+        return "FINISHED"
+    return "KILLED" if issubclass(exc_type, (KeyboardInterrupt, RunPruned)) else "FAILED"
 
 
 class RunLogHandler(logging.FileHandler):

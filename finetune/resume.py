@@ -114,6 +114,13 @@ class ResumePlan:
         """How TensorBoard continues (`tensorboard_continuation`): ``purge_step`` and ``replay``."""
         return tensorboard_continuation(self.point, resuming=self.resuming)
 
+    def tracker_ids(self) -> dict[str, str]:
+        """The trackers' run ids a resume in the same run dir continues (MLflow, W&B); none otherwise."""
+        if self.point is None or not self.point.in_place:
+            return {}
+        saved = self.point.state.get("trackers")
+        return {str(k): str(v) for k, v in saved.items()} if isinstance(saved, dict) else {}
+
     def place(self, *, loaders: Any, world: World, accumulate: int) -> None:
         """Fit the saved position to this run's world size (`at_world_size`), once the loaders exist."""
         if self.placed:

@@ -4,7 +4,7 @@ plain values only, so it loads with ``torch.load(weights_only=True)``."""
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -124,6 +124,7 @@ class RunFacts:
     lr_find: dict[str, Any] | None = None  # how optim.lr=auto chose the rate: a resume takes it, never searches
     world_size: int = 1  # data-parallel processes; batch_size is per process
     streams: int | None = None  # shards: streams per process (loader workers), which shape the epoch's order
+    trackers: dict[str, str] = field(default_factory=dict)  # tracker -> its run id, which a resume continues
 
 
 def training_state(parts: TrainingParts, progress: TrainState, *, run: RunFacts, policy: dict[str, Any],
@@ -141,4 +142,4 @@ def training_state(parts: TrainingParts, progress: TrainState, *, run: RunFacts,
             "data_order": {"seed": run.seed, "epoch": progress.epoch, "batches_seen": progress.batches_seen,
                            "batch_size": run.batch_size, "world_size": run.world_size, "streams": run.streams},
             "checkpoint_policy": policy, "config_yaml": run.config_yaml, "versions": run.versions,
-            "weights_metadata": weights_metadata, "lr_find": run.lr_find}
+            "weights_metadata": weights_metadata, "lr_find": run.lr_find, "trackers": dict(run.trackers)}

@@ -347,6 +347,40 @@ def open_storage(url: str, *, limit_s: float = OPERATION_LIMIT_S) -> GuardedStor
     return GuardedStorage(url, limit_s=limit_s)
 
 
+def server_time_limits(url: str, limit_s: float) -> dict[str, Any]:
+    """A database server's own limits for ``limit_s``: to connect, and per statement (PostgreSQL's
+    ``statement_timeout``; MySQL's read timeout), so that no request waits longer on a server.
+
+    >>> server_time_limits("postgresql://u@db/optuna", 30)
+    {'connect_args': {'connect_timeout': 30, 'options': '-c statement_timeout=30000'}}
+    """
+    backend = sqlalchemy.engine.make_url(url).get_backend_name()
+    seconds = max(1, int(limit_s))
+    if backend == "postgresql":
+        return {"connect_args": {"connect_timeout": seconds, "options": f"-c statement_timeout={seconds * 1000}"}}
+    if backend in ("mysql", "mariadb"):
+        return {"connect_args": {"connect_timeout": seconds, "read_timeout": seconds, "write_timeout": seconds}}
+    return {}
+
+
+def connect(url: str, engine_kwargs: dict[str, Any], *, where: str) -> RDBStorage:
+    """Optuna's `RDBStorage` at ``url``; a server that refuses (bad credentials, no such database, not
+    reachable) or a missing driver is one line."""
+    try:
+        return RDBStorage(url, engine_kwargs=engine_kwargs)
+    except ImportError as err:  # optuna's own ImportError says only "Failed to import DB access module"
+        missing = getattr(err.__cause__, "name", None) or getattr(err, "name", None) or "its driver"
+        raise UserError(f"hydra.sweeper.storage '{where}' needs the database driver '{missing}', which is not "
+                        "installed: pip install it, or name an installed one in the URL "
+                        "(postgresql+psycopg2://..., mysql+pymysql://...)") from None
+    except sqlalchemy.exc.SQLAlchemyError as err:
+        reason = str(getattr(err, "orig", None) or err).strip().splitlines()
+        raise RefusedStudy(f"hydra.sweeper.storage '{where}' cannot be opened "
+                           f"({escaped(reason[0] if reason else type(err).__name__, 200)}): check the URL, the "
+                           "server and the credentials (a password belongs in PGPASSWORD or ~/.pgpass, not the "
+                           "URL)") from None
+
+
 def storage_name(url: str) -> str:
     """``url`` for a message: an SQLite file's path, else the URL without its password."""
     path = sqlite_path(url)
@@ -380,9 +414,9 @@ class GuardedStorage(BaseStorage):
         self.where = storage_name(url)
         self.deadline = Deadline(limit_s, self.where)
         engine_kwargs = {"connect_args": {"factory": _timeboxed_connection(self.deadline)}} \
-            if sqlite_path(url) is not None else {}
+            if sqlite_path(url) is not None else server_time_limits(url, limit_s)
         with self.deadline.running():
-            self.rdb = RDBStorage(url, engine_kwargs=engine_kwargs)
+            self.rdb = connect(url, engine_kwargs, where=self.where)
         self.inner = _CachedStorage(self.rdb)
         self.held_trial_attrs: dict[int, dict[str, Any]] = {}  # this process's pickles, never stored
         self.held_study_attrs: dict[int, dict[str, Any]] = {}

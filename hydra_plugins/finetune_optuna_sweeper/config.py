@@ -18,7 +18,7 @@ class OptunaSweeperConf:
     n_trials: int = 20  # the study's total: a re-run runs only the trials still missing
     n_jobs: int = 1  # trials asked at once and launched together (one launcher batch)
     study_name: str = "finetune"
-    storage: Optional[str] = None  # null: sqlite:///SWEEP_DIR/optuna.db
+    storage: Optional[str] = None  # null: sqlite:///SWEEP_DIR/optuna.db; any SQLAlchemy URL (postgresql+psycopg2://USER@HOST/DB)
     sampler: Any = "tpe"  # tpe | random | grid | cmaes | nsgaii | qmc | gp (seeded) | {_target_: optuna.samplers.X}
     pruner: Any = "median"  # median | hyperband | none | {_target_: optuna.pruners.NAME, ...kwargs}
     params: Dict[str, str] = field(default_factory=dict)  # key: interval(a,b) | range(a,b[,step]) | choice(...) | value
