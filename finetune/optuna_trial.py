@@ -66,7 +66,7 @@ def build_pruner(spec: str | Mapping | None) -> Any:
 
 
 def open_trial(study_name: str, rdb: Any, number: int) -> Any | None:
-    """The running trial ``number`` of that study in ``rdb`` (an ``optuna.storages.RDBStorage``), with
+    """The running trial ``number`` of that study in ``rdb`` (an optuna storage: the sweeper's guarded one), with
     the study's pruner; ``None`` if it has finished (a job dir resumed by hand after its sweep: it
     replays ``sweep.trial``, but that trial is over)."""
     import optuna
@@ -76,7 +76,7 @@ def open_trial(study_name: str, rdb: Any, number: int) -> Any | None:
         study_id = rdb.get_study_id_from_name(study_name)
         trial_id = rdb.get_trial_id_from_study_id_trial_number(study_id, number)
     except KeyError:
-        raise UserError(f"sweep.trial {number} of study '{study_name}' is not in '{rdb.url}': the sweep.* keys "
+        raise UserError(f"sweep.trial {number} of study '{study_name}' is not in '{getattr(rdb, 'where', None) or rdb.url}': the sweep.* keys "
                         "are set by the Optuna sweeper, not by hand") from None
     state = rdb.get_trial(trial_id).state
     if state != TrialState.RUNNING:
@@ -103,9 +103,11 @@ class TrialReporter(TrainerHook):
         self.monitor, self.logger, self.world = monitor, logger, world
         self.storage = self.trial = None
         if world.main:
-            import optuna
+            # The storage a sweep's job reports to may be someone else's (a job dir resumed by hand replays
+            # its sweep.storage): the sweeper's guard, so no pickle is read and no request hangs.
+            from hydra_plugins.finetune_optuna_sweeper._guard import open_storage
 
-            self.storage = optuna.storages.RDBStorage(storage)
+            self.storage = open_storage(storage)
             self.trial = open_trial(study, self.storage, trial)
 
     def on_epoch_end(self, state: TrainState, logs: dict[str, float], result: EvalResult,
@@ -127,4 +129,4 @@ class TrialReporter(TrainerHook):
 
     def close(self) -> None:
         if self.storage is not None:
-            self.storage.engine.dispose()  # the run is over: its database connections too
+            self.storage.rdb.engine.dispose()  # the run is over: its database connections too

@@ -247,6 +247,23 @@ def test_sqlite_files_that_are_not_plain_optuna_databases_are_refused(tmp_path, 
     assert elsewhere.read_bytes() == before
 
 
+def test_a_job_reports_to_its_trial_only_through_the_guard(tmp_path):
+    """A job dir resumed by hand replays its sweep.storage, which may be someone else's optuna.db: the
+    job's trial reporter opens it through the sweeper's guard (a planted trigger is refused in one line,
+    as for the sweeper; it would make every report hang), and a plain study still takes its reports."""
+    (tmp_path / "sweep").mkdir()
+    db = make_study_file(tmp_path / "sweep" / "optuna.db")
+    reporter = TrialReporter(study="test", storage=f"sqlite:///{db}", trial=0, monitor="val/acc1")
+    assert reporter._report(0.5, epoch=1) is False and reporter.trial is not None
+    reporter.close()
+    assert optuna.load_study(study_name="test", storage=f"sqlite:///{db}").trials[0].intermediate_values == {1: 0.5}
+    with sqlite3.connect(db) as connection:
+        connection.execute(TRIGGERS[0])
+    with pytest.raises(RefusedStudy, match="holds a trigger 'slow_writes'") as refused:
+        TrialReporter(study="test", storage=f"sqlite:///{db}", trial=0, monitor="val/acc1")
+    assert "\n" not in str(refused.value)
+
+
 def test_a_slow_statement_ends_in_one_line_within_the_time_limit(tmp_path):
     """Past the file check (a trigger made after it, say), the storage's own time limit still holds."""
     db = make_study_file(tmp_path / "optuna.db")
