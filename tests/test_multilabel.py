@@ -244,3 +244,18 @@ def test_ddp_val_map_is_the_map_of_the_whole_set_not_an_average_of_ranks(trained
            cwd=tmp_path)
     report = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert report["num_images"] == 8 and report["mAP"] == epoch["val/mAP"]
+
+
+def test_optim_lr_auto_and_ema_work_with_multilabel(tmp_path):
+    """The range test and its trial fine-tunes (held-out slice of label sets, judged by BCE) and EMA take
+    task=multilabel as they take multiclass: the run ends with its trials recorded and EMA's val/mAP."""
+    table = make_multilabel_table(tmp_path / "data", images=40)
+    out = tmp_path / "run"
+    run(compose_config(ML + [f"data.file={table}", "trainer.max_epochs=2", "optim.lr=auto",
+                             "optim.lr_find.trial_updates=2", "trainer.ema=true"]), run_dir=out)
+    record = json.loads((out / "lr_find.json").read_text())
+    assert record["selected_by"] == "trials" and record["trials"]["holdout_images"] > 0
+    assert record["lr"] in record["trials"]["candidates"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["best"]["metric"] == "val/mAP"
+    assert summary["lr_find"]["lr"] == record["lr"]
