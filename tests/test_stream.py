@@ -437,7 +437,7 @@ def test_bad_shard_settings_end_in_one_line(data, reference_run, tmp_path):
     _, _, out = data
     evaluate = subprocess.run([sys.executable, "-m", "finetune.evaluate", f"ckpt={reference_run}", *stream_args(out)[3:6]],
                               cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert_clean_error(evaluate, "finetune.evaluate reads image folders, not shards (yet)")
+    assert_clean_error(evaluate, "finetune.evaluate reads image folders and tables, not shards (yet)")
     missing = run_cli(stream_args(out)[:4] + ["trainer.max_epochs=1"], cwd=tmp_path)
     assert_clean_error(missing, "data=webdataset needs data.train_urls and data.val_urls")
     bad = copy_shards(out, tmp_path / "bad")

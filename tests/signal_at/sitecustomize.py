@@ -2,12 +2,18 @@
 (torchrun's workers, submitit's jobs): with ``FT_SIGNAL_AT=RANK:STEP:SIGNAL`` set, the process
 of that rank sends itself SIGNAL right after optimizer update STEP, as a scheduler or a user
 would, but at a step the test chooses (``RANK`` as torchrun sets it; 0 without torchrun).
+
+Before the signal, a background checkpoint save still in flight (``checkpoint.every_n_steps``)
+is let finish: the tests state which save is on disk when the signal lands ("last save at step
+4"), and on a busy machine two more updates can take less time than writing it. What a kill
+that cuts a write short leaves is tested on its own (tests/test_checkpoint_integrity.py).
 """
 
 import os
 
 if os.environ.get("FT_SIGNAL_AT"):
     import signal
+    import threading
 
     from finetune import builders
     from finetune.trainer import TrainerHook
@@ -17,6 +23,9 @@ if os.environ.get("FT_SIGNAL_AT"):
     class _SignalAt(TrainerHook):
         def on_step(self, state, logs):
             if state.global_step == int(_step) and os.environ.get("RANK", "0") == _rank:
+                for thread in threading.enumerate():
+                    if thread.name == "finetune-checkpoint":
+                        thread.join()
                 os.kill(os.getpid(), getattr(signal, _name))
 
     _build_run = builders.build_run
