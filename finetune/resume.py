@@ -125,7 +125,8 @@ class ResumePlan:
         """Fit the saved position to this run's world size (`at_world_size`), once the loaders exist."""
         if self.placed:
             raise RuntimeError("a resume plan is placed once")
-        check_same_streams(self.point, loaders.train_sampler)
+        if self.point is not None:  # a fresh start has nothing saved to compare the streams with
+            check_same_streams(self.point, loaders.train_sampler)
         self.point, self.placed = at_world_size(self.point, world, loaders=loaders, accumulate=accumulate), True
 
     def apply(self, *, training: TrainingParts, checkpointer: Checkpointer, metrics: MetricsJsonl, max_epochs: int,
