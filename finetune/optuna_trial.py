@@ -129,4 +129,4 @@ class TrialReporter(TrainerHook):
 
     def close(self) -> None:
         if self.storage is not None:
-            self.storage.rdb.engine.dispose()  # the run is over: its database connections too
+            self.storage.close()  # the run is over: its database connections too

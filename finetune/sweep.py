@@ -42,6 +42,7 @@ STATUSES = ("completed", "interrupted", "pruned", "failed", "running")  # what a
 MAX_JOBS = 100_000  # job dirs a summary reads: a bound on the work a sweep dir from someone else can cause
 SWEEP_SYNTAX = re.compile(r"^(range|choice|interval|glob|tag|shuffle|sort)\(|,")  # a swept value, not a fixed one
 _failed: bool = False  # set when a sweep of this process ended with a failed job
+_ended: set[str] = set()  # the run dirs of the jobs that ended in this process
 
 
 class SweepSummary(Callback):
@@ -52,6 +53,7 @@ class SweepSummary(Callback):
             return
         hydra = HydraConfig.get()
         row = job_row(Path(hydra.runtime.output_dir))
+        _ended.add(str(Path(row["run_dir"]).resolve()))
         sweep_dir = Path(hydra.sweep.dir)
         with open_append(sweep_dir / SUMMARY_JSONL, root=sweep_dir) as f:  # never through a planted link
             f.write(json.dumps(row) + "\n")
@@ -61,7 +63,15 @@ class SweepSummary(Callback):
         sweep_dir = Path(config.hydra.sweep.dir)
         rows = summarise(sweep_dir)
         print(format_summary(rows, swept_keys(sweep_dir, rows)))
-        _failed = any(r["status"] in FAILED for r in rows)
+        _failed = any(r["status"] in FAILED for r in own_rows(rows))
+
+
+def own_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows of the jobs this process ran, where it knows them: sweepers sharing a sweep dir (an
+    Optuna study on a database server) see each other's jobs, a running one without its summary yet,
+    which must not fail this sweep. A launcher that runs its jobs elsewhere (submitit) ends none here:
+    then every row counts."""
+    return [r for r in rows if str(Path(r["run_dir"]).resolve()) in _ended] if _ended else rows
 
 
 def sweep_failed() -> bool:

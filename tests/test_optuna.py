@@ -14,6 +14,7 @@ import math
 import re
 import shlex
 import sys
+import time
 from pathlib import Path
 
 import optuna
@@ -25,6 +26,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.utils import JobReturn, JobStatus
 from omegaconf import OmegaConf
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.storages._heartbeat import get_heartbeat_thread
 from optuna.trial import TrialState
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -244,6 +246,31 @@ def test_trials_a_killed_sweep_left_running_are_failed_and_asked_again(tmp_path)
     assert _study.next_job_number(study, sweep_dir) == 8  # after the dirs on disk and the jobs the study knows
     (sweep_dir / "7").rmdir()
     assert _study.next_job_number(study, sweep_dir) == 4
+
+
+@pytest.mark.parametrize("storage", ["sqlite:///{}/optuna.db", "journal:{}/optuna.log"])
+def test_a_shared_studys_silent_trials_are_failed_and_queued_again_and_live_ones_are_not(tmp_path, storage):
+    """Two sweepers of one study (a heartbeat every second, a 2 s grace): one stops beating, as a killed
+    one does; the other fails its trial once, queues it again with the same params, and keeps its own.
+    (An RDB storage beats by optuna's heartbeat; a journal, which optuna gives none, by a system attribute.)"""
+    space = SearchSpace(distributions={"x": FloatDistribution(0.0, 1.0)})
+    sweepers = [_study.open_study(name="s", storage=storage.format(tmp_path), direction="maximize",
+                                  sampler="random", pruner="none", space=space, seed=0, heartbeat_s=2)
+                for _ in range(2)]
+    dead, live = sweepers
+    silent = _study.ask(dead, space)
+    dead._storage.record_heartbeat(silent._trial_id)  # its last beat
+    beating = _study.ask(live, space)
+    assert beating.params != silent.params  # same seed, yet the two samplers propose apart
+    with get_heartbeat_thread(beating._trial_id, live._storage):
+        time.sleep(3.5)
+        assert _study.fail_stale(live, space) == [silent.number]
+        assert _study.fail_stale(dead, space) == []  # failed once, queued once
+    states = {t.number: t.state for t in live.get_trials(deepcopy=False)}
+    assert (states[silent.number], states[beating.number]) == (TrialState.FAIL, TrialState.RUNNING)
+    retry = _study.ask(live, space)
+    assert retry.params == silent.params and retry.user_attrs["retry_of"] == silent.number
+    assert _study.first_job_number(live, tmp_path) == _study.first_job_number(dead, tmp_path) == 0
 
 
 def test_samplers_by_name_or_target_and_a_continued_study_gets_a_fresh_seed():
