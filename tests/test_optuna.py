@@ -320,3 +320,32 @@ def test_each_job_outcome_is_told_to_its_trial(tmp_path, status, returned, state
     (told,) = study.trials
     assert (told.state, told.value) == (state, value) and said.startswith(_study.FINISHED[state])
     assert told.user_attrs["status"] == (status or "failed")
+
+
+@pytest.mark.slow
+def test_a_journal_study_run_through_the_slurm_launcher_numbers_its_jobs_by_trial(tmp_path):
+    """hydra.sweeper.storage=journal:PATH (a shared study): n_trials counts each sweeper's trials, and a
+    second sweeper launching through submitit (hydra/launcher=slurm_local, SLURM's path on this machine)
+    runs its batch as jobs numbered by their trials; each job reports to the journal from its own process."""
+    journal, sweep_dir = tmp_path / "shared" / "optuna.log", tmp_path / "sweep"
+    journal.parent.mkdir()
+    tiny = tiny_overrides(make_image_folder(tmp_path / "images"), epochs=2)
+    args = ["-m", "hparams_search=lr_freeze", f"hydra.sweeper.storage=journal:{journal}", "hydra.sweeper.n_trials=1",
+            "hydra.sweeper.study_name=shared", f"hydra.sweep.dir={sweep_dir}", "hydra.sweeper.pruner=none", *tiny]
+    first = run_cli(args, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = run_cli(args + ["hydra.sweeper.n_trials=2", "hydra.sweeper.n_jobs=2", "hydra/launcher=slurm_local"],
+                     cwd=tmp_path)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "1 trials so far, 2 to run" in second.stdout
+
+    study = optuna.load_study(study_name="shared", storage=optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(journal))))
+    assert [(t.number, t.state) for t in study.trials] == [(n, TrialState.COMPLETE) for n in range(3)]
+    for trial in study.trials:
+        job_dir = sweep_dir / str(trial.number)
+        assert trial.user_attrs["job"] == trial.number and trial.user_attrs["job_dir"] == str(job_dir)
+        assert sorted(trial.intermediate_values) == [1, 2]  # reported by the job itself, every epoch
+        assert trial.value == json.loads((job_dir / "summary.json").read_text())["best"]["value"]
+    assert len(list((sweep_dir / ".submitit").glob("*/*_log.out"))) == 2  # trials 1 and 2 ran through submitit
+    assert not (sweep_dir / "optuna.db").exists()
