@@ -219,6 +219,13 @@ def test_trial_reporter_reports_each_epoch_skips_nan_and_raises_when_pruned(tmp_
     (text,) = events.Tensors("sweep/pruned/text_summary")
     assert text.step == 30 and b"pruned by the sweep's pruner at epoch 3" in text.tensor_proto.string_val[0]
 
+    failed = study.ask()  # a shared study: another sweeper took this trial for dead while its job ran
+    on = TrialReporter(study="s", storage=storage, trial=failed.number, monitor="val/acc1")
+    study.tell(failed, state=TrialState.FAIL)
+    on.on_epoch_end(TrainState(epoch=1), {}, Scalars(0.0), True)  # the run goes on, reporting to no trial
+    assert on.trial is None and study.trials[failed.number].intermediate_values == {}
+    on.close()
+
     study.tell(trial, state=TrialState.PRUNED)  # a job dir resumed by hand after its sweep: reports nothing
     late = TrialReporter(study="s", storage=storage, trial=trial.number, monitor="val/acc1")
     late.on_epoch_end(TrainState(epoch=4), {}, Scalars(0.0), False)
