@@ -27,7 +27,7 @@ from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from finetune.cli import command, has_control, printable, status_of
 from finetune.config import in_a_sweep, split_override
@@ -63,14 +63,15 @@ class SweepSummary(Callback):
         sweep_dir = Path(config.hydra.sweep.dir)
         rows = summarise(sweep_dir)
         print(format_summary(rows, swept_keys(sweep_dir, rows)))
-        _failed = any(r["status"] in FAILED for r in own_rows(rows))
+        shared = OmegaConf.select(config, "hydra.sweeper.storage", default=None) is not None
+        _failed = any(r["status"] in FAILED for r in (own_rows(rows) if shared else rows))
 
 
 def own_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The rows of the jobs this process ran, where it knows them: sweepers sharing a sweep dir (an
-    Optuna study on a database server) see each other's jobs, a running one without its summary yet,
-    which must not fail this sweep. A launcher that runs its jobs elsewhere (submitit) ends none here:
-    then every row counts."""
+    """The rows of the jobs this process ran, where it knows them. Sweepers sharing an Optuna study
+    (``hydra.sweeper.storage`` set) share the sweep dir and see each other's jobs, a starting one without
+    its summary yet: those must not fail this sweep (a continued sweep of one sweeper counts every job).
+    A launcher that runs its jobs elsewhere (submitit) ends none here: then every row counts."""
     return [r for r in rows if str(Path(r["run_dir"]).resolve()) in _ended] if _ended else rows
 
 

@@ -253,6 +253,12 @@ def test_a_journal_made_by_someone_else_is_read_as_data(tmp_path, case, refusal)
     assert elsewhere.read_bytes() == before and not marker.exists()
 
 
+def test_a_journal_in_a_directory_that_does_not_exist_is_one_line(tmp_path):
+    with pytest.raises(UserError, match=r"the directory '.*/nowhere' does not exist: make it") as refused:
+        open_storage(f"journal:{tmp_path / 'nowhere' / 'optuna.log'}")
+    assert "\n" not in str(refused.value) and not (tmp_path / "nowhere").exists()
+
+
 def make_study_file(path: Path) -> Path:
     optuna.create_study(study_name="test", storage=f"sqlite:///{path}").ask()
     return path

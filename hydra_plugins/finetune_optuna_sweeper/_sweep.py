@@ -10,7 +10,7 @@ Two ways to run, by ``hydra.sweeper.storage``:
 * null (the sweep dir's ``optuna.db``): one sweeper per study, ``n_trials`` the study's total.
   Re-running the same command continues it: trials a killed sweep left running are retried at
   once, and only the missing trials run.
-* set (a database server): any number of sweepers, on any machines, share the study, each running
+* set (a database URL, or ``journal:PATH`` on a shared filesystem): any number of sweepers, on any machines, share the study, each running
   ``n_trials`` trials (as optuna's ``optimize`` counts). Each beats optuna's heartbeat for its running
   trials; the trials of a sweeper silent for ``heartbeat_s`` are failed and queued again by the next
   sweeper that asks for a trial.
@@ -140,9 +140,8 @@ class StudySweep:
             for run in consecutive(numbers):  # a launcher numbers a batch's jobs from its first one
                 results += self.launcher.launch(launched[len(results):len(results) + len(run)],
                                                 initial_job_idx=run[0])
-        for trial, result in zip(trials, results):
-            log.info(f"trial {trial.number} (job {trial.user_attrs['job']}): "
-                     f"{_study.record_outcome(study, trial, result)}")
+            for trial, number, result in zip(trials, numbers, results):
+                log.info(f"trial {trial.number} (job {number}): {_study.record_outcome(study, trial, result)}")
         return results
 
     def job_dirs(self, study: optuna.Study, trials: list[optuna.Trial], batch: list[list[str]],
