@@ -356,3 +356,13 @@ def test_a_journal_study_run_through_the_slurm_launcher_numbers_its_jobs_by_tria
         assert trial.value == json.loads((job_dir / "summary.json").read_text())["best"]["value"]
     assert len(list((sweep_dir / ".submitit").glob("*/*_log.out"))) == 2  # trials 1 and 2 ran through submitit
     assert not (sweep_dir / "optuna.db").exists()
+
+
+def test_a_heartbeat_too_short_to_tell_a_live_sweeper_from_a_dead_one_is_refused():
+    from hydra_plugins.finetune_optuna_sweeper.sweeper import OptunaSweeper, SweepError
+
+    settings = dict(direction=None, n_trials=1, n_jobs=1, study_name="s", storage=None, sampler="tpe", pruner="none",
+                    params={})
+    assert OptunaSweeper(**settings, heartbeat_s=2).settings["heartbeat_s"] == 2
+    with pytest.raises(SweepError, match=r"^error: hydra\.sweeper\.heartbeat_s must be at least 2 \(seconds\), got 1$"):
+        OptunaSweeper(**settings, heartbeat_s=1)

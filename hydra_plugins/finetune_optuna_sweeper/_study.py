@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import logging
 import math
 import re
 import secrets
@@ -41,7 +40,6 @@ SAMPLERS = {"tpe": "TPESampler", "random": "RandomSampler", "grid": "GridSampler
 NEEDS = {"CmaEsSampler": "cmaes", "QMCSampler": "scipy", "GPSampler": "scipy"}  # optuna samplers' own extras
 MAX_JOB = 1_000_000  # a job number read back from a study or a sweep dir above this is ignored
 JOB_DIR = re.compile(r"[0-9]{1,7}")  # a job's directory name (str.isdigit would take "²", which int() refuses)
-log = logging.getLogger(__name__)
 
 
 def open_study(*, name: str, storage: str, direction: str, sampler: str | Mapping, pruner: Any,
@@ -124,9 +122,10 @@ def retry(study: optuna.Study, trial: FrozenTrial, space: SearchSpace) -> None:
 
 
 def fail_stale(study: optuna.Study, space: SearchSpace) -> list[int]:
-    """In a shared study: the running trials whose sweeper has been silent for ``heartbeat_s`` (killed, or its
-    machine lost) failed and queued again (`retry`), by optuna's heartbeat. Each is failed by one sweeper
-    only, which queues it (optuna calls the storage's callback for the trials this process failed)."""
+    """In a shared study: fail, and queue again (`retry`), the running trials whose sweeper has been silent
+    for ``heartbeat_s`` (killed, or its machine lost), by optuna's heartbeat; their numbers. Each is failed
+    by one sweeper only, which queues it (optuna calls the storage's callback for the trials this process
+    failed)."""
     failed: list[int] = []
 
     def requeue(study: optuna.Study, trial: FrozenTrial) -> None:

@@ -10,10 +10,10 @@ Two ways to run, by ``hydra.sweeper.storage``:
 * null (the sweep dir's ``optuna.db``): one sweeper per study, ``n_trials`` the study's total.
   Re-running the same command continues it: trials a killed sweep left running are retried at
   once, and only the missing trials run.
-* set (a database URL, or ``journal:PATH`` on a shared filesystem): any number of sweepers, on any machines, share the study, each running
-  ``n_trials`` trials (as optuna's ``optimize`` counts). Each beats optuna's heartbeat for its running
-  trials; the trials of a sweeper silent for ``heartbeat_s`` are failed and queued again by the next
-  sweeper that asks for a trial.
+* set (a database URL, or ``journal:PATH`` on a shared filesystem): any number of sweepers, on any
+  machines, share the study, each running ``n_trials`` trials (as optuna's ``optimize`` counts). Each
+  beats optuna's heartbeat for its running trials; the trials of a sweeper silent for ``heartbeat_s``
+  are failed and queued again by the next sweeper that asks for a trial.
 
 A study refused on the way (``_guard.RefusedStudy``: a pickle in someone else's ``optuna.db``, a
 statement past its time limit) ends the sweep in one line.
