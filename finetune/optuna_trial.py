@@ -122,11 +122,19 @@ class TrialReporter(TrainerHook):
 
     def _report(self, value: float, *, epoch: int) -> bool:
         """Report ``value`` (rank 0); whether the pruner says to stop."""
+        from optuna.exceptions import UpdateFinishedTrialError
+
         if self.trial is None or not math.isfinite(value):
             return False
-        self.trial.report(value, step=epoch)
+        try:
+            self.trial.report(value, step=epoch)
+        except UpdateFinishedTrialError:  # a shared study: its sweeper's heartbeat came late, another failed it
+            log.warning(f"trial {self.trial.number} was failed by another sweeper, which took it for dead "
+                        "(hydra.sweeper.heartbeat_s): this run goes on, reporting to no trial")
+            self.trial = None
+            return False
         return self.trial.should_prune()
 
     def close(self) -> None:
         if self.storage is not None:
-            self.storage.rdb.engine.dispose()  # the run is over: its database connections too
+            self.storage.close()  # the run is over: its database connections too

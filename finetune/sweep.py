@@ -27,7 +27,7 @@ from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from finetune.cli import command, has_control, printable, status_of
 from finetune.config import in_a_sweep, split_override
@@ -42,6 +42,7 @@ STATUSES = ("completed", "interrupted", "pruned", "failed", "running")  # what a
 MAX_JOBS = 100_000  # job dirs a summary reads: a bound on the work a sweep dir from someone else can cause
 SWEEP_SYNTAX = re.compile(r"^(range|choice|interval|glob|tag|shuffle|sort)\(|,")  # a swept value, not a fixed one
 _failed: bool = False  # set when a sweep of this process ended with a failed job
+_ended: set[str] = set()  # the run dirs of the jobs that ended in this process
 
 
 class SweepSummary(Callback):
@@ -52,6 +53,7 @@ class SweepSummary(Callback):
             return
         hydra = HydraConfig.get()
         row = job_row(Path(hydra.runtime.output_dir))
+        _ended.add(str(Path(row["run_dir"]).resolve()))
         sweep_dir = Path(hydra.sweep.dir)
         with open_append(sweep_dir / SUMMARY_JSONL, root=sweep_dir) as f:  # never through a planted link
             f.write(json.dumps(row) + "\n")
@@ -61,7 +63,16 @@ class SweepSummary(Callback):
         sweep_dir = Path(config.hydra.sweep.dir)
         rows = summarise(sweep_dir)
         print(format_summary(rows, swept_keys(sweep_dir, rows)))
-        _failed = any(r["status"] in FAILED for r in rows)
+        shared = OmegaConf.select(config, "hydra.sweeper.storage", default=None) is not None
+        _failed = any(r["status"] in FAILED for r in (own_rows(rows) if shared else rows))
+
+
+def own_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows of the jobs this process ran, where it knows them. Sweepers sharing an Optuna study
+    (``hydra.sweeper.storage`` set) share the sweep dir and see each other's jobs, a starting one without
+    its summary yet: those must not fail this sweep (a continued sweep of one sweeper counts every job).
+    A launcher that runs its jobs elsewhere (submitit) ends none here: then every row counts."""
+    return [r for r in rows if str(Path(r["run_dir"]).resolve()) in _ended] if _ended else rows
 
 
 def sweep_failed() -> bool:

@@ -14,6 +14,7 @@ import math
 import re
 import shlex
 import sys
+import time
 from pathlib import Path
 
 import optuna
@@ -25,6 +26,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.utils import JobReturn, JobStatus
 from omegaconf import OmegaConf
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.storages._heartbeat import get_heartbeat_thread
 from optuna.trial import TrialState
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -217,6 +219,13 @@ def test_trial_reporter_reports_each_epoch_skips_nan_and_raises_when_pruned(tmp_
     (text,) = events.Tensors("sweep/pruned/text_summary")
     assert text.step == 30 and b"pruned by the sweep's pruner at epoch 3" in text.tensor_proto.string_val[0]
 
+    failed = study.ask()  # a shared study: another sweeper took this trial for dead while its job ran
+    on = TrialReporter(study="s", storage=storage, trial=failed.number, monitor="val/acc1")
+    study.tell(failed, state=TrialState.FAIL)
+    on.on_epoch_end(TrainState(epoch=1), {}, Scalars(0.0), True)  # the run goes on, reporting to no trial
+    assert on.trial is None and study.trials[failed.number].intermediate_values == {}
+    on.close()
+
     study.tell(trial, state=TrialState.PRUNED)  # a job dir resumed by hand after its sweep: reports nothing
     late = TrialReporter(study="s", storage=storage, trial=trial.number, monitor="val/acc1")
     late.on_epoch_end(TrainState(epoch=4), {}, Scalars(0.0), False)
@@ -244,6 +253,31 @@ def test_trials_a_killed_sweep_left_running_are_failed_and_asked_again(tmp_path)
     assert _study.next_job_number(study, sweep_dir) == 8  # after the dirs on disk and the jobs the study knows
     (sweep_dir / "7").rmdir()
     assert _study.next_job_number(study, sweep_dir) == 4
+
+
+@pytest.mark.parametrize("storage", ["sqlite:///{}/optuna.db", "journal:{}/optuna.log"])
+def test_a_shared_studys_silent_trials_are_failed_and_queued_again_and_live_ones_are_not(tmp_path, storage):
+    """Two sweepers of one study (a heartbeat every second, a 2 s grace): one stops beating, as a killed
+    one does; the other fails its trial once, queues it again with the same params, and keeps its own.
+    (An RDB storage beats by optuna's heartbeat; a journal, which optuna gives none, by a system attribute.)"""
+    space = SearchSpace(distributions={"x": FloatDistribution(0.0, 1.0)})
+    sweepers = [_study.open_study(name="s", storage=storage.format(tmp_path), direction="maximize",
+                                  sampler="random", pruner="none", space=space, seed=0, heartbeat_s=2)
+                for _ in range(2)]
+    dead, live = sweepers
+    silent = _study.ask(dead, space)
+    dead._storage.record_heartbeat(silent._trial_id)  # its last beat
+    beating = _study.ask(live, space)
+    assert beating.params != silent.params  # same seed, yet the two samplers propose apart
+    with get_heartbeat_thread(beating._trial_id, live._storage):
+        time.sleep(3.5)
+        assert _study.fail_stale(live, space) == [silent.number]
+        assert _study.fail_stale(dead, space) == []  # failed once, queued once
+    states = {t.number: t.state for t in live.get_trials(deepcopy=False)}
+    assert (states[silent.number], states[beating.number]) == (TrialState.FAIL, TrialState.RUNNING)
+    retry = _study.ask(live, space)
+    assert retry.params == silent.params and retry.user_attrs["retry_of"] == silent.number
+    assert _study.first_job_number(live, tmp_path) == _study.first_job_number(dead, tmp_path) == 0
 
 
 def test_samplers_by_name_or_target_and_a_continued_study_gets_a_fresh_seed():
@@ -293,3 +327,42 @@ def test_each_job_outcome_is_told_to_its_trial(tmp_path, status, returned, state
     (told,) = study.trials
     assert (told.state, told.value) == (state, value) and said.startswith(_study.FINISHED[state])
     assert told.user_attrs["status"] == (status or "failed")
+
+
+@pytest.mark.slow
+def test_a_journal_study_run_through_the_slurm_launcher_numbers_its_jobs_by_trial(tmp_path):
+    """hydra.sweeper.storage=journal:PATH (a shared study): n_trials counts each sweeper's trials, and a
+    second sweeper launching through submitit (hydra/launcher=slurm_local, SLURM's path on this machine)
+    runs its batch as jobs numbered by their trials; each job reports to the journal from its own process."""
+    journal, sweep_dir = tmp_path / "shared" / "optuna.log", tmp_path / "sweep"
+    journal.parent.mkdir()
+    tiny = tiny_overrides(make_image_folder(tmp_path / "images"), epochs=2)
+    args = ["-m", "hparams_search=lr_freeze", f"hydra.sweeper.storage=journal:{journal}", "hydra.sweeper.n_trials=1",
+            "hydra.sweeper.study_name=shared", f"hydra.sweep.dir={sweep_dir}", "hydra.sweeper.pruner=none", *tiny]
+    first = run_cli(args, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = run_cli(args + ["hydra.sweeper.n_trials=2", "hydra.sweeper.n_jobs=2", "hydra/launcher=slurm_local"],
+                     cwd=tmp_path)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "1 trials so far, 2 to run" in second.stdout
+
+    study = optuna.load_study(study_name="shared", storage=optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(journal))))
+    assert [(t.number, t.state) for t in study.trials] == [(n, TrialState.COMPLETE) for n in range(3)]
+    for trial in study.trials:
+        job_dir = sweep_dir / str(trial.number)
+        assert trial.user_attrs["job"] == trial.number and trial.user_attrs["job_dir"] == str(job_dir)
+        assert sorted(trial.intermediate_values) == [1, 2]  # reported by the job itself, every epoch
+        assert trial.value == json.loads((job_dir / "summary.json").read_text())["best"]["value"]
+    assert len(list((sweep_dir / ".submitit").glob("*/*_log.out"))) == 2  # trials 1 and 2 ran through submitit
+    assert not (sweep_dir / "optuna.db").exists()
+
+
+def test_a_heartbeat_too_short_to_tell_a_live_sweeper_from_a_dead_one_is_refused():
+    from hydra_plugins.finetune_optuna_sweeper.sweeper import OptunaSweeper, SweepError
+
+    settings = dict(direction=None, n_trials=1, n_jobs=1, study_name="s", storage=None, sampler="tpe", pruner="none",
+                    params={})
+    assert OptunaSweeper(**settings, heartbeat_s=2).settings["heartbeat_s"] == 2
+    with pytest.raises(SweepError, match=r"^error: hydra\.sweeper\.heartbeat_s must be at least 2 \(seconds\), got 1$"):
+        OptunaSweeper(**settings, heartbeat_s=1)

@@ -211,6 +211,54 @@ def test_a_planted_study_is_refused_before_optuna_opens_it(tmp_path):
     assert not marker.exists()
 
 
+def plant_journal(path: Path, marker: Path) -> Path:
+    """A journal file made with optuna's own `JournalStorage`, as a sweep of SEARCH would make it, whose
+    completed trial holds a pickle that creates ``marker``."""
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
+    study = optuna.create_study(study_name="test", storage=storage, direction="maximize")
+    trial = study.ask(search_distributions())
+    storage.set_trial_system_attr(trial._trial_id, "cma:optimizer:0", payload(marker))
+    study.tell(trial, 0.5)
+    return path
+
+
+@pytest.mark.parametrize("case, refusal", [
+    ("pickle", "holds a pickled object in system attribute 'cma:optimizer:0' of trial 0"),
+    ("link", "optuna.log' is a symbolic link"),
+    ("fifo", "optuna.log' is not a regular file"),
+    ("not json", "holds data optuna cannot read (JSONDecodeError"),
+    ("unknown operation", "holds data optuna cannot read (AssertionError"),
+])
+def test_a_journal_made_by_someone_else_is_read_as_data(tmp_path, case, refusal):
+    """hydra.sweeper.storage=journal:PATH goes through the same guard: optuna replays the file, and what
+    it replays is checked before any sampler sees it."""
+    marker, journal = tmp_path / "marker", tmp_path / "optuna.log"
+    elsewhere = plant_journal(tmp_path / "elsewhere.log", marker)
+    if case == "pickle":
+        plant_journal(journal, marker)
+    elif case == "link":
+        journal.symlink_to(elsewhere)
+    elif case == "fifo":
+        os.mkfifo(journal)
+    else:
+        lines = elsewhere.read_text().splitlines()[:2]  # the study made, a user attribute set
+        lines.append("{not json" if case == "not json" else
+                     '{"op_code": 99, "worker_id": "w"}')
+        journal.write_text("\n".join(lines + lines[:1]) + "\n")
+    before = elsewhere.read_bytes()
+    with pytest.raises(RefusedStudy) as refused:
+        open_storage(f"journal:{journal}").check_study("test")
+    assert refusal in str(refused.value) and "\n" not in str(refused.value)
+    assert "start a new study" in str(refused.value)
+    assert elsewhere.read_bytes() == before and not marker.exists()
+
+
+def test_a_journal_in_a_directory_that_does_not_exist_is_one_line(tmp_path):
+    with pytest.raises(UserError, match=r"the directory '.*/nowhere' does not exist: make it") as refused:
+        open_storage(f"journal:{tmp_path / 'nowhere' / 'optuna.log'}")
+    assert "\n" not in str(refused.value) and not (tmp_path / "nowhere").exists()
+
+
 def make_study_file(path: Path) -> Path:
     optuna.create_study(study_name="test", storage=f"sqlite:///{path}").ask()
     return path
@@ -330,6 +378,11 @@ def test_malformed_study_attributes_are_ignored_or_refused_in_one_line(tmp_path)
     said = _study.report(study, storage="s", monitor="val/acc1", extra=[])
     assert f"python -m finetune x={study.best_trial.params['x']}" in said  # its params: its overrides are no list
     assert "\x1b" not in said and "its run: \\x1b]0;pwned\\x07" in said
+
+    for first in (-1, "0", True, 10**12, [0]):  # the job number of trial 0, as a sweeper sharing the study set it
+        study.set_user_attr(_study.FIRST_JOB_ATTR, first)
+        with pytest.raises(RefusedStudy, match="user attribute 'finetune.first_job' that is not a job number"):
+            _study.first_job_number(study, sweep_dir)
 
     for fixed in ({"a": 1}, ["ok", 3], "data.root=x"):
         study.set_user_attr(_study.FIXED_ATTR, fixed)

@@ -3,7 +3,9 @@
 Its YAML keys are hydra-optuna-sweeper's (``direction``, ``n_trials``, ``n_jobs``, ``study_name``,
 ``storage``, ``sampler``, ``params`` with ``interval()``, ``range()``, ``choice()``, ``tag(log, ...)``),
 built on optuna's ask/tell API (optuna >= 4, ``pip install 'finetune[optuna]'``), and it adds:
-the study kept in the sweep dir and continued by the same command, pruning from each job's
+the study kept in the sweep dir and continued by the same command, or shared by several sweepers
+on several machines (``hydra.sweeper.storage``: a database URL or ``journal:PATH``; job dirs by trial
+number; a dead sweeper's trials failed and retried after ``heartbeat_s``), pruning from each job's
 per-epoch metric, failed and non-finite trials recorded as failed instead of ending the study,
 and the best trial printed as a command to paste.
 
@@ -23,6 +25,8 @@ someone else's (continuing their study means running with ``hydra.sweep.dir=THEI
   unpickles it; the sweeper's storage keeps the pickles this process's sampler writes in memory (a
   continued study recomputes the sampler's state from its trials), and refuses a study whose system
   attributes hold anything that would unpickle into an import or a call, naming the attribute.
+* A journal file (``journal:PATH``) is opened only as a regular file, and what optuna replays from it
+  goes through the same checks.
 * What the sweeper reads back of a study (the fixed overrides, job numbers, the best trial's
   overrides and job dir, the pruner spec, a killed trial's params) is checked for its type and
   range: what is wrong is ignored or refused in one line; text from it is printed with control
@@ -30,5 +34,6 @@ someone else's (continuing their study means running with ``hydra.sweep.dir=THEI
 
 Not covered: trials someone queued in the study (WAITING) run with their params (optuna only warns
 when one is outside the search space); a storage other than SQLite (``hydra.sweeper.storage``) is
-guarded against pickles but not time-boxed; a job resumed by hand replays its ``sweep.storage``.
+guarded against pickles but not time-boxed (a database server has its own statement timeout; a
+journal file is replayed whole, however long); a job resumed by hand replays its ``sweep.storage``.
 """

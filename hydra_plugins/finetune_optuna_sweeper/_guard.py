@@ -18,6 +18,8 @@ storage optuna gets from the sweeper:
 
 An SQLite file is also looked at before SQLAlchemy opens it (`check_sqlite_file`): a link, a
 non-SQLite file, or a trigger, view or virtual table (optuna's schema has none) is refused.
+A journal file (``journal:PATH``, optuna's `JournalStorage`) is guarded the same way: its trials are
+checked as they are replayed, and a link or a file that is not a regular one is refused.
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ import sqlite3
 import stat
 import threading
 import time
-from collections.abc import Container, Iterator, Mapping, Sequence
+import warnings
+from collections.abc import Callable, Container, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -41,7 +44,10 @@ from urllib.parse import quote
 
 import sqlalchemy
 from optuna.distributions import CategoricalDistribution
+from optuna.exceptions import ExperimentalWarning, UpdateFinishedTrialError
 from optuna.storages import BaseStorage, RDBStorage, _CachedStorage
+from optuna.storages._heartbeat import BaseHeartbeat
+from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock, JournalStorage
 from optuna.study._frozen import FrozenStudy
 from optuna.study._study_direction import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
@@ -66,6 +72,8 @@ SQLITE_HEADER = b"SQLite format 3\x00"
 CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 NEW_STUDY = "start a new study: hydra.sweeper.study_name=NEW or hydra.sweep.dir=NEW_DIR"
 NEW_FILE = "start a new study: hydra.sweep.dir=NEW_DIR (or hydra.sweeper.storage=sqlite:///NEW_FILE)"
+JOURNAL = "journal:"  # hydra.sweeper.storage=journal:PATH
+HEARTBEAT_ATTR = "finetune:heartbeat"  # a journal trial's last beat (time.time() of its sweeper's machine)
 
 
 class RefusedStudy(UserError):
@@ -278,13 +286,34 @@ def _timeboxed_connection(deadline: Deadline) -> type[sqlite3.Connection]:
 
 
 # ------------------------------------------------------------------ the SQLite file
+def journal_path(url: str) -> Path | None:
+    """The file of a ``journal:PATH`` storage; None for a database URL."""
+    return Path(url.removeprefix(JOURNAL)).absolute() if url.startswith(JOURNAL) else None
+
+
 def sqlite_path(url: str) -> Path | None:
     """The file of an ``sqlite:///PATH`` URL; None for another database or an in-memory one."""
+    if journal_path(url) is not None:
+        return None
     parsed = sqlalchemy.engine.make_url(url)
     if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:") \
             or parsed.database.startswith("file:"):
         return None
     return Path(parsed.database).absolute()
+
+
+def check_plain_file(name: Path) -> None:
+    """Refuse a link (writes would land where it leads: the sweep dir may be someone else's) or a
+    file that is not a regular one; nothing to do for one that does not exist yet."""
+    try:
+        mode = os.lstat(name).st_mode
+    except FileNotFoundError:
+        return
+    if stat.S_ISLNK(mode):
+        raise RefusedStudy(f"'{name}' is a symbolic link (to {shown(os.readlink(name))}): refused to open a "
+                           f"study through it (optuna would write where it leads); {NEW_FILE}")
+    if not stat.S_ISREG(mode):
+        raise RefusedStudy(f"'{name}' is not a regular file: refused to open a study there; {NEW_FILE}")
 
 
 def check_sqlite_file(path: Path, deadline: Deadline) -> None:
@@ -293,15 +322,7 @@ def check_sqlite_file(path: Path, deadline: Deadline) -> None:
     trigger, view or virtual table (SQL that runs on optuna's reads and writes; optuna makes none).
     Nothing to do for a file that does not exist yet."""
     for name in (path, *(path.with_name(path.name + suffix) for suffix in ("-journal", "-wal", "-shm"))):
-        try:
-            mode = os.lstat(name).st_mode
-        except FileNotFoundError:
-            continue
-        if stat.S_ISLNK(mode):
-            raise RefusedStudy(f"'{name}' is a symbolic link (to {shown(os.readlink(name))}): refused to open a "
-                               f"study through it (SQLite would write where it leads); {NEW_FILE}")
-        if not stat.S_ISREG(mode):
-            raise RefusedStudy(f"'{name}' is not a regular file: refused to open a study there; {NEW_FILE}")
+        check_plain_file(name)
     if not path.exists():
         return
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
@@ -339,12 +360,27 @@ def _schema_extras(path: Path, deadline: Deadline) -> tuple[str, str] | None:
 
 
 # ------------------------------------------------------------------ the storage
-def open_storage(url: str, *, limit_s: float = OPERATION_LIMIT_S) -> GuardedStorage:
-    """The guarded storage at ``url``; an SQLite file is checked first (`check_sqlite_file`)."""
+def open_storage(url: str, *, limit_s: float = OPERATION_LIMIT_S, heartbeat_s: int | None = None) -> GuardedStorage:
+    """The guarded storage at ``url``; an SQLite or journal file is checked first (`check_sqlite_file`,
+    `check_plain_file`). ``heartbeat_s``: see `GuardedStorage`."""
     path = sqlite_path(url)
     if path is not None:
         check_sqlite_file(path, Deadline(limit_s, str(path)))
-    return GuardedStorage(url, limit_s=limit_s)
+    if (journal := journal_path(url)) is not None:
+        check_plain_file(journal)
+    return GuardedStorage(url, limit_s=limit_s, heartbeat_s=heartbeat_s)
+
+
+def heartbeat_settings(heartbeat_s: int | None) -> dict[str, int]:
+    """`RDBStorage`'s heartbeat for "a trial silent for ``heartbeat_s`` seconds is stale": a beat every
+    quarter of it, so that a few late beats (a busy machine) never make a live trial look dead.
+
+    >>> heartbeat_settings(60), heartbeat_settings(None)
+    ({'heartbeat_interval': 15, 'grace_period': 60}, {})
+    """
+    if heartbeat_s is None:
+        return {}
+    return {"heartbeat_interval": max(1, heartbeat_s // 4), "grace_period": heartbeat_s}
 
 
 def server_time_limits(url: str, limit_s: float) -> dict[str, Any]:
@@ -363,11 +399,13 @@ def server_time_limits(url: str, limit_s: float) -> dict[str, Any]:
     return {}
 
 
-def connect(url: str, engine_kwargs: dict[str, Any], *, where: str) -> RDBStorage:
-    """Optuna's `RDBStorage` at ``url``; a server that refuses (bad credentials, no such database, not
-    reachable) or a missing driver is one line."""
+def connect(url: str, engine_kwargs: dict[str, Any], *, where: str, heartbeat: dict[str, int]) -> RDBStorage:
+    """Optuna's `RDBStorage` at ``url`` (with ``heartbeat``: `heartbeat_settings`); a server that refuses
+    (bad credentials, no such database, not reachable) or a missing driver is one line."""
     try:
-        return RDBStorage(url, engine_kwargs=engine_kwargs)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ExperimentalWarning)  # heartbeat_interval: experimental since 2.9
+            return RDBStorage(url, engine_kwargs=engine_kwargs, **heartbeat)
     except ImportError as err:  # optuna's own ImportError says only "Failed to import DB access module"
         missing = getattr(err.__cause__, "name", None) or getattr(err, "name", None) or "its driver"
         raise UserError(f"hydra.sweeper.storage '{where}' needs the database driver '{missing}', which is not "
@@ -382,14 +420,15 @@ def connect(url: str, engine_kwargs: dict[str, Any], *, where: str) -> RDBStorag
 
 
 def storage_name(url: str) -> str:
-    """``url`` for a message: an SQLite file's path, else the URL without its password."""
-    path = sqlite_path(url)
+    """``url`` for a message: an SQLite or journal file's path, else the URL without its password."""
+    path = sqlite_path(url) or journal_path(url)
     return str(path) if path is not None else sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
 
 
 # Errors optuna raises while reading a value it cannot parse (bad JSON, a malformed distribution, an
-# unknown state); a KeyError is also how it says that a study or trial does not exist.
-UNREADABLE = (ValueError, TypeError, RecursionError, AttributeError, OverflowError, LookupError)
+# unknown state; a journal's unknown operation is an AssertionError); a KeyError is also how it says
+# that a study or trial does not exist.
+UNREADABLE = (ValueError, TypeError, RecursionError, AttributeError, OverflowError, LookupError, AssertionError)
 
 
 def _not_numbers(trial: FrozenTrial) -> str | None:
@@ -405,19 +444,38 @@ def _not_numbers(trial: FrozenTrial) -> str | None:
     return None
 
 
-class GuardedStorage(BaseStorage):
+class GuardedStorage(BaseStorage, BaseHeartbeat):
     """Optuna's storage at ``url`` (``_CachedStorage(RDBStorage(url))``, as ``optuna.create_study``
     would make), where no sampler reads a pickle from the database and no request runs for more
-    than ``limit_s`` seconds (see the module's docstring)."""
+    than ``limit_s`` seconds (see the module's docstring).
 
-    def __init__(self, url: str, *, limit_s: float = OPERATION_LIMIT_S):
+    With ``heartbeat_s``, optuna's heartbeat is on (`heartbeat_settings`): ``optuna.storages.fail_stale_trials``
+    fails the running trials of a sweeper silent for that long and hands each to ``stale_trial_callback``.
+
+    ``journal:PATH``: optuna's `JournalStorage` on that file, locked by optuna's `JournalFileOpenLock` (a
+    lock file made with ``O_EXCL``, which NFS v3+ honours). Optuna gives a journal no heartbeat: here the
+    beat is a trial system attribute, `HEARTBEAT_ATTR`, compared with this machine's clock (the
+    machines' clocks must agree, as NTP keeps them, to well within ``heartbeat_s``)."""
+
+    def __init__(self, url: str, *, limit_s: float = OPERATION_LIMIT_S, heartbeat_s: int | None = None):
         self.where = storage_name(url)
         self.deadline = Deadline(limit_s, self.where)
-        engine_kwargs = {"connect_args": {"factory": _timeboxed_connection(self.deadline)}} \
-            if sqlite_path(url) is not None else server_time_limits(url, limit_s)
-        with self.deadline.running():
-            self.rdb = connect(url, engine_kwargs, where=self.where)
-        self.inner = _CachedStorage(self.rdb)
+        self.heartbeat = heartbeat_settings(heartbeat_s)
+        self.rdb: RDBStorage | None = None
+        if (journal := journal_path(url)) is not None:
+            if not journal.parent.is_dir():
+                raise UserError(f"hydra.sweeper.storage '{JOURNAL}{journal}': the directory '{journal.parent}' does "
+                                "not exist: make it, or give a path in a directory that exists (on a filesystem "
+                                "every sweeper's machine shares)")
+            backend = JournalFileBackend(str(journal), lock_obj=JournalFileOpenLock(str(journal)))
+            self.inner: BaseStorage = self._call(JournalStorage, backend, read=True, found=True)  # replays the file
+        else:
+            engine_kwargs = {"connect_args": {"factory": _timeboxed_connection(self.deadline)}} \
+                if sqlite_path(url) is not None else server_time_limits(url, limit_s)
+            with self.deadline.running():
+                self.rdb = connect(url, engine_kwargs, where=self.where, heartbeat=self.heartbeat)
+            self.inner = _CachedStorage(self.rdb)
+        self.stale_trial_callback: Callable[[Any, FrozenTrial], None] | None = None
         self.held_trial_attrs: dict[int, dict[str, Any]] = {}  # this process's pickles, never stored
         self.held_study_attrs: dict[int, dict[str, Any]] = {}
         self.verified: dict[int, FrozenTrial] = {}  # trial id -> the finished trial last checked
@@ -580,3 +638,35 @@ class GuardedStorage(BaseStorage):
 
     def remove_session(self) -> None:
         self.inner.remove_session()
+
+    def close(self) -> None:
+        """Let go of the database connections (a journal holds none open)."""
+        if self.rdb is not None:
+            self.rdb.engine.dispose()
+
+    # -------------------------------------------------------------- optuna's heartbeat
+    def record_heartbeat(self, trial_id: int) -> None:
+        if self.rdb is not None:
+            self._call(self.inner.record_heartbeat, trial_id)
+            return
+        try:
+            self._call(self.inner.set_trial_system_attr, trial_id, HEARTBEAT_ATTR, time.time())
+        except UpdateFinishedTrialError:  # taken for dead and failed by another sweeper: nothing to beat for
+            pass
+
+    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+        if self.rdb is not None:
+            return self._call(self.inner._get_stale_trial_ids, study_id, read=True)
+        now = time.time()  # a journal: as RDBStorage does it, a trial that never beat is never stale
+        running = self.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,))
+        return [t._trial_id for t in running if type(beat := t.system_attrs.get(HEARTBEAT_ATTR)) is float
+                and now - beat > self.heartbeat["grace_period"]]
+
+    def get_heartbeat_interval(self) -> int | None:
+        return self.heartbeat.get("heartbeat_interval")
+
+    def get_heartbeat_stale_trial_callback(self) -> Callable[[Any, FrozenTrial], None] | None:
+        return self.stale_trial_callback
+
+    def get_failed_trial_callback(self) -> Callable[[Any, FrozenTrial], None] | None:  # its name in optuna < 4.9
+        return self.stale_trial_callback

@@ -1,7 +1,9 @@
 """The study behind a sweep: opened or continued, each job's outcome told to its trial, the best trial shown.
 
 A trial's user attributes record its job: ``job`` (number), ``job_dir``, ``overrides`` (what the
-job was launched with, ``sweep.*`` left out), ``status`` (its ``summary.json``'s) and ``error``.
+job was launched with, ``sweep.*`` left out), ``status`` (its ``summary.json``'s) and ``error``;
+a retried trial's, ``retry_of`` (the number of the trial it replaces). Job numbers are trial numbers
+plus the study's ``finetune.first_job``, so that sweepers sharing a study never pick the same job dir.
 A continued study may be someone else's: what is read back of it is checked for its type (and
 shown with control characters escaped), and its storage is a `_guard.GuardedStorage`.
 """
@@ -12,6 +14,8 @@ import importlib.util
 import json
 import math
 import re
+import secrets
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -19,7 +23,8 @@ from typing import Any
 import optuna
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.utils import instantiate
-from optuna.trial import Trial, TrialState
+from optuna.exceptions import ExperimentalWarning, UpdateFinishedTrialError
+from optuna.trial import FrozenTrial, Trial, TrialState
 
 from finetune import cli
 from finetune.optuna_trial import PRUNER_ATTR, build_pruner
@@ -28,6 +33,7 @@ from hydra_plugins.finetune_optuna_sweeper._search_space import SearchSpace
 
 FINISHED = {TrialState.COMPLETE: "complete", TrialState.PRUNED: "pruned", TrialState.FAIL: "failed"}  # -> words
 FIXED_ATTR = "finetune.fixed_overrides"  # the study's user attribute: what every job of it was given
+FIRST_JOB_ATTR = "finetune.first_job"  # the study's user attribute: the job number of its trial 0
 # ``sampler: NAME`` -> the optuna.samplers class, seeded with the config's ``seed``.
 SAMPLERS = {"tpe": "TPESampler", "random": "RandomSampler", "grid": "GridSampler", "cmaes": "CmaEsSampler",
             "nsgaii": "NSGAIISampler", "qmc": "QMCSampler", "gp": "GPSampler"}
@@ -37,18 +43,22 @@ JOB_DIR = re.compile(r"[0-9]{1,7}")  # a job's directory name (str.isdigit would
 
 
 def open_study(*, name: str, storage: str, direction: str, sampler: str | Mapping, pruner: Any,
-               space: SearchSpace, seed: int) -> optuna.Study:
+               space: SearchSpace, seed: int, heartbeat_s: int | None = None) -> optuna.Study:
     """Create the study, or load it to continue it with the same fixed overrides. Its storage is
-    guarded (`_guard.open_storage`), and an existing study is checked before optuna loads it."""
+    guarded (`_guard.open_storage`), and an existing study is checked before optuna loads it.
+    ``heartbeat_s``: the study is shared with other sweepers (optuna's heartbeat on; see `fail_stale`),
+    and the sampler's seed gets a random part: concurrent sweepers must not propose the same trials
+    (their interleaving makes a shared study's order unrepeatable anyway)."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the sweeper says what happens, once
-    guarded = open_storage(storage)
+    guarded = open_storage(storage, heartbeat_s=heartbeat_s)
     guarded.check_study(name)
     study = optuna.create_study(study_name=name, storage=guarded, direction=direction, load_if_exists=True)
     if study.direction.name.lower() != direction:
         raise ValueError(f"study '{name}' in '{storage}' was created to {study.direction.name.lower()}, "
                          f"not to {direction}: start another with hydra.sweeper.study_name=NEW_NAME")
     check_same_fixed_overrides(study, space.fixed)
-    study.sampler = build_sampler(sampler, space, seed=seed, offset=len(study.trials))
+    offset = len(study.trials) + (secrets.randbelow(1 << 30) if heartbeat_s else 0)
+    study.sampler = build_sampler(sampler, space, seed=seed, offset=offset)
     study.pruner = build_pruner(pruner)
     study.set_user_attr(PRUNER_ATTR, pruner)  # what each job's TrialReporter prunes with
     return study
@@ -96,15 +106,45 @@ def build_sampler(spec: str | Mapping, space: SearchSpace, *, seed: int, offset:
 
 
 def retry_interrupted(study: optuna.Study, space: SearchSpace) -> list[int]:
-    """Trials a killed sweep left running: failed now, and queued again with the same params (those
-    that are still in ``space``: the others are sampled anew). One sweeper per study at a time
-    (another one's running trials would be taken for dead)."""
+    """Trials a killed sweep left running: failed now, and queued again (`retry`). For a study of
+    one sweeper (its sweep dir's): another one's running trials would be taken for dead."""
     stale = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
     for trial in stale:
-        params = {key: value for key, value in trial.params.items() if in_space(space, key, value)}
-        study.enqueue_trial(params, user_attrs={"retry_of": trial.number})
+        retry(study, trial, space)
         tell(study, trial.number, TrialState.FAIL)
     return [t.number for t in stale]
+
+
+def retry(study: optuna.Study, trial: FrozenTrial, space: SearchSpace) -> None:
+    """Queue ``trial`` again with the same params (those still in ``space``: the others are sampled anew)."""
+    params = {key: value for key, value in trial.params.items() if in_space(space, key, value)}
+    study.enqueue_trial(params, user_attrs={"retry_of": trial.number})
+
+
+def fail_stale(study: optuna.Study, space: SearchSpace) -> list[int]:
+    """In a shared study: fail, and queue again (`retry`), the running trials whose sweeper has been silent
+    for ``heartbeat_s`` (killed, or its machine lost), by optuna's heartbeat; their numbers. Each is failed
+    by one sweeper only, which queues it (optuna calls the storage's callback for the trials this process
+    failed)."""
+    failed: list[int] = []
+
+    def requeue(study: optuna.Study, trial: FrozenTrial) -> None:
+        retry(study, trial, space)
+        failed.append(trial.number)
+
+    study._storage.stale_trial_callback = requeue
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+    return failed
+
+
+def ask(study: optuna.Study, space: SearchSpace) -> Trial:
+    """``study.ask``, without optuna's warning that heartbeats are meant for ``optimize()``: the sweeper
+    beats for its trials itself (`_sweep.StudySweep.run_trials`)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Heartbeat of storage")
+        return study.ask(space.distributions)
 
 
 def in_space(space: SearchSpace, key: str, value: Any) -> bool:
@@ -124,6 +164,21 @@ def trials_to_go(study: optuna.Study, n_trials: int, space: SearchSpace) -> int:
     trials = study.get_trials(deepcopy=False)
     retried = {r for t in trials if type(r := t.user_attrs.get("retry_of")) is int}
     return n_trials - sum(t.state in FINISHED and t.number not in retried for t in trials)
+
+
+def first_job_number(study: optuna.Study, sweep_dir: Path) -> int:
+    """The job number of the study's trial 0 (`FIRST_JOB_ATTR`): the first sweeper of a new study sets it
+    after every job dir there (a second study in a sweep dir numbers its jobs after the first's), so that
+    trial N's job is always this + N, whichever sweeper runs it. Sweepers that start together set the same."""
+    first = study.user_attrs.get(FIRST_JOB_ATTR)
+    if first is None:
+        first = max(0, next_job_number(study, sweep_dir) - len(study.trials))
+        study.set_user_attr(FIRST_JOB_ATTR, first)
+    if type(first) is not int or not 0 <= first <= MAX_JOB:
+        raise RefusedStudy(f"study '{study.study_name}' has a user attribute '{FIRST_JOB_ATTR}' that is not a job "
+                           f"number ({shown(first)}): refused to continue it; start a new study: "
+                           "hydra.sweeper.study_name=NEW or hydra.sweep.dir=NEW_DIR")
+    return first
 
 
 def next_job_number(study: optuna.Study, sweep_dir: Path) -> int:
@@ -147,11 +202,14 @@ def record_outcome(study: optuna.Study, trial: Trial, job: JobReturn) -> str:
         state = TrialState.COMPLETE
     else:
         state = TrialState.FAIL
-    trial.set_user_attr("status", status)
     error = summary.get("error") or ("" if summary else f"no readable {job_dir / 'summary.json'}")
-    if error:
-        trial.set_user_attr("error", str(error)[:500])
-    tell(study, trial, state, float(value) if state == TrialState.COMPLETE else None)
+    try:
+        trial.set_user_attr("status", status)
+        if error:
+            trial.set_user_attr("error", str(error)[:500])
+        tell(study, trial, state, float(value) if state == TrialState.COMPLETE else None)
+    except UpdateFinishedTrialError:  # its heartbeat came too late: another sweeper failed it and queued it again
+        return f"{status}, not recorded: the trial was taken for dead (raise hydra.sweeper.heartbeat_s)"
     return f"{FINISHED[state]} ({value:.4g})" if state == TrialState.COMPLETE else f"{FINISHED[state]} ({error})"
 
 

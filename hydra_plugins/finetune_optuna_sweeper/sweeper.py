@@ -26,12 +26,14 @@ class SweepError(CompactHydraException):
 
 class OptunaSweeper(Sweeper):
     def __init__(self, *, direction: str | None, n_trials: int, n_jobs: int, study_name: str,
-                 storage: str | None, sampler: Any, pruner: Any, params: Any) -> None:
+                 storage: str | None, heartbeat_s: int, sampler: Any, pruner: Any, params: Any) -> None:
         if n_trials < 0 or n_jobs < 1:
             raise SweepError(f"hydra.sweeper: n_trials must be >= 0 and n_jobs >= 1, got {n_trials} and {n_jobs}")
+        if heartbeat_s < 2:
+            raise SweepError(f"hydra.sweeper.heartbeat_s must be at least 2 (seconds), got {heartbeat_s}")
         self.settings = {"direction": direction, "n_trials": n_trials, "n_jobs": n_jobs, "study_name": study_name,
-                         "storage": storage, "sampler": to_plain(sampler), "pruner": to_plain(pruner),
-                         "params": to_plain(params) or {}}
+                         "storage": storage, "heartbeat_s": heartbeat_s, "sampler": to_plain(sampler),
+                         "pruner": to_plain(pruner), "params": to_plain(params) or {}}
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         try:
