@@ -378,7 +378,9 @@ def test_raising_max_epochs_on_resume_continues_on_the_longer_schedule(reference
     resumed, planned = lr_curve(out), lr_curve(fresh)
     assert sorted(resumed) == sorted(planned) == list(range(1, 26))
     assert [resumed[k] for k in range(16, 26)] == [planned[k] for k in range(16, 26)]
-    assert resumed[16] > 5 * lr_curve(ref)[15]  # not stuck at the end of the 3-epoch cosine
+    # lr/<group> at step N is the rate update N used: step 15 is the 3-epoch cosine's last, smallest rate,
+    # and a schedule stuck at its end would stay at or below it
+    assert resumed[16] > 2 * lr_curve(ref)[15]
 
 
 def test_an_allowed_rate_change_on_resume_takes_effect(reference, tmp_path, caplog):
