@@ -1,4 +1,4 @@
-"""Checkpoint-file tools: ``python -m finetune.ckpt inspect|diff|convert``.
+"""Checkpoint-file tools: ``python -m finetune.ckpt inspect|diff|convert|adapter``.
 
     python -m finetune.ckpt inspect PATH [--json]
     python -m finetune.ckpt diff PATH --model NAME [--source timm|torchvision] [--remap R]
@@ -35,9 +35,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    """The argument parser with its three subcommands."""
-    parser = argparse.ArgumentParser(prog="python -m finetune.ckpt",
-                                     description="Inspect, diff and convert checkpoint files.")
+    """The argument parser with its four subcommands."""
+    parser = argparse.ArgumentParser(prog="python -m finetune.ckpt", description="Inspect, diff and convert "
+                                     "checkpoint files; write a LoRA adapter alone.")
     sub = parser.add_subparsers(required=True, dest="command")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--trust-pickle", action="store_true",

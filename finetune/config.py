@@ -127,7 +127,7 @@ class AdapterConfig:
     r: int = 8  # lora: the rank of each low-rank update B @ A
     alpha: float = 16.0  # lora: the update is scaled by alpha / r
     dropout: float = 0.0  # lora: dropout on the input of the LoRA path (training only)
-    targets: Optional[list[str]] = None  # lora: regexes searched in Linear layer names (never the head); null: the family's default
+    targets: Optional[list[str]] = None  # lora: regexes searched in Linear layer names (not the head); null: per family
 
 
 @dataclass

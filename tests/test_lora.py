@@ -15,7 +15,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from conftest import REPO, compose_config, make_image_folder, run_cli
+from conftest import REPO, assert_one_line_errors, compose_config, make_image_folder, run_together
 from finetune import builders
 from finetune.checkpoint import load_model, load_training_state
 from finetune.ckpt import main as ckpt_main
@@ -70,10 +70,8 @@ def test_the_merged_weights_are_base_plus_scaled_b_a(lora_run):
         assert torch.equal(merged[key], state[key]), key
 
 
-def test_the_head_trains_and_the_base_weights_stay(lora_run, tmp_path):
-    """The head changed from its initialisation; every base weight is the one it started from."""
-    cfg, model, spec = built("trainer.max_epochs=2")
-    torch.manual_seed(0)
+def test_the_head_trains_and_the_base_weights_stay(lora_run):
+    """Between the two epochs' training states the head changed; every base weight stayed."""
     state = load_training_state(lora_run / "last.ckpt")["model"]
     first = load_training_state(lora_run / "epoch001-step000005.ckpt")["model"]
     assert not torch.equal(state["head.weight"], first["head.weight"])
@@ -210,12 +208,20 @@ def test_freeze_until_freezes_early_adapters_and_its_schedule_never_thaws_base_w
     assert thawed and all(n.startswith("blocks.2.") and ".lora_" in n for n in thawed)
 
 
-def test_freeze_head_only_with_lora_is_refused_in_one_line(tmp_path):
+def test_settings_that_make_no_sense_are_refused_in_one_line(tmp_path):
     root = make_image_folder(tmp_path / "images")
-    result = run_cli(vit_overrides(root, epochs=1) + ["freeze=head_only", f"hydra.run.dir={tmp_path / 'run'}"],
-                     cwd=tmp_path)
-    assert result.returncode == 2 and result.stderr.strip().count("\n") == 0, result.stderr[-2000:]
-    assert result.stderr.startswith("error: freeze=head_only with adapter=lora")
+    lora = vit_overrides(root, epochs=1)
+    plain = [o for o in lora if not o.startswith("adapter")]
+    results = run_together({
+        "head_only": [*lora, "freeze=head_only", f"hydra.run.dir={tmp_path / 'a'}"],
+        "rank_without_lora": [*plain, "adapter.r=4", f"hydra.run.dir={tmp_path / 'b'}"],
+        "rank_zero": [*lora, "adapter.r=0", f"hydra.run.dir={tmp_path / 'c'}"],
+    }, module="finetune", cwd=tmp_path)
+    assert_one_line_errors(results, {
+        "head_only": ["freeze=head_only with adapter=lora freezes every LoRA weight", "drop adapter=lora"],
+        "rank_without_lora": ["adapter.r is set but has no effect with adapter.name=none", "add adapter=lora"],
+        "rank_zero": ["adapter.r must be a positive rank, got '0'"],
+    })
 
 
 def test_lora_without_peft_is_one_line_naming_the_extra(tmp_path):
@@ -242,3 +248,49 @@ def test_killed_and_resumed_ends_bit_identical(tmp_path):
     out = load_training_state(tmp_path / "run" / "checkpoints" / "last.ckpt")["model"]
     assert any(".lora_B." in k for k in out) and out.keys() == ref.keys()
     assert all(torch.equal(out[k], ref[k]) for k in ref)
+
+
+def test_with_ema_the_weights_file_holds_the_merged_average():
+    """trainer.ema: the EMA copy carries the adapter too, and what a weights file gets is it merged."""
+    from timm.utils import ModelEmaV3
+
+    from finetune.checkpoint import TrainingParts
+
+    cfg, model, spec = built()
+    adapter = builders.build_adapter(cfg, model, spec)
+    ema = ModelEmaV3(model, decay=0.5)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".lora_B." in name:
+                param.normal_()
+    ema.update(model)
+    parts = TrainingParts(model, torch.optim.SGD(model.parameters(), lr=0.1), ema=ema, adapter=adapter)
+    deployed = parts.deploy_model().state_dict()
+    ema_state = ema.module.state_dict()
+    a, b = ema_state["blocks.1.mlp.fc1.lora_A.default.weight"], ema_state["blocks.1.mlp.fc1.lora_B.default.weight"]
+    assert b.abs().sum() > 0 and not torch.equal(b, model.state_dict()["blocks.1.mlp.fc1.lora_B.default.weight"])
+    expected = ema_state["blocks.1.mlp.fc1.base_layer.weight"] + (ALPHA / R) * (b @ a)
+    torch.testing.assert_close(deployed["blocks.1.mlp.fc1.weight"], expected, rtol=0, atol=1e-6)
+    assert not any(".lora_" in k or ".base_layer." in k for k in deployed)
+    assert any(".lora_B." in k for k in model.state_dict())  # the trained model itself stays unmerged
+
+
+def test_gradient_checkpointing_gives_the_adapters_the_same_gradients():
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)  # the same model and adapter both times
+        cfg, model, spec = built(f"trainer.grad_checkpointing={str(checkpointing).lower()}")
+        builders.set_grad_checkpointing(cfg.trainer, model, spec)
+        builders.build_adapter(cfg, model, spec)
+        assert model.grad_checkpointing == checkpointing
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if ".lora_B." in name:
+                    param.normal_()
+        torch.manual_seed(1)
+        inputs, target = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0])
+        torch.nn.functional.cross_entropy(model.train()(inputs), target).backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and any(".lora_A." in k for k in grads[0])
+    for key, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][key], grad, rtol=0, atol=1e-6, msg=key)
