@@ -59,11 +59,12 @@ def default_targets(model: nn.Module, *, name: str) -> tuple[str, ...]:
 
 
 def target_layers(model: nn.Module, *, head: str, patterns: Sequence[str], name: str) -> list[str]:
-    """The Linear layers outside the head whose names one of ``patterns`` is found in; never empty.
+    r"""The Linear layers outside the head whose names one of ``patterns`` is found in; never empty.
 
     >>> import timm
-    >>> target_layers(timm.create_model("test_vit"), head="head", patterns=["fc2"], name="test_vit")
-    ['blocks.0.mlp.fc2']
+    >>> target_layers(timm.create_model("test_vit"), head="head", patterns=[r"blocks\.[45]\..*fc2", "head"],
+    ...               name="test_vit")
+    ['blocks.4.mlp.fc2', 'blocks.5.mlp.fc2']
     """
     compiled = []
     for pattern in patterns:
