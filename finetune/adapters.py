@@ -5,8 +5,8 @@ weight under ``<layer>.base_layer``, frozen; ``lora_A``/``lora_B`` beside it, tr
 ``state_dict()``, and with it the training state ``last.ckpt``, holds base and adapter separately and a resume
 is exact. Weights files (``best``/``last.safetensors``) hold `merged_copy`: every adapter folded into its
 layer by peft's own merge (``W + alpha / r * B @ A``) and the layer put back as the plain ``nn.Linear``, so they
-load in plain timm, `finetune.load_model`, export and serving with no peft installed. `adapter_state` writes
-the adapter alone (``python -m finetune.ckpt adapter``) for sharing.
+load in plain timm, `finetune.load_model`, export and serving with no peft installed. `adapter_state` is the
+adapter alone, as ``python -m finetune.ckpt adapter`` writes it for sharing.
 
 peft is imported here only, and only when ``adapter=lora`` asks for it (`import_peft`).
 """
@@ -97,6 +97,7 @@ class LoraAdapter:
                                target_modules=list(self.layers), bias="none")
 
     def merged(self, model: nn.Module) -> nn.Module:
+        """What a weights file holds of ``model`` (the run's model or its EMA): `merged_copy`."""
         return merged_copy(model)
 
     def metadata(self) -> dict[str, str]:
