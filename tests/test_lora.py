@@ -4,6 +4,7 @@ state keeps the adapter apart (exact resume); the adapter alone for sharing; wha
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -165,6 +166,15 @@ def test_lora_trains_its_adapters_and_the_head_only():
     assert trainable == {n for n in trainable if ".lora_" in n or n.startswith("head.")}
     assert {"head.weight", "head.bias"} <= trainable and len(adapter.layers) == 24
     assert not any(".lora_" in n for n, p in model.named_parameters() if not p.requires_grad)
+
+
+def test_a_convnext_gets_its_pointwise_layers_and_its_head_fc_trains_in_full():
+    cfg, model, spec = built("model=convnext_tiny", "model.name=test_convnext")
+    adapter = builders.build_adapter(cfg, model, spec)
+    assert spec.classifier == "head.fc" and adapter.layers
+    assert all(re.fullmatch(r"stages\.\d+\.blocks\.\d+\.mlp\.fc[12]", layer) for layer in adapter.layers)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert {"head.fc.weight", "head.fc.bias"} <= trainable and not any(n.endswith("base_layer.weight") for n in trainable)
 
 
 def test_targets_are_regexes_of_linear_layers_outside_the_head():
