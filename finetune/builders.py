@@ -197,6 +197,19 @@ def set_grad_checkpointing(cfg: DictConfig, model: nn.Module, spec: BackboneSpec
     log.info(f"trainer.grad_checkpointing: {spec.name}'s blocks recompute their activations in the backward")
 
 
+def build_adapter(cfg: DictConfig, model: nn.Module, spec: BackboneSpec) -> Any:
+    """``adapter=lora``: peft's LoRA put into ``model`` (after the pretrained load, which sees the plain model;
+    before freezing and the optimizer); the `finetune.adapters.LoraAdapter`, or None for ``adapter=none``."""
+    a = cfg.adapter
+    if a.name == "none":
+        return None
+    from finetune.adapters import add_lora
+
+    targets = list(a.targets) if a.targets is not None else None
+    return add_lora(model, head=spec.classifier, r=a.r, alpha=a.alpha, dropout=a.dropout, targets=targets,
+                    name=spec.name)
+
+
 def init_weights(cfg: DictConfig, model: nn.Module, spec: BackboneSpec, *, head: DictConfig,
                  class_names: list[str], run_dir: Path, write: bool = True) -> dict[str, Any]:
     """Initialise from ``model.weights`` or the library's own weights; write ``load_report.json``.
@@ -249,11 +262,15 @@ def prepare_for_ddp(cfg: DictConfig, model: nn.Module, *, rt: Runtime) -> nn.Mod
 # ------------------------------------------------------------ training
 def build_freeze(cfg: DictConfig, model: nn.Module, spec: BackboneSpec) -> FreezeController | None:
     """Freeze as ``freeze.*`` says (before the optimizer exists); the controller that unfreezes on
-    ``freeze.schedule`` and verifies frozen tensors each epoch, or None when nothing is frozen."""
+    ``freeze.schedule`` and verifies frozen tensors each epoch, or None when nothing is frozen.
+    With ``adapter=lora`` the plan acts on what LoRA trains (its adapters and the head): the weights peft
+    froze stay frozen whatever the schedule thaws."""
     f = cfg.freeze
     schedule = {int(k): (list(v) if OmegaConf.is_list(v) else v) for k, v in f.schedule.items()}
     plan = plan_freeze(model, mode=f.name, head=spec.classifier, until=f.until, include=list(f.include),
                        exclude=list(f.exclude), schedule=schedule, max_epochs=cfg.trainer.max_epochs)
+    if cfg.adapter.name != "none":
+        plan = plan.within({n for n, p in model.named_parameters() if p.requires_grad}, owner="adapter=lora")
     frozen = apply_freeze(model, plan, bn=f.bn)
     if frozen:
         log.info(f"frozen: {len(frozen)} parameter tensors (freeze={f.name})")

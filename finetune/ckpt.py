@@ -1,9 +1,10 @@
-"""Checkpoint-file tools: ``python -m finetune.ckpt inspect|diff|convert``.
+"""Checkpoint-file tools: ``python -m finetune.ckpt inspect|diff|convert|adapter``.
 
     python -m finetune.ckpt inspect PATH [--json]
     python -m finetune.ckpt diff PATH --model NAME [--source timm|torchvision] [--remap R]
                                  [--num-classes N] [--in-chans C]
     python -m finetune.ckpt convert SRC DST [--max-shard-size 2GB] [--strip-wrappers]
+    python -m finetune.ckpt adapter RUN_DIR/checkpoints/last.ckpt adapter.safetensors
 
 Plain argparse, no Hydra. Problems with the input print one ``error:`` line and exit 2.
 """
@@ -34,9 +35,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    """The argument parser with its three subcommands."""
-    parser = argparse.ArgumentParser(prog="python -m finetune.ckpt",
-                                     description="Inspect, diff and convert checkpoint files.")
+    """The argument parser with its four subcommands."""
+    parser = argparse.ArgumentParser(prog="python -m finetune.ckpt", description="Inspect, diff and convert "
+                                     "checkpoint files; write a LoRA adapter alone.")
     sub = parser.add_subparsers(required=True, dest="command")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--trust-pickle", action="store_true",
@@ -69,6 +70,11 @@ def _parser() -> argparse.ArgumentParser:
     convert.add_argument("--max-shard-size", default="2GB", help="bytes, or e.g. 500MB, 2GB (default 2GB)")
     convert.add_argument("--strip-wrappers", action="store_true", help="remove module. / _orig_mod. from names")
     convert.set_defaults(func=convert_command)
+
+    adapter = sub.add_parser("adapter", help="the LoRA adapter alone of an adapter=lora run's training state")
+    adapter.add_argument("state", help="a training state (RUN_DIR/checkpoints/last.ckpt)")
+    adapter.add_argument("dst", help="the .safetensors file to write")
+    adapter.set_defaults(func=adapter_command)
     return parser
 
 
@@ -159,6 +165,22 @@ def convert_command(args: argparse.Namespace) -> int:
     written = save_safetensors(tensors, args.dst, max_shard_size=size, metadata=metadata)
     for path in written:
         print(path)
+    return 0
+
+
+def adapter_command(args: argparse.Namespace) -> int:
+    """Write the LoRA adapter of a training state alone (peft's key names; its settings in the metadata)."""
+    from finetune.adapters import adapter_from_config, adapter_state
+    from finetune.checkpoint import load_training_state
+
+    dst = Path(args.dst)
+    if dst.suffix != ".safetensors":
+        raise UserError(f"'{args.dst}' should end in .safetensors: the adapter is written as safetensors")
+    state = load_training_state(args.state)
+    model_state = state["model"]
+    adapter = adapter_from_config(str(state.get("config_yaml") or ""), model_state)
+    metadata = adapter.metadata() | {"model_name": str(state["weights_metadata"].get("model_name", ""))}
+    print(_atomic_save(_unshare(adapter_state(model_state)), dst, metadata))
     return 0
 
 

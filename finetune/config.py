@@ -120,6 +120,17 @@ class HeadConfig:
 
 
 @dataclass
+class AdapterConfig:
+    """``adapter=lora``: peft's LoRA on the backbone's Linear layers (`finetune.adapters`)."""
+
+    name: str = "none"  # none | lora (pip install 'finetune[lora]')
+    r: int = 8  # lora: the rank of each low-rank update B @ A
+    alpha: float = 16.0  # lora: the update is scaled by alpha / r
+    dropout: float = 0.0  # lora: dropout on the input of the LoRA path (training only)
+    targets: Optional[list[str]] = None  # lora: regexes searched in Linear layer names (not the head); null: per family
+
+
+@dataclass
 class FreezeConfig:
     name: str = "none"  # none | head_only | until | patterns
     bn: str = "eval"  # train | eval | frozen: BatchNorm of frozen parts (frozen: FrozenBatchNorm2d)
@@ -267,6 +278,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
     freeze: FreezeConfig = field(default_factory=FreezeConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     sched: SchedConfig = field(default_factory=SchedConfig)
@@ -291,6 +303,7 @@ def choices() -> dict[str, tuple]:
     Each table is the one the code that uses the value looks it up in; imported here, not at the
     top, so composing a config (``--cfg job``, ``--help``) does not import torch.
     """
+    from finetune.adapters import ADAPTERS
     from finetune.checkpoint import WEIGHTS_EXTENSIONS
     from finetune.data import AUGMENT_PRESETS, BALANCE_CHOICES
     from finetune.freezing import BN_MODES, FREEZE_MODES
@@ -309,6 +322,7 @@ def choices() -> dict[str, tuple]:
         "head.pool": (None, "", "avg", "max", "avgmax", "catavgmax", "token", "avg_token", "map"),  # timm's
         "head.norm": tuple(NORMS),
         "head.init": HEAD_INITS,
+        "adapter.name": ADAPTERS,
         "freeze.name": tuple(FREEZE_MODES),
         "freeze.bn": BN_MODES,
         "sched.name": SCHEDULERS,
@@ -368,6 +382,7 @@ def check_config(cfg: DictConfig) -> None:
     if not cfg.optim.backbone_lr_mult >= 0:
         raise UserError(f"optim.backbone_lr_mult must not be negative, got '{cfg.optim.backbone_lr_mult}'")
     _check_checkpoint(cfg.checkpoint)
+    _check_adapter(cfg)
     _check_task(cfg)
     if cfg.model.num_classes is not None and cfg.model.num_classes < 2:
         raise UserError(f"model.num_classes must be at least 2 (or null to take it from the data), "
@@ -454,6 +469,25 @@ def _check_task(cfg: DictConfig) -> None:
     for refused, message in refusals.items():
         if refused:
             raise UserError(message)
+
+
+def _check_adapter(cfg: DictConfig) -> None:
+    """LoRA's numbers in range, and what makes no sense with it refused (one line each)."""
+    a = cfg.adapter
+    if a.name == "none":
+        return
+    if not a.r > 0:
+        raise UserError(f"adapter.r must be a positive rank, got '{a.r}'")
+    if not a.alpha > 0:
+        raise UserError(f"adapter.alpha must be positive (the update is scaled by alpha / r), got '{a.alpha}'")
+    if not 0.0 <= a.dropout < 1.0:
+        raise UserError(f"adapter.dropout must be in [0, 1), got '{a.dropout}'")
+    if a.targets is not None and not len(a.targets):
+        raise UserError("adapter.targets is an empty list: give regexes of Linear layer names, or null for the "
+                        "model family's default")
+    if cfg.freeze.name == "head_only":
+        raise UserError("freeze=head_only with adapter=lora freezes every LoRA weight and trains the head alone: "
+                        "drop adapter=lora, or use freeze=none (LoRA already freezes the backbone's own weights)")
 
 
 def _check_checkpoint(c: DictConfig) -> None:
@@ -634,6 +668,8 @@ NO_EFFECT = (
              "only step schedules decay by epochs: add sched=step"),
     NoEffect("sched.name", lambda v: v == "none", ("sched.warmup_epochs", "sched.warmup_lr", "sched.min_lr"),
              "sched=none keeps the rate constant: add sched=cosine"),
+    NoEffect("adapter.name", lambda v: v == "none", ("adapter.r", "adapter.alpha", "adapter.dropout",
+                                                      "adapter.targets"), "they configure LoRA: add adapter=lora"),
     NoEffect("trainer.ema", lambda v: not v, ("trainer.ema_decay",), "add trainer.ema=true"),
     NoEffect("trainer.compile", lambda v: not v, ("trainer.compile_mode",), "add trainer.compile=true"),
 )

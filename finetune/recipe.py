@@ -51,6 +51,7 @@ class Recipe:
         self.hparams: dict[str, Any] = {}
         self.state: TrainState | None = None
         self.load_report: dict[str, Any] | None = None  # what the pretrained load placed (a fresh start)
+        self.adapter: Any = None  # adapter=lora: finetune.adapters.LoraAdapter
 
     # ------------------------------------------------------------ setup
     def setup(self, cfg: DictConfig, *, stop: StopRequest | None = None) -> None:
@@ -74,7 +75,7 @@ class Recipe:
         optimizer, scheduler = builders.build_optimization(
             cfg, model, spec, lr=lr, updates_per_epoch=builders.updates_per_epoch(cfg, self.loaders))
         training = TrainingParts(model, optimizer, scheduler, grad_scaler=builders.build_grad_scaler(rt),
-                                 ema=builders.build_ema(cfg, model), freeze=freeze)
+                                 ema=builders.build_ema(cfg, model), freeze=freeze, adapter=self.adapter)
         self.parts = builders.build_run(cfg, training, spec=spec, data_config=data_config,
                                         class_names=self.split.class_names, loaders=self.loaders, rt=rt,
                                         run_dir=self.run_dir, plan=self.plan, stop=stop, lr_find=lr_find)
@@ -82,7 +83,8 @@ class Recipe:
         log.info(start_block(data=self.split, model=spec.name, source=spec.source, weights=weights,
                              trainable=sum(p.numel() for p in model.parameters() if p.requires_grad),
                              total=sum(p.numel() for p in model.parameters()),
-                             frozen=f"freeze={cfg.freeze.name}" + (", thawing on schedule" if cfg.freeze.schedule else ""),
+                             frozen=f"freeze={cfg.freeze.name}" + (", thawing on schedule" if cfg.freeze.schedule else "")
+                             + (f", adapter={cfg.adapter.name} (r={cfg.adapter.r})" if self.adapter else ""),
                              device=str(rt.device), precision=cfg.trainer.precision,
                              input_size=tuple(data_config["input_size"]), epochs=cfg.trainer.max_epochs,
                              updates=builders.updates_per_epoch(cfg, self.loaders),
@@ -113,6 +115,7 @@ class Recipe:
             self.load_report = builders.init_weights(cfg.model, model, spec, head=cfg.head,
                                                      class_names=self.split.class_names, run_dir=self.run_dir,
                                                      write=self.world.main)
+        self.adapter = builders.build_adapter(cfg, model, spec)
         model = builders.prepare_for_ddp(cfg, model.to(rt.device), rt=rt)
         data_config = builders.build_data_config(cfg.data, spec)
         self.loaders = builders.build_loaders(cfg.data, self.split, data_config, seed=cfg.seed, device=rt.device,

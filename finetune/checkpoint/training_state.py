@@ -107,10 +107,13 @@ class TrainingParts:
     grad_scaler: torch.amp.GradScaler | None = None
     ema: Any = None  # timm ModelEmaV3, or None
     freeze: Any = None  # the FreezeController of a freezing schedule, or None
+    adapter: Any = None  # finetune.adapters.LoraAdapter (adapter=lora), or None
 
     def deploy_model(self) -> nn.Module:
-        """The weights a weights file holds: the EMA's when EMA is on."""
-        return self.ema.module if self.ema is not None else self.model
+        """The weights a weights file holds: the EMA's when EMA is on; with an adapter, a copy with it merged
+        (plain layers and keys: the file loads without peft). The training state keeps the model unmerged."""
+        model = self.ema.module if self.ema is not None else self.model
+        return self.adapter.merged(model) if self.adapter is not None else model
 
 
 @dataclass(frozen=True)

@@ -473,6 +473,9 @@ def _read_weights(path: Path) -> tuple[ModelMeta, dict[str, tuple[int, ...]], Ca
         raise UserError(f"weights file '{path}' is refused: its 'model' entry {_quoted(odd)} is not a named tensor; "
                         "the file is damaged or forged; use the weights file its run wrote")
     check_tensor_bytes(tensors, path)  # no stride-0 views claiming more than the file holds
+    if any(".lora_A." in k for k in tensors):  # finetune.adapters: the training state keeps LoRA unmerged
+        raise UserError(f"training state '{path}' holds its model with the LoRA adapter apart (adapter=lora): load "
+                        f"'{path.with_name('last.safetensors')}' or best.safetensors, which hold the merged weights")
     return meta, {k: tuple(v.shape) for k, v in tensors.items()}, lambda: tensors
 
 

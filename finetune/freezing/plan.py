@@ -28,6 +28,16 @@ class FreezePlan:
     schedule: dict[int, set[str]] = field(default_factory=dict)
     schedule_spec: dict[int, Any] = field(default_factory=dict)  # as configured, for resume checks
 
+    def within(self, trainable: set[str], *, owner: str) -> FreezePlan:
+        """This plan acting only on ``trainable`` (what ``owner``, e.g. LoRA, left to train): nothing else is
+        frozen by it or thawed by its schedule; a schedule entry left with nothing to thaw is an error."""
+        schedule = {epoch: names & trainable for epoch, names in self.schedule.items()}
+        for epoch, names in schedule.items():
+            if not names:
+                raise UserError(f"freeze.schedule[{epoch}] '{self.schedule_spec[epoch]}' thaws only weights that "
+                                f"{owner} keeps frozen: schedule stages whose {owner} weights are frozen")
+        return FreezePlan(self.stages, self.frozen & trainable, schedule, dict(self.schedule_spec))
+
 
 def resolve_target(value: str, stages: Sequence[Stage], names: Sequence[str], *, what: str) -> set[str]:
     """Parameter names of a stage name, ``all``, or a regex searched in parameter names; never empty."""
