@@ -101,6 +101,12 @@ def kept_iterator(loader: Any) -> Any:
     return getattr(loader, "_iterator", None)
 
 
+def keep_iterator(loader: Any, iterator: Any) -> None:
+    """Make ``iterator`` the one ``loader`` keeps (`kept_iterator`): a loader of our own that wraps a DataLoader
+    (shards: `finetune.data.stream`) holds its live pass where `shutdown_loader_workers` finds it."""
+    loader._iterator = iterator
+
+
 def shutdown_loader_workers(loader: Any, *, keep: Any = None) -> None:
     """Shut down the worker processes ``loader`` keeps between passes, unless they are ``keep`` (a `kept_iterator`).
 
@@ -113,7 +119,7 @@ def shutdown_loader_workers(loader: Any, *, keep: Any = None) -> None:
     shutdown = getattr(iterator, "_shutdown_workers", None)
     if shutdown is not None:
         shutdown()
-    loader._iterator = keep
+    keep_iterator(loader, keep)
 
 
 def copy_state_dict_versions(source: Any, target: Any) -> None:

@@ -227,6 +227,23 @@ def test_kept_iterator_is_the_one_a_persistent_loader_reuses() -> None:
     compat.shutdown_loader_workers(loader)
 
 
+def test_keep_iterator_hands_a_wrapping_loaders_pass_to_shutdown() -> None:
+    class Wrapper:  # a loader of our own around a DataLoader, as the shard loader is
+        def __init__(self) -> None:
+            self.loader = DataLoader(TensorDataset(torch.arange(8.0)), batch_size=4, num_workers=1)
+            compat.keep_iterator(self, None)
+
+    wrapper, before = Wrapper(), _worker_processes()
+    assert compat.kept_iterator(wrapper) is None
+    iterator = iter(wrapper.loader)
+    compat.keep_iterator(wrapper, iterator)
+    next(iterator)
+    workers = _worker_processes() - before
+    assert compat.kept_iterator(wrapper) is iterator and workers and all(w.is_alive() for w in workers)
+    compat.shutdown_loader_workers(wrapper)
+    assert not any(w.is_alive() for w in workers) and compat.kept_iterator(wrapper) is None
+
+
 def test_shutdown_loader_workers_stops_the_worker_processes() -> None:
     loader, before = _persistent_loader(), _worker_processes()
     list(loader)

@@ -41,7 +41,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from finetune._torch_compat import shutdown_loader_workers
+from finetune._torch_compat import keep_iterator, shutdown_loader_workers
 from finetune.data.dataset import load_transformed, seeded_rng
 from finetune.data.sampling import MAX_SAMPLE_SEED, SEED_STRIDE, EvalBatches
 from finetune.data.shards import RawSample, Shard, image_and_label, iter_shard
@@ -348,7 +348,7 @@ class StreamLoader:
         self.generator = generator
         self.loader = DataLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
                                  generator=generator, multiprocessing_context=context if num_workers else None)
-        self._iterator = None  # no workers are kept between passes
+        keep_iterator(self, None)  # no workers are kept between passes
 
     num_workers = property(lambda self: self.loader.num_workers)
 
@@ -377,9 +377,10 @@ class StreamLoader:
         expected = self.expected()
         if isinstance(self.dataset, TrainStream):
             self.sampler.start = 0  # the skip applies once, as for EpochSampler
-        self._iterator = iter(self.loader)  # held here so that the run's teardown can stop its workers
+        iterator = iter(self.loader)
+        keep_iterator(self, iterator)  # held here so that the run's teardown can stop its workers
         try:
-            yield from self._checked(self._iterator, expected)
+            yield from self._checked(iterator, expected)
         finally:  # an error, the end, or the surplus left: no worker outlives the pass
             shutdown_loader_workers(self)
 
