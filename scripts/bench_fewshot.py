@@ -129,7 +129,7 @@ def main() -> None:
                         rows.append({"set": data, "per_class": per_class, "seed": seed, "config": name, **result})
                         print(json.dumps(rows[-1]), flush=True)
                         if args.out:
-                            with args.out.open("a") as f:
+                            with args.out.open("a") as f:  # safe-write: --out is the file the user named
                                 f.write(json.dumps(rows[-1]) + "\n")
     print_table(rows)
 

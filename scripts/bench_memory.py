@@ -71,7 +71,7 @@ def child(args: argparse.Namespace) -> dict:
         return time.perf_counter() - started
 
     step()
-    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS (safe-write: a kernel file, not a dir of others)
     baseline = rss_now_mib()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()

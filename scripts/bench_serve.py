@@ -98,7 +98,7 @@ def check(args: list[str]) -> None:
 
 
 def start(args: list[str], log: Path) -> tuple[subprocess.Popen, str]:
-    with log.open("w") as out:
+    with log.open("w") as out:  # safe-write: log is in the temporary dir this script made
         proc = subprocess.Popen([sys.executable, "-m", "finetune.serve", "port=0", "device=cpu", *args], stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + 300

@@ -16,7 +16,8 @@ Other names: ``data.columns.path``, ``data.columns.label``, ``data.columns.split
 
 >>> import tempfile, pathlib
 >>> with tempfile.TemporaryDirectory() as d:
-...     _ = pathlib.Path(d, "t.csv").write_text("path,labels\\na.png,cat;dog\\nb.png,\\n")
+...     _ = pathlib.Path(d, "t.csv").write_text(  # safe-write: a temporary dir
+...         "path,labels\\na.png,cat;dog\\nb.png,\\n")
 ...     rows = read_table(pathlib.Path(d, "t.csv"), columns=TableColumns(label="labels"), multilabel=True)
 >>> [(r.line, r.path, r.labels) for r in rows.rows]
 [(2, 'a.png', ('cat', 'dog')), (3, 'b.png', ())]

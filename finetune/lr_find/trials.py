@@ -79,7 +79,7 @@ def _steepest(find: LRFind) -> float | None:
 def _divergence_rate(find: LRFind) -> float:
     """The rate at which the range test stopped on a blown-up loss; infinity when it never did."""
     losses = list(find.losses)
-    for rate, loss in zip(find.rates, losses, strict=False):
+    for rate, loss in zip(find.rates, losses, strict=True):  # one rate and one loss per update
         if loss is None or not math.isfinite(loss):
             return float(rate)
     smoothed = [v for v in find.smoothed if v is not None and math.isfinite(v)]
