@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import importlib.resources
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -540,6 +541,13 @@ def schema_keys() -> dict[str, bool]:
     >>> keys["trainer.max_epochs"], keys["freeze.schedule"], "lr" in keys
     (False, True, False)
     """
+    return dict(_schema_keys())
+
+
+@functools.cache
+def _schema_keys() -> dict[str, bool]:
+    """schema_keys, walked once: the walk resolves every annotation (seconds), and a config check asks
+    for each key of the config."""
     out: dict[str, bool] = {}
 
     def walk(cls: type, prefix: str) -> None:
