@@ -447,7 +447,7 @@ def _check_task(cfg: DictConfig) -> None:
     if task != "multilabel":
         return
     if cfg.data.name != "table":
-        source = "shards" if cfg.data.name == "webdataset" else "class folders"
+        source = {"webdataset": "shards", "hf": "a dataset's label column"}.get(cfg.data.name, "class folders")
         raise UserError(f"task=multilabel needs several labels per image, which {source} (data={cfg.data.name}) "
                         "cannot express yet: give a table with data=table data.file=labels.csv (a labels column, "
                         "classes joined by ';')")

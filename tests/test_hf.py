@@ -57,7 +57,8 @@ def hf(tmp_path_factory):
                                                                                       ("validation", files["val"]))}
     datasets.DatasetDict(splits).save_to_disk(str(base / "dict"))
     every = files["train"] + files["val"]
-    image_dataset(every, [p.parent.name for p in every], datasets.Value("string")).to_parquet(str(base / "named.parquet"))
+    named = image_dataset(every, [p.parent.name for p in every], datasets.Value("string"))
+    named.to_parquet(str(base / "named.parquet"))
     image_dataset(every, [[10, 2, 7][int(p.parent.name[-1])] for p in every],
                   datasets.Value("int64")).to_parquet(str(base / "ids.parquet"))
     saved = {k: os.environ.get(k) for k in (*OFFLINE_KEYS, "HF_HOME")}
@@ -133,6 +134,20 @@ def test_streaming_and_no_path_are_refused_by_the_builder(hf, tmp_path, override
     cfg = compose_config(["data=hf", f"data.path={hf['base'] / 'dict'}", *overrides])
     with pytest.raises(UserError, match=re.escape(expected)):
         build_split(cfg.data, run_dir=tmp_path, write=False)
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["data=custom", "data.root=/x", "data.path=/y"], "data.path is set but has no effect with data.name=custom"),
+    (["data=hf", "data.path=/y", "data.root=/x"], "data.root is set but has no effect with data.name=hf"),
+    (["data=hf", "data.path=/y", "task=multilabel"], "task=multilabel needs several labels per image"),
+])
+def test_settings_data_hf_ignores_are_refused(overrides, expected):
+    from finetune.config import check_config, check_overrides_take_effect
+
+    with pytest.raises(UserError, match=re.escape(expected)):
+        cfg = compose_config(overrides)
+        check_overrides_take_effect(cfg, overrides)
+        check_config(cfg)
 
 
 def test_evaluate_refuses_a_hugging_face_dataset_in_one_line(hf):

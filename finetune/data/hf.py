@@ -92,7 +92,8 @@ def load_hf(path: str) -> tuple[str, dict[str, Any]]:
     """``(where, {split: Dataset})``: ``where`` is the absolute path on disk, or the dataset's name."""
     datasets = import_datasets()
     local = Path(path).expanduser()
-    if not local.exists() and (local.is_absolute() or path.startswith((".", "~")) or local.suffix in DATA_FILE_BUILDERS):
+    looks_like_a_path = local.is_absolute() or path.startswith((".", "~")) or local.suffix in DATA_FILE_BUILDERS
+    if not local.exists() and looks_like_a_path:
         raise UserError(f"data.path '{path}' does not exist: give the directory save_to_disk wrote, a Parquet or "
                         "Arrow file, or a dataset name in the local Hugging Face cache")
     where = str(local.absolute()) if local.exists() else path
@@ -103,7 +104,8 @@ def load_hf(path: str) -> tuple[str, dict[str, Any]]:
     except ConnectionError:  # offline: the name is not in the cache (datasets' OfflineModeIsEnabled)
         raise UserError(f"data.path '{path}' is neither a path on disk nor a dataset in the local Hugging Face cache "
                         f"('{datasets.config.HF_DATASETS_CACHE}'; nothing is downloaded): fix the path, or download "
-                        "the dataset first (datasets.load_dataset, or save_to_disk it and give that directory)") from None
+                        "the dataset first (datasets.load_dataset, or save_to_disk it and give that directory)"
+                        ) from None
     except Exception as err:  # noqa: BLE001 - datasets raises many types for a file it cannot read: one line
         raise UserError(f"data.path '{path}' cannot be read as a Hugging Face dataset ({describe_error(err)}): give "
                         "the directory save_to_disk wrote, a Parquet or Arrow file, or a cached dataset name") from None
@@ -131,7 +133,8 @@ def _load(datasets: Any, local: Path) -> Any:
     if local.is_file():
         builder = DATA_FILE_BUILDERS.get(local.suffix.lower())
         if builder is None:
-            raise UserError(f"data.path '{local}' is a file but not a Parquet or Arrow file ({', '.join(DATA_FILE_BUILDERS)}): "
+            raise UserError(f"data.path '{local}' is a file but not a Parquet or Arrow file "
+                            f"({', '.join(DATA_FILE_BUILDERS)}): "
                             "give a data file, a directory save_to_disk wrote, or a cached dataset name")
         return datasets.load_dataset(builder, data_files=str(local))
     return datasets.load_dataset(str(local))
