@@ -83,7 +83,7 @@ def build_split(cfg: DictConfig, *, run_dir: Path, write: bool = True,
     elif cfg.name == "table":
         split = _scan_table(cfg, multilabel=multilabel, folds=folds, fold=fold)
     elif cfg.name == "hf":
-        split = scan_hf(cfg, folds=folds, fold=fold)
+        split = _scan_hf(cfg, folds=folds, fold=fold)
     else:
         split = data_lib.scan_image_folder(image_root(cfg), val_split=cfg.val_split, seed=cfg.split_seed,
                                            skip_bad_images=cfg.skip_bad_images, folds=folds, fold=fold)
@@ -129,7 +129,7 @@ def _scan_table(cfg: DictConfig, *, multilabel: bool, folds: int | None, fold: i
                                seed=cfg.split_seed, folds=folds, fold=fold, skip_bad_images=cfg.skip_bad_images)
 
 
-def scan_hf(cfg: DictConfig, *, folds: int | None, fold: int | None) -> data_lib.DataSplit:
+def _scan_hf(cfg: DictConfig, *, folds: int | None, fold: int | None) -> data_lib.DataSplit:
     """``data=hf``: a Hugging Face dataset on disk or in the local cache (`finetune.data.hf`), map-style."""
     if cfg.path is None:
         raise UserError("data=hf needs data.path: the directory save_to_disk wrote, a Parquet or Arrow file, or the "
@@ -137,10 +137,10 @@ def scan_hf(cfg: DictConfig, *, folds: int | None, fold: int | None) -> data_lib
     if cfg.streaming:
         raise UserError("data.streaming=true is not supported yet: data=hf reads the dataset from disk (memory-mapped; "
                         "leave data.streaming=false), or write WebDataset shards for data=webdataset")
-    from finetune.data.hf import scan_hf as scan
+    from finetune.data.hf import scan_hf
 
-    return scan(str(cfg.path), image_column=cfg.image_column, label_column=cfg.label_column,
-                val_split=cfg.val_split, seed=cfg.split_seed, folds=folds, fold=fold)
+    return scan_hf(str(cfg.path), image_column=cfg.image_column, label_column=cfg.label_column,
+                   val_split=cfg.val_split, seed=cfg.split_seed, folds=folds, fold=fold)
 
 
 def build_data_config(cfg: DictConfig, spec: BackboneSpec) -> dict[str, Any]:

@@ -124,6 +124,23 @@ def test_bad_input_is_one_user_error_naming_it(hf, case, expected):
         scan_hf(args.pop("path"), **args)
 
 
+def test_an_unreadable_image_names_its_split_row_and_dataset(hf):
+    from finetune.data import ImageDataset
+
+    good = hf["files"]["train"][0].read_bytes()
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.Value("string")})
+    rows = {"image": [{"bytes": good, "path": None}] * 3 + [{"bytes": b"not an image", "path": None}],
+            "label": ["a", "a", "b", "b"]}
+    datasets.Dataset.from_dict(rows, features=features).to_parquet(str(hf["base"] / "bad.parquet"))
+    split = scan_hf(str(hf["base"] / "bad.parquet"), val_split=0.5)
+    dataset = ImageDataset(split.train + split.val, images=split.images)
+    assert np.array_equal(np.asarray(dataset[[k for k, _ in dataset.samples].index("train/0")][0]), pixels(
+        hf["files"]["train"][0]))
+    with pytest.raises(UserError, match=re.escape("cannot read image 'train/3' (")) as err:
+        dataset[[k for k, _ in dataset.samples].index("train/3")]
+    assert str(err.value).endswith(f"fix or drop that row of dataset '{hf['base'] / 'bad.parquet'}'")
+
+
 @pytest.mark.parametrize("overrides, expected", [
     (["data.streaming=true"], "data.streaming=true is not supported yet"),
     (["data.path=null"], "data=hf needs data.path"),

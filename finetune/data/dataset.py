@@ -20,6 +20,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
+from functools import partial
 from typing import Any, Protocol
 
 import numpy as np
@@ -255,20 +256,20 @@ class ImageDataset(Dataset):
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[Any, int]:
         index, sample_seed = key if isinstance(key, tuple) else (key, None)
         path, label = self.samples[index]
-        with naming_the_file(path):
+        naming = partial(naming_the_file, path, *(() if self.images is None else (self.images.fix,)))
+        with naming():
             source = self.images.open(path) if self.images is not None else path
         if self.transform is None:
-            with naming_the_file(path):
+            with naming():
                 return load_image(source, self.channels), label
         with seeded_rng(sample_seed) if sample_seed is not None else nullcontext():
-            return load_transformed(source, self.transform, self.channels, reading=lambda: naming_the_file(path)), label
+            return load_transformed(source, self.transform, self.channels, reading=naming), label
 
 
 @contextmanager
-def naming_the_file(path: str) -> Iterator[None]:
-    """Turn whatever reading ``path`` raised into a one-line UserError that names the file."""
+def naming_the_file(path: str, fix: str = "fix or remove it, or set data.skip_bad_images=true") -> Iterator[None]:
+    """Turn whatever reading ``path`` raised into a one-line UserError that names the file (and ``fix``)."""
     try:
         yield
     except Exception as exc:  # PIL raises many types; name the file either way
-        raise UserError(f"cannot read image '{path}' ({describe_error(exc)}): fix or remove it, "
-                        "or set data.skip_bad_images=true") from exc
+        raise UserError(f"cannot read image '{path}' ({describe_error(exc)}): {fix}") from exc

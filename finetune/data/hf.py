@@ -46,10 +46,11 @@ class HFImages:
     workers: a dataset on disk is memory-mapped, and pickled by its file names.
     """
 
-    def __init__(self, splits: dict[str, Any], column: str) -> None:
+    def __init__(self, splits: dict[str, Any], column: str, where: str) -> None:
         from datasets import Image
 
         self.column = column
+        self.fix = f"fix or drop that row of dataset '{where}'"  # the end of an unreadable image's error
         self.splits = {name: ds.select_columns([column]).cast_column(column, Image(decode=False))
                        for name, ds in splits.items()}
 
@@ -85,7 +86,7 @@ def scan_hf(path: str, *, image_column: str = "image", label_column: str = "labe
         test = samples_of("test", labels["test"]) if val_name != "test" and "test" in labels else []
         layout = "column"
     return DataSplit(train, val, names, where, layout, [], float(val_split) if layout == "split" else None, seed,
-                     test=test, folds=folds, fold=fold, source=where, images=HFImages(used, image_column))
+                     test=test, folds=folds, fold=fold, source=where, images=HFImages(used, image_column, where))
 
 
 def load_hf(path: str) -> tuple[str, dict[str, Any]]:
