@@ -11,6 +11,7 @@ import re
 import signal
 from pathlib import Path
 
+import huggingface_hub.constants
 import numpy as np
 import pytest
 import torch
@@ -62,12 +63,15 @@ def hf(tmp_path_factory):
     image_dataset(every, [[10, 2, 7][int(p.parent.name[-1])] for p in every],
                   datasets.Value("int64")).to_parquet(str(base / "ids.parquet"))
     saved = {k: os.environ.get(k) for k in (*OFFLINE_KEYS, "HF_HOME")}
-    cache_before = datasets.config.HF_DATASETS_CACHE
+    flags = {(module, name): getattr(module, name) for module, name in (
+        (datasets.config, "HF_DATASETS_CACHE"), (datasets.config, "HF_HUB_OFFLINE"),
+        (datasets.config, "HF_DATASETS_OFFLINE"), (huggingface_hub.constants, "HF_HUB_OFFLINE"))}
     datasets.config.HF_DATASETS_CACHE = str(base / "home" / "datasets")
     os.environ["HF_HOME"] = str(base / "home")
     cache_as_downloaded(base / "home" / "datasets", "someone/shapes", base / "named.parquet")
     yield {"base": base, "root": root, "files": files}
-    datasets.config.HF_DATASETS_CACHE = cache_before
+    for (module, name), value in flags.items():
+        setattr(module, name, value)
     for key, value in saved.items():
         os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
 
