@@ -82,6 +82,8 @@ def build_split(cfg: DictConfig, *, run_dir: Path, write: bool = True,
         split = build_shard_split(cfg)
     elif cfg.name == "table":
         split = _scan_table(cfg, multilabel=multilabel, folds=folds, fold=fold)
+    elif cfg.name == "hf":
+        split = _scan_hf(cfg, folds=folds, fold=fold)
     else:
         split = data_lib.scan_image_folder(image_root(cfg), val_split=cfg.val_split, seed=cfg.split_seed,
                                            skip_bad_images=cfg.skip_bad_images, folds=folds, fold=fold)
@@ -125,6 +127,20 @@ def _scan_table(cfg: DictConfig, *, multilabel: bool, folds: int | None, fold: i
     return data_lib.scan_table(cfg.file, columns=columns, multilabel=multilabel, label_sep=cfg.label_sep,
                                classes=cfg.classes, allow_outside=cfg.allow_outside, val_split=cfg.val_split,
                                seed=cfg.split_seed, folds=folds, fold=fold, skip_bad_images=cfg.skip_bad_images)
+
+
+def _scan_hf(cfg: DictConfig, *, folds: int | None, fold: int | None) -> data_lib.DataSplit:
+    """``data=hf``: a Hugging Face dataset on disk or in the local cache (`finetune.data.hf`), map-style."""
+    if cfg.path is None:
+        raise UserError("data=hf needs data.path: the directory save_to_disk wrote, a Parquet or Arrow file, or the "
+                        "name of a dataset in the local Hugging Face cache")
+    if cfg.streaming:
+        raise UserError("data.streaming=true is not supported yet: data=hf reads the dataset from disk (memory-mapped; "
+                        "leave data.streaming=false), or write WebDataset shards for data=webdataset")
+    from finetune.data.hf import scan_hf
+
+    return scan_hf(str(cfg.path), image_column=cfg.image_column, label_column=cfg.label_column,
+                   val_split=cfg.val_split, seed=cfg.split_seed, folds=folds, fold=fold)
 
 
 def build_data_config(cfg: DictConfig, spec: BackboneSpec) -> dict[str, Any]:

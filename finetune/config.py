@@ -65,7 +65,7 @@ class TableColumnsConfig:
 
 @dataclass
 class DataConfig:
-    name: str = "demo"  # demo | custom | table | webdataset
+    name: str = "demo"  # demo | custom | table | webdataset | hf
     root: Optional[str] = None  # image folder: DIR/{train,val}/<class>/* or DIR/<class>/*
     file: Optional[str] = None  # data=table: a CSV, TSV, JSONL or Parquet table of paths and labels
     columns: TableColumnsConfig = field(default_factory=TableColumnsConfig)
@@ -77,6 +77,10 @@ class DataConfig:
     train_urls: Any = None  # webdataset: train shards, a path, URL or brace pattern (DIR/train-{000000..000127}.tar), or a list
     val_urls: Any = None  # webdataset: val shards, as train_urls
     shuffle_buffer: int = 1000  # webdataset: samples in the seeded shuffle buffer of each stream (1: shard order)
+    path: Optional[str] = None  # hf: a save_to_disk dir, a Parquet/Arrow file or dir, or a dataset name in the local cache
+    image_column: str = "image"  # hf: the column of images (an Image feature)
+    label_column: str = "label"  # hf: the column of classes (ClassLabel, integers or strings)
+    streaming: bool = False  # hf: streaming is not supported yet (true is refused)
     img_size: Optional[int] = None  # default: model.input_size
     batch_size: int = 32  # images per batch and process
     num_workers: Any = "auto"  # a count, or auto: this process's CPUs less one, at most 8 (0 with one CPU)
@@ -315,7 +319,7 @@ def choices() -> dict[str, tuple]:
 
     return {
         "model.source": SOURCES,
-        "data.name": ("demo", "custom", "table", "webdataset"),
+        "data.name": ("demo", "custom", "table", "webdataset", "hf"),
         "task.name": tuple(TASK_LOSSES),
         "data.balance": BALANCE_CHOICES,
         "data.augment": tuple(AUGMENT_PRESETS),
@@ -443,7 +447,7 @@ def _check_task(cfg: DictConfig) -> None:
     if task != "multilabel":
         return
     if cfg.data.name != "table":
-        source = "shards" if cfg.data.name == "webdataset" else "class folders"
+        source = {"webdataset": "shards", "hf": "a dataset's label column"}.get(cfg.data.name, "class folders")
         raise UserError(f"task=multilabel needs several labels per image, which {source} (data={cfg.data.name}) "
                         "cannot express yet: give a table with data=table data.file=labels.csv (a labels column, "
                         "classes joined by ';')")
@@ -641,11 +645,13 @@ def _takes_betas(name: str) -> bool:
 
 
 TABLE_KEYS = ("data.file", "data.columns", "data.classes", "data.allow_outside")
+HF_KEYS = ("data.path", "data.image_column", "data.label_column", "data.streaming")
 NO_EFFECT = (
     NoEffect("data.name", lambda v: v == "demo", ("data.root", "data.val_split", "data.split_seed"),
              "data=demo trains on the built-in demo set: add data=custom to train on your own folder"),
-    NoEffect("data.name", lambda v: v in ("custom", "table", "webdataset"), ("data.demo", "data.cache_dir"),
-             "they configure the built-in demo set, which data=custom, data=table and data=webdataset do not use"),
+    NoEffect("data.name", lambda v: v in ("custom", "table", "webdataset", "hf"), ("data.demo", "data.cache_dir"),
+             "they configure the built-in demo set, which data=custom, data=table, data=webdataset and data=hf do "
+             "not use"),
     NoEffect("data.name", lambda v: v not in ("table", "webdataset"), ("data.classes",),
              "it names the classes of a label table or of shards: add data=table or data=webdataset"),
     NoEffect("data.name", lambda v: v != "table", tuple(k for k in TABLE_KEYS if k != "data.classes"),
@@ -657,6 +663,9 @@ NO_EFFECT = (
     NoEffect("data.name", lambda v: v == "webdataset", ("data.root", "data.val_split", "data.split_seed",
                                                          "data.skip_bad_images", "data.folds", "data.fold"),
              "data=webdataset reads the shards of data.train_urls and data.val_urls, split as they were written"),
+    NoEffect("data.name", lambda v: v != "hf", HF_KEYS, "they configure a Hugging Face dataset: add data=hf"),
+    NoEffect("data.name", lambda v: v == "hf", ("data.root", "data.skip_bad_images"),
+             "data=hf reads the dataset at data.path (an unreadable image stops training naming its split and row)"),
     NoEffect("task.name", lambda v: v != "multilabel", ("data.label_sep",),
              "it separates the classes of a labels cell: add task=multilabel"),
     NoEffect("task.loss", lambda v: v != "asl", ("task.asl_gamma_neg", "task.asl_gamma_pos", "task.asl_clip"),

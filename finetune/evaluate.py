@@ -218,6 +218,10 @@ def choose_images(data: DictConfig, training: TrainingRun, *, split: str, multil
     if data.name == "webdataset":
         raise UserError("finetune.evaluate reads image folders and tables, not shards (yet): give data=custom "
                         "data.root=DIR; a run on shards logs its val metrics every epoch (metrics.jsonl)")
+    if data.name == "hf":
+        raise UserError("finetune.evaluate reads image folders and tables, not Hugging Face datasets (yet): give "
+                        "data=custom data.root=DIR or data=table; a run on data=hf logs its val metrics every epoch "
+                        "(metrics.jsonl)")
     folder = build_split(data, run_dir=Path("."), write=False, multilabel=multilabel)  # the training scan
     if split == "all":
         samples = sorted(folder.train + folder.val, key=lambda s: (s[1], s[0]))

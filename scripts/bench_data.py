@@ -17,11 +17,16 @@ median images/s are printed last:
     python scripts/bench_data.py --workers 2 --epochs 5
     python scripts/bench_data.py --quick               # a small set and two epochs: checks that it runs
     python scripts/bench_data.py --stream              # training: folder vs local shards vs loopback S3
+    python scripts/bench_data.py --hf                  # training: folder vs the same images as a HF dataset
 
 ``--stream`` (issue 23) compares finetune's own training loaders over the same training images (the
 folder split by ``data.val_split=0.2``, seed 0) with the same transforms: ``data=custom`` (the folder),
 ``data=webdataset`` from shards written by ``finetune.shard`` into ``--cache-dir``, and the same shards
 served by moto's S3 server on 127.0.0.1 (read through s3fs, as from S3).
+
+``--hf`` compares the training loader of ``data=custom`` with that of ``data=hf`` over a ``save_to_disk``
+DatasetDict of the same split (the folder's train images as ``train``, its val images as ``validation``;
+the JPEG bytes stored as they are), written once into ``--cache-dir``.
 """
 
 from __future__ import annotations
@@ -241,6 +246,53 @@ def stream_main(args: argparse.Namespace, root: Path, pin_memory: bool) -> None:
     print(f"stream_s3_vs_folder: {statistics.median(speeds['s3']) / base:.2f} (target >= 0.8)")
 
 
+# ------------------------------------------------------------------ Hugging Face datasets (--hf)
+def ensure_hf_dataset(root: Path, args: argparse.Namespace) -> Path:
+    """The folder's run split as a ``save_to_disk`` DatasetDict (image bytes stored), written once."""
+    import datasets
+
+    target = args.cache_dir / f"bench-hf-{root.name}"
+    if (target / "dataset_dict.json").is_file():
+        return target
+    cfg = compose_run_config(root, args)
+    with tempfile.TemporaryDirectory() as run_dir:
+        split = builders.build_split(cfg.data, run_dir=Path(run_dir), write=False)
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=split.class_names)})
+    parts = {name: datasets.Dataset.from_dict({"image": [p for p, _ in samples], "label": [c for _, c in samples]},
+                                              features=features)
+             for name, samples in (("train", split.train), ("validation", split.val))}
+    datasets.DatasetDict(parts).save_to_disk(str(target))
+    return target
+
+
+def hf_main(args: argparse.Namespace, root: Path, pin_memory: bool) -> None:
+    device = torch.device("cuda" if pin_memory else "cpu")
+    path = ensure_hf_dataset(root, args)
+    folder = our_loaders(root, args, device=device, everything=False)[0].train
+    overrides = [f"model={args.model}", "model.pretrained=false", "data=hf", f"data.path={path}",
+                 f"data.batch_size={args.batch_size}"]
+    overrides += [f"data.num_workers={args.workers}"] if args.workers is not None else []
+    overrides += [f"data.img_size={args.img_size}"] if args.img_size is not None else []
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides)
+    with tempfile.TemporaryDirectory() as run_dir:
+        split = builders.build_split(cfg.data, run_dir=Path(run_dir), write=False)
+    _, spec = builders.build_classifier(cfg.model, head=cfg.head, num_classes=split.num_classes)
+    hf = builders.build_loaders(cfg.data, split, builders.build_data_config(cfg.data, spec), seed=cfg.seed,
+                                device=device).train
+    print(f"hf: {len(split.train)} train images in {path}; batch {args.batch_size}, {folder.num_workers} "
+          f"worker(s) each; 1 warm-up + {args.epochs} epochs each")
+    try:
+        speeds = interleaved({"folder": folder, "hf": hf}, args.epochs)
+    finally:
+        for loader in (folder, hf):
+            stop_workers(loader)
+    for name, values in speeds.items():
+        print(f"train {name:<7} {statistics.median(values):7.1f} img/s median (epochs: "
+              f"{', '.join(f'{v:.1f}' for v in values)})")
+    print(f"hf_vs_folder: {statistics.median(speeds['hf']) / statistics.median(speeds['folder']):.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workers", default=None, help="data.num_workers for both arms (default: the "
@@ -254,6 +306,8 @@ def main() -> None:
                         "images, batch 8, 2 epochs: a check that the script runs")
     parser.add_argument("--stream", action="store_true", help="training from a folder, local shards and "
                         "loopback S3 (data=webdataset), side by side")
+    parser.add_argument("--hf", action="store_true", help="training from a folder and from the same images as a "
+                        "Hugging Face dataset (data=hf), side by side")
     args = parser.parse_args()
     if args.quick:
         args.epochs, args.batch_size = min(args.epochs, 2), min(args.batch_size, 8)
@@ -262,6 +316,8 @@ def main() -> None:
     pin_memory = torch.cuda.is_available()  # as a run does: pinned when it trains on CUDA
     if args.stream:
         return stream_main(args, root, pin_memory)
+    if args.hf:
+        return hf_main(args, root, pin_memory)
     ours, data_config = our_loaders(root, args, device=torch.device("cuda" if pin_memory else "cpu"))
     workers = ours.train.num_workers  # "auto" resolved by build_loaders; the baseline gets the same count
     base_train, base_val = baseline_loaders(root, args, workers=workers, pin_memory=pin_memory)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
+from functools import partial
 from typing import Any, Protocol
 
 import numpy as np
@@ -226,6 +227,8 @@ class ImageDataset(Dataset):
         samples: ``(path, label)`` pairs.
         transform: Applied to the PIL image; None returns the image itself.
         channels: 3 reads RGB, 1 grey, 4 RGBA (see `load_image`); the model's ``in_chans``.
+        images: Opens a sample's key as an image file object (``images.open(key)``: a Hugging Face dataset's
+            rows, `finetune.data.hf.HFImages`); None: the keys are file paths.
 
     >>> import tempfile
     >>> from torchvision.transforms.functional import to_tensor
@@ -238,13 +241,14 @@ class ImageDataset(Dataset):
     """
 
     def __init__(self, samples: Sequence[tuple[str, int]], transform: Transform | None = None,
-                 channels: int = 3) -> None:
+                 channels: int = 3, images: Any = None) -> None:
         if channels not in IMAGE_MODES:
             raise UserError(f"model.in_chans={channels}: image files give 1 (grey), 3 (RGB) or 4 (RGBA) "
                             "channels; set model.in_chans to one of those")
         self.samples = list(samples)
         self.transform = transform
         self.channels = channels
+        self.images = images
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -252,18 +256,20 @@ class ImageDataset(Dataset):
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[Any, int]:
         index, sample_seed = key if isinstance(key, tuple) else (key, None)
         path, label = self.samples[index]
+        naming = partial(naming_the_file, path, *(() if self.images is None else (self.images.fix,)))
+        with naming():
+            source = self.images.open(path) if self.images is not None else path
         if self.transform is None:
-            with naming_the_file(path):
-                return load_image(path, self.channels), label
+            with naming():
+                return load_image(source, self.channels), label
         with seeded_rng(sample_seed) if sample_seed is not None else nullcontext():
-            return load_transformed(path, self.transform, self.channels, reading=lambda: naming_the_file(path)), label
+            return load_transformed(source, self.transform, self.channels, reading=naming), label
 
 
 @contextmanager
-def naming_the_file(path: str) -> Iterator[None]:
-    """Turn whatever reading ``path`` raised into a one-line UserError that names the file."""
+def naming_the_file(path: str, fix: str = "fix or remove it, or set data.skip_bad_images=true") -> Iterator[None]:
+    """Turn whatever reading ``path`` raised into a one-line UserError that names the file (and ``fix``)."""
     try:
         yield
     except Exception as exc:  # PIL raises many types; name the file either way
-        raise UserError(f"cannot read image '{path}' ({describe_error(exc)}): fix or remove it, "
-                        "or set data.skip_bad_images=true") from exc
+        raise UserError(f"cannot read image '{path}' ({describe_error(exc)}): {fix}") from exc

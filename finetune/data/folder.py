@@ -50,7 +50,9 @@ class DataSplit:
         multilabel: Labels are sets of classes (``task=multilabel``).
         test: A table's ``split=test`` rows (never trained or validated on).
         folds, fold: k-fold cross-validation: the number of folds and the one validated on.
-        source: The label table the samples come from (None for a folder).
+        source: The label table (or Hugging Face dataset) the samples come from (None for a folder).
+        images: Reads a sample's key as an image (`finetune.data.hf.HFImages`: keys ``SPLIT/ROW``); None: the
+            keys are file paths.
     """
 
     train: list[Sample]
@@ -66,6 +68,7 @@ class DataSplit:
     folds: int | None = None
     fold: int | None = None
     source: str | None = None
+    images: Any = None
 
     @property
     def num_classes(self) -> int:
@@ -109,7 +112,10 @@ class DataSplit:
         return {"train": self.train, "val": self.val, "test": self.test}[split]
 
     def _relative(self, path: str) -> str:
-        """Relative to ``root`` (POSIX separators); a table's image outside it (``data.allow_outside``): absolute."""
+        """Relative to ``root`` (POSIX separators); a table's image outside it (``data.allow_outside``): absolute;
+        a dataset's key (``images``) as it is."""
+        if self.images is not None:
+            return path
         relative = Path(os.path.relpath(path, self.root)).as_posix()
         return Path(path).as_posix() if relative == ".." or relative.startswith("../") else relative
 

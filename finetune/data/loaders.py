@@ -105,7 +105,8 @@ def build_loaders(
     sampler = _train_sampler(split, counts, balance=balance, seed=seed, batch_size=batch_size, rank=rank,
                              world_size=world_size)
     # Own generators: without one, every pass would draw worker seeds from the global RNG.
-    common = _loader_options(num_workers, pin_memory) | {"channels": channels, "device": device}
+    common = _loader_options(num_workers, pin_memory) | {"channels": channels, "device": device,
+                                                          "images": split.images}
     train_samples, val_samples = (multi_hot(split.train, split.num_classes), multi_hot(split.val, split.num_classes)) \
         if split.multilabel else (split.train, split.val)
     train = image_loader(train_samples, train_transform, sampler=sampler, batch_size=batch_size,
@@ -120,13 +121,14 @@ def build_loaders(
 
 
 def image_loader(samples: list[tuple[str, int]], transform: Callable[[Any], Any], *, channels: int,
-                 device: torch.device | None = None, **options: Any) -> DataLoader:
-    """A loader of ``(image, label)`` batches; a `NormalizingLoader` when ``transform`` can end in 8 bits."""
+                 device: torch.device | None = None, images: Any = None, **options: Any) -> DataLoader:
+    """A loader of ``(image, label)`` batches; a `NormalizingLoader` when ``transform`` can end in 8 bits.
+    ``images``: what reads the samples' keys (`ImageDataset`); None: they are file paths."""
     split = transform.without_normalize() if isinstance(transform, Preprocess) else None
     if split is None:
-        return DataLoader(ImageDataset(samples, transform, channels), **options)
+        return DataLoader(ImageDataset(samples, transform, channels, images), **options)
     to_uint8, mean, std = split
-    return NormalizingLoader(ImageDataset(samples, to_uint8, channels), mean=mean, std=std, device=device,
+    return NormalizingLoader(ImageDataset(samples, to_uint8, channels, images), mean=mean, std=std, device=device,
                              **options)
 
 
