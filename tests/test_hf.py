@@ -145,6 +145,44 @@ def test_an_unreadable_image_names_its_split_row_and_dataset(hf):
     assert str(err.value).endswith(f"fix or drop that row of dataset '{hf['base'] / 'bad.parquet'}'")
 
 
+def test_a_row_naming_a_file_is_read_only_inside_the_datasets_folder(hf, tmp_path):
+    """A dataset from someone else is data: a cell naming a file (no bytes) may not reach out of its folder."""
+    from finetune.data import ImageDataset
+
+    folder = tmp_path / "paths"
+    folder.mkdir()
+    inside = folder / "inside.png"
+    inside.write_bytes(hf["files"]["train"][0].read_bytes())
+    outside = tmp_path / "outside.png"
+    outside.write_bytes(hf["files"]["train"][1].read_bytes())
+    (folder / "link.png").symlink_to(outside)
+    cells = [str(inside), str(inside), str(outside), str(folder / "link.png")]
+    table = datasets.Dataset.from_dict({"image": cells, "label": ["a", "b", "a", "b"]}).with_format("arrow")[:]
+    split = scan_hf_table(table, folder / "t.arrow")
+    dataset = ImageDataset(split.train + split.val, images=split.images)
+    index = [k for k, _ in dataset.samples].index
+    assert np.array_equal(np.asarray(dataset[index("train/0")][0]), pixels(inside))
+    for row in (2, 3):
+        with pytest.raises(UserError, match=re.escape(f"cannot read image 'train/{row}' (")) as err:
+            dataset[index(f"train/{row}")]
+        assert "outside the dataset's folder" in str(err.value) and "\n" not in str(err.value)
+
+
+def scan_hf_table(table, path: Path):
+    """scan_hf of an Arrow file holding ``table`` with its image column as paths only (no bytes embedded)."""
+    import pyarrow as pa
+
+    paths = table.column("image").to_pylist()
+    image = pa.array([{"bytes": None, "path": p} for p in paths], type=pa.struct([("bytes", pa.binary()),
+                                                                                  ("path", pa.string())]))
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.Value("string")})
+    arrow = pa.table({"image": image, "label": table.column("label")})
+    datasets.Dataset(arrow, info=datasets.DatasetInfo(features=features)).to_parquet(str(path.with_suffix(".parquet")))
+    split = scan_hf(str(path.with_suffix(".parquet")), val_split=0.5)
+    assert split.images.splits["train"][0]["image"]["bytes"] is None  # the file holds the path, not the image
+    return split
+
+
 @pytest.mark.parametrize("overrides, expected", [
     (["data.streaming=true"], "data.streaming=true is not supported yet"),
     (["data.path=null"], "data=hf needs data.path"),

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import io
 import os
+import stat
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -46,10 +47,10 @@ class HFImages:
     workers: a dataset on disk is memory-mapped, and pickled by its file names.
     """
 
-    def __init__(self, splits: dict[str, Any], column: str, where: str) -> None:
+    def __init__(self, splits: dict[str, Any], column: str, where: str, files_under: str) -> None:
         from datasets import Image
 
-        self.column = column
+        self.column, self.files_under = column, os.path.realpath(files_under)
         self.fix = f"fix or drop that row of dataset '{where}'"  # the end of an unreadable image's error
         self.splits = {name: ds.select_columns([column]).cast_column(column, Image(decode=False))
                        for name, ds in splits.items()}
@@ -60,7 +61,18 @@ class HFImages:
         cell = self.splits[split][int(row)][self.column]
         if cell is None or (cell.get("bytes") is None and not cell.get("path")):
             raise ValueError("the row holds no image")
-        return io.BytesIO(cell["bytes"]) if cell.get("bytes") is not None else cell["path"]
+        return io.BytesIO(cell["bytes"]) if cell.get("bytes") is not None else self._file(cell["path"])
+
+    def _file(self, named: str) -> str:
+        """A cell naming a file instead of holding bytes: a dataset from others is data, so the file must be a
+        regular file inside the dataset's directory tree (links resolved), as a table's paths must."""
+        real = os.path.realpath(named)
+        if not real.startswith(self.files_under.rstrip(os.sep) + os.sep):
+            raise ValueError(f"the row names the file '{named}', outside the dataset's folder '{self.files_under}': "
+                             "refused (embed the image bytes, or keep the files under that folder)")
+        if not stat.S_ISREG(os.stat(real).st_mode):
+            raise ValueError(f"the row names '{named}', which is not a regular file")
+        return real
 
 
 def scan_hf(path: str, *, image_column: str = "image", label_column: str = "label", val_split: float = 0.2,
@@ -86,7 +98,19 @@ def scan_hf(path: str, *, image_column: str = "image", label_column: str = "labe
         test = samples_of("test", labels["test"]) if val_name != "test" and "test" in labels else []
         layout = "column"
     return DataSplit(train, val, names, where, layout, [], float(val_split) if layout == "split" else None, seed,
-                     test=test, folds=folds, fold=fold, source=where, images=HFImages(used, image_column, where))
+                     test=test, folds=folds, fold=fold, source=where,
+                     images=HFImages(used, image_column, where, files_under(where)))
+
+
+def files_under(where: str) -> str:
+    """Where a cell that names a file (not bytes) may point: the dataset's own directory (its folder, for a data
+    file), or the Hugging Face cache for a cached name."""
+    local = Path(where)
+    if local.is_absolute() and local.exists():
+        return str(local if local.is_dir() else local.parent)
+    import datasets
+
+    return str(datasets.config.HF_DATASETS_CACHE)
 
 
 def load_hf(path: str) -> tuple[str, dict[str, Any]]:
