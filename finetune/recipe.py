@@ -191,7 +191,13 @@ class Recipe:
         if self.parts is not None and self.parts.logger is not None:
             self.close_trackers(tracker_status(exc_type))
         if self.parts is not None and not in_a_sweep():  # a sweep ends with its own table instead
-            log.info(closing_block(self.summary.record, data_root=self.folder_root()))
+            log.info(closing_block(self.summary.record, data_root=self.folder_root(),
+                                   evaluates=self.evaluable()))
+
+    def evaluable(self) -> bool:
+        """Whether finetune.evaluate reads this run's data: folders and tables, not shards nor a Hugging Face
+        dataset (yet; `finetune.evaluate.choose_images` refuses those)."""
+        return self.split is not None and self.split.layout != "shards" and self.split.images is None
 
     def folder_root(self) -> str | None:
         """The image folder a later evaluate names (None for a table or shards: evaluate takes the run's own

@@ -120,9 +120,11 @@ def _layout(data: Any) -> str:
         data.layout, f"{what}, split by data.val_split={data.val_split}")
 
 
-def closing_block(record: dict[str, Any], *, data_root: str | None) -> str:
+def closing_block(record: dict[str, Any], *, data_root: str | None, evaluates: bool = True) -> str:
     """The end of a run's console output: how it ended, where its files are, and what to run next
-    (each command quoted for Hydra and the shell: `finetune.cli.command`).
+    (each command quoted for Hydra and the shell: `finetune.cli.command`). ``evaluates``: whether
+    ``finetune.evaluate`` reads the run's data (not shards nor Hugging Face datasets yet): no command
+    is offered that would only be refused.
 
     >>> print(closing_block({"status": "interrupted", "run_dir": "R", "epochs": None, "steps": 7,
     ...     "best": {"metric": "val/acc1", "value": 0.5, "epoch": 1},
@@ -138,6 +140,10 @@ def closing_block(record: dict[str, Any], *, data_root: str | None) -> str:
       ...python -m finetune.evaluate ckpt=R data=custom "data.root='my photos'"
       ...python -m finetune.predict ckpt=R inputs=DIR_OR_GLOB
       ...python -m finetune.export ckpt=R format=onnx
+    >>> block = closing_block({"status": "completed", "run_dir": "R", "paths": {"best.safetensors": "R/b"}},
+    ...                       data_root=None, evaluates=False)  # a run on shards
+    >>> "finetune.evaluate" in block, "finetune.predict" in block
+    (False, True)
     """
     run_dir, status, paths = record["run_dir"], record["status"], record.get("paths", {})
     best, weights = record.get("best") or {}, paths.get("best.safetensors") or paths.get("best.pt")
@@ -154,7 +160,7 @@ def closing_block(record: dict[str, Any], *, data_root: str | None) -> str:
                 if status != "completed" and "last.ckpt" in paths else [])
     if weights:
         data = ["data=custom", override("data.root", data_root)] if data_root else []
-        commands += [command("finetune.evaluate", ckpt, *data),
-                     command("finetune.predict", ckpt, "inputs=DIR_OR_GLOB"),
+        commands += [command("finetune.evaluate", ckpt, *data)] if evaluates else []
+        commands += [command("finetune.predict", ckpt, "inputs=DIR_OR_GLOB"),
                      command("finetune.export", ckpt, "format=onnx")]
     return "\n".join(lines + (["next:"] + [f"  {c}" for c in commands] if commands else []))

@@ -229,6 +229,8 @@ def test_a_run_killed_mid_epoch_resumes_bit_identical_to_a_straight_one(hf, tmp_
     env = {"HF_HOME": str(hf["base"] / "home")}
     ref = run_cli([*args, "data.num_workers=0", f"hydra.run.dir={tmp_path / 'ref'}"], cwd=tmp_path, env=env)
     assert ref.returncode == 0, ref.stderr[-3000:]
+    closing = (ref.stdout + ref.stderr).split("next:")[1]  # offers what works on this run, not evaluate
+    assert "finetune.predict" in closing and "finetune.evaluate" not in closing, closing
     out = tmp_path / "run"
     killed = run_cli([*args, "data.num_workers=2", f"hydra.run.dir={out}"], cwd=tmp_path,
                      env=env | {"FT_SIGNAL_AT": "0:3:SIGKILL", "PYTHONPATH": str(Path(__file__).parent / "signal_at")})
