@@ -42,6 +42,7 @@ from finetune.checkpoint import ModelMeta, load_model, save_weights
 from finetune.cli import command, exit_on_user_error, override
 from finetune.files import check_inside, scratch_path, staged_path
 from finetune.errors import UserError, describe_error
+from finetune.remote import in_cache
 from finetune.runtime import resolve_device
 from finetune.inference import (INPUT_NAME, OUTPUT_NAME, eval_transform, export_metadata, load_checkpoint,
                                 resolve_checkpoint, run_dir_of)
@@ -170,7 +171,7 @@ def output_path(out: str | Path | None, *, source: Path, format: str, quantize: 
     """The file to write, checked: its directory exists, it is not the checkpoint itself."""
     default_name = f"{source.stem}{'.' + quantize if quantize else ''}{FORMATS[format].suffix}"
     if out is None:
-        return (run_dir_of(source) or source.parent) / "export" / default_name
+        return (run_dir_of(source) or (Path.cwd() if in_cache(source) else source.parent)) / "export" / default_name
     path = Path(out).expanduser()
     if path.is_dir():
         path = path / default_name

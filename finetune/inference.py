@@ -28,6 +28,7 @@ from finetune.checkpoint import Manifest, ModelMeta, load_model
 from finetune.checkpoint.weights_file import MAX_CLASSES, MetadataError, check_classes, check_data_config
 from finetune.errors import UserError, describe_error
 from finetune.files import check_inside, file_digest
+from finetune.remote import fetch_checkpoint, in_cache, is_remote
 from finetune.runtime import AUTOCAST_DTYPES, resolve_device
 
 log = logging.getLogger("finetune")
@@ -42,6 +43,8 @@ INPUT_NAME, OUTPUT_NAME = "input", "logits"  # an exported model's one input (N,
 def resolve_checkpoint(ckpt: str | Path) -> Path:
     """The weights file ``ckpt`` names: itself, or a run dir's best weights (its manifest's ``best``,
     else ``checkpoints/best.safetensors``). A missing file is one line naming it."""
+    if is_remote(str(ckpt)):
+        return fetch_checkpoint(str(ckpt))
     path = Path(ckpt).expanduser()
     if path.is_dir():
         directory = path / "checkpoints" if (path / "checkpoints").is_dir() else path
@@ -68,7 +71,7 @@ def output_dir(out: str | Path | None, *, checkpoint: Path, kind: str) -> Path:
     """Where evaluate (``kind`` ``eval``) or predict (``predict``) write: ``out`` when given (made if
     missing); else Hydra's run dir when one was given (``hydra.run.dir=DIR``); else a new folder beside
     the run the checkpoint belongs to, ``RUN_DIR/<kind>/<date_time>/`` (beside a loose file:
-    ``DIR/<kind>/<date_time>/``), never a link out of it."""
+    ``DIR/<kind>/<date_time>/``; for one fetched by URL, the working directory), never a link out of it."""
     from hydra.core.hydra_config import HydraConfig
 
     if out is not None:
@@ -77,7 +80,7 @@ def output_dir(out: str | Path | None, *, checkpoint: Path, kind: str) -> Path:
         return path
     if HydraConfig.initialized() and Path(HydraConfig.get().runtime.output_dir).resolve() != Path.cwd().resolve():
         return Path(HydraConfig.get().runtime.output_dir)
-    home = run_dir_of(checkpoint) or checkpoint.resolve().parent
+    home = run_dir_of(checkpoint) or (Path.cwd() if in_cache(checkpoint) else checkpoint.resolve().parent)
     stamp = datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
     for n in range(1000):
         path = home / kind / (stamp if n == 0 else f"{stamp}_{n}")
@@ -244,6 +247,8 @@ def checkpoint_file(ckpt: str | Path | None) -> Path:
     if ckpt is None or str(ckpt) == "":
         raise UserError("ckpt is required: pass ckpt=RUN_DIR (its best weights), ckpt=FILE.safetensors, "
                         "ckpt=last.ckpt or ckpt=MODEL.onnx")
+    if is_remote(str(ckpt)):
+        return fetch_checkpoint(str(ckpt))
     path = Path(ckpt).expanduser()
     return path if path.suffix == ".onnx" and path.is_file() else resolve_checkpoint(path)
 

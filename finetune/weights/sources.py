@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune.errors import UserError
+from finetune.remote import is_remote
 
 BUILTIN_PREFIX = "builtin:"
 
@@ -67,12 +68,17 @@ class SourceSpec:
 
 
 def resolve_path(path: str | Path) -> Path:
-    """Turn ``builtin:NAME`` into the packaged file's path; other paths pass through.
+    """Turn ``builtin:NAME`` into the packaged file's path, a URL (``s3://...``) into its fetched copy
+    (`finetune.remote`); other paths pass through.
 
     Raises:
         UserError: Unknown builtin name, or its package is not installed.
     """
     text = str(path)
+    if is_remote(text):
+        from finetune.remote import fetch
+
+        return fetch(text, what="weights")
     if not text.startswith(BUILTIN_PREFIX):
         return Path(text).expanduser()
     name = text[len(BUILTIN_PREFIX):]
