@@ -558,7 +558,7 @@ def hparams(cfg: DictConfig, *, only: list[str] | None = None) -> dict[str, Any]
     In a sweep, ``only`` is the job's overrides: TensorBoard pointed at the sweep dir then shows
     one table of what varied, not every setting of every job.
     """
-    flat = OmegaConf.to_container(cfg, resolve=True)
+    flat = without_passwords(OmegaConf.to_container(cfg, resolve=True))  # the HPARAMS tab shows no credential
     out: dict[str, Any] = {}
 
     def walk(node: Any, prefix: str) -> None:

@@ -291,7 +291,7 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     seed: int = 0  # seeds python, numpy, torch and the data order
-    resume: Optional[str] = None  # null | auto | RUN_DIR | FILE.ckpt
+    resume: Optional[str] = None  # null | auto | RUN_DIR | FILE.ckpt | URL (a checkpoint.mirror)
     resume_allow_config_change: bool = False  # resume even if overrides change the experiment
     resume_allow_unverified: bool = False  # resume from a state that loads but does not match manifest.json
     sweep: SweepConfig = field(default_factory=SweepConfig)
