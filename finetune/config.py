@@ -194,7 +194,7 @@ class CheckpointConfig:
     weights_format: str = "safetensors"  # safetensors (.safetensors) | torch (.pt, a torch.save dict)
     min_delta: float = 0.0  # "better" means by more than this, for best, top-k and early stopping alike
     mirror: Optional[str] = None  # a storage URL (s3://bucket/runs/NAME): every save uploaded there too; null = off
-    storage_options: dict[str, Any] = field(default_factory=dict)  # fsspec options of the mirror; secrets as ${oc.env:VAR}
+    storage_options: dict[str, Any] = field(default_factory=dict)  # the mirror's fsspec options; secrets: ${oc.env:VAR}
     mirror_flush_timeout: float = 300.0  # seconds the end of a run (or a stop) waits for pending uploads
 
 

@@ -85,7 +85,8 @@ class ResumePlan:
     placed: bool = False
 
     @classmethod
-    def locate(cls, cfg: DictConfig, *, run_dir: Path, world: World = SINGLE, mirror: Mirror | None = None) -> ResumePlan:
+    def locate(cls, cfg: DictConfig, *, run_dir: Path, world: World = SINGLE,
+               mirror: Mirror | None = None) -> ResumePlan:
         """What this run continues from (``cfg.resume``), verified, with the config change checked
         (refused, in one line, when the change is not allowed); a fresh start is refused in a
         directory that holds a run's checkpoints. From a mirror, rank 0 fetches it first (``mirror``:

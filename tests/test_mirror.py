@@ -171,9 +171,12 @@ def mirror_args(root: Path) -> list[str]:
 
 @pytest.mark.slow
 def test_a_run_killed_with_its_node_resumes_from_the_bucket_bit_identical(s3, tmp_path):
-    """SIGKILL after update 9 (the mirror holds step 8), then resume=s3://... into a fresh, empty run dir
-    with the credentials given as checkpoint.storage_options from other variables: the final weights equal
-    a straight run's, the bucket ends holding the resumed run's checkpoints, and no file holds a secret."""
+    """Node 1 is SIGKILLed after update 9 (the mirror holds step 8). Node 2 resumes with resume=s3://... in a
+    fresh, empty run dir, the credentials given as checkpoint.storage_options from other variables, and is
+    stopped by SIGTERM after update 11 (no save due there): the state the stop saves reaches the mirror
+    before the process exits. Node 3 resumes
+    from there and finishes: the final weights equal a straight run's, the bucket holds node 3's checkpoints,
+    and no file holds the secret key."""
     root = make_image_folder(tmp_path / "images", train=8)  # 24 images: 6 updates per epoch
     args, url = mirror_args(root), f"s3://{BUCKET}/runs/killed"
     ref = tmp_path / "ref"
@@ -182,23 +185,32 @@ def test_a_run_killed_with_its_node_resumes_from_the_bucket_bit_identical(s3, tm
     killed = run_cli(args + [f"checkpoint.mirror={url}", f"hydra.run.dir={tmp_path / 'node1'}"], cwd=tmp_path,
                      env=s3 | {"FT_SIGNAL_AT": "0:9:SIGKILL", "PYTHONPATH": SIGNAL_AT})
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
-    mirrored = json.loads(bucket_files(s3, "runs/killed/checkpoints/")["manifest.json"])
-    assert mirrored["files"]["last.ckpt"]["step"] == 8
+    assert mirrored_step(s3) == 8
 
-    fresh = tmp_path / "node2"
     secrets = {"MIRROR_KEY": s3["AWS_ACCESS_KEY_ID"], "MIRROR_SECRET": s3["AWS_SECRET_ACCESS_KEY"]}
     env = {k: v for k, v in s3.items() if not k.startswith(("AWS_ACCESS", "AWS_SECRET"))} | secrets
-    resumed = run_all({"r": (args + [f"resume={url}", f"hydra.run.dir={fresh}",
-                                     "+checkpoint.storage_options.key=${oc.env:MIRROR_KEY}",
-                                     "+checkpoint.storage_options.secret=${oc.env:MIRROR_SECRET}"], env)},
-                      cwd=tmp_path)["r"]
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    console = resumed.stdout + resumed.stderr
+    from_bucket = args + [f"resume={url}", "+checkpoint.storage_options.key=${oc.env:MIRROR_KEY}",
+                          "+checkpoint.storage_options.secret=${oc.env:MIRROR_SECRET}"]
+    stopped = run_all({"r": (from_bucket + [f"hydra.run.dir={tmp_path / 'node2'}"],
+                             env | {"FT_SIGNAL_AT": "0:11:SIGTERM", "PYTHONPATH": SIGNAL_AT})}, cwd=tmp_path)["r"]
+    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-3000:]
+    console = stopped.stdout + stopped.stderr
     assert "fetched 4 checkpoint file(s)" in console and "epoch 1, step 8, 2 batches into" in console, console[-3000:]
-    assert_same_result(fresh, ref)
-    assert_bucket_holds(s3, "runs/killed/checkpoints/", fresh / "checkpoints")
-    for path in [p for d in (fresh, tmp_path / "node1") for p in d.rglob("*") if p.is_file()]:
+    assert "holds the checkpoints of step 11" in console and mirrored_step(s3) == 11  # flushed before the exit
+
+    final = tmp_path / "node3"
+    resumed = run_all({"r": (from_bucket + [f"hydra.run.dir={final}"], env)}, cwd=tmp_path)["r"]
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "epoch 1, step 11, 5 batches into" in resumed.stdout + resumed.stderr
+    assert_same_result(final, ref)
+    assert_bucket_holds(s3, "runs/killed/checkpoints/", final / "checkpoints")
+    for path in [p for d in ("node1", "node2", "node3") for p in (tmp_path / d).rglob("*") if p.is_file()]:
         assert s3["AWS_SECRET_ACCESS_KEY"].encode() not in path.read_bytes(), f"the secret key written into {path}"
+
+
+def mirrored_step(env: dict) -> int:
+    """The step of the training state the bucket's manifest names as ``last.ckpt``."""
+    return json.loads(bucket_files(env, "runs/killed/checkpoints/")["manifest.json"])["files"]["last.ckpt"]["step"]
 
 
 @pytest.mark.slow
