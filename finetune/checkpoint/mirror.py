@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import threading
 import time
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ from typing import Any
 from finetune.checkpoint.manifest import Manifest, verify_file
 from finetune.data.shards import join_url, open_fs, read_bounded, storage_error
 from finetune.errors import UserError, describe_error
-from finetune.files import DIGESTS, atomic_link, staged_path
+from finetune.files import DIGESTS, staged_path
 
 log = logging.getLogger("finetune")
 
@@ -117,7 +118,11 @@ class Mirror:
         links = {}
         for name in manifest["files"]:
             link = directory / f".{name}.{self._sequence}.mirror.tmp"  # a leftover goes with the next FileWriter
-            atomic_link(directory / name, link)
+            link.unlink(missing_ok=True)  # never written through: a name planted here is removed first
+            try:
+                os.link(directory / name, link)  # no fsync: a staging name, never needed after a crash
+            except OSError:  # a file system without hard links
+                shutil.copyfile(directory / name, link)
             links[name] = link
         steps = [e["step"] for e in manifest["files"].values()]
         upload = UploadSet(json.dumps(manifest, indent=2).encode() + b"\n", links,
