@@ -224,7 +224,10 @@ def test_bad_mirror_settings_end_in_one_line_before_training(s3, tmp_path):
         "unreachable": (args + [good], s3 | {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}"}),
         "empty": (args + [f"resume=s3://{BUCKET}/runs/never"], s3),
         "literal": (args + [good, "+checkpoint.storage_options.secret=plain-text-secret"], s3),
+        "occupied": (args + [f"resume=s3://{BUCKET}/runs/never"], s3),
     }
+    (tmp_path / "occupied" / "checkpoints").mkdir(parents=True)  # a run's checkpoints are here already
+    (tmp_path / "occupied" / "checkpoints" / "manifest.json").write_text('{"files": {}, "best": null}')
     runs = {name: (a + [f"hydra.run.dir={tmp_path / name}"], env) for name, (a, env) in runs.items()}
     results = run_all(runs, cwd=tmp_path, timeout=240)  # each must end by itself well before
     where = f"checkpoint.mirror 's3://{BUCKET}/runs/bad' cannot be written"
@@ -234,6 +237,8 @@ def test_bad_mirror_settings_end_in_one_line_before_training(s3, tmp_path):
     assert_clean_error(results["empty"], f"resume 's3://{BUCKET}/runs/never' holds no checkpoints",
                        f"'s3://{BUCKET}/runs/never/checkpoints/manifest.json' does not exist")
     assert_clean_error(results["literal"], "checkpoint.storage_options.secret is written out", "${oc.env:VAR}")
+    assert_clean_error(results["occupied"], f"'{tmp_path / 'occupied' / 'checkpoints'}' already holds checkpoints",
+                       f"resume=auto checkpoint.mirror=s3://{BUCKET}/runs/never")
     for name in runs:
         assert not list((tmp_path / name).rglob("*.ckpt")), name  # refused before any training
     assert not [p for p in (tmp_path / "literal").rglob("*") if p.is_file() and b"plain-text-secret" in p.read_bytes()]
