@@ -128,7 +128,7 @@ def test_a_failing_upload_is_retried_then_one_warning_and_the_local_files_stay(a
     with caplog.at_level(logging.WARNING, logger="finetune"):
         mirror.push(ckpt, manifest)
         mirror.close()
-    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    warnings = [r.getMessage() for r in caplog.records if r.name == "finetune" and r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "could not upload the checkpoints of step 7" in warnings[0], warnings
     assert f"after {mirror_lib.ATTEMPTS} attempt(s)" in warnings[0] and "local files are intact" in warnings[0]
     assert {p.name: p.read_bytes() for p in ckpt.iterdir()} == before
