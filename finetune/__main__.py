@@ -100,7 +100,7 @@ def check_command_line(args: list[str]) -> None:
     """Refuse, in one line with the fix, what Hydra would answer with a usage dump, a search-path list or
     a hint that leads on ("use +lr=0.01", which then adds a key nothing reads): argparse-style
     ``--key value``, a key the schema does not have, and a config option that does not exist."""
-    from finetune.config import is_known_key, unknown_key_message
+    from finetune.config import is_known_key, literal_secret, unknown_key_message
 
     hydra_flags, valued = _hydra_flags()
     own_configs = any(a.startswith(("hydra.searchpath", "--config-dir", "-cd", "--config-path", "-cp"))
@@ -113,6 +113,8 @@ def check_command_line(args: list[str]) -> None:
         key, value = split_override(arg)
         if key.startswith(("hydra.", "hydra/")):
             continue
+        if refusal := literal_secret(key, value):  # before Hydra records the command line in .hydra/
+            raise UserError(refusal)
         if key in config_groups():
             if not own_configs:
                 check_options(key, value, given=arg)

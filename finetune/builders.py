@@ -22,6 +22,7 @@ from torch import nn
 from finetune import data as data_lib
 from finetune.checkpoint import (CheckpointManager, CheckpointPolicy, FileWriter, ModelDescription, NoWriter, RunFacts,
                                  TrainingParts)
+from finetune.checkpoint.mirror import Mirror, is_url
 from finetune.config import in_a_sweep, split_override
 from finetune.data import shards as shards_lib
 from finetune.data.stream import ShardSplit
@@ -437,13 +438,28 @@ def build_checkpoint_policy(cfg: DictConfig) -> CheckpointPolicy:
                             weights_format=c.weights_format, min_delta=c.min_delta)
 
 
+def build_mirror(cfg: DictConfig, *, world: World = SINGLE) -> Mirror | None:
+    """``checkpoint.mirror`` (rank 0), checked writable before any work; ``resume=URL`` keeps mirroring there
+    unless ``checkpoint.mirror`` names another place."""
+    c = cfg.checkpoint
+    url = c.mirror or (cfg.resume if is_url(cfg.resume) else None)
+    if url is None or not world.main:
+        return None
+    mirror = Mirror(url, storage_options=dict(c.storage_options), flush_timeout=c.mirror_flush_timeout)
+    mirror.check_writable()
+    log.info(f"checkpoint mirror: every save is uploaded to '{mirror.target}' too")
+    return mirror
+
+
 def build_run(cfg: DictConfig, training: TrainingParts, *, spec: BackboneSpec, data_config: dict[str, Any],
               class_names: list[str], loaders: data_lib.Loaders, rt: Runtime, run_dir: Path, plan: ResumePlan,
-              stop: StopRequest | None = None, lr_find: dict[str, Any] | None = None) -> RunParts:
+              stop: StopRequest | None = None, lr_find: dict[str, Any] | None = None,
+              mirror: Mirror | None = None) -> RunParts:
     """The trainer and its hooks in their slots (`RunHooks`): the trackers and ``metrics.jsonl`` (rank 0),
     the checkpoint manager (the same on every rank; files written by rank 0), a sweep's trial reporter,
     the freezing controller. ``plan``: how TensorBoard and the manifest continue a resumed run;
-    ``lr_find``: how ``optim.lr=auto`` chose the rate (kept in every training state, drawn once)."""
+    ``lr_find``: how ``optim.lr=auto`` chose the rate (kept in every training state, drawn once);
+    ``mirror``: where every save is uploaded too (`build_mirror`)."""
     versions, world = package_versions(), rt.world
     if cfg.trainer.compile:  # in place (nn.Module.compile): state_dict keys, EMA and checkpoints stay as they are
         log.info(f"trainer.compile: the model's forward is compiled by torch.compile (mode "
@@ -453,12 +469,13 @@ def build_run(cfg: DictConfig, training: TrainingParts, *, spec: BackboneSpec, d
         log.info(f"DDP: {world.size} processes x data.batch_size {loaders.train.batch_size} = global batch "
                  f"{world.size * loaders.train.batch_size} ({rt.device.type})")
     logger, events = build_logging(cfg, class_names=class_names, run_dir=run_dir, plan=plan, world=world)
-    facts = RunFacts(config_yaml=OmegaConf.to_yaml(cfg, resolve=True), versions=versions, seed=cfg.seed,
+    facts = RunFacts(config_yaml=OmegaConf.to_yaml(without_passwords(OmegaConf.to_container(cfg, resolve=True))),
+                     versions=versions, seed=cfg.seed,
                      batch_size=loaders.train.batch_size, lr_find=lr_find, world_size=world.size,
                      streams=getattr(loaders.train_sampler, "workers", None),
                      trackers=logger.resume_ids() if logger is not None else {})
     policy = build_checkpoint_policy(cfg)
-    writer = FileWriter(run_dir / "checkpoints", policy=policy, parts=training, fresh=plan.new_manifest,
+    writer = FileWriter(run_dir / "checkpoints", policy=policy, parts=training, fresh=plan.new_manifest, mirror=mirror,
                         model=ModelDescription(spec, class_names=class_names, data_config=data_config,
                                                versions=versions, task=cfg.task.name)) if world.main else NoWriter()
     if lr_find is not None and plan.fresh and events is not None:  # a resume took the rate from its state
@@ -557,7 +574,7 @@ def hparams(cfg: DictConfig, *, only: list[str] | None = None) -> dict[str, Any]
     In a sweep, ``only`` is the job's overrides: TensorBoard pointed at the sweep dir then shows
     one table of what varied, not every setting of every job.
     """
-    flat = OmegaConf.to_container(cfg, resolve=True)
+    flat = without_passwords(OmegaConf.to_container(cfg, resolve=True))  # the HPARAMS tab shows no credential
     out: dict[str, Any] = {}
 
     def walk(node: Any, prefix: str) -> None:

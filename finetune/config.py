@@ -13,6 +13,7 @@ import dataclasses
 import difflib
 import functools
 import importlib.resources
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -196,6 +197,9 @@ class CheckpointConfig:
     keep_last_k: Optional[int] = 1  # earlier training states kept as epochEEE-stepSSSSSS.ckpt; null = all
     weights_format: str = "safetensors"  # safetensors (.safetensors) | torch (.pt, a torch.save dict)
     min_delta: float = 0.0  # "better" means by more than this, for best, top-k and early stopping alike
+    mirror: Optional[str] = None  # a storage URL (s3://bucket/runs/NAME): every save uploaded there too; null = off
+    storage_options: dict[str, Any] = field(default_factory=dict)  # the mirror's fsspec options; secrets: ${oc.env:VAR}
+    mirror_flush_timeout: float = 300.0  # seconds the end of a run (or a stop) waits for pending uploads
 
 
 @dataclass
@@ -291,7 +295,7 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     seed: int = 0  # seeds python, numpy, torch and the data order
-    resume: Optional[str] = None  # null | auto | RUN_DIR | FILE.ckpt
+    resume: Optional[str] = None  # null | auto | RUN_DIR | FILE.ckpt | URL (a checkpoint.mirror)
     resume_allow_config_change: bool = False  # resume even if overrides change the experiment
     resume_allow_unverified: bool = False  # resume from a state that loads but does not match manifest.json
     sweep: SweepConfig = field(default_factory=SweepConfig)
@@ -503,6 +507,32 @@ def _check_checkpoint(c: DictConfig) -> None:
     for key in ("save_top_k", "keep_last_k", "min_delta"):
         if c[key] is not None and c[key] < 0:
             raise UserError(f"checkpoint.{key} must not be negative, got '{c[key]}'")
+    if c.mirror is not None and "://" not in c.mirror:
+        raise UserError(f"checkpoint.mirror '{c.mirror}' is not a storage URL: give one such as s3://bucket/runs/NAME "
+                        "(file:///PATH for a shared disk), or null")
+    if not c.mirror_flush_timeout >= 0:
+        raise UserError(f"checkpoint.mirror_flush_timeout must not be negative, got '{c.mirror_flush_timeout}'")
+    for key, value in OmegaConf.to_container(c.storage_options, resolve=False).items():
+        if refusal := literal_secret(f"checkpoint.storage_options.{key}", value):
+            raise UserError(refusal)
+
+
+SECRET_NAME = re.compile(r"key|secret|token|password|credential", re.IGNORECASE)
+
+
+def literal_secret(key: str, value: Any) -> str | None:
+    """The refusal of a credential written out in ``checkpoint.storage_options`` (it would be saved in
+    ``.hydra/``); None when ``value`` is no secret or comes from the environment (``${oc.env:VAR}``).
+
+    >>> literal_secret("checkpoint.storage_options.secret", "${oc.env:S3_SECRET}") is None
+    True
+    """
+    if not key.startswith("checkpoint.storage_options.") or not SECRET_NAME.search(key.rsplit(".", 1)[-1]):
+        return None
+    if isinstance(value, str) and value.startswith("${") or value is None:
+        return None
+    return (f"{key} is written out: it would be saved in .hydra/, the checkpoints and the trackers; give it from "
+            f"the environment: +{key}='${{oc.env:VAR}}', or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY")
 
 
 def _get(cfg: DictConfig, dotted: str) -> Any:

@@ -52,6 +52,7 @@ class Recipe:
         self.state: TrainState | None = None
         self.load_report: dict[str, Any] | None = None  # what the pretrained load placed (a fresh start)
         self.adapter: Any = None  # adapter=lora: finetune.adapters.LoraAdapter
+        self.mirror: Any = None  # checkpoint.mirror: finetune.checkpoint.mirror.Mirror (rank 0)
 
     # ------------------------------------------------------------ setup
     def setup(self, cfg: DictConfig, *, stop: StopRequest | None = None) -> None:
@@ -60,7 +61,8 @@ class Recipe:
         self.world.check_same_config(OmegaConf.to_yaml(cfg, resolve=True))
         if self.world.main:  # this process alone writes into the run dir from here on
             self.lock.enter_context(hold_run_dir(self.run_dir))
-        self.plan = ResumePlan.locate(cfg, run_dir=self.run_dir)
+        self.mirror = builders.build_mirror(cfg, world=self.world)  # a wrong URL or key fails here, in seconds
+        self.plan = ResumePlan.locate(cfg, run_dir=self.run_dir, world=self.world, mirror=self.mirror)
         self.summary.note_resumed_from(self.plan.source)
         self.world.barrier()  # every process knows where it starts before rank 0 writes anything
         rt = setup_runtime(seed=cfg.seed, device=cfg.trainer.device, precision=cfg.trainer.precision,
@@ -78,7 +80,8 @@ class Recipe:
                                  ema=builders.build_ema(cfg, model), freeze=freeze, adapter=self.adapter)
         self.parts = builders.build_run(cfg, training, spec=spec, data_config=data_config,
                                         class_names=self.split.class_names, loaders=self.loaders, rt=rt,
-                                        run_dir=self.run_dir, plan=self.plan, stop=stop, lr_find=lr_find)
+                                        run_dir=self.run_dir, plan=self.plan, stop=stop, lr_find=lr_find,
+                                        mirror=self.mirror)
         self.hparams = builders.hparams(cfg, only=builders.swept_keys())
         log.info(start_block(data=self.split, model=spec.name, source=spec.source, weights=weights,
                              trainable=sum(p.numel() for p in model.parameters() if p.requires_grad),

@@ -12,7 +12,10 @@ the plan's properties.
   start (with a notice) when there is none yet;
 * ``RUN_DIR``: the newest valid state of that run (``python -m finetune resume=RUN_DIR``
   also reuses its saved overrides and directory, see ``finetune.__main__``);
-* ``FILE.ckpt``: that training-state file.
+* ``FILE.ckpt``: that training-state file;
+* ``URL`` (``s3://bucket/runs/NAME``): the run mirrored there (``checkpoint.mirror``), fetched into this
+  run's empty checkpoint directory first (`fetch_from_mirror`), then continued as ``auto`` would.
+  ``auto`` with ``checkpoint.mirror`` set fetches the mirror too when nothing is saved here yet.
 
 Candidates are checked against the manifest (size, sha256) and loaded with
 ``weights_only=True``; with ``auto`` or ``RUN_DIR`` a bad one is skipped with a warning
@@ -32,6 +35,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from finetune.checkpoint import (Checkpointer, Manifest, TrainingParts, check_policy_state, load_training_state,
                                  set_rng_state, verify_file)
+from finetune.checkpoint.mirror import Mirror, fetch_checkpoints, is_url
 from finetune.distributed import SINGLE, World
 from finetune.errors import UnexpectedReadError, UserError
 from finetune.files import load_yaml_data
@@ -46,7 +50,8 @@ log = logging.getLogger("finetune")
 # schedule is then rebuilt for the new length (see ``restore_training``).
 ALLOWED_CHANGES = ("trainer.max_epochs", "data.num_workers", "trainer.device", "logger.", "resume",
                    "resume_allow_config_change", "resume_allow_unverified", "checkpoint.every_n_steps",
-                   "checkpoint.every_n_epochs", "checkpoint.keep_last_k", "sweep.")
+                   "checkpoint.every_n_epochs", "checkpoint.keep_last_k", "checkpoint.mirror",
+                   "checkpoint.storage_options.", "checkpoint.mirror_flush_timeout", "sweep.")
 # Keys a later version moved: a state saved before reads as if saved with the new name.
 RENAMED = {"trainer.early_stopping.min_delta": "checkpoint.min_delta"}
 
@@ -80,10 +85,17 @@ class ResumePlan:
     placed: bool = False
 
     @classmethod
-    def locate(cls, cfg: DictConfig, *, run_dir: Path) -> ResumePlan:
+    def locate(cls, cfg: DictConfig, *, run_dir: Path, world: World = SINGLE,
+               mirror: Mirror | None = None) -> ResumePlan:
         """What this run continues from (``cfg.resume``), verified, with the config change checked
         (refused, in one line, when the change is not allowed); a fresh start is refused in a
-        directory that holds a run's checkpoints."""
+        directory that holds a run's checkpoints. From a mirror, rank 0 fetches it first (``mirror``:
+        this run's own, told what the mirror holds)."""
+        if is_url(cfg.resume) or (cfg.resume == "auto" and cfg.checkpoint.mirror):  # alike on every rank
+            if world.main:
+                fetch_from_mirror(cfg.resume, mirror_url=cfg.checkpoint.mirror, checkpoint_dir=run_dir / "checkpoints",
+                                  storage_options=dict(cfg.checkpoint.storage_options), mirror=mirror)
+            world.barrier()
         point = locate_resume(cfg.resume, checkpoint_dir=run_dir / "checkpoints",
                               allow_unverified=cfg.resume_allow_unverified)
         if point is not None:
@@ -151,6 +163,8 @@ def locate_resume(resume: str | None, *, checkpoint_dir: Path, allow_unverified:
         if refusal := occupied_run_dir(checkpoint_dir.parent):
             raise UserError(refusal)
         return None
+    if is_url(resume):  # fetched into this run's checkpoint directory (`fetch_from_mirror`)
+        return newest_valid_state(checkpoint_dir, required=True, allow_unverified=allow_unverified)
     if resume == "auto":
         point = newest_valid_state(checkpoint_dir, required=False, allow_unverified=allow_unverified)
         if point is None:
@@ -166,6 +180,21 @@ def locate_resume(resume: str | None, *, checkpoint_dir: Path, allow_unverified:
                                                 allow_unverified=allow_unverified)
         return _point(path, state, checkpoint_dir, (), unverified=unverified)
     raise UserError(f"resume '{resume}' is not auto, a run directory or a training-state file (.ckpt)")
+
+
+def fetch_from_mirror(resume: str, *, mirror_url: str | None, checkpoint_dir: Path,
+                      storage_options: dict[str, Any], mirror: Mirror | None) -> None:
+    """``resume=URL``: the checkpoints mirrored at URL into ``checkpoint_dir``, which must hold none yet;
+    ``resume=auto``: those of ``checkpoint.mirror``, when ``checkpoint_dir`` holds none (a fresh node)."""
+    url = resume if is_url(resume) else mirror_url
+    if (checkpoint_dir / "manifest.json").exists():
+        if is_url(resume):
+            raise UserError(f"resume '{resume}': '{checkpoint_dir}' already holds checkpoints: continue them with "
+                            f"resume=auto checkpoint.mirror={resume}, or give an empty hydra.run.dir")
+        return  # resume=auto: the checkpoints here are this run's own, the newest
+    manifest = fetch_checkpoints(url, checkpoint_dir, storage_options=storage_options, required=is_url(resume))
+    if manifest is not None and mirror is not None and mirror.url == url.rstrip("/"):
+        mirror.know(manifest)
 
 
 def newest_valid_state(directory: Path, *, required: bool, home: Path | None = None,

@@ -5,8 +5,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import blake3
@@ -182,3 +184,64 @@ def make_multilabel_table(root: Path, *, images: int = 48, size: int = 32, class
         rows.append(f"images/{i}.png,{';'.join(SHAPE_CLASSES[c] for c in present)}")
     (root / name).write_text("\n".join(rows) + "\n")
     return root / name
+
+
+# ------------------------------------------------------------------ object storage
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "the S3 server exited"
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise AssertionError(f"the S3 server did not listen on port {port} within {timeout} s")
+
+
+@pytest.fixture(scope="module")
+def s3_server(tmp_path_factory):
+    """moto's S3 server on 127.0.0.1 with authentication on (requests need a key it issued). Yields the
+    environment a user's job would have (credentials and endpoint: the standard AWS variables)."""
+    import boto3
+
+    root = tmp_path_factory.mktemp("s3")
+    port = free_port()
+    with (root / "moto.log").open("wb") as log:  # the first 3 requests (issuing the key) need no key
+        proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                                stdout=log, stderr=subprocess.STDOUT,
+                                env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "3"})
+    try:
+        wait_for_port(port, proc)
+        endpoint = f"http://127.0.0.1:{port}"
+        iam = boto3.client("iam", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="none",
+                           aws_secret_access_key="none")
+        iam.create_user(UserName="trainer")
+        key = iam.create_access_key(UserName="trainer")["AccessKey"]
+        iam.put_user_policy(UserName="trainer", PolicyName="s3", PolicyDocument=json.dumps(
+            {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}))
+        yield {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": key["AccessKeyId"],
+               "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"], "AWS_DEFAULT_REGION": "us-east-1",
+               "AWS_CONFIG_FILE": str(root / "none"), "AWS_SHARED_CREDENTIALS_FILE": str(root / "none"),
+               "AWS_EC2_METADATA_DISABLED": "true"}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def s3_client(env: dict[str, str]):
+    """A boto3 S3 client with the credentials and endpoint of ``env`` (from `s3_server`)."""
+    import boto3
+
+    return boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name="us-east-1",
+                        aws_access_key_id=env["AWS_ACCESS_KEY_ID"], aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"])

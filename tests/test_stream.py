@@ -8,10 +8,8 @@ import json
 import multiprocessing
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 import tarfile
 from pathlib import Path
 
@@ -20,7 +18,7 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
-from conftest import make_image_folder, run_cli
+from conftest import free_port, make_image_folder, run_cli, s3_client
 from finetune import shard as shard_tool
 from finetune.data import ShardSplit, build_stream_loaders
 from finetune.data import shards as shards_lib
@@ -319,67 +317,18 @@ def test_a_run_killed_mid_epoch_and_resumed_ends_bit_identical(data, reference_r
 BUCKET = "shards-bucket"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, "the S3 server exited"
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.1)
-    raise AssertionError(f"the S3 server did not listen on port {port} within {timeout} s")
-
-
 @pytest.fixture(scope="module")
-def s3(data, tmp_path_factory):
-    """moto's S3 server on 127.0.0.1 with authentication on (requests need a key it issued), the shards
-    uploaded to s3://shards-bucket/set/ and, with one shard cut short, to s3://shards-bucket/bad/.
-    Yields the environment a user's job would have (credentials and endpoint: the standard AWS variables)."""
-    import boto3
-
-    root = tmp_path_factory.mktemp("s3")
-    port = free_port()
-    with (root / "moto.log").open("wb") as log:  # the first 3 requests (issuing the key) need no key
-        proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                                stdout=log, stderr=subprocess.STDOUT,
-                                env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "3"})
-    try:
-        wait_for_port(port, proc)
-        endpoint = f"http://127.0.0.1:{port}"
-        iam = boto3.client("iam", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="none",
-                           aws_secret_access_key="none")
-        iam.create_user(UserName="trainer")
-        key = iam.create_access_key(UserName="trainer")["AccessKey"]
-        iam.put_user_policy(UserName="trainer", PolicyName="s3", PolicyDocument=json.dumps(
-            {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}))
-        env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": key["AccessKeyId"],
-               "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"], "AWS_DEFAULT_REGION": "us-east-1",
-               "AWS_CONFIG_FILE": str(root / "none"), "AWS_SHARED_CREDENTIALS_FILE": str(root / "none"),
-               "AWS_EC2_METADATA_DISABLED": "true"}
-        client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
-                              aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
-                              aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"])
-        client.create_bucket(Bucket=BUCKET)
-        for path in data[2].iterdir():
-            body = path.read_bytes()
-            client.put_object(Bucket=BUCKET, Key=f"set/{path.name}", Body=body)
-            cut = path.name == "train-000001.tar"
-            client.put_object(Bucket=BUCKET, Key=f"bad/{path.name}", Body=body[:2000] if cut else body)
-        yield env
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+def s3(data, s3_server):
+    """The shards uploaded to s3://shards-bucket/set/ and, with one shard cut short, to s3://shards-bucket/bad/
+    on the module's S3 server (`conftest.s3_server`). Yields the environment a user's job would have."""
+    client = s3_client(s3_server)
+    client.create_bucket(Bucket=BUCKET)
+    for path in data[2].iterdir():
+        body = path.read_bytes()
+        client.put_object(Bucket=BUCKET, Key=f"set/{path.name}", Body=body)
+        cut = path.name == "train-000001.tar"
+        client.put_object(Bucket=BUCKET, Key=f"bad/{path.name}", Body=body[:2000] if cut else body)
+    return s3_server
 
 
 def run_all(runs: dict[str, tuple[list[str], dict]], *, cwd: Path, timeout: float = 300) -> dict:

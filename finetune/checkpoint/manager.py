@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from finetune.checkpoint.manifest import Manifest
+from finetune.checkpoint.mirror import Mirror
 from finetune.checkpoint.policy import STATE_FILE, CheckpointPolicy, EpochSaves, plan_epoch_end, state_file_name
 from finetune.checkpoint.training_state import (RunFacts, TrainingParts, detached_copy, rng_state,
                                                 save_training_state, training_state)
@@ -101,6 +102,7 @@ class CheckpointManager(TrainerHook):
             self.writer.remove(saves.displaced)  # the new file is in place before the ones it displaces go
         if saves.last:
             self.save_last(state, value)
+        self.writer.publish()  # best and top-k files too, when no training state was written this epoch
 
     def on_interrupt(self, state: TrainState) -> None:
         if self.policy.save_last:
@@ -149,6 +151,7 @@ class CheckpointManager(TrainerHook):
             self.wait()
         except Exception as err:  # noqa: BLE001 - the run is ending anyway; say what was lost
             log.error(f"the last background checkpoint was not written: {err}")
+        self.writer.close()  # the mirror's pending uploads, bounded in time
 
     def paths(self) -> dict[str, str]:
         """Every file of the manifest by name: its path (none off rank 0)."""
@@ -196,6 +199,10 @@ class CheckpointWriter(Protocol):
 
     def wait(self) -> None: ...
 
+    def publish(self) -> None: ...
+
+    def close(self) -> None: ...
+
     def best_name(self) -> str | None: ...
 
     def best(self) -> dict[str, Any]: ...
@@ -229,6 +236,12 @@ class NoWriter:
     def wait(self) -> None:
         pass
 
+    def publish(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
     def best_name(self) -> str | None:
         return None
 
@@ -249,12 +262,16 @@ class FileWriter:
     snapshot the training thread copied at the update boundary (`detached_copy`), on a thread,
     while training goes on; every other save, and ``wait``, lets it finish first, and a failure
     there (a full disk) is raised at the next save.
+
+    With a ``mirror`` (`finetune.checkpoint.mirror.Mirror`), every save point is handed to it once its
+    files and manifest are in place (`publish`), on the thread that saved.
     """
 
     def __init__(self, directory: str | Path, *, policy: CheckpointPolicy, parts: TrainingParts,
-                 model: ModelDescription, fresh: bool = True):
+                 model: ModelDescription, fresh: bool = True, mirror: Mirror | None = None):
         """``model``: what weights files say about it; ``fresh``: a new run (start an empty manifest)."""
         self.dir = Path(directory)
+        self.mirror = mirror
         self.dir.mkdir(parents=True, exist_ok=True)
         self.policy, self.parts, self.model = policy, parts, model
         self.manifest = Manifest(self.dir / "manifest.json", fresh=fresh)
@@ -320,6 +337,7 @@ class FileWriter:
     def write_state(self, snapshot: Callable[[], dict[str, Any]], state: TrainState, *, background: bool) -> None:
         if not background:
             self._write_state(snapshot(), state)
+            self.publish()
             return
         copied = detached_copy(snapshot())
         self._pending = threading.Thread(target=self._write_in_background, args=(copied, state),
@@ -335,9 +353,19 @@ class FileWriter:
             failure, self._failure = self._failure, None
             raise failure
 
+    def publish(self) -> None:
+        """Hand the files as they are now to the mirror (when there is one): called once a save point is complete."""
+        if self.mirror is not None:
+            self.mirror.push(self.dir, self.manifest.data)
+
+    def close(self) -> None:
+        if self.mirror is not None:
+            self.mirror.close()
+
     def _write_in_background(self, snapshot: dict[str, Any], state: TrainState) -> None:
         try:
             self._write_state(snapshot, state)
+            self.publish()
         except BaseException as err:  # noqa: BLE001 - handed to the training thread by wait()
             self._failure = err
 

@@ -48,6 +48,14 @@ class Manifest:
                                 "resume from a file with resume=FILE.ckpt instead") from None
             self._check()
 
+    def parse(self, raw: bytes, *, source: str) -> None:
+        """Take ``raw``, another copy of a manifest (a mirror's), as this one, checked as a file read here is."""
+        try:
+            self.data = json.loads(raw)
+        except (ValueError, RecursionError) as err:
+            raise UserError(f"'{source}' is not a finetune manifest ({err}): refused") from None
+        self._check()
+
     def _check(self) -> None:
         """Refuse a manifest whose shape is wrong or that names a file outside its directory.
 
@@ -78,7 +86,7 @@ class Manifest:
                             "step": step, "metric": metric, "value": value,
                             "written": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
-    def set_best(self, name: str) -> None:
+    def set_best(self, name: str | None) -> None:
         self.data["best"] = name
 
     def states(self) -> list[str]:

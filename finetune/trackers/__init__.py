@@ -66,17 +66,22 @@ def build_trackers(sections: dict[str, dict[str, Any] | None], context: TrackerC
 
 
 URL_PASSWORD = re.compile(r"(://[^/:@\s]*:)[^@\s/]+@")
+SECRET_NAME = re.compile(r"key|secret|token|password|credential", re.IGNORECASE)  # as finetune.config's
 
 
-def without_passwords(config: Any) -> Any:
+def without_passwords(config: Any, *, options: bool = False) -> Any:
     """``config`` with the password of every URL in it as ``***`` (a tracker logs the config: a
-    ``sweep.storage`` URL would carry its password to the tracking server).
+    ``sweep.storage`` URL would carry its password to the tracking server), and every credential under a
+    ``storage_options`` table too (``checkpoint.storage_options.secret``, resolved from the environment).
 
     >>> without_passwords({"sweep": {"storage": "postgresql://ft:s3cret@db/optuna"}, "n": [1]})
     {'sweep': {'storage': 'postgresql://ft:***@db/optuna'}, 'n': [1]}
+    >>> without_passwords({"storage_options": {"key": "AKIA", "client_kwargs": {"region_name": "eu"}}})
+    {'storage_options': {'key': '***', 'client_kwargs': {'region_name': 'eu'}}}
     """
     if isinstance(config, dict):
-        return {k: without_passwords(v) for k, v in config.items()}
+        return {k: "***" if options and isinstance(v, str) and SECRET_NAME.search(str(k))
+                else without_passwords(v, options=options or k == "storage_options") for k, v in config.items()}
     if isinstance(config, list):
-        return [without_passwords(v) for v in config]
+        return [without_passwords(v, options=options) for v in config]
     return URL_PASSWORD.sub(r"\1***@", config) if isinstance(config, str) else config
