@@ -11,6 +11,15 @@ import sys
 import time
 from pathlib import Path
 
+# Two xdist workers share CI's 2 cores (pyproject's addopts): each process, the worker and every run it
+# starts, computes on one thread. Two threads each oversubscribe the cores, and OpenMP's waiting threads
+# spin: the suite's CPU time rose from 58 to 82 minutes in two workers with the default threads.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"  # the runs it starts
+    import torch
+
+    torch.set_num_threads(1)  # this process: torch may be imported already (doctest collection)
+
 import blake3
 import numpy as np
 import pytest
@@ -245,3 +254,17 @@ def s3_client(env: dict[str, str]):
 
     return boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name="us-east-1",
                         aws_access_key_id=env["AWS_ACCESS_KEY_ID"], aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"])
+
+
+# The test files that take longest (--durations in CI), started first: each of the two workers takes the
+# next file when it is done with one (--dist loadfile), so a long file started last would run on alone.
+LONGEST_FIRST = ("test_resume_cli.py", "test_distributed.py", "test_slurm.py", "test_end_of_run.py",
+                 "test_lora.py", "test_hostile_inputs.py", "test_hostile_weights.py", "test_trackers.py",
+                 "test_serve.py", "test_stream.py", "test_cli.py", "test_compile.py", "test_resume.py",
+                 "test_optuna.py", "test_optuna_postgres.py", "test_lr_find_run.py", "test_export.py",
+                 "test_misconfiguration.py", "test_mirror.py", "test_hf.py", "test_remote.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONGEST_FIRST)))  # stable: a file stays together
