@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import socket
 from pathlib import Path
@@ -66,11 +67,14 @@ def assert_bucket_holds(env: dict, prefix: str, checkpoint_dir: Path) -> None:
 
 
 def local_set(directory: Path, contents: dict[str, bytes], *, step: int) -> dict:
-    """Files in ``directory`` and the manifest describing them, as a save point leaves them."""
+    """Files in ``directory`` and the manifest describing them, as a save point leaves them: each file
+    written under a fresh name, then renamed over the old one (the saver never writes a file in place)."""
     directory.mkdir(exist_ok=True)
     manifest = Manifest(directory / "manifest.json", fresh=True)
     for name, data in contents.items():
-        (directory / name).write_bytes(data)
+        fresh = directory / f"{name}.writing"
+        fresh.write_bytes(data)
+        os.replace(fresh, directory / name)
         manifest.record(name, kind="state" if name.endswith(".ckpt") else "best", epoch=1, step=step,
                         metric="val/acc1", value=None)
     manifest.set_best("best.safetensors")
@@ -98,6 +102,31 @@ def test_sets_upload_manifest_last_newest_wins_and_links_go(aws, tmp_path, busy_
     assert_bucket_holds(aws, "sets/checkpoints/", ckpt)
     assert not list(ckpt.glob(".*"))
     assert mirror.uploaded_step == 5
+
+
+def test_a_file_changed_in_place_after_its_save_never_reaches_the_mirror(aws, tmp_path, caplog):
+    """A checkpoint rewritten in place after the save point was handed over (not something the saver does,
+    but a user's script might): the set is refused with one warning, the mirror keeps the complete set
+    before it, and the next proper save is uploaded."""
+    mirror = Mirror(f"s3://{BUCKET}/in-place")
+    ckpt = tmp_path / "checkpoints"
+    mirror.push(ckpt, local_set(ckpt, {"last.ckpt": b"state 1" * 100, "best.safetensors": b"best"}, step=1))
+    assert mirror.wait_idle(timeout=120)
+    before = bucket_files(aws, "in-place/checkpoints/")
+    manifest = local_set(ckpt, {"last.ckpt": b"state 2" * 100, "best.safetensors": b"best"}, step=2)
+    with mirror._changed:  # the upload thread waits until the file has been changed under the staged link
+        mirror.push(ckpt, manifest)
+        with open(ckpt / "last.ckpt", "r+b") as f:  # in place: the staged hard link sees it too
+            f.write(b"X")
+    with caplog.at_level(logging.WARNING, logger="finetune"):
+        assert mirror.wait_idle(timeout=120)
+    assert [r.getMessage() for r in caplog.records if "'last.ckpt' changed after it was saved" in r.getMessage()]
+    assert bucket_files(aws, "in-place/checkpoints/") == before and mirror.uploaded_step == 1
+    mirror.push(ckpt, local_set(ckpt, {"last.ckpt": b"state 3" * 100, "best.safetensors": b"best"}, step=3))
+    assert mirror.wait_idle(timeout=120)
+    mirror.close()
+    assert_bucket_holds(aws, "in-place/checkpoints/", ckpt)
+    assert mirror.uploaded_step == 3
 
 
 def test_an_upload_never_holds_up_the_saver_and_the_flush_is_bounded(tmp_path, monkeypatch, caplog):

@@ -9,7 +9,8 @@ matches the digest the old manifest records: fetching verifies every file, so su
 Uploads run on one thread (``finetune-mirror``), never on the training step's time. Each save point hands
 over a *set*: the manifest as it is then, and a hard link of every file it names (checkpoint files are
 never written in place, so a link keeps the bytes the manifest describes while training replaces the
-name). At most one set waits: a newer one replaces it, since each set is complete on its own. A set
+name); each file is checked against its entry before it is uploaded, so bytes changed under a link never
+reach the mirror as that entry. At most one set waits: a newer one replaces it, since each set is complete on its own. A set
 that fails is tried again a few times, then reported in one warning; the local files are never touched.
 """
 
@@ -58,7 +59,7 @@ class UploadSet:
 
     manifest: bytes
     files: dict[str, Path]
-    digests: dict[str, str]
+    entries: dict[str, dict[str, Any]]
     step: int
 
     def discard(self) -> None:
@@ -125,8 +126,8 @@ class Mirror:
                 shutil.copyfile(directory / name, link)
             links[name] = link
         steps = [e["step"] for e in manifest["files"].values()]
-        upload = UploadSet(json.dumps(manifest, indent=2).encode() + b"\n", links,
-                           {n: _digest(e) for n, e in manifest["files"].items()}, max(steps, default=0))
+        upload = UploadSet(json.dumps(manifest, indent=2).encode() + b"\n", links, dict(manifest["files"]),
+                           max(steps, default=0))
         with self._changed:
             if self._waiting is not None:
                 self._waiting.discard()  # superseded: the newer set holds every file the mirror needs
@@ -191,6 +192,10 @@ class Mirror:
                 self._upload(upload)
                 self.uploaded_step = upload.step
                 return
+            except ChangedAfterSave as err:  # trying again uploads the same wrong bytes
+                log.warning(f"checkpoint mirror: {err}; the checkpoints of step {upload.step} are not uploaded, "
+                            "the mirror keeps its last complete set and the next save tries again")
+                return
             except Exception as err:  # noqa: BLE001 - the storage's own errors; the run goes on
                 if self._closed:
                     return  # given up on at the end of the run: `close` said so
@@ -202,16 +207,29 @@ class Mirror:
                 time.sleep(BACKOFF_S * 2 ** (attempt - 1))
 
     def _upload(self, upload: UploadSet) -> None:
-        """The files the mirror lacks, then ``manifest.json``, then the files it no longer names."""
+        """The files the mirror lacks, then ``manifest.json``, then the files it no longer names.
+
+        Each file is checked against its manifest entry before it goes (on this thread, never the training
+        step's time): only bytes the manifest describes are ever recorded as held by the mirror.
+        """
         for name, link in upload.files.items():
-            if self.remote.get(name) != upload.digests[name]:
+            digest = _digest(upload.entries[name])
+            if self.remote.get(name) != digest:
+                try:
+                    verify_file(link, upload.entries[name])
+                except UserError:
+                    raise ChangedAfterSave(f"'{name}' changed after it was saved (written in place?)") from None
                 self.remote.pop(name, None)  # replaced in the mirror from here on, until it is complete
                 self.fs.put_file(str(link), f"{self.root}/{name}")
-                self.remote[name] = upload.digests[name]
+                self.remote[name] = digest
         self.fs.pipe_file(f"{self.root}/{MANIFEST}", upload.manifest)
         for name in sorted(set(self.remote) - set(upload.files)):
             self.fs.rm_file(f"{self.root}/{name}")
             del self.remote[name]
+
+
+class ChangedAfterSave(Exception):
+    """A staged file no longer holds the bytes its manifest entry records."""
 
 
 def _digest(entry: dict[str, Any]) -> str:
