@@ -10,8 +10,9 @@ Uploads run on one thread (``finetune-mirror``), never on the training step's ti
 over a *set*: the manifest as it is then, and a hard link of every file it names (checkpoint files are
 never written in place, so a link keeps the bytes the manifest describes while training replaces the
 name); each file is checked against its entry before it is uploaded, so bytes changed under a link never
-reach the mirror as that entry. At most one set waits: a newer one replaces it, since each set is complete on its own. A set
-that fails is tried again a few times, then reported in one warning; the local files are never touched.
+reach the mirror as that entry. At most one set waits: a newer one replaces it, since each set is complete
+on its own. A set that fails is tried again a few times, then reported in one warning; the local files are
+never touched.
 """
 
 from __future__ import annotations
