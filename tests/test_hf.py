@@ -128,6 +128,18 @@ def test_bad_input_is_one_user_error_naming_it(hf, case, expected):
         scan_hf(args.pop("path"), **args)
 
 
+def test_one_split_with_a_class_of_one_image_says_to_add_a_validation_split(hf, tmp_path):
+    """A single split is split by seed: a class of one image cannot be, and the way out for a dataset is a
+    validation split (not the class folders of a folder data set)."""
+    files = hf["files"]["train"]
+    lone = [f for f in files if f.parent.name != "class_2"] + [next(f for f in files if f.parent.name == "class_2")]
+    image_dataset(lone, [p.parent.name for p in lone], datasets.Value("string")).to_parquet(str(tmp_path / "one.parquet"))
+    with pytest.raises(UserError) as err:
+        scan_hf(str(tmp_path / "one.parquet"), val_split=0.2)
+    assert str(err.value) == ("class 'class_2' has 1 image, too few to split by data.val_split=0.2: add images to it "
+                              "or give the dataset a 'validation' or 'val' or 'test' split")
+
+
 def test_an_unreadable_image_names_its_split_row_and_dataset(hf):
     from finetune.data import ImageDataset
 

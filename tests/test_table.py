@@ -121,6 +121,9 @@ BAD_TABLES = {
     "missing_image": ("path,label\nimages/class_0/0.png,class_0\nimages/class_0/nope.png,class_1\n",
                       ["line 3: image 'images/class_0/nope.png' does not exist", "data.skip_bad_images=true"]),
     "empty": ("path,label\n", ["has no rows"]),
+    "lone_class": ("path,label\nimages/class_0/0.png,class_0\nimages/class_0/1.png,class_0\nimages/class_1/0.png,"
+                   "class_1\n", ["class 'class_1' has 1 image, too few to split by data.val_split=0.2: add images to "
+                                 "it or give table '.*lone_class.csv' a split column with train and val rows$"]),
 }
 
 

@@ -253,16 +253,18 @@ def _label(by_class: dict[str, list[str]], class_names: list[str]) -> list[Sampl
 
 
 def _split_stratified(
-    by_class: dict[str, list[str]], class_names: list[str], val_split: float, seed: int
+    by_class: dict[str, list[str]], class_names: list[str], val_split: float, seed: int, *,
+    remedy: str = "provide DIR/train and DIR/val folders",
 ) -> tuple[list[Sample], list[Sample]]:
-    """Hold out ``round(n * val_split)`` images of each class (at least 1, leaving at least 1)."""
+    """Hold out ``round(n * val_split)`` images of each class (at least 1, leaving at least 1); ``remedy``: the
+    other way to a validation set, named in the error for a class of one image (it depends on the source)."""
     train, val = [], []
     for label, name in enumerate(class_names):
         images = list(by_class[name])
         if len(images) < 2:
             raise UserError(
                 f"class '{name}' has {len(images)} image, too few to split by data.val_split={val_split}: "
-                "add images to it or provide DIR/train and DIR/val folders"
+                f"add images to it or {remedy}"
             )
         random.Random(f"{seed}:{name}").shuffle(images)  # str seeds hash stably across runs
         n_val = min(max(1, round(len(images) * val_split)), len(images) - 1)

@@ -257,4 +257,5 @@ def _split(pool: list[tuple[str, int]], names: list[str], *, val_split: float, s
     if folds is not None:
         return split_by_fold(by_class, names, folds=folds, fold=fold, seed=seed)
     _check_val_split(val_split)
-    return _split_stratified(by_class, names, val_split, seed)
+    return _split_stratified(by_class, names, val_split, seed,
+                             remedy=f"give the dataset a {' or '.join(repr(v) for v in VAL_SPLITS)} split")

@@ -426,7 +426,8 @@ def _split(table: Table, samples: dict[str, tuple[Any, str | None]], names: list
                         f"{_few(empty)}): add rows for it, or leave it out of data.classes")
     if folds is not None:
         return (*split_by_fold(by_class, names, folds=folds, fold=fold, seed=seed), test, "folds")
-    return (*_split_stratified(by_class, names, val_split, seed), test, "split")
+    return (*_split_stratified(by_class, names, val_split, seed,
+                               remedy=f"give table '{table.file}' a split column with train and val rows"), test, "split")
 
 
 def _check_not_empty(table: Table, train: list, val: list, names: list[str], *, multilabel: bool) -> None:
