@@ -106,6 +106,11 @@ def image_root(cfg: DictConfig) -> str | Path:
     return cfg.root
 
 
+def storage_options(section: DictConfig) -> dict[str, Any]:
+    """``section.storage_options`` as fsspec takes it: plain dicts, ``${oc.env:VAR}`` resolved (never saved so)."""
+    return OmegaConf.to_container(section.storage_options, resolve=True)
+
+
 def build_shard_split(cfg: DictConfig) -> ShardSplit:
     """``data=webdataset``: the train and val shards with their counts (index.json), and the class names."""
     if cfg.train_urls is None or cfg.val_urls is None:
@@ -113,10 +118,11 @@ def build_shard_split(cfg: DictConfig) -> ShardSplit:
                         "write shards with python -m finetune.shard SRC OUT")
     urls = {k: OmegaConf.to_container(v) if OmegaConf.is_config(v) else str(v)
             for k, v in (("train", cfg.train_urls), ("val", cfg.val_urls))}
-    train, val = shards_lib.list_shards(urls["train"]), shards_lib.list_shards(urls["val"])
+    options = storage_options(cfg)
+    train, val = shards_lib.list_shards(urls["train"], options), shards_lib.list_shards(urls["val"], options)
     first = train[0].url
     beside = first.rsplit("/", 1)[0] if "/" in first else "."
-    classes = data_lib.given_classes(cfg.classes) if cfg.classes else shards_lib.read_classes(beside)
+    classes = data_lib.given_classes(cfg.classes) if cfg.classes else shards_lib.read_classes(beside, options)
     return ShardSplit(train, val, classes, root=str(urls["train"]))
 
 
@@ -130,14 +136,21 @@ def _scan_table(cfg: DictConfig, *, multilabel: bool, folds: int | None, fold: i
                                seed=cfg.split_seed, folds=folds, fold=fold, skip_bad_images=cfg.skip_bad_images)
 
 
-def _scan_hf(cfg: DictConfig, *, folds: int | None, fold: int | None) -> data_lib.DataSplit:
-    """``data=hf``: a Hugging Face dataset on disk or in the local cache (`finetune.data.hf`), map-style."""
+def _scan_hf(cfg: DictConfig, *, folds: int | None, fold: int | None) -> data_lib.DataSplit | ShardSplit:
+    """``data=hf``: a Hugging Face dataset on disk or in the local cache (`finetune.data.hf`), map-style; with
+    ``data.streaming=true``, its Parquet files read as shards (`finetune.data.hf_stream`), local or by URL."""
     if cfg.path is None:
         raise UserError("data=hf needs data.path: the directory save_to_disk wrote, a Parquet or Arrow file, or the "
                         "name of a dataset in the local Hugging Face cache")
     if cfg.streaming:
-        raise UserError("data.streaming=true is not supported yet: data=hf reads the dataset from disk (memory-mapped; "
-                        "leave data.streaming=false), or write WebDataset shards for data=webdataset")
+        from finetune.data.hf_stream import scan_hf_stream
+
+        return scan_hf_stream(str(cfg.path), image_column=cfg.image_column, label_column=cfg.label_column,
+                              storage_options=storage_options(cfg))
+    for key, unused in (("shuffle_buffer", cfg.shuffle_buffer is not None), ("storage_options", cfg.storage_options)):
+        if unused:
+            raise UserError(f"data.{key} is set but has no effect with data.streaming=false (a dataset on disk is "
+                            "read whole, shuffled each epoch): drop it, or add data.streaming=true")
     from finetune.data.hf import scan_hf
 
     return scan_hf(str(cfg.path), image_column=cfg.image_column, label_column=cfg.label_column,
@@ -170,15 +183,20 @@ def build_loaders(cfg: DictConfig, split: data_lib.DataSplit | ShardSplit, data_
     return loaders
 
 
+STREAM_BUFFER = 1000  # data.shuffle_buffer=null: the sample buffer of each stream
+
+
 def build_stream_loaders(cfg: DictConfig, split: ShardSplit, **options: Any) -> data_lib.Loaders:
-    """``data=webdataset``'s loaders (`finetune.data.stream`): exact epochs from the shards' counts."""
+    """``data=webdataset``'s (and ``data=hf data.streaming=true``'s) loaders (`finetune.data.stream`): exact
+    epochs from the shards' counts."""
     if cfg.balance != "none":
-        raise UserError(f"data.balance={cfg.balance} needs every sample's label before the epoch, which shards do "
-                        "not give: leave data.balance=none with data=webdataset")
-    if isinstance(cfg.shuffle_buffer, bool) or not isinstance(cfg.shuffle_buffer, int) or cfg.shuffle_buffer < 1:
-        raise UserError(f"data.shuffle_buffer must be a positive number of samples, got '{cfg.shuffle_buffer}'")
+        raise UserError(f"data.balance={cfg.balance} draws samples by their labels, which a stream read in shard "
+                        f"order cannot: leave data.balance=none with data={cfg.name}")
+    buffer = STREAM_BUFFER if cfg.shuffle_buffer is None else cfg.shuffle_buffer
+    if isinstance(buffer, bool) or not isinstance(buffer, int) or buffer < 1:
+        raise UserError(f"data.shuffle_buffer must be a positive number of samples, got '{buffer}'")
     return data_lib.build_stream_loaders(split, num_workers=data_lib.resolve_num_workers(cfg.num_workers),
-                                         buffer=cfg.shuffle_buffer, storage_options=None,
+                                         buffer=buffer, storage_options=storage_options(cfg),
                                          context=data_lib.worker_context(), **options)
 
 
@@ -445,7 +463,7 @@ def build_mirror(cfg: DictConfig, *, world: World = SINGLE) -> Mirror | None:
     url = c.mirror or (cfg.resume if is_url(cfg.resume) else None)
     if url is None or not world.main:
         return None
-    mirror = Mirror(url, storage_options=dict(c.storage_options), flush_timeout=c.mirror_flush_timeout)
+    mirror = Mirror(url, storage_options=storage_options(c), flush_timeout=c.mirror_flush_timeout)
     mirror.check_writable()
     log.info(f"checkpoint mirror: every save is uploaded to '{mirror.target}' too")
     return mirror

@@ -77,11 +77,12 @@ class DataConfig:
     fold: Optional[int] = None  # the fold validated on, 0 .. folds-1
     train_urls: Any = None  # webdataset: train shards, a path, URL or brace pattern (DIR/train-{000000..000127}.tar), or a list
     val_urls: Any = None  # webdataset: val shards, as train_urls
-    shuffle_buffer: int = 1000  # webdataset: samples in the seeded shuffle buffer of each stream (1: shard order)
+    shuffle_buffer: Optional[int] = None  # webdataset, hf streaming: samples in the seeded shuffle buffer of each stream (1: shard order; null: 1000)
     path: Optional[str] = None  # hf: a save_to_disk dir, a Parquet/Arrow file or dir, or a dataset name in the local cache
     image_column: str = "image"  # hf: the column of images (an Image feature)
     label_column: str = "label"  # hf: the column of classes (ClassLabel, integers or strings)
-    streaming: bool = False  # hf: streaming is not supported yet (true is refused)
+    streaming: bool = False  # hf: read the Parquet files of data.path (a folder or URL) as they stream, exact epochs as for shards
+    storage_options: dict[str, Any] = field(default_factory=dict)  # webdataset, hf streaming: fsspec options for URLs (endpoint, profile); secrets: ${oc.env:VAR}
     img_size: Optional[int] = None  # default: model.input_size
     batch_size: int = 32  # images per batch and process
     num_workers: Any = "auto"  # a count, or auto: this process's CPUs less one, at most 8 (0 with one CPU)
@@ -391,6 +392,7 @@ def check_config(cfg: DictConfig) -> None:
     if not cfg.optim.backbone_lr_mult >= 0:
         raise UserError(f"optim.backbone_lr_mult must not be negative, got '{cfg.optim.backbone_lr_mult}'")
     _check_checkpoint(cfg.checkpoint)
+    _check_storage_options("data.storage_options", cfg.data.storage_options)
     _check_adapter(cfg)
     _check_task(cfg)
     if cfg.model.num_classes is not None and cfg.model.num_classes < 2:
@@ -512,8 +514,12 @@ def _check_checkpoint(c: DictConfig) -> None:
                         "(file:///PATH for a shared disk), or null")
     if not c.mirror_flush_timeout >= 0:
         raise UserError(f"checkpoint.mirror_flush_timeout must not be negative, got '{c.mirror_flush_timeout}'")
-    for key, value in OmegaConf.to_container(c.storage_options, resolve=False).items():
-        if refusal := literal_secret(f"checkpoint.storage_options.{key}", value):
+    _check_storage_options("checkpoint.storage_options", c.storage_options)
+
+
+def _check_storage_options(key: str, options: DictConfig) -> None:
+    for name, value in OmegaConf.to_container(options, resolve=False).items():
+        if refusal := literal_secret(f"{key}.{name}", value):
             raise UserError(refusal)
 
 
@@ -521,13 +527,13 @@ SECRET_NAME = re.compile(r"key|secret|token|password|credential", re.IGNORECASE)
 
 
 def literal_secret(key: str, value: Any) -> str | None:
-    """The refusal of a credential written out in ``checkpoint.storage_options`` (it would be saved in
-    ``.hydra/``); None when ``value`` is no secret or comes from the environment (``${oc.env:VAR}``).
+    """The refusal of a credential written out in ``checkpoint.storage_options`` or ``data.storage_options`` (it
+    would be saved in ``.hydra/``); None when ``value`` is no secret or comes from the environment (``${oc.env:VAR}``).
 
     >>> literal_secret("checkpoint.storage_options.secret", "${oc.env:S3_SECRET}") is None
     True
     """
-    if not key.startswith("checkpoint.storage_options.") or not SECRET_NAME.search(key.rsplit(".", 1)[-1]):
+    if ".storage_options." not in key or not SECRET_NAME.search(key.rsplit(".", 1)[-1]):
         return None
     if isinstance(value, str) and value.startswith("${") or value is None:
         return None
@@ -688,12 +694,16 @@ NO_EFFECT = (
              "they describe a label table: add data=table (data.file=labels.csv)"),
     NoEffect("data.name", lambda v: v == "table", ("data.root",),
              "data=table reads the images data.file names (paths relative to its folder): drop data.root"),
-    NoEffect("data.name", lambda v: v != "webdataset", ("data.train_urls", "data.val_urls", "data.shuffle_buffer"),
+    NoEffect("data.name", lambda v: v != "webdataset", ("data.train_urls", "data.val_urls"),
              "they configure WebDataset shards: add data=webdataset"),
+    NoEffect("data.name", lambda v: v not in ("webdataset", "hf"), ("data.shuffle_buffer", "data.storage_options"),
+             "they configure a stream: add data=webdataset, or data=hf data.streaming=true"),
     NoEffect("data.name", lambda v: v == "webdataset", ("data.root", "data.val_split", "data.split_seed",
                                                          "data.skip_bad_images", "data.folds", "data.fold"),
              "data=webdataset reads the shards of data.train_urls and data.val_urls, split as they were written"),
     NoEffect("data.name", lambda v: v != "hf", HF_KEYS, "they configure a Hugging Face dataset: add data=hf"),
+    NoEffect("data.streaming", lambda v: v is True, ("data.val_split", "data.split_seed", "data.folds", "data.fold"),
+             "a stream is read as its splits are stored (train-*.parquet, validation-*.parquet)"),
     NoEffect("data.name", lambda v: v == "hf", ("data.root", "data.skip_bad_images"),
              "data=hf reads the dataset at data.path (an unreadable image stops training naming its split and row)"),
     NoEffect("task.name", lambda v: v != "multilabel", ("data.label_sep",),

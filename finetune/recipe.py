@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from finetune import builders
 from finetune.checkpoint import TrainingParts
 from finetune.config import check_config, in_a_sweep
-from finetune.data import DataSplit, Loaders
+from finetune.data import DataSplit, Loaders, ShardSplit
 from finetune.distributed import SINGLE, World
 from finetune.errors import RunPruned
 from finetune.files import open_append
@@ -200,12 +200,12 @@ class Recipe:
     def evaluable(self) -> bool:
         """Whether finetune.evaluate reads this run's data: folders and tables, not shards nor a Hugging Face
         dataset (yet; `finetune.evaluate.choose_images` refuses those)."""
-        return self.split is not None and self.split.layout != "shards" and self.split.images is None
+        return self.split is not None and not isinstance(self.split, ShardSplit) and self.split.images is None
 
     def folder_root(self) -> str | None:
         """The image folder a later evaluate names (None for a table or shards: evaluate takes the run's own
         data, or none)."""
-        if self.split is None or self.split.layout == "shards":
+        if self.split is None or isinstance(self.split, ShardSplit):
             return None
         return self.split.root if self.split.source is None else None
 

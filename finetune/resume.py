@@ -51,7 +51,8 @@ log = logging.getLogger("finetune")
 ALLOWED_CHANGES = ("trainer.max_epochs", "data.num_workers", "trainer.device", "logger.", "resume",
                    "resume_allow_config_change", "resume_allow_unverified", "checkpoint.every_n_steps",
                    "checkpoint.every_n_epochs", "checkpoint.keep_last_k", "checkpoint.mirror",
-                   "checkpoint.storage_options.", "checkpoint.mirror_flush_timeout", "sweep.")
+                   "checkpoint.storage_options.", "checkpoint.mirror_flush_timeout", "data.storage_options.",
+                   "sweep.")
 # Keys a later version moved: a state saved before reads as if saved with the new name.
 RENAMED = {"trainer.early_stopping.min_delta": "checkpoint.min_delta"}
 
@@ -94,7 +95,8 @@ class ResumePlan:
         if is_url(cfg.resume) or (cfg.resume == "auto" and cfg.checkpoint.mirror):  # alike on every rank
             if world.main:
                 fetch_from_mirror(cfg.resume, mirror_url=cfg.checkpoint.mirror, checkpoint_dir=run_dir / "checkpoints",
-                                  storage_options=dict(cfg.checkpoint.storage_options), mirror=mirror)
+                                  storage_options=OmegaConf.to_container(cfg.checkpoint.storage_options, resolve=True),
+                                  mirror=mirror)
             world.barrier()
         point = locate_resume(cfg.resume, checkpoint_dir=run_dir / "checkpoints",
                               allow_unverified=cfg.resume_allow_unverified)

@@ -113,6 +113,8 @@ def _layout(data: Any) -> str:
     """How the images were found and split, in words."""
     if data.layout == "shards":
         return "WebDataset shards"
+    if data.layout == "hf-stream":
+        return "Parquet files, streamed"
     what = f"table {data.source}" if data.source else "class folders"
     if data.layout == "folds":
         return f"{what}, fold {data.fold} of data.folds={data.folds} validated"

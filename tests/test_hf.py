@@ -196,10 +196,11 @@ def scan_hf_table(table, path: Path):
 
 
 @pytest.mark.parametrize("overrides, expected", [
-    (["data.streaming=true"], "data.streaming=true is not supported yet"),
+    (["data.streaming=true"], "dict' is a dataset save_to_disk wrote (Arrow files), not Parquet files: read it from "
+                              "disk with data.streaming=false"),
     (["data.path=null"], "data=hf needs data.path"),
 ])
-def test_streaming_and_no_path_are_refused_by_the_builder(hf, tmp_path, overrides, expected):
+def test_a_dataset_dict_to_stream_and_no_path_are_refused_by_the_builder(hf, tmp_path, overrides, expected):
     from finetune.builders import build_split
 
     cfg = compose_config(["data=hf", f"data.path={hf['base'] / 'dict'}", *overrides])

@@ -214,10 +214,16 @@ def worker_jobs(order: ShardOrder) -> list[WorkerJob]:
 # ------------------------------------------------------------------ reading
 class ShardReader:
     """Samples at given positions of a sequence of shards, in a given order, holding only those not yet
-    yielded (raw bytes). Shards holding none of the positions are not opened."""
+    yielded (raw bytes). Shards holding none of the positions are not opened.
 
-    def __init__(self, shards: list[Shard], storage_options: dict[str, Any] | None, num_classes: int):
+    ``rows``: reads one shard's samples, ``rows(shard, keep)`` -> for each, None where ``keep(i)`` is false,
+    else ``(image bytes, label, name)``; None: the shards are WebDataset tar files (`tar_rows`).
+    """
+
+    def __init__(self, shards: list[Shard], storage_options: dict[str, Any] | None, num_classes: int,
+                 rows: Callable[[Shard, Callable[[int], bool]], Iterator[Any]] | None = None):
         self.shards, self.storage_options, self.num_classes = shards, storage_options, num_classes
+        self.rows = rows
 
     def read(self, shard_ids: list[int], emit: list[int]) -> Iterator[tuple[int, bytes, int, str]]:
         """``(position, image bytes, label, name)`` for each position of ``emit``, in that order."""
@@ -236,17 +242,22 @@ class ShardReader:
                             "its index says; write the shards again")
 
     def _samples(self, shard: Shard, base: int, wanted: set[int]) -> Iterator[tuple[int, tuple[bytes, int, str]]]:
-        count = 0
-        for count, sample in enumerate(iter_shard(shard.url, self.storage_options, keep=lambda i: base + i in wanted),
-                                       start=1):
+        count, rows = 0, self.rows or self.tar_rows
+        for count, sample in enumerate(rows(shard, lambda i: base + i in wanted), start=1):
             if count > shard.samples:
                 break
             if sample is not None:
-                image, label = image_and_label(sample, url=shard.url, num_classes=self.num_classes)
-                yield base + count - 1, (image, label, _name(shard, sample))
+                yield base + count - 1, sample
         if count != shard.samples:
             raise UserError(f"shard '{shard.url}' holds {'more' if count > shard.samples else count} samples, its "
                             f"index says {shard.samples}: write the shards and the index again")
+
+    def tar_rows(self, shard: Shard, keep: Callable[[int], bool]) -> Iterator[tuple[bytes, int, str] | None]:
+        for sample in iter_shard(shard.url, self.storage_options, keep=keep):
+            if sample is None:
+                yield None
+            else:
+                yield (*image_and_label(sample, url=shard.url, num_classes=self.num_classes), _name(shard, sample))
 
 
 def _name(shard: Shard, sample: RawSample) -> str:
@@ -430,6 +441,7 @@ class ShardSplit:
     layout: str = "shards"
     val_split: float | None = None
     skipped: list[str] = field(default_factory=list)
+    rows: Any = None  # how a shard's samples are read (`ShardReader`); None: WebDataset tar files
 
     @property
     def num_classes(self) -> int:
@@ -457,17 +469,19 @@ def build_stream_loaders(split: ShardSplit, *, train_transform: Callable, eval_t
     """The train and val loaders of shards: one stream per (process, loader worker), exact epochs."""
     from finetune.data.loaders import Loaders
 
+    parquet = split.layout == "hf-stream"  # data=hf data.streaming=true: each Parquet file is a shard
     if len(split.train) < world_size:
-        raise UserError(f"data.train_urls names {len(split.train)} shards, fewer than the {world_size} processes: "
-                        "write smaller shards (python -m finetune.shard --shard-size)")
+        what, fix = (("train files in data.path", "write more, smaller Parquet files") if parquet else
+                     ("shards in data.train_urls", "write smaller shards (python -m finetune.shard --shard-size)"))
+        raise UserError(f"{len(split.train)} {what}, fewer than the {world_size} processes: {fix}")
     streams = max(1, min(num_workers, len(split.train) // world_size))
     order = ShardOrder([s.samples for s in split.train], seed=seed, batch_size=batch_size, buffer=buffer,
                        workers=streams, rank=rank, world_size=world_size)
     if order.steps() < 1:
         raise UserError(f"the {order.total_samples} training samples give no batch of data.batch_size={batch_size} "
                         f"per process: lower data.batch_size or write more samples")
-    train_reader = ShardReader(split.train, storage_options, split.num_classes)
-    val_reader = ShardReader(split.val, storage_options, split.num_classes)
+    train_reader = ShardReader(split.train, storage_options, split.num_classes, split.rows)
+    val_reader = ShardReader(split.val, storage_options, split.num_classes, split.rows)
     to_uint8, normalize = split_transform(train_transform)
     eval_uint8, eval_normalize = split_transform(eval_transform)
     if device is not None and device.type == "cuda" and pin_memory:
@@ -480,7 +494,8 @@ def build_stream_loaders(split: ShardSplit, *, train_transform: Callable, eval_t
     val = StreamLoader(EvalStream(val_reader, batches, eval_uint8, channels), batch_size=batch_size,
                        num_workers=min(num_workers, max(len(batches), 1)), normalize=eval_normalize,
                        generator=torch.Generator().manual_seed(seed), context=context, pin_memory=pin_memory)
-    log.info(f"data=webdataset: {order.total_samples} train samples in {len(split.train)} shards, {streams} "
+    source = "data=hf data.streaming=true" if parquet else "data=webdataset"
+    log.info(f"{source}: {order.total_samples} train samples in {len(split.train)} shards, {streams} "
              f"stream(s) per process, {order.steps()} batches per epoch and process; {order.left_out()} samples "
              "left out of the first epoch (a last single image, uneven streams)")
     return Loaders(train, val, order, None)
