@@ -176,10 +176,14 @@ def s3(parquet, s3_server):
 
 @pytest.mark.slow
 def test_from_s3_and_killed_and_resumed_a_stream_trains_bit_identical_to_a_local_straight_run(parquet, s3, tmp_path):
-    """Three runs at once: straight from the local files, straight from S3 (credentials from the standard AWS
-    variables), and one SIGKILLed after update 6 of 12 (last save at step 4), then resumed."""
+    """Three runs at once: straight from the local files, straight from S3 (endpoint and keys given by
+    data.storage_options, the keys from the environment by ${oc.env:...}), and one SIGKILLed after update 6
+    of 12 (last save at step 4), then resumed."""
+    options = ["+data.storage_options.key=${oc.env:TEAM_KEY}", "+data.storage_options.secret=${oc.env:TEAM_SECRET}",
+               f"+data.storage_options.endpoint_url={s3['AWS_ENDPOINT_URL']}"]
     runs = {"local": (stream_args(str(parquet), tmp_path / "local"), {}),
-            "s3": (stream_args(f"s3://{BUCKET}/ds", tmp_path / "s3"), s3),
+            "s3": (stream_args(f"s3://{BUCKET}/ds", tmp_path / "s3") + options,
+                   {"TEAM_KEY": s3["AWS_ACCESS_KEY_ID"], "TEAM_SECRET": s3["AWS_SECRET_ACCESS_KEY"]}),
             "killed": (stream_args(str(parquet), tmp_path / "killed"),
                        {"FT_SIGNAL_AT": "0:6:SIGKILL", "PYTHONPATH": SIGNAL_AT})}
     results = run_all(runs, cwd=tmp_path)
