@@ -8,7 +8,8 @@ version the storage reports (its ETag, else size and modification time): a file 
 fetched again, an unchanged one never. Each copy keeps the size and digest it had when it arrived, and is
 checked against them every time it is used (a cache damaged on disk is fetched again, never read). A run
 dir's URL (``ckpt=s3://bucket/runs/NAME``) reads its ``manifest.json`` and fetches the best weights it names,
-verified against the manifest's digest.
+verified against the manifest's digest. A shard index by URL (``.../model.safetensors.index.json``) fetches
+every shard it names beside it.
 
 Written by hand: fsspec's caching file systems (``filecache::``) key a copy by its path and never check the
 bytes they hand back.
@@ -33,6 +34,7 @@ CACHE_ENV = "FINETUNE_CACHE"
 RECORD = "record.json"  # beside each cached file: its URL, version, size and digest
 MANIFEST = "manifest.json"
 MAX_MANIFEST_BYTES = 16 << 20
+MAX_SHARDS = 10_000  # distinct shards of one weights index
 WEIGHT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".onnx", ".json")
 
 
@@ -109,11 +111,57 @@ def fetch(url: str, *, entry: dict[str, Any] | None = None, what: str = "file") 
     return local
 
 
+def fetch_weights(url: str, *, what: str = "weights") -> Path:
+    """The local copy of a weights file by URL; for a shard index (``model.safetensors.index.json``) the
+    copy of the index with every shard it names beside it (`fetch_shards`)."""
+    local = fetch(url, what=what)
+    if local.name.endswith(".index.json"):
+        fetch_shards(url, local)
+    return local
+
+
+def fetch_shards(url: str, index: Path) -> None:
+    """Every shard the index at ``url`` names, fetched as its own cached and checked copy (`fetch`) and linked
+    beside the index's copy, where the weights reader looks for them. Only plain file names in the index's
+    folder are fetched: the index is data from others."""
+    from finetune.data.shards import join_url
+    from finetune.files import read_json_data
+
+    try:
+        weight_map = read_json_data(index, max_bytes=MAX_MANIFEST_BYTES).get("weight_map")
+    except (OSError, UserError, ValueError, AttributeError):
+        return  # not a shard index: the weights reader says what it is
+    names = sorted({str(name) for name in weight_map.values()}) if isinstance(weight_map, dict) else []
+    if len(names) > MAX_SHARDS:
+        raise UserError(f"shard index '{url}' names {len(names)} shards, over {MAX_SHARDS}: refused")
+    for name in names:
+        if _local_name(name) != name:
+            raise UserError(f"shard index '{url}' names the shard {name!r}: only plain file names beside the index "
+                            "are fetched; fix the index")
+        shard = fetch(join_url(url.rsplit("/", 1)[0], name), what="weights shard")
+        target = index.parent / name
+        if not (target.is_file() and os.path.samefile(target, shard)):
+            _link(shard, target)
+
+
+def _link(source: Path, target: Path) -> None:
+    """``target`` made the same file as ``source`` (a hard link; a copy where links fail), replaced atomically."""
+    import shutil
+
+    staged = target.with_name(f".{target.name}.link")
+    staged.unlink(missing_ok=True)
+    try:
+        os.link(source, staged)
+    except OSError:
+        shutil.copyfile(source, staged)
+    os.replace(staged, target)
+
+
 def fetch_checkpoint(url: str) -> Path:
     """The local copy of what ``ckpt=URL`` names: a weights file, or the best weights of a run dir (its
     ``checkpoints/manifest.json``'s ``best``, verified against that manifest)."""
     if posixpath.splitext(url.rstrip("/"))[1] in WEIGHT_SUFFIXES:
-        return fetch(url, what="checkpoint")
+        return fetch_weights(url, what="checkpoint")
     from finetune.data.shards import join_url, open_fs, read_bounded
 
     base = url.rstrip("/")

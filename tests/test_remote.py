@@ -144,3 +144,30 @@ def test_wrong_credentials_are_one_line_without_the_secret(remote, tmp_path):
     assert lines[0].startswith("error: cannot read 's3://runs/a/checkpoints/best.safetensors' (") and \
         "check the URL, the credentials" in lines[0], lines[0]
     assert "not-the-secret" not in result.stderr + result.stdout
+
+
+def test_a_shard_index_by_url_fetches_its_shards_and_refuses_a_name_outside(remote, s3_env, tmp_path, capsys):
+    """A sharded safetensors checkpoint (finetune.ckpt convert) uploaded as a folder: the index's URL reads as
+    the whole checkpoint, every tensor equal to the file it was cut from; an index naming '../x' is refused."""
+    from finetune.ckpt import main as ckpt_main
+
+    best = remote["work"] / "run" / "checkpoints" / "best.safetensors"
+    sharded = tmp_path / "sharded"
+    assert ckpt_main(["convert", str(best), str(sharded / "model.safetensors"), "--max-shard-size", "200000"]) == 0
+    files = sorted(p.name for p in sharded.iterdir())
+    assert len(files) > 3 and "model.safetensors.index.json" in files, files
+    for name in files:
+        remote["client"].put_object(Bucket=BUCKET, Key=f"sharded/{name}", Body=(sharded / name).read_bytes())
+    capsys.readouterr()
+    assert ckpt_main(["inspect", "--json", f"s3://{BUCKET}/sharded/model.safetensors.index.json"]) == 0
+    assert json.loads(capsys.readouterr().out)["format"] == "sharded-safetensors"
+    from finetune.weights import read_checkpoint
+
+    got, want = read_checkpoint(f"s3://{BUCKET}/sharded/model.safetensors.index.json").tensors, load_file(best)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    index = json.loads((sharded / "model.safetensors.index.json").read_text())
+    index["weight_map"][next(iter(index["weight_map"]))] = "../a/checkpoints/best.safetensors"
+    remote["client"].put_object(Bucket=BUCKET, Key="sharded/bad.index.json", Body=json.dumps(index).encode())
+    with pytest.raises(UserError, match=r"shard index 's3://runs/sharded/bad.index.json' names the shard "
+                                        r"'\.\./a/checkpoints/best\.safetensors': only plain file names"):
+        read_checkpoint(f"s3://{BUCKET}/sharded/bad.index.json")

@@ -76,9 +76,9 @@ def resolve_path(path: str | Path) -> Path:
     """
     text = str(path)
     if is_remote(text):
-        from finetune.remote import fetch
+        from finetune.remote import fetch_weights
 
-        return fetch(text, what="weights")
+        return fetch_weights(text)
     if not text.startswith(BUILTIN_PREFIX):
         return Path(text).expanduser()
     name = text[len(BUILTIN_PREFIX):]
