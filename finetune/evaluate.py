@@ -52,7 +52,8 @@ ECE_BINS = 15
 # What evaluate takes from a training run's config (someone else's file when the run dir is): where its
 # images are and how it split them, never where to write (the demo set goes under this user's data.cache_dir).
 DATA_KEYS_FROM_RUN = ("name", "root", "val_split", "split_seed", "skip_bad_images", "demo", "file", "columns", "classes",
-                      "label_sep", "allow_outside", "folds", "fold")
+                      "label_sep", "allow_outside", "folds", "fold", "path", "image_column", "label_column",
+                      "streaming")
 Sample = tuple[str, int]
 
 
@@ -100,7 +101,8 @@ def run(cfg: DictConfig, out_dir: str | Path | None = None) -> dict[str, Any]:
                                    settings=settings, num_workers=cfg.data.num_workers, progress_bar=cfg.progress_bar,
                                    out_dir=output_dir(out_dir or cfg.out, checkpoint=path, kind="eval"))
     samples = to_checkpoint_labels(images, classifier.meta.class_names)
-    loader = eval_loader(samples, classifier.meta, batch_size=settings.batch_size, num_workers=cfg.data.num_workers)
+    loader = eval_loader(samples, classifier.meta, batch_size=settings.batch_size, num_workers=cfg.data.num_workers,
+                         images=images.images)
     outputs = evaluate_batches(classifier, loader, progress_bar=cfg.progress_bar)
     report = build_report(outputs, classifier, images=images, split=cfg.split, batch_size=settings.batch_size)
     write_report(output_dir(out_dir or cfg.out, checkpoint=path, kind="eval"), report, outputs, samples,
@@ -185,7 +187,8 @@ class TrainingRun:
         except Exception as err:  # noqa: BLE001 - the file is data: a bad value is one line
             raise UserError(f"'{self.path}/.hydra/config.yaml' has data settings this version cannot use "
                             f"({describe_error(err)}): give data=custom data.root=DIR") from None
-        where = f"data.file={merged.file}" if merged.name == "table" else f"data.root={merged.root}"
+        where = {"table": f"data.file={merged.file}", "hf": f"data.path={merged.path}"}.get(merged.name,
+                                                                                            f"data.root={merged.root}")
         log.info(f"data: the images of run '{self.path}' (data.name={merged.name}, {where})")
         return merged
 
@@ -208,6 +211,7 @@ class EvalImages:
     class_names: list[str]
     root: str
     source: str  # "folder", "split.json", "seed" or "all"
+    images: Any = None  # reads a sample's key (a Hugging Face dataset's SPLIT/ROW); None: the keys are paths
 
 
 def choose_images(data: DictConfig, training: TrainingRun, *, split: str, multilabel: bool = False) -> EvalImages:
@@ -218,22 +222,22 @@ def choose_images(data: DictConfig, training: TrainingRun, *, split: str, multil
     if data.name == "webdataset":
         raise UserError("finetune.evaluate reads image folders and tables, not shards (yet): give data=custom "
                         "data.root=DIR; a run on shards logs its val metrics every epoch (metrics.jsonl)")
-    if data.name == "hf":
-        raise UserError("finetune.evaluate reads image folders and tables, not Hugging Face datasets (yet): give "
-                        "data=custom data.root=DIR or data=table; a run on data=hf logs its val metrics every epoch "
-                        "(metrics.jsonl)")
+    if data.name == "hf" and data.streaming:
+        raise UserError("finetune.evaluate reads a Hugging Face dataset on disk, not streamed (yet): give data=hf "
+                        "data.path=DIR data.streaming=false with a local copy; a streamed run logs its val metrics "
+                        "every epoch (metrics.jsonl)")
     folder = build_split(data, run_dir=Path("."), write=False, multilabel=multilabel)  # the training scan
     if split == "all":
         samples = sorted(folder.train + folder.val, key=lambda s: (s[1], s[0]))
-        return EvalImages(samples, folder.class_names, folder.root, "all")
+        return EvalImages(samples, folder.class_names, folder.root, "all", folder.images)
     if folder.layout in ("train_val", "column"):  # the split is in the data: its folders, a table's split column
-        return EvalImages(getattr(folder, split), folder.class_names, folder.root, "folder")
+        return EvalImages(getattr(folder, split), folder.class_names, folder.root, "folder", folder.images)
     if training.path is not None:
         return images_of_record(training.split_record(), folder, split=split, record_path=training.path / "split.json")
     log.warning(f"evaluating the {split} images of the split data.val_split={folder.val_split} "
                 f"data.split_seed={folder.seed} makes of '{folder.root}' (no training run known): pass "
                 "run_dir=RUN_DIR to use the run's split.json, or split=all to evaluate every image")
-    return EvalImages(getattr(folder, split), folder.class_names, folder.root, "seed")
+    return EvalImages(getattr(folder, split), folder.class_names, folder.root, "seed", folder.images)
 
 
 def images_of_record(record: dict[str, Any], folder: DataSplit, *, split: str, record_path: Path) -> EvalImages:
@@ -250,6 +254,13 @@ def images_of_record(record: dict[str, Any], folder: DataSplit, *, split: str, r
         raise UserError(f"'{record_path}' is not a split record ({describe_error(err)}): evaluate split=all") from None
     if not all(0 <= c < len(names) for _, label in samples for c in (label if folder.multilabel else (label,))):
         raise UserError(f"'{record_path}' has labels outside its class names: evaluate split=all")
+    if folder.images is not None:  # a Hugging Face dataset's SPLIT/ROW keys, not files under a root
+        known = {key for key, _ in folder.train + folder.val}
+        missing = [key for key, _ in samples if key not in known]
+        if missing:
+            raise UserError(f"'{record_path}' names rows the dataset at data.path '{folder.root}' does not have (e.g. "
+                            f"'{missing[0]}'): it is not the dataset that run was trained on; evaluate split=all")
+        return EvalImages(samples, names, folder.root, "split.json", folder.images)
     samples = [(str(Path(folder.root) / rel), label) for rel, label in samples]
     missing = [p for p, _ in samples if not Path(p).is_file()]
     if missing:

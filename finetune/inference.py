@@ -332,16 +332,18 @@ def onnx_meta(exported: dict[str, Any], *, outputs: Any, path: Path) -> ModelMet
 
 # ------------------------------------------------------------ the evaluation loader
 def eval_loader(samples: Sequence[tuple[str, int]], meta: ModelMeta, *, batch_size: int,
-                num_workers: int | str = 0) -> DataLoader:
+                num_workers: int | str = 0, images: Any = None) -> DataLoader:
     """Training's validation loader over ``(path, label)`` samples: its `ImageDataset` (images read upright
     by their EXIF orientation, in the model's channels, decoded as training decodes them), the checkpoint's
-    eval transform, and batches of ``batch_size`` in order (`EvalBatches`)."""
+    eval transform, and batches of ``batch_size`` in order (`EvalBatches`). ``images``: reads a sample's key
+    where it is not a path (a Hugging Face dataset's rows, `finetune.data.hf.HFImages`)."""
     from finetune.data.dataset import ImageDataset
     from finetune.data.loaders import worker_context
     from finetune.data.sampling import EvalBatches
 
     workers = worker_count(num_workers)
-    dataset = ImageDataset(samples, eval_transform(meta), channels=int(meta.data_config["input_size"][0]))
+    dataset = ImageDataset(samples, eval_transform(meta), channels=int(meta.data_config["input_size"][0]),
+                           images=images)
     return DataLoader(dataset, batch_sampler=EvalBatches(len(samples), batch_size), num_workers=workers,
                       multiprocessing_context=worker_context() if workers else None)
 

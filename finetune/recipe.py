@@ -198,9 +198,9 @@ class Recipe:
                                    evaluates=self.evaluable()))
 
     def evaluable(self) -> bool:
-        """Whether finetune.evaluate reads this run's data: folders and tables, not shards nor a Hugging Face
-        dataset (yet; `finetune.evaluate.choose_images` refuses those)."""
-        return self.split is not None and not isinstance(self.split, ShardSplit) and self.split.images is None
+        """Whether finetune.evaluate reads this run's data: folders, tables and Hugging Face datasets on disk,
+        not streams (yet; `finetune.evaluate.choose_images` refuses those)."""
+        return self.split is not None and not isinstance(self.split, ShardSplit)
 
     def folder_root(self) -> str | None:
         """The image folder a later evaluate names (None for a table or shards: evaluate takes the run's own

@@ -114,11 +114,11 @@ def compose_config(overrides: list[str]):
         return compose(config_name="config", overrides=overrides)
 
 
-def run_cli(args: list[str], *, cwd: Path, timeout: float = 600, env: dict | None = None):
-    """``python -m finetune ARGS`` in a subprocess; returns the CompletedProcess."""
+def run_cli(args: list[str], *, cwd: Path, timeout: float = 600, env: dict | None = None, module: str = "finetune"):
+    """``python -m MODULE ARGS`` (``finetune`` by default) in a subprocess; returns the CompletedProcess."""
     full_env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
     full_env.update(env or {})
-    return subprocess.run([sys.executable, "-m", "finetune", *args], cwd=cwd, capture_output=True,
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, capture_output=True,
                           text=True, timeout=timeout, env=full_env)
 
 

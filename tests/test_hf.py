@@ -6,6 +6,7 @@ and resumed bit-identical to a straight one."""
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 import signal
@@ -222,11 +223,28 @@ def test_settings_data_hf_ignores_are_refused(overrides, expected):
         check_config(cfg)
 
 
-def test_evaluate_refuses_a_hugging_face_dataset_in_one_line(hf):
+def test_evaluate_takes_the_rows_a_seed_split_run_validated_on_from_its_split_json(hf, tmp_path):
+    from finetune.evaluate import TrainingRun, choose_images
+
+    path = hf["base"] / "named.parquet"
+    split = scan_hf(str(path), val_split=0.2, seed=3)
+    (tmp_path / "split.json").write_text(json.dumps(split.to_record()))
+    cfg = compose_config(["data=hf", f"data.path={path}", "data.val_split=0.5"])  # another split by seed
+    images = choose_images(cfg.data, TrainingRun(tmp_path), split="val")
+    assert (images.samples, images.source, images.class_names) == (split.val, "split.json", CLASSES)
+    assert pixels(images.images.open(split.val[0][0])) is not None
+    record = split.to_record()
+    record["files"]["val"][0][0] = "train/99"
+    (tmp_path / "split.json").write_text(json.dumps(record))
+    with pytest.raises(UserError, match=re.escape("names rows the dataset at data.path") + ".*'train/99'"):
+        choose_images(cfg.data, TrainingRun(tmp_path), split="val")
+
+
+def test_evaluate_refuses_a_streamed_dataset_in_one_line(hf):
     from finetune.evaluate import choose_images
 
-    cfg = compose_config(["data=hf", f"data.path={hf['base'] / 'dict'}"])
-    with pytest.raises(UserError, match="finetune.evaluate reads image folders and tables, not Hugging Face"):
+    cfg = compose_config(["data=hf", f"data.path={hf['base'] / 'dict'}", "data.streaming=true"])
+    with pytest.raises(UserError, match="finetune.evaluate reads a Hugging Face dataset on disk, not streamed"):
         choose_images(cfg.data, None, split="val")
 
 
@@ -235,6 +253,7 @@ def test_a_run_killed_mid_epoch_resumes_bit_identical_to_a_straight_one(hf, tmp_
     """Straight: 2 epochs of 6 updates in the main process. Killed (SIGKILL after update 3, mid-epoch 1, the
     last save at update 2) with two loader workers, then resumed: the same weights and optimizer state."""
     from test_checkpoint import assert_same_result
+    from test_evaluate import best_epoch_metrics
 
     args = [a for a in tiny_overrides(hf["root"]) if not a.startswith("data")]
     args += ["data=hf", f"data.path={hf['base'] / 'dict'}", "data.img_size=32", "data.batch_size=4",
@@ -242,8 +261,14 @@ def test_a_run_killed_mid_epoch_resumes_bit_identical_to_a_straight_one(hf, tmp_
     env = {"HF_HOME": str(hf["base"] / "home")}
     ref = run_cli([*args, "data.num_workers=0", f"hydra.run.dir={tmp_path / 'ref'}"], cwd=tmp_path, env=env)
     assert ref.returncode == 0, ref.stderr[-3000:]
-    closing = (ref.stdout + ref.stderr).split("next:")[1]  # offers what works on this run, not evaluate
-    assert "finetune.predict" in closing and "finetune.evaluate" not in closing, closing
+    closing = (ref.stdout + ref.stderr).split("next:")[1]
+    assert "finetune.predict" in closing and f"finetune.evaluate ckpt={tmp_path / 'ref'}\n" in closing, closing
+    evaluated = run_cli(["ckpt=" + str(tmp_path / "ref"), "progress_bar=false", f"out={tmp_path / 'eval'}"],
+                        cwd=tmp_path, env=env, module="finetune.evaluate")  # the command offered: the run's data
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    best = best_epoch_metrics(tmp_path / "ref")
+    assert (metrics["acc1"], metrics["loss"], metrics["num_images"]) == (best["val/acc1"], best["val/loss"], 9)
     out = tmp_path / "run"
     killed = run_cli([*args, "data.num_workers=2", f"hydra.run.dir={out}"], cwd=tmp_path,
                      env=env | {"FT_SIGNAL_AT": "0:3:SIGKILL", "PYTHONPATH": str(Path(__file__).parent / "signal_at")})
