@@ -90,6 +90,8 @@ def test_a_plain_string_label_column_gives_its_sorted_values(images, tmp_path):
 
 
 def bad_dataset(kind: str, images: dict, root: Path) -> Path:
+    if kind == "missing":
+        return root
     root.mkdir()
     if kind == "one_split":
         write_split(images["train"], root, split="train", parts=1)
@@ -115,6 +117,7 @@ def bad_dataset(kind: str, images: dict, root: Path) -> Path:
     ("no_column", "labels", "has no column 'labels' (columns: 'image', 'label'): name yours with data.label_column"),
     ("not_parquet", "label", "train-00000-of-00001.parquet' is not a readable Parquet file"),
     ("empty", "label", "holds no Parquet data files"),
+    ("missing", "label", "missing' does not exist: data.streaming=true reads a folder of a dataset's data files"),
 ])
 def test_a_bad_dataset_is_one_line_naming_the_file(images, tmp_path, kind, column, expected):
     root = bad_dataset(kind, images, tmp_path / kind)

@@ -72,8 +72,9 @@ def split_files(path: str, storage_options: dict[str, Any] | None) -> dict[str, 
     config = DownloadConfig(storage_options={protocol: fs.storage_options} if protocol else {})
     try:
         if not fs.isdir(root):
-            raise UserError(f"data.path '{path}' is not a folder of Parquet files: data.streaming=true reads a "
-                            "dataset's data files (train-*.parquet and validation-*.parquet)")
+            what = "is not a folder of Parquet files" if fs.exists(root) else "does not exist"
+            raise UserError(f"data.path '{path}' {what}: data.streaming=true reads a folder of a dataset's data "
+                            "files (train-*.parquet and validation-*.parquet); check the URL")
         if any(fs.exists(f"{root}/{name}") for name in ("dataset_dict.json", "state.json")):
             raise UserError(f"data.path '{path}' is a dataset save_to_disk wrote (Arrow files), not Parquet files: "
                             "read it from disk with data.streaming=false, or write it with to_parquet to stream it")
