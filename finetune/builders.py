@@ -620,7 +620,8 @@ def build_loss(task: DictConfig, *, weight: torch.Tensor | None, smoothing: floa
     return losses[task.loss]()
 
 
-def hparams(cfg: DictConfig, *, only: list[str] | None = None, lr_find: dict[str, Any] | None = None) -> dict[str, Any]:
+def hparams(cfg: DictConfig, *, only: list[str] | None = None,
+            lr_find: dict[str, Any] | None = None) -> dict[str, Any]:
     """Flat ``group.key`` settings for TensorBoard's HPARAMS tab (``only``: the keys under these), and what
     ``optim.lr=auto`` chose (``lr_find``: its record) as ``auto.lr`` and ``auto.freeze``.
 

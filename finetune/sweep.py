@@ -119,7 +119,8 @@ def _job_row(job_dir: Path) -> dict[str, Any]:
             "wall_seconds": _number(summary, "wall_seconds", source), "run_dir": str(job_dir),
             "error": _checked(summary, "error", source, (str, type(None)), None),
             "chosen_lr": _number(_section(summary, "lr_find", source), "lr", source),
-            "chosen_freeze": _checked(_section(summary, "lr_find", source), "freeze", source, (str, type(None)), None)}
+            "chosen_freeze": _checked(_section(summary, "lr_find", source), "freeze", source, (str, type(None)),
+                                      None)}
 
 
 def _section(data: dict[str, Any], key: str, source: Path) -> dict[str, Any]:
