@@ -168,7 +168,7 @@ def test_it_composes_with_gradual_unfreezing_and_layer_decay(tmp_path, extra):
 
 
 @pytest.mark.slow
-def test_a_sweep_records_each_jobs_chosen_rate(tmp_path):
+def test_a_sweep_records_each_jobs_chosen_rate_and_freezing(tmp_path):
     root = make_image_folder(tmp_path / "images")
     sweep_dir = tmp_path / "sweep"
     result = run_cli(["-m", *tiny_overrides(root, epochs=1), *AUTO[:2], "seed=0,1",
@@ -182,7 +182,8 @@ def test_a_sweep_records_each_jobs_chosen_rate(tmp_path):
         record = json.loads((Path(row["run_dir"]) / "lr_find.json").read_text())
         summary = json.loads((Path(row["run_dir"]) / "summary.json").read_text())
         assert float(row["chosen_lr"]) == summary["lr_find"]["lr"] == record["lr"] > 0
-    assert "lr chosen" in result.stdout
+        assert row["chosen_freeze"] == summary["lr_find"]["freeze"] == record["freeze"] in ("none", "head_only")
+    assert "lr chosen" in result.stdout and "freeze chosen" in result.stdout
 
 
 @pytest.mark.slow
