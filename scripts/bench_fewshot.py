@@ -78,7 +78,8 @@ def one_run(extra: list[str], *, data: str, per_class: int, seed: int, args: arg
     at_best = next(e for e in epochs if e["epoch"] == summary["best"]["epoch"])
     return {"best": summary["best"]["value"], "final": final["val/acc1"], "best_loss": at_best["val/loss"],
             "final_loss": final["val/loss"], "seconds": time.perf_counter() - started, "lr": lr_find.get("lr"),
-            "freeze": lr_find.get("freeze"), "search_seconds": (record.get("trials") or {}).get("seconds")}
+            "freeze": lr_find.get("freeze"), "search_seconds": (record.get("trials") or {}).get("seconds"),
+            "rungs": (record.get("trials") or {}).get("rungs")}
 
 
 def print_table(rows: list[dict]) -> None:
