@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
 from conftest import compose_config, make_image_folder, run_cli, tiny_overrides
 from finetune.run import run
@@ -126,6 +127,9 @@ def test_a_run_that_chose_the_frozen_backbone_trains_as_one_given_it_by_hand(fro
     events = EventAccumulator(str(out / "tb"), size_guidance={"tensors": 0}).Reload()
     choice = events.Tensors("lr_find/choice/text_summary")[0].tensor_proto.string_val[0].decode()
     assert choice.startswith(f"lr {record['lr']:.4g}, freeze=head_only: ")
+    session = HParamsPluginData.FromString(events.PluginTagToContent("hparams")["_hparams_/session_start_info"])
+    hparams = session.session_start_info.hparams  # TensorBoard's HPARAMS tab
+    assert (hparams["auto.lr"].number_value, hparams["auto.freeze"].string_value) == (record["lr"], "head_only")
 
 
 def test_a_resume_applies_the_chosen_freezing_without_searching(frozen_run, tmp_path, monkeypatch):
