@@ -23,7 +23,7 @@ from finetune import data as data_lib
 from finetune.checkpoint import (CheckpointManager, CheckpointPolicy, FileWriter, ModelDescription, NoWriter, RunFacts,
                                  TrainingParts)
 from finetune.checkpoint.mirror import Mirror, is_url
-from finetune.config import in_a_sweep, split_override
+from finetune.config import CONFIG_DIR, FreezeConfig, in_a_sweep, split_override
 from finetune.data import shards as shards_lib
 from finetune.data.stream import ShardSplit
 from finetune.distributed import SINGLE, World
@@ -360,7 +360,8 @@ def choose_lr(cfg: DictConfig, model: nn.Module, spec: BackboneSpec, *, loaders:
         return rt.world.agree(choose_lr(cfg, model, spec, loaders=loaders, rt=replace(rt, world=SINGLE), split=split,
                                         data_config=data_config, saved=saved))
     if saved is not None:
-        log.info(f"optim.lr=auto: the rate chosen before, {saved['lr']:.4g}, from the training state (no new search)")
+        log.info(f"optim.lr=auto: the choice made before, {chosen_text(saved)}, from the training state "
+                 "(no new search)")
         return float(saved["lr"]), saved
     from finetune import lr_find
 
@@ -381,24 +382,33 @@ def choose_lr(cfg: DictConfig, model: nn.Module, spec: BackboneSpec, *, loaders:
                    "choice": f"optim.lr_find.fallback_lr: {result.reason}"}
         log.warning(f"optim.lr=auto: {result.reason}; training with optim.lr_find.fallback_lr={record['lr']:.4g}")
     elif result.chosen is None:
-        log.warning(f"optim.lr=auto: {result.reason}; the trials chose {record['lr']:.4g} of "
-                    f"optim.lr_find.fallback_lr={o.lr_find.fallback_lr:.4g} and 3x it")
+        log.warning(f"optim.lr=auto: {result.reason}; the trials chose {chosen_text(record)} of "
+                    f"optim.lr_find.fallback_lr={o.lr_find.fallback_lr:.4g} and its multiples")
     else:
-        log.info(f"optim.lr=auto: chose {record['lr']:.4g} ({record['choice']})")
+        log.info(f"optim.lr=auto: chose {chosen_text(record)} ({record['choice']})")
     return float(record["lr"]), record
+
+
+def chosen_text(record: dict[str, Any]) -> str:
+    """``optim.lr=auto``'s choice in a few words: the rate, and the freezing when the trials chose one."""
+    return f"{record['lr']:.4g}" + (f" with freeze={record['freeze']}" if record.get("freeze") else "")
 
 
 def choose_by_trials(cfg: DictConfig, model: nn.Module, spec: BackboneSpec, find: Any, record: dict[str, Any], *,
                      split: data_lib.DataSplit, data_config: dict[str, Any], rt: Runtime,
                      run_updates: int) -> dict[str, Any]:
-    """``record`` with the rate that won short trial fine-tunes (`finetune.lr_find.trials`): the candidates the
-    curve gives, each trained on the training pool less a held-out slice and judged by its loss there."""
+    """``record`` with the rate (and, with `freeze_candidates`, the freezing) that won short trial fine-tunes
+    (`finetune.lr_find.trials`): the candidates the curve gives, each trained on the training pool less a held-out
+    slice and judged by its loss there."""
     from finetune import lr_find
 
     o = cfg.optim.lr_find
-    rates = lr_find.candidate_rates(find, fallback=o.fallback_lr)
+    rates, freezes = lr_find.candidate_rates(find, fallback=o.fallback_lr), freeze_candidates(cfg)
+    frozen_rates = lr_find.frozen_candidate_rates(fallback=o.fallback_lr)
+    candidates = rates if not freezes else [(rate, cfg.freeze.name) for rate in rates] + [
+        (rate, name) for name in freezes for rate in frozen_rates]
     rest, held = lr_find.holdout_split(split.train, fraction=o.holdout, seed=cfg.seed)
-    if not held or len(rates) < 2:
+    if not held or len(candidates) < 2:
         why = "no class has 2 training images to hold one out" if not held else "a single candidate rate"
         log.warning(f"optim.lr=auto: no trials ({why}); the range test's choice stands")
         return record | {"trials": {"skipped": why}}
@@ -407,28 +417,61 @@ def choose_by_trials(cfg: DictConfig, model: nn.Module, spec: BackboneSpec, find
     first = lr_find.first_rung_updates(run_updates, o.trial_updates)
     started = time.perf_counter()
     try:
-        rungs = lr_find.run_trials(model, rates=rates, trainer=trial_trainer(cfg, model, spec, trial, rt=rt),
+        rungs = lr_find.run_trials(model, candidates=candidates, trainer=trial_trainer(cfg, model, spec, trial, rt=rt),
                                    loader=trial.train, holdout=trial.val, first_updates=first,
                                    accumulate=cfg.trainer.accumulate)
     finally:
         for loader in (trial.train, trial.val):
             stop_workers(loader)
-    lr, total = rungs[-1]["kept"][0], sum(r["updates"] * len(r["scores"]) for r in rungs)
-    choice = (f"won short trial fine-tunes of {len(rates)} candidates ({', '.join(f'{r:.2g}' for r in rates)}; "
-              f"{total} updates, {time.perf_counter() - started:.0f} s) judged by the loss on {len(held)} "
-              f"held-out training images")
-    trials = {"candidates": rates, "holdout_images": len(held), "train_images": len(rest), "updates": total,
-              "seconds": round(time.perf_counter() - started, 2), "rungs": rungs}
-    return record | {"lr": lr, "selected_by": "trials", "choice": choice, "trials": trials}
+    won, total = rungs[-1]["kept"][0], sum(r["updates"] * len(r["scores"]) for r in rungs)
+    tried = ", ".join(f"{r:.2g}" for r in rates) + "".join(
+        f"; freeze={name} at {', '.join(f'{r:.2g}' for r in frozen_rates)}" for name in freezes)
+    choice = (f"won short trial fine-tunes of {len(candidates)} candidates ({tried}; {total} updates, "
+              f"{time.perf_counter() - started:.0f} s) judged by the loss on {len(held)} held-out training images")
+    trials = {"candidates": [list(c) if freezes else c for c in candidates], "holdout_images": len(held),
+              "train_images": len(rest), "updates": total, "seconds": round(time.perf_counter() - started, 2),
+              "rungs": rungs}
+    chosen = {"lr": won[0], "freeze": won[1]} if freezes else {"lr": won}
+    return record | chosen | {"selected_by": "trials", "choice": choice, "trials": trials}
+
+
+def freeze_candidates(cfg: DictConfig) -> list[str]:
+    """The freeze options the trials try besides the configured one (``optim.lr_find.freeze_candidates``): only
+    for a run that freezes nothing, on no schedule, without an adapter (whose own freezing it would undo)."""
+    f = cfg.freeze
+    if f.name != "none" or f.schedule or cfg.adapter.name != "none":
+        return []
+    return list(cfg.optim.lr_find.freeze_candidates)
+
+
+def freeze_option(name: str) -> DictConfig:
+    """``freeze=NAME`` exactly as the command line gives it: the schema's defaults under ``conf/freeze/NAME.yaml``."""
+    option = OmegaConf.load(Path(CONFIG_DIR) / "freeze" / f"{name}.yaml")
+    return OmegaConf.merge(OmegaConf.structured(FreezeConfig), option)
+
+
+def with_chosen_freeze(cfg: DictConfig, record: dict[str, Any] | None) -> DictConfig:
+    """``cfg`` with the freezing ``optim.lr=auto`` chose (``record["freeze"]``) in place of ``freeze=none``: the
+    run then freezes and trains as if ``freeze=NAME`` had been given by hand. ``cfg`` itself when it chose none."""
+    name = (record or {}).get("freeze")
+    if name is None or name == cfg.freeze.name:
+        return cfg
+    chosen = cfg.copy()
+    chosen.freeze = freeze_option(name)
+    return chosen
 
 
 def trial_trainer(cfg: DictConfig, model: nn.Module, spec: BackboneSpec, loaders: data_lib.Loaders, *,
                   rt: Runtime) -> Any:
-    """``make(rate, updates)``: the run's loop with a fresh optimizer at peak ``rate`` and the run's schedule
-    compressed to ``updates`` updates (warmup and decay keep their share of the run)."""
+    """``make(candidate, updates)``: the run's loop with a fresh optimizer at the candidate's peak rate and the run's
+    schedule compressed to ``updates`` updates (warmup and decay keep their share of the run); a ``(rate, freeze)``
+    candidate freezes the model as ``freeze=NAME`` would first (`freeze_for_trial`; the trials undo it)."""
     s, epochs = cfg.sched, cfg.trainer.max_epochs
 
-    def make(rate: float, updates: int) -> Trainer:
+    def make(candidate: float | tuple[float, str], updates: int) -> Trainer:
+        rate, freeze = candidate if isinstance(candidate, tuple) else (candidate, cfg.freeze.name)
+        if freeze != cfg.freeze.name:
+            freeze_for_trial(cfg, model, spec, name=freeze)
         optimizer = build_optimizer_at(cfg, model, spec, lr=rate)
         scheduler = build_scheduler(optimizer, name=s.name, epochs=1, updates_per_epoch=updates,
                                     warmup_epochs=s.warmup_epochs / epochs, warmup_lr=s.warmup_lr, min_lr=s.min_lr,
@@ -437,6 +480,15 @@ def trial_trainer(cfg: DictConfig, model: nn.Module, spec: BackboneSpec, loaders
         return build_trainer(cfg, parts, loaders=loaders, rt=rt, num_classes=spec.num_classes, hooks=[])
 
     return make
+
+
+def freeze_for_trial(cfg: DictConfig, model: nn.Module, spec: BackboneSpec, *, name: str) -> None:
+    """Freeze ``model`` as ``freeze=NAME`` would, for one trial. BatchNorm is pinned to eval even where the option
+    swaps in ``FrozenBatchNorm2d`` (``bn: frozen``): it computes the same, and the trial's snapshot can undo a pin."""
+    f = freeze_option(name)
+    plan = plan_freeze(model, mode=f.name, head=spec.classifier, until=f.until, include=list(f.include),
+                       exclude=list(f.exclude), schedule={}, max_epochs=cfg.trainer.max_epochs)
+    apply_freeze(model, plan, bn="eval" if f.bn == "frozen" else f.bn)
 
 
 def build_ema(cfg: DictConfig, model: nn.Module) -> ModelEmaV3 | None:
@@ -586,12 +638,15 @@ def build_loss(task: DictConfig, *, weight: torch.Tensor | None, smoothing: floa
     return losses[task.loss]()
 
 
-def hparams(cfg: DictConfig, *, only: list[str] | None = None) -> dict[str, Any]:
-    """Flat ``group.key`` settings for TensorBoard's HPARAMS tab (``only``: the keys under these).
+def hparams(cfg: DictConfig, *, only: list[str] | None = None,
+            lr_find: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Flat ``group.key`` settings for TensorBoard's HPARAMS tab (``only``: the keys under these), and what
+    ``optim.lr=auto`` chose (``lr_find``: its record) as ``auto.lr`` and ``auto.freeze``.
 
     In a sweep, ``only`` is the job's overrides: TensorBoard pointed at the sweep dir then shows
     one table of what varied, not every setting of every job.
     """
+    chosen = {f"auto.{k}": lr_find[k] for k in ("lr", "freeze") if k in lr_find} if lr_find else {}
     flat = without_passwords(OmegaConf.to_container(cfg, resolve=True))  # the HPARAMS tab shows no credential
     out: dict[str, Any] = {}
 
@@ -603,9 +658,9 @@ def hparams(cfg: DictConfig, *, only: list[str] | None = None) -> dict[str, Any]
             out[prefix[:-1]] = node
 
     walk(flat, "")
-    if only is None:
-        return out
-    return {k: v for k, v in out.items() if any(k == key or k.startswith(f"{key}.") for key in only)}
+    if only is not None:
+        out = {k: v for k, v in out.items() if any(k == key or k.startswith(f"{key}.") for key in only)}
+    return out | chosen
 
 
 def job_number() -> int:

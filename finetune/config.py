@@ -160,6 +160,8 @@ class LRFindConfig:
     select: str = "trials"  # trials: short fine-tunes of the curve's candidates decide | curve: the rule alone
     holdout: float = 0.2  # trials: share of each class of the training pool held out to judge them
     trial_updates: Optional[int] = None  # trials: updates per candidate in the first rung; null: 1/8 of the run's, >= 6
+    freeze_candidates: list[str] = field(  # trials, freeze=none: also these, at 1x/3x/10x fallback_lr; [] = rates only
+        default_factory=lambda: ["head_only"])
 
 
 @dataclass
@@ -413,6 +415,7 @@ def _check_mixing(cfg: DictConfig) -> None:
 
 
 LR_SELECT = ("trials", "curve")  # how optim.lr=auto picks: finetune.lr_find.trials, or the curve's rule alone
+FREEZE_CANDIDATES = ("head_only",)  # freeze options the trials may choose (optim.lr_find.freeze_candidates)
 
 
 def _check_lr(o: DictConfig) -> None:
@@ -431,6 +434,10 @@ def _check_lr(o: DictConfig) -> None:
             raise UserError(f"optim.lr_find.trial_updates must be positive or null, got '{o.lr_find.trial_updates}'")
         if not o.lr_find.start_lr < o.lr_find.end_lr:
             raise UserError(f"optim.lr_find.start_lr '{o.lr_find.start_lr}' must be below end_lr '{o.lr_find.end_lr}'")
+        for name in o.lr_find.freeze_candidates:
+            if name not in FREEZE_CANDIDATES:
+                raise UserError(f"optim.lr_find.freeze_candidates: '{name}' is not a freeze option the trials can try: "
+                                f"use {', '.join(FREEZE_CANDIDATES)}, or [] for the rate alone")
         return
     if isinstance(o.lr, bool) or not isinstance(o.lr, (int, float)):
         raise UserError(f"optim.lr must be a positive number or auto, got '{o.lr}'")
@@ -719,7 +726,8 @@ NO_EFFECT = (
     NoEffect("optim.name", lambda v: not _takes_betas(str(v)), ("optim.betas",),
              "only Adam-style optimizers (and LAMB) take it: add optim=adamw"),
     NoEffect("optim.lr", lambda v: v != "auto", ("optim.lr_find",), "the range test runs with optim.lr=auto"),
-    NoEffect("optim.lr_find.select", lambda v: v == "curve", ("optim.lr_find.holdout", "optim.lr_find.trial_updates"),
+    NoEffect("optim.lr_find.select", lambda v: v == "curve", ("optim.lr_find.holdout", "optim.lr_find.trial_updates",
+                                                               "optim.lr_find.freeze_candidates"),
              "only optim.lr_find.select=trials runs trials"),
     NoEffect("sched.name", lambda v: v not in ("step", "multistep"), ("sched.decay_epochs", "sched.decay_rate"),
              "only step schedules decay by epochs: add sched=step"),

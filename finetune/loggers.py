@@ -116,12 +116,14 @@ class Loggers:
 
 
 def trials_table(trials: dict[str, Any]) -> str:
-    """``optim.lr=auto``'s trial fine-tunes as a markdown table: each rung's rates and held-out losses."""
-    rows = ["| rung | updates | rate | held-out loss | kept |", "|---|---:|---:|---:|---|"]
+    """``optim.lr=auto``'s trial fine-tunes as a markdown table: each rung's candidates and held-out losses."""
+    rows = ["| rung | updates | rate | freeze | held-out loss | kept |", "|---|---:|---:|---|---:|---|"]
     for i, rung in enumerate(trials["rungs"]):
-        for rate, loss in rung["scores"]:
+        for candidate, loss in rung["scores"]:
+            rate, freeze = candidate if isinstance(candidate, list) else (candidate, "as configured")
             shown = f"{loss:.4f}" if loss is not None else "diverged"
-            rows.append(f"| {i + 1} | {rung['updates']} | {rate:.3g} | {shown} | {'yes' if rate in rung['kept'] else ''} |")
+            kept = "yes" if candidate in rung["kept"] else ""
+            rows.append(f"| {i + 1} | {rung['updates']} | {rate:.3g} | {freeze} | {shown} | {kept} |")
     return "\n".join(rows)
 
 
@@ -158,8 +160,9 @@ class LogEvents(TrainerHook):
         from finetune.lr_find import draw_curve, from_record
 
         self.logger.log_image("lr_find/curve", draw_curve(from_record(record)), step=0)
-        self.logger.log_text("lr_find/choice", f"lr {record['lr']:.4g}: {record.get('choice', record['reason'])}",
-                             step=0)
+        freeze = f", freeze={record['freeze']}" if record.get("freeze") else ""
+        choice = record.get("choice", record["reason"])
+        self.logger.log_text("lr_find/choice", f"lr {record['lr']:.4g}{freeze}: {choice}", step=0)
         if record.get("trials", {}).get("rungs"):
             self.logger.log_text("lr_find/trials", trials_table(record["trials"]), step=0)
 

@@ -73,6 +73,9 @@ class Recipe:
         freeze = builders.build_freeze(cfg, model, spec)
         lr, lr_find = builders.choose_lr(cfg, model, spec, loaders=self.loaders, rt=rt, split=self.split,
                                          data_config=data_config, saved=self.plan.lr_record)
+        frozen_as = builders.with_chosen_freeze(cfg, lr_find)  # optim.lr=auto may choose freeze=head_only too
+        if frozen_as is not cfg:  # freeze=none froze nothing: this freezes as freeze=NAME given by hand would
+            freeze = builders.build_freeze(frozen_as, model, spec)
         self.summary.note_lr(lr_find, write=self.world.main)
         optimizer, scheduler = builders.build_optimization(
             cfg, model, spec, lr=lr, updates_per_epoch=builders.updates_per_epoch(cfg, self.loaders))
@@ -82,12 +85,11 @@ class Recipe:
                                         class_names=self.split.class_names, loaders=self.loaders, rt=rt,
                                         run_dir=self.run_dir, plan=self.plan, stop=stop, lr_find=lr_find,
                                         mirror=self.mirror)
-        self.hparams = builders.hparams(cfg, only=builders.swept_keys())
+        self.hparams = builders.hparams(cfg, only=builders.swept_keys(), lr_find=lr_find)
         log.info(start_block(data=self.split, model=spec.name, source=spec.source, weights=weights,
                              trainable=sum(p.numel() for p in model.parameters() if p.requires_grad),
                              total=sum(p.numel() for p in model.parameters()),
-                             frozen=f"freeze={cfg.freeze.name}" + (", thawing on schedule" if cfg.freeze.schedule else "")
-                             + (f", adapter={cfg.adapter.name} (r={cfg.adapter.r})" if self.adapter else ""),
+                             frozen=frozen_line(frozen_as, chosen=frozen_as is not cfg, adapter=self.adapter),
                              device=str(rt.device), precision=cfg.trainer.precision,
                              input_size=tuple(data_config["input_size"]), epochs=cfg.trainer.max_epochs,
                              updates=builders.updates_per_epoch(cfg, self.loaders),
@@ -232,6 +234,13 @@ class Recipe:
         logging.getLogger().removeHandler(self.run_log)
         logging.captureWarnings(False)
         self.run_log.close()
+
+
+def frozen_line(cfg: DictConfig, *, chosen: bool, adapter: Any) -> str:
+    """What the run freezes, for the start of the run: ``freeze.*`` (or what ``optim.lr=auto`` chose), the adapter."""
+    return (f"freeze={cfg.freeze.name}" + (" (chosen by optim.lr=auto)" if chosen else "")
+            + (", thawing on schedule" if cfg.freeze.schedule else "")
+            + (f", adapter={cfg.adapter.name} (r={cfg.adapter.r})" if adapter else ""))
 
 
 def tracker_status(exc_type: type | None) -> str:

@@ -33,7 +33,8 @@ class RunSummary:
         writes the run's files)."""
         if lr_find is None:
             return
-        keys = ("lr", "selected_by", "choice", "chosen", "rule", "reason")  # a state from before trials has no choice
+        # a state from before trials has no choice; freeze: only where the trials tried freeze candidates
+        keys = ("lr", "freeze", "selected_by", "choice", "chosen", "rule", "reason")
         self.record["lr_find"] = {k: lr_find[k] for k in keys if k in lr_find}
         if write:
             atomic_write_text(self.run_dir / "lr_find.json", json.dumps(lr_find, indent=1) + "\n", root=self.run_dir)

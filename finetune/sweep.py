@@ -92,7 +92,7 @@ def job_row(job_dir: Path) -> dict[str, Any]:
     except UserError as err:
         return {"job": _job_number(job_dir), "trial": None, "overrides": [], "status": "unreadable",
                 "monitor": None, "mode": None, "best": None, "best_epoch": None, "epochs": 0, "wall_seconds": None,
-                "run_dir": str(job_dir), "error": message_of(err), "chosen_lr": None}
+                "run_dir": str(job_dir), "error": message_of(err), "chosen_lr": None, "chosen_freeze": None}
 
 
 def _job_row(job_dir: Path) -> dict[str, Any]:
@@ -118,7 +118,9 @@ def _job_row(job_dir: Path) -> dict[str, Any]:
             "epochs": _checked(summary, "epochs", source, (int, type(None)), None) or _count_lines(metrics),
             "wall_seconds": _number(summary, "wall_seconds", source), "run_dir": str(job_dir),
             "error": _checked(summary, "error", source, (str, type(None)), None),
-            "chosen_lr": _number(_section(summary, "lr_find", source), "lr", source)}
+            "chosen_lr": _number(_section(summary, "lr_find", source), "lr", source),
+            "chosen_freeze": _checked(_section(summary, "lr_find", source), "freeze", source, (str, type(None)),
+                                      None)}
 
 
 def _section(data: dict[str, Any], key: str, source: Path) -> dict[str, Any]:
@@ -239,13 +241,13 @@ def write_csv(path: Path, rows: list[dict[str, Any]], keys: list[str]) -> None:
     text cell that would start a spreadsheet formula gets a leading ``'`` (`finetune.files.csv_cell`)."""
     monitor = next((r["monitor"] for r in rows if r["monitor"]), "best")
     header = ["job", "trial", *keys, "status", f"best {monitor}", "best_epoch", "epochs", "wall_seconds",
-              "run_dir", "error", "chosen_lr"]
+              "run_dir", "error", "chosen_lr", "chosen_freeze"]
     table = [header]
     for r in rows:
         values = dict(split_override(o) for o in r["overrides"])
         table.append([r["job"], r["trial"], *(values.get(k, "") for k in keys), r["status"], r["best"],
                       r["best_epoch"], r["epochs"], r["wall_seconds"], r["run_dir"], r["error"] or "",
-                      r["chosen_lr"] if r["chosen_lr"] is not None else ""])
+                      r["chosen_lr"] if r["chosen_lr"] is not None else "", r.get("chosen_freeze") or ""])
     atomic_write_text(path, csv_text(table), root=path.parent)
 
 
@@ -276,10 +278,12 @@ def format_summary(rows: list[dict[str, Any]], keys: list[str]) -> str:
     monitor = next((r["monitor"] for r in rows if r["monitor"]), "best")
     with_trial = any(r["trial"] is not None for r in rows)
     with_lr = any(r.get("chosen_lr") is not None for r in rows)  # optim.lr=auto: the rate each job chose
-    header = ["job", *(["trial"] if with_trial else []), *keys, *(["lr chosen"] if with_lr else []), "status",
-              monitor, "epoch", "epochs", "seconds"]
+    with_freeze = any(r.get("chosen_freeze") is not None for r in rows)  # ... and the freezing, where it chose one
+    header = ["job", *(["trial"] if with_trial else []), *keys, *(["lr chosen"] if with_lr else []),
+              *(["freeze chosen"] if with_freeze else []), "status", monitor, "epoch", "epochs", "seconds"]
     table = [[printable(c, 80) for c in row]
-             for row in [header] + [_cells(r, keys, with_trial=with_trial, with_lr=with_lr) for r in rows]]
+             for row in [header] + [_cells(r, keys, with_trial=with_trial, with_lr=with_lr, with_freeze=with_freeze)
+                                    for r in rows]]
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in table]
     counts = {s: sum(r["status"] == s for r in rows) for s in dict.fromkeys(r["status"] for r in rows)}
@@ -304,12 +308,14 @@ def reproduce_line(row: dict[str, Any]) -> str:
     return f"reproduce: {command('finetune', *overrides)}"
 
 
-def _cells(row: dict[str, Any], keys: list[str], *, with_trial: bool, with_lr: bool = False) -> list[str]:
+def _cells(row: dict[str, Any], keys: list[str], *, with_trial: bool, with_lr: bool = False,
+           with_freeze: bool = False) -> list[str]:
     values = dict(split_override(o) for o in row["overrides"])
     value = f"{row['best']:.4f}" if isinstance(row["best"], (int, float)) else "-"
     trial = [str(row["trial"]) if row["trial"] is not None else "-"] if with_trial else []
     seconds = f"{row['wall_seconds']:.0f}" if isinstance(row["wall_seconds"], (int, float)) else "-"
     chosen = [f"{row['chosen_lr']:.4g}" if row.get("chosen_lr") is not None else "-"] if with_lr else []
+    chosen += [row.get("chosen_freeze") or "-"] if with_freeze else []
     return [str(row["job"]), *trial, *(values.get(k, "") for k in keys), *chosen, row["status"], value,
             str(row["best_epoch"] if row["best_epoch"] is not None else "-"), str(row["epochs"]), seconds]
 

@@ -11,16 +11,17 @@ backgrounds; only the outline tells classes apart), three difficulties: ``easy``
 default one (``tf_efficientnet_lite0``, packaged ImageNet weights) at ``--img-size``; every
 configuration gets the same budget (``--epochs``, batch 16; ``auto``'s search comes on top and is
 reported). Configurations: the defaults (lr 1e-3, nothing frozen), ``freeze=head_only``,
-``optim.lr`` x3 (3e-3), ``optim.lr=auto`` (trials: the default) and ``optim.lr=auto
-optim.lr_find.select=curve`` (the range test's rule alone, as before issue 26); and, asked for by
-``--configs``, the ``data.augment`` presets (``augment=none`` ... ``augment=heavy``, each with its own crop
+``optim.lr`` x3 (3e-3), ``optim.lr=auto`` (trials over the rates and the backbone frozen: the default) and
+``optim.lr=auto optim.lr_find.select=curve`` (the range test's rule alone, as before issue 26); and, asked for
+by ``--configs``, ``auto (rates only)`` (``optim.lr_find.freeze_candidates=[]``: the trials before they chose
+the freezing) and the ``data.augment`` presets (``augment=none`` ... ``augment=heavy``, each with its own crop
 scale, not the demo's 0.35-1).
 
 Each run goes through ``finetune.run.run`` in this process; each result is appended to ``--out``
 (JSON lines) as soon as it exists, so an interrupted grid keeps what it did, and ``--table`` prints
 the table of any such file: per cell the mean best ``val/acc1`` over seeds, ``auto``'s margin
 against the best of {defaults, head_only, lr x3} (target >= -0.02) and against the defaults (target
->= -0.02), and the rates ``auto`` chose.
+>= -0.02), and the rate (and freezing) ``auto`` chose; then the ``val/loss`` at the best epoch.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ CONFIGS = {
     "lr x3": ["optim.lr=3e-3"],
     "auto": ["optim.lr=auto"],
     "auto (curve)": ["optim.lr=auto", "optim.lr_find.select=curve"],
+    "auto (rates only)": ["optim.lr=auto", "optim.lr_find.freeze_candidates=[]"],
     # the augmentation presets at the defaults' rate (issue 26, item 2): --configs augment=none augment=light ...
     **{f"augment={name}": [f"data.augment={name}", "data.crop_scale=null"] for name in ("none", "light", "medium", "heavy")},
 }
@@ -63,7 +65,7 @@ def one_run(extra: list[str], *, data: str, per_class: int, seed: int, args: arg
     demo = SETS[data]
     overrides = [f"data.demo.num_classes={demo['num_classes']}", f"data.demo.seed={demo['seed']}",
                  f"data.demo.train_per_class={per_class}", "data.demo.val_per_class=20",
-                 f"data.demo.image_size={args.img_size}", f"data.cache_dir={args.cache}",
+                 f"data.demo.image_size={args.img_size}", f"data.cache_dir={args.cache.expanduser()}",
                  f"data.img_size={args.img_size}", "data.batch_size=16", "data.num_workers=0",
                  f"trainer.max_epochs={args.epochs}", f"seed={seed}", "logger.progress_bar=false", *extra]
     run_dir = out / f"run-{time.monotonic_ns()}"
@@ -72,8 +74,12 @@ def one_run(extra: list[str], *, data: str, per_class: int, seed: int, args: arg
     summary = json.loads((run_dir / "summary.json").read_text())
     lr_find = summary.get("lr_find") or {}
     record = json.loads((run_dir / "lr_find.json").read_text()) if (run_dir / "lr_find.json").exists() else {}
-    return {"best": summary["best"]["value"], "final": final["val/acc1"], "seconds": time.perf_counter() - started,
-            "lr": lr_find.get("lr"), "search_seconds": (record.get("trials") or {}).get("seconds")}
+    epochs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    at_best = next(e for e in epochs if e["epoch"] == summary["best"]["epoch"])
+    return {"best": summary["best"]["value"], "final": final["val/acc1"], "best_loss": at_best["val/loss"],
+            "final_loss": final["val/loss"], "seconds": time.perf_counter() - started, "lr": lr_find.get("lr"),
+            "freeze": lr_find.get("freeze"), "search_seconds": (record.get("trials") or {}).get("seconds"),
+            "rungs": (record.get("trials") or {}).get("rungs")}
 
 
 def print_table(rows: list[dict]) -> None:
@@ -81,11 +87,37 @@ def print_table(rows: list[dict]) -> None:
     for row in rows:
         cells[(row["set"], row["per_class"])][row["config"]].append(row)
     names = [n for n in CONFIGS if any(n in c for c in cells.values())]
-    print("| set | per class | seeds | " + " | ".join(names) + " | auto - best baseline | auto - defaults | auto's rates |")
-    print("|---|---:|---:|" + "---:|" * len(names) + "---:|---:|---|")
+    print_accuracy(cells, names)
+    print_losses(cells, names)
+
+
+def in_order(cells: dict[tuple, dict[str, list[dict]]]) -> list[tuple[tuple, dict[str, list[dict]]]]:
     order = {name: i for i, name in enumerate(SETS)}
+    return sorted(cells.items(), key=lambda kv: (order[kv[0][0]], kv[0][1]))
+
+
+def print_losses(cells: dict[tuple, dict[str, list[dict]]], names: list[str]) -> None:
+    """Mean ``val/loss`` at the best epoch per cell (``-`` where a result was recorded without it), and auto's
+    search time."""
+    print("\n| set | per class | " + " | ".join(f"{n} val/loss" for n in names) + " | auto's search (s) |")
+    print("|---|---:|" + "---:|" * len(names) + "---:|")
+    for (data, per_class), by_config in in_order(cells):
+        shown = []
+        for n in names:
+            losses = [r.get("best_loss") for r in by_config.get(n, [])]
+            shown.append(f"{statistics.mean(losses):.3f}" if losses and None not in losses else "-")
+        searches = [r["search_seconds"] for r in by_config.get("auto", []) if r.get("search_seconds") is not None]
+        search = f"{statistics.mean(searches):.0f}" if searches else "-"
+        print(f"| {data} | {per_class} | " + " | ".join(shown) + f" | {search} |")
+
+
+def print_accuracy(cells: dict[tuple, dict[str, list[dict]]], names: list[str]) -> None:
+    """Mean best ``val/acc1`` per cell, auto's margins against the targets, and what auto chose."""
+    print("| set | per class | seeds | " + " | ".join(names)
+          + " | auto - best baseline | auto - defaults | auto's choices |")
+    print("|---|---:|---:|" + "---:|" * len(names) + "---:|---:|---|")
     worst_best, worst_default = float("inf"), float("inf")
-    for (data, per_class), by_config in sorted(cells.items(), key=lambda kv: (order[kv[0][0]], kv[0][1])):
+    for (data, per_class), by_config in in_order(cells):
         means = {n: statistics.mean(r["best"] for r in by_config[n]) for n in names if by_config.get(n)}
         shown = [f"{means[n]:.3f} ± {statistics.pstdev([r['best'] for r in by_config[n]]):.3f}" if n in means else "-"
                  for n in names]
@@ -96,7 +128,8 @@ def print_table(rows: list[dict]) -> None:
             margin, margin_default = means["auto"] - best, means["auto"] - means["defaults"]
             worst_best, worst_default = min(worst_best, margin), min(worst_default, margin_default)
             margin, margin_default = f"{margin:+.3f}", f"{margin_default:+.3f}"
-        rates = ", ".join(f"{r['lr']:.2g}" for r in by_config.get("auto", []))
+        rates = ", ".join(f"{r['lr']:.2g}" + (f" {r['freeze']}" if r.get("freeze") else "")
+                          for r in by_config.get("auto", []))
         print(f"| {data} | {per_class} | {seeds} | " + " | ".join(shown) + f" | {margin} | {margin_default} | {rates} |")
     if worst_best != float("inf"):
         print(f"\nfewshot_auto_minus_best_baseline_worst_cell: {worst_best:+.3f} (target >= -0.02)")
@@ -113,7 +146,8 @@ def main() -> None:
     parser.add_argument("--img-size", type=int, default=64)
     parser.add_argument("--out", type=Path, help="append each result here (JSON lines)")
     parser.add_argument("--table", type=Path, help="only print the table of the results in this file")
-    parser.add_argument("--cache", default="~/.cache/finetune", help="where the generated sets are written once")
+    parser.add_argument("--cache", default=Path.home() / ".cache" / "finetune", type=Path,
+                        help="where the generated sets are written once")
     args = parser.parse_args()
     if args.table:
         print_table([json.loads(line) for line in args.table.read_text().splitlines() if line.strip()])

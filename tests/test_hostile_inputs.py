@@ -372,6 +372,7 @@ def test_the_sweep_summary_never_writes_through_a_link(finished, tmp_path, capsy
 
 @pytest.mark.parametrize("summary", [{"status": ["x"]}, {"status": "completed", "best": [1]},
                                      {"status": "completed", "lr_find": {"lr": "abc"}},
+                                     {"status": "completed", "lr_find": {"lr": 1e-3, "freeze": ["x"]}},
                                      {"status": "completed", "best": {"value": "NaN-ish"}},
                                      {"status": "completed", "epochs": "many"}, ["not", "a", "table"],
                                      {"status": "completed", "best": {"metric": {"x": 1}, "value": 0.5}}])

@@ -1,5 +1,6 @@
 """``optim.lr=auto`` end to end (issue 12): the search leaves no trace on the training that follows,
-the choice is recorded and reused on resume, fallbacks warn, sweeps and the CLI show it."""
+the choice is recorded and reused on resume, fallbacks warn, sweeps and the CLI show it; the trials
+also choose the freezing (issue 26): a run that chose ``freeze=head_only`` trains as one given it by hand."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
 from conftest import compose_config, make_image_folder, run_cli, tiny_overrides
 from finetune.run import run
@@ -49,16 +51,31 @@ def test_the_search_shows_its_work(auto_run):
     assert record["lr"] == chosen["lr"] and len(record["rates"]) == len(record["losses"]) > 10
     assert min(record["rates"]) <= record["chosen"] <= max(record["rates"])
     trials = record["trials"]  # the candidates from the curve (and the usual rate), and who won each rung
-    assert record["chosen"] in trials["candidates"] and 1e-3 in trials["candidates"]
-    assert [len(r["scores"]) for r in trials["rungs"]] == [len(trials["candidates"]), 2]
-    assert [r["updates"] for r in trials["rungs"]] == [2, 6] and trials["rungs"][-1]["kept"] == [record["lr"]]
-    assert trials["updates"] == 2 * len(trials["candidates"]) + 12 and trials["holdout_images"] == 3  # 1 of 6 per class
+    assert [record["chosen"], "none"] in trials["candidates"] and [1e-3, "none"] in trials["candidates"]
+    assert [[1e-3, "head_only"], [3e-3, "head_only"], [1e-2, "head_only"]] == trials["candidates"][-3:]
+    assert [len(r["scores"]) for r in trials["rungs"]] == [len(trials["candidates"]), 3]
+    assert [r["updates"] for r in trials["rungs"]] == [2, 6]
+    assert trials["rungs"][-1]["kept"] == [[record["lr"], record["freeze"]]] and record["freeze"] == "none"
+    assert trials["updates"] == 2 * len(trials["candidates"]) + 18 and trials["holdout_images"] == 3  # 1 of 6 per class
     state = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
     assert state["lr_find"]["lr"] == chosen["lr"]  # a resume takes it from here
     events = EventAccumulator(str(out / "tb"), size_guidance={"images": 0}).Reload()
     assert "lr_find/curve" in events.Tags()["images"]
     assert {"lr_find/choice/text_summary", "lr_find/trials/text_summary"} <= set(events.Tags()["tensors"])
-    assert f"optim.lr=auto: chose {chosen['lr']:.4g} ({record['choice']})" in (out / "train.log").read_text()
+    assert f"optim.lr=auto: chose {chosen['lr']:.4g} with freeze=none ({record['choice']})" in (
+        out / "train.log").read_text()
+
+
+def test_without_freeze_candidates_the_trials_compare_the_same_rates_as_before(auto_run, tmp_path):
+    """``optim.lr_find.freeze_candidates=[]``: the rates alone, each trial scored exactly as with the candidates."""
+    out, overrides, _ = auto_run
+    run(compose_config(overrides + ["optim.lr_find.freeze_candidates=[]"]), run_dir=tmp_path / "rates")
+    record = json.loads((tmp_path / "rates" / "lr_find.json").read_text())
+    assert "freeze" not in record and all(isinstance(c, float) for c in record["trials"]["candidates"])
+    both = json.loads((out / "lr_find.json").read_text())["trials"]
+    assert [score for score in both["rungs"][0]["scores"] if score[0][1] == "none"] == [
+        [[rate, "none"], loss] for rate, loss in record["trials"]["rungs"][0]["scores"]]
+    assert record["trials"]["rungs"][-1]["kept"] == [record["lr"]]
 
 
 def test_a_resume_takes_the_chosen_rate_and_never_searches_again(auto_run, tmp_path, monkeypatch, caplog):
@@ -77,6 +94,59 @@ def test_a_resume_takes_the_chosen_rate_and_never_searches_again(auto_run, tmp_p
     run(compose_config(overrides + ["resume=auto"]), run_dir=stopped)
     assert "(no new search)" in caplog.text
     assert (stopped / "lr_find.json").read_text() == searched
+    assert_same_result(stopped, out)
+
+
+@pytest.fixture(scope="module")
+def frozen_run(tmp_path_factory) -> tuple[Path, list[str], dict]:
+    """``optim.lr=auto`` where the backbone frozen wins: its weights come from a run on images like these (good
+    features: a head alone learns fastest), and ``fallback_lr`` 0.03 gives the head 0.03, 0.09 and 0.3 to try."""
+    base = tmp_path_factory.mktemp("lr_auto_frozen")
+    run(compose_config(tiny_overrides(make_image_folder(base / "pre", classes=4), epochs=4) + ["optim.lr=3e-3"]),
+        run_dir=base / "pre")
+    overrides = tiny_overrides(make_image_folder(base / "images"), epochs=2) + AUTO + [
+        f"model.weights={base / 'pre' / 'checkpoints' / 'best.safetensors'}", "optim.lr_find.fallback_lr=0.03"]
+    run(compose_config(overrides), run_dir=base / "auto")
+    return base / "auto", overrides, json.loads((base / "auto" / "lr_find.json").read_text())
+
+
+def test_a_run_that_chose_the_frozen_backbone_trains_as_one_given_it_by_hand(frozen_run, tmp_path):
+    out, overrides, record = frozen_run
+    assert record["freeze"] == "head_only" and [record["lr"], "head_only"] in record["trials"]["candidates"]
+    by_hand = [o for o in overrides if not o.startswith("optim.lr")] + ["freeze=head_only",
+                                                                          f"optim.lr={record['lr']!r}"]
+    run(compose_config(by_hand), run_dir=tmp_path / "by_hand")
+    assert_same_result(out, tmp_path / "by_hand")
+    auto, hand = (torch.load(d / "checkpoints" / "last.ckpt", weights_only=True) for d in (out, tmp_path / "by_hand"))
+    assert auto["optimizer"]["param_groups"] == hand["optimizer"]["param_groups"]
+    assert auto["freeze"] == hand["freeze"] and auto["lr_find"]["freeze"] == "head_only"
+    log = (out / "train.log").read_text()
+    assert f"optim.lr=auto: chose {record['lr']:.4g} with freeze=head_only (" in log
+    assert "(freeze=head_only (chosen by optim.lr=auto))" in log  # the start of the run says what is frozen
+    assert json.loads((out / "summary.json").read_text())["lr_find"]["freeze"] == "head_only"
+    events = EventAccumulator(str(out / "tb"), size_guidance={"tensors": 0}).Reload()
+    choice = events.Tensors("lr_find/choice/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert choice.startswith(f"lr {record['lr']:.4g}, freeze=head_only: ")
+    session = HParamsPluginData.FromString(events.PluginTagToContent("hparams")["_hparams_/session_start_info"])
+    hparams = session.session_start_info.hparams  # TensorBoard's HPARAMS tab
+    assert (hparams["auto.lr"].number_value, hparams["auto.freeze"].string_value) == (record["lr"], "head_only")
+
+
+def test_a_resume_applies_the_chosen_freezing_without_searching(frozen_run, tmp_path, monkeypatch):
+    out, overrides, record = frozen_run
+    stopped = tmp_path / "stopped"
+    with_signals(monkeypatch, 5, signal.SIGTERM)
+    with pytest.raises(TrainingInterrupted):
+        run(compose_config(overrides), run_dir=stopped)
+    monkeypatch.undo()
+    searched = json.loads((stopped / "lr_find.json").read_text())
+    assert (searched["lr"], searched["freeze"]) == (record["lr"], "head_only")
+    import finetune.lr_find
+
+    monkeypatch.setattr(finetune.lr_find, "search", lambda *a, **k: pytest.fail("searched again on resume"))
+    monkeypatch.setattr(finetune.lr_find, "run_trials", lambda *a, **k: pytest.fail("ran trials again on resume"))
+    run(compose_config(overrides + ["resume=auto"]), run_dir=stopped)
+    assert json.loads((stopped / "lr_find.json").read_text()) == searched
     assert_same_result(stopped, out)
 
 
@@ -102,7 +172,7 @@ def test_it_composes_with_gradual_unfreezing_and_layer_decay(tmp_path, extra):
 
 
 @pytest.mark.slow
-def test_a_sweep_records_each_jobs_chosen_rate(tmp_path):
+def test_a_sweep_records_each_jobs_chosen_rate_and_freezing(tmp_path):
     root = make_image_folder(tmp_path / "images")
     sweep_dir = tmp_path / "sweep"
     result = run_cli(["-m", *tiny_overrides(root, epochs=1), *AUTO[:2], "seed=0,1",
@@ -116,7 +186,8 @@ def test_a_sweep_records_each_jobs_chosen_rate(tmp_path):
         record = json.loads((Path(row["run_dir"]) / "lr_find.json").read_text())
         summary = json.loads((Path(row["run_dir"]) / "summary.json").read_text())
         assert float(row["chosen_lr"]) == summary["lr_find"]["lr"] == record["lr"] > 0
-    assert "lr chosen" in result.stdout
+        assert row["chosen_freeze"] == summary["lr_find"]["freeze"] == record["freeze"] in ("none", "head_only")
+    assert "lr chosen" in result.stdout and "freeze chosen" in result.stdout
 
 
 @pytest.mark.slow

@@ -11,7 +11,8 @@ import pytest
 from conftest import compose_config
 from finetune.config import check_config, check_overrides_take_effect
 from finetune.errors import UserError
-from finetune.lr_find import LRFind, candidate_rates, first_rung_updates, holdout_split, successive_halving
+from finetune.lr_find import (LRFind, candidate_rates, first_rung_updates, frozen_candidate_rates, holdout_split,
+                              successive_halving)
 
 
 def curve(rates, losses, chosen=None):
@@ -53,6 +54,15 @@ def test_successive_halving_keeps_the_best_third_gives_it_three_times_the_update
     assert calls == [(r, 4) for r in rates] + [(1e-3, 12), (3e-3, 12)]
 
 
+def test_rates_and_freezings_halve_together_and_a_tie_goes_to_the_earlier_candidate():
+    candidates = [(1e-3, "none"), (3e-3, "none"), (1e-3, "head_only"), (1e-2, "head_only")]
+    losses = {(1e-3, "none"): 0.5, (3e-3, "none"): 0.4, (1e-3, "head_only"): 0.9, (1e-2, "head_only"): 0.4}
+    rungs = successive_halving(candidates, lambda c, n: losses[c], first_updates=2)
+    assert rungs[0]["kept"] == [[3e-3, "none"], [1e-2, "head_only"]]  # as the record keeps them: lists
+    assert rungs[-1]["kept"] == [[3e-3, "none"]] and [[1e-2, "head_only"], 0.4] in rungs[-1]["scores"]
+    assert frozen_candidate_rates(fallback=1e-3) == pytest.approx([1e-3, 3e-3, 1e-2])
+
+
 def test_the_held_out_slice_is_stratified_reproducible_and_leaves_every_class_an_image():
     samples = [(f"{c}/{i}.png", c) for c in range(3) for i in range((2, 5, 10)[c])]
     rest, held = holdout_split(samples, fraction=0.2, seed=7)
@@ -73,6 +83,8 @@ def test_the_first_rung_is_an_eighth_of_the_run_at_least_six_updates_unless_conf
     (["optim.lr_find.select=best"], "optim.lr_find.select must be one of trials, curve; got 'best'"),
     (["optim.lr_find.holdout=1.0"], "optim.lr_find.holdout must be between 0 and 1, got '1.0'"),
     (["optim.lr_find.trial_updates=0"], "optim.lr_find.trial_updates must be positive or null, got '0'"),
+    (["optim.lr_find.freeze_candidates=[until]"], "optim.lr_find.freeze_candidates: 'until' is not a freeze option "
+                                                  "the trials can try: use head_only, or [] for the rate alone"),
 ])
 def test_bad_trial_settings_are_refused_in_one_line(overrides, message):
     with pytest.raises(UserError) as err:

@@ -255,7 +255,7 @@ def test_optim_lr_auto_and_ema_work_with_multilabel(tmp_path):
                              "optim.lr_find.trial_updates=2", "trainer.ema=true"]), run_dir=out)
     record = json.loads((out / "lr_find.json").read_text())
     assert record["selected_by"] == "trials" and record["trials"]["holdout_images"] > 0
-    assert record["lr"] in record["trials"]["candidates"]
+    assert [record["lr"], record["freeze"]] in record["trials"]["candidates"]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["best"]["metric"] == "val/mAP"
     assert summary["lr_find"]["lr"] == record["lr"]

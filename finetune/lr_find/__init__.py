@@ -3,7 +3,8 @@
 Modules: ``curve`` (the updates at rising rates, the smoothed curve and the rule that picks a
 rate, documented there), ``snapshot`` (everything the test changes, put back after it),
 ``trials`` (the candidates the curve gives, and successive halving over short trial
-fine-tunes: the rate that trains best in the run's budget) and ``plot`` (the curve as an image).
+fine-tunes: the rate, and whether to freeze the backbone, that trains best in the run's budget)
+and ``plot`` (the curve as an image).
 `search` runs the range test on a built model, `run_trials` the trials.
 
 Under DDP every process searches on its own data shard, without synchronising gradients, and
@@ -23,7 +24,8 @@ from finetune.lr_find.curve import (RULES, LRFind, num_updates_for, per_update_b
                                     suggest, valley_pick)
 from finetune.lr_find.plot import draw_curve
 from finetune.lr_find.snapshot import Snapshot
-from finetune.lr_find.trials import candidate_rates, first_rung_updates, holdout_split, successive_halving
+from finetune.lr_find.trials import (candidate_rates, first_rung_updates, frozen_candidate_rates, holdout_split,
+                                     successive_halving)
 from finetune.trainer import TrainingDiverged, TrainState
 
 
@@ -72,36 +74,40 @@ def search(model: nn.Module, *, optimizer: torch.optim.Optimizer, trainer: Calla
     return suggest(rates, losses, rule=rule)
 
 
-def run_trials(model: nn.Module, *, rates: list[float], trainer: Callable[[float, int], Any], loader: Any,
+def run_trials(model: nn.Module, *, candidates: list[Any], trainer: Callable[[Any, int], Any], loader: Any,
                holdout: Any, first_updates: int, accumulate: int = 1) -> list[dict[str, Any]]:
-    """Successive halving over short fine-tunes of ``model`` at ``rates`` (`finetune.lr_find.trials`), each from
-    the same starting point, then everything they changed put back; returns the rungs (the last keeps the choice).
+    """Successive halving over short fine-tunes of ``model``, one per candidate (`finetune.lr_find.trials`), each
+    from the same starting point, then everything they changed put back; returns the rungs (the last keeps the
+    choice).
 
     Args:
-        trainer: ``trainer(rate, updates)`` builds the run's loop with a fresh optimizer at peak ``rate`` and
-            the run's schedule compressed to ``updates`` updates.
+        candidates: Peak rates, or ``(rate, freeze)`` pairs, safest first.
+        trainer: ``trainer(candidate, updates)`` builds the run's loop with a fresh optimizer at the candidate's
+            peak rate and the run's schedule compressed to ``updates`` updates (freezing the model as the
+            candidate says: the snapshot puts back ``requires_grad`` and BatchNorm's pinned eval mode).
         loader: The trials' training loader (the training pool less ``holdout``), cycled.
         holdout: The loader of the held-out slice of the training pool that judges each trial (its loss).
     """
     snapshot = Snapshot.take(model)
 
-    def score(rate: float, updates: int) -> float:
-        loop, batches, progress = trainer(rate, updates), _cycle(loader), TrainState()
-        model.train()
+    def score(candidate: Any, updates: int) -> float:
+        batches, progress = _cycle(loader), TrainState()
         try:
+            loop = trainer(candidate, updates)
+            model.train()
             for _ in range(updates * accumulate):
                 inputs, target = next(batches)
                 progress.batches_seen += 1
                 loop.train_step(inputs, target, progress, update=progress.batches_seen % accumulate == 0)
             return loop.evaluate(holdout).loss
-        except TrainingDiverged:  # this rate blew up: it loses
+        except TrainingDiverged:  # this candidate blew up: it loses
             return float("inf")
         finally:
             batches.close()
-            loop.optimizer.zero_grad(set_to_none=True)
+            model.zero_grad(set_to_none=True)
             snapshot.restore()
 
-    return successive_halving(rates, score, first_updates=first_updates)
+    return successive_halving(candidates, score, first_updates=first_updates)
 
 
 def _cycle(loader: Any) -> Iterator[Any]:
@@ -116,5 +122,5 @@ def from_record(record: dict[str, Any]) -> LRFind:
 
 
 __all__ = ["RULES", "LRFind", "Snapshot", "candidate_rates", "draw_curve", "first_rung_updates", "from_record",
-           "holdout_split", "num_updates_for", "per_update_beta", "range_test", "run_trials", "search",
-           "smooth_losses", "successive_halving", "suggest", "valley_pick"]
+           "frozen_candidate_rates", "holdout_split", "num_updates_for", "per_update_beta", "range_test", "run_trials",
+           "search", "smooth_losses", "successive_halving", "suggest", "valley_pick"]

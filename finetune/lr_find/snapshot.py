@@ -21,7 +21,8 @@ class Snapshot:
     - every parameter and buffer of the model (non-persistent buffers, BatchNorm's running
       statistics and ``num_batches_tracked`` included), copied back *into* the same tensors, so
       an optimizer built before still holds them; each parameter's ``requires_grad`` and
-      ``.grad`` (usually None); each module's train/eval flag;
+      ``.grad`` (usually None); each module's train/eval flag and whether it is pinned to eval
+      (`finetune.freezing.pin_eval`: a trial that froze the backbone pinned its BatchNorm layers);
     - the python, numpy, torch CPU and CUDA random states (`rng_state`);
     - the train loader's own ``generator`` (each pass draws its workers' base seed from it)
       and its sampler's attributes (`EpochSampler`: ``epoch`` and ``start``; a
@@ -46,6 +47,7 @@ class Snapshot:
     requires_grad: dict[str, bool]
     grads: dict[str, torch.Tensor | None]
     training: dict[str, bool]
+    pins: dict[str, Any]
     rng: dict[str, Any]
     loader: Any = None
     loader_state: dict[str, Any] = field(default_factory=dict)
@@ -60,7 +62,8 @@ class Snapshot:
             model=model, tensors=detached_copy(_named_tensors(model)),
             requires_grad={name: p.requires_grad for name, p in params.items()},
             grads={name: None if p.grad is None else detached_copy(p.grad) for name, p in params.items()},
-            training={name: m.training for name, m in model.named_modules()}, rng=rng_state(), loader=loader,
+            training={name: m.training for name, m in model.named_modules()}, pins=_pins(model), rng=rng_state(),
+            loader=loader,
             loader_state=_loader_state(loader), sampler_state=_object_state(getattr(loader, "sampler", None)),
             extras=[(extra, detached_copy(extra.state_dict())) for extra in extras])
 
@@ -86,7 +89,15 @@ class Snapshot:
             saved = self.grads[name]
             param.grad = None if saved is None else saved.to(param.device, copy=True)
         for name, training in self.training.items():
+            modules[name].__dict__.pop("train", None)
+            if name in self.pins:
+                modules[name].train = self.pins[name]
             modules[name].training = training  # the flag itself: a pinned module's train() would ignore it
+
+
+def _pins(model: nn.Module) -> dict[str, Any]:
+    """The modules pinned to eval mode (an instance ``train`` that shadows the class's), with their pins."""
+    return {name: m.__dict__["train"] for name, m in model.named_modules() if "train" in m.__dict__}
 
 
 def _named_tensors(model: nn.Module) -> dict[str, torch.Tensor]:

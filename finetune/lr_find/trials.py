@@ -12,6 +12,11 @@ candidates and lets short fine-tunes decide:
   within 1.5x of a lower one merge; rates at or beyond where the test diverged are dropped.
 - `holdout_split`: a class-stratified slice of the *training* pool (the validation set is never
   seen): the trials train on the rest and are judged on it.
+- `frozen_candidate_rates`: with ``optim.lr_find.freeze_candidates`` (default ``[head_only]``) a run
+  that freezes nothing also tries the backbone frozen, at 1x, 3x and 10x ``fallback_lr``: the range
+  test's curve describes the whole network, and a head alone trains well at higher rates than the
+  network (a linear probe takes about 10x a fine-tune's rate); on few-shot data the frozen backbone
+  beat every rate for the whole network in most cells (``docs/benchmarks.md``, issue 26).
 - `successive_halving` (Jamieson & Talwalkar 2016): every candidate trains ``first_updates``
   updates, each time from the same starting weights, under the run's own schedule shape
   compressed to the trial; the best third (lowest held-out loss) trains ``eta`` times longer; and
@@ -43,6 +48,7 @@ MERGE_RATIO = 1.5  # candidates closer than this (ratio) are one candidate: tria
 ETA = 3  # successive halving keeps the best 1/ETA of each rung, and gives it ETA times the updates
 ABOVE_VALLEY = (3.0, 10.0)  # multiples of the valley tried too: faster rates, still below the blow-up
 ABOVE_FALLBACK = (1.0, 3.0)  # multiples of optim.lr_find.fallback_lr (the usual fixed rate) tried too
+FROZEN_FALLBACK = (1.0, 3.0, 10.0)  # multiples of optim.lr_find.fallback_lr tried with the backbone frozen
 MIN_TRIAL_UPDATES = 6  # the first rung's updates per candidate, at least: fewer barely leave the warmup
 TRIAL_SHARE = 8  # by default the first rung gets 1/8 of the run's updates per candidate
 
@@ -63,6 +69,15 @@ def candidate_rates(find: LRFind, *, fallback: float) -> list[float]:
             rates.append(steepest)
     ceiling = _divergence_rate(find)
     return _merge(sorted(r for r in rates if r < ceiling))
+
+
+def frozen_candidate_rates(*, fallback: float) -> list[float]:
+    """The rates tried with the backbone frozen: the usual fixed rate, 3x and 10x it (a head alone takes more).
+
+    >>> [f"{r:.0e}" for r in frozen_candidate_rates(fallback=1e-3)]
+    ['1e-03', '3e-03', '1e-02']
+    """
+    return [fallback * m for m in FROZEN_FALLBACK]
 
 
 def _steepest(find: LRFind) -> float | None:
@@ -105,31 +120,38 @@ def first_rung_updates(run_updates: int, configured: int | None) -> int:
     return configured if configured is not None else max(MIN_TRIAL_UPDATES, math.ceil(run_updates / TRIAL_SHARE))
 
 
-def successive_halving(rates: Sequence[float], score: Callable[[float, int], float], *, first_updates: int,
+def successive_halving(candidates: Sequence[Any], score: Callable[[Any, int], float], *, first_updates: int,
                        eta: int = ETA) -> list[dict[str, Any]]:
-    """Score every rate, keep the best ``1/eta`` at ``eta`` times the updates, until one is left.
+    """Score every candidate, keep the best ``1/eta`` at ``eta`` times the updates, until one is left.
 
     Args:
-        rates: The candidates.
-        score: ``score(rate, updates)``: the held-out loss after a trial of ``updates`` updates from the
+        candidates: What the trials compare, safest first (rates, increasing; or ``(rate, freeze)`` pairs):
+            a tie goes to the earlier one.
+        score: ``score(candidate, updates)``: the held-out loss after a trial of ``updates`` updates from the
             starting weights (lower is better; ``inf`` for a trial that diverged).
         first_updates: Updates of the first rung.
 
     Returns:
-        One record per rung: ``updates``, ``scores`` (``[rate, loss]`` pairs) and ``kept`` (the rates
-        that go on; the last rung keeps one: the choice).
+        One record per rung: ``updates``, ``scores`` (``[candidate, loss]`` pairs; a pair candidate as a list)
+        and ``kept`` (the candidates that go on; the last rung keeps one: the choice).
     """
-    rungs, alive, updates = [], list(rates), first_updates
+    rungs, alive, updates = [], list(candidates), first_updates
+    order = {candidate: i for i, candidate in enumerate(candidates)}
     while True:
-        scores = [(rate, float(score(rate, updates))) for rate in alive]
+        scores = [(candidate, float(score(candidate, updates))) for candidate in alive]
         keep = 1 if len(alive) <= eta else math.ceil(len(alive) / eta)
-        ranked = sorted(scores, key=lambda pair: (pair[1], pair[0]))  # ties: the lower rate, the safer one
-        alive = [rate for rate, _ in ranked[:keep]]
-        rungs.append({"updates": updates, "scores": [[r, v if math.isfinite(v) else None] for r, v in scores],
-                      "kept": alive})
+        ranked = sorted(scores, key=lambda pair: (pair[1], order[pair[0]]))  # ties: the earlier, the safer one
+        alive = [candidate for candidate, _ in ranked[:keep]]
+        rungs.append({"updates": updates, "scores": [[_listed(c), v if math.isfinite(v) else None] for c, v in scores],
+                      "kept": [_listed(c) for c in alive]})
         if len(alive) == 1:
             return rungs
         updates *= eta
+
+
+def _listed(candidate: Any) -> Any:
+    """A candidate as the record keeps it: a pair as a list (as JSON and the training state give it back)."""
+    return list(candidate) if isinstance(candidate, tuple) else candidate
 
 
 def holdout_split(samples: Sequence[tuple[str, int]], *, fraction: float, seed: int) -> tuple[list, list]:
