@@ -142,24 +142,30 @@ def baseline_loaders(root: Path, args: argparse.Namespace, *, workers: int, pin_
     return train, val
 
 
-def images_per_second(loader: DataLoader, epoch: int) -> float:
-    """One pass over ``loader`` (its sampler set to ``epoch`` when it has epochs), in images/s."""
+def images_per_second(loader: DataLoader, epoch: int, first: list[float] | None = None) -> float:
+    """One pass over ``loader`` (its sampler set to ``epoch`` when it has epochs), in images/s; the seconds
+    to its first batch are appended to ``first`` when given."""
     sampler = getattr(loader, "sampler", None)
     if hasattr(sampler, "set_epoch"):
         sampler.set_epoch(epoch)
     images, started = 0, time.perf_counter()
     for _, target in loader:
+        if images == 0 and first is not None:
+            first.append(time.perf_counter() - started)
         images += target.shape[0]
     return images / (time.perf_counter() - started)
 
 
-def interleaved(arms: dict[str, DataLoader], rounds: int) -> dict[str, list[float]]:
-    """images/s of each arm per round, the arms alternating first and last; round 0 is a warm-up."""
+def interleaved(arms: dict[str, DataLoader], rounds: int,
+                first: dict[str, list[float]] | None = None) -> dict[str, list[float]]:
+    """images/s of each arm per round, the arms alternating first and last; round 0 is a warm-up.
+    ``first``: each arm's seconds to the first batch of each timed round, filled in when given."""
     speeds: dict[str, list[float]] = {name: [] for name in arms}
     for epoch in range(rounds + 1):
         order = list(arms) if epoch % 2 == 0 else list(reversed(arms))
         for name in order:
-            speed = images_per_second(arms[name], epoch)
+            latencies = first.setdefault(name, []) if first is not None and epoch > 0 else None
+            speed = images_per_second(arms[name], epoch, latencies)
             if epoch > 0:
                 speeds[name].append(speed)
     return speeds
@@ -227,20 +233,22 @@ def stream_main(args: argparse.Namespace, root: Path, pin_memory: bool) -> None:
     index = json.loads((shards / "index.json").read_text())
     folder = our_loaders(root, args, device=device, everything=False)[0].train
     local = shard_loader(root, args, urls_of(str(shards), index, "train"), device=device)
-    server = loopback_s3(shards)
+    server, remote = loopback_s3(shards), None
     try:
         remote = shard_loader(root, args, urls_of("s3://bench/shards", index, "train"), device=device)
         print(f"stream: {len(index['shards'])} shards in {shards}; batch {args.batch_size}, {folder.num_workers} "
               f"worker(s) for the folder, {local.num_workers} for shards; 1 warm-up + {args.epochs} epochs each")
-        speeds = interleaved({"folder": folder, "shards": local, "s3": remote}, args.epochs)
+        first: dict[str, list[float]] = {}
+        speeds = interleaved({"folder": folder, "shards": local, "s3": remote}, args.epochs, first)
     finally:
-        for loader in (folder, local):
-            stop_workers(loader)
+        for loader in (folder, local, remote):
+            if loader is not None:  # persistent workers, as in a run: stopped here, before the server
+                stop_workers(loader)
         server.terminate()
         server.wait()
     for name, values in speeds.items():
         print(f"train {name:<7} {statistics.median(values):7.1f} img/s median (epochs: "
-              f"{', '.join(f'{v:.1f}' for v in values)})")
+              f"{', '.join(f'{v:.1f}' for v in values)}); first batch after {statistics.median(first[name]):.2f} s")
     base = statistics.median(speeds["folder"])
     print(f"stream_local_vs_folder: {statistics.median(speeds['shards']) / base:.2f} (target >= 1.0)")
     print(f"stream_s3_vs_folder: {statistics.median(speeds['s3']) / base:.2f} (target >= 0.8)")
