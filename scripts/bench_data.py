@@ -22,7 +22,8 @@ median images/s are printed last:
 ``--stream`` (issue 23) compares finetune's own training loaders over the same training images (the
 folder split by ``data.val_split=0.2``, seed 0) with the same transforms: ``data=custom`` (the folder),
 ``data=webdataset`` from shards written by ``finetune.shard`` into ``--cache-dir``, and the same shards
-served by moto's S3 server on 127.0.0.1 (read through s3fs, as from S3).
+served by moto's S3 server on 127.0.0.1 (read through s3fs, as from S3). Beside images/s it prints each
+arm's median seconds to the first batch of an epoch and CPU seconds per epoch (`cpu_seconds`).
 
 ``--hf`` compares the training loader of ``data=custom`` with that of ``data=hf`` over a ``save_to_disk``
 DatasetDict of the same split (the folder's train images as ``train``, its val images as ``validation``;
@@ -34,6 +35,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import multiprocessing
+import os
 import statistics
 import tempfile
 import time
@@ -142,24 +145,47 @@ def baseline_loaders(root: Path, args: argparse.Namespace, *, workers: int, pin_
     return train, val
 
 
-def images_per_second(loader: DataLoader, epoch: int) -> float:
-    """One pass over ``loader`` (its sampler set to ``epoch`` when it has epochs), in images/s."""
+def images_per_second(loader: DataLoader, epoch: int, stats: dict[str, list[float]] | None = None) -> float:
+    """One pass over ``loader`` (its sampler set to ``epoch`` when it has epochs), in images/s. ``stats``:
+    the seconds to the first batch are appended to its ``"first"``, the CPU seconds of the pass to ``"cpu"``."""
     sampler = getattr(loader, "sampler", None)
     if hasattr(sampler, "set_epoch"):
         sampler.set_epoch(epoch)
-    images, started = 0, time.perf_counter()
+    images, started, cpu = 0, time.perf_counter(), cpu_seconds()
     for _, target in loader:
+        if images == 0 and stats is not None:
+            stats["first"].append(time.perf_counter() - started)
         images += target.shape[0]
+    if stats is not None:
+        stats["cpu"].append(cpu_seconds() - cpu)
     return images / (time.perf_counter() - started)
 
 
-def interleaved(arms: dict[str, DataLoader], rounds: int) -> dict[str, list[float]]:
-    """images/s of each arm per round, the arms alternating first and last; round 0 is a warm-up."""
+def cpu_seconds() -> float:
+    """CPU seconds used so far by this process and its live multiprocessing children (the loader workers),
+    which the load of other work on the machine does not change as it changes images/s. Linux (/proc);
+    elsewhere this process alone."""
+    user, system = os.times()[:2]
+    total = user + system
+    for child in multiprocessing.active_children():
+        try:
+            fields = Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+    return total
+
+
+def interleaved(arms: dict[str, DataLoader], rounds: int,
+                stats: dict[str, dict[str, list[float]]] | None = None) -> dict[str, list[float]]:
+    """images/s of each arm per round, the arms alternating first and last; round 0 is a warm-up.
+    ``stats``: each arm's `images_per_second` stats of the timed rounds, filled in when given."""
     speeds: dict[str, list[float]] = {name: [] for name in arms}
     for epoch in range(rounds + 1):
         order = list(arms) if epoch % 2 == 0 else list(reversed(arms))
         for name in order:
-            speed = images_per_second(arms[name], epoch)
+            arm = stats.setdefault(name, {"first": [], "cpu": []}) if stats is not None and epoch > 0 else None
+            speed = images_per_second(arms[name], epoch, arm)
             if epoch > 0:
                 speeds[name].append(speed)
     return speeds
@@ -227,20 +253,25 @@ def stream_main(args: argparse.Namespace, root: Path, pin_memory: bool) -> None:
     index = json.loads((shards / "index.json").read_text())
     folder = our_loaders(root, args, device=device, everything=False)[0].train
     local = shard_loader(root, args, urls_of(str(shards), index, "train"), device=device)
-    server = loopback_s3(shards)
+    server, remote = loopback_s3(shards), None
     try:
         remote = shard_loader(root, args, urls_of("s3://bench/shards", index, "train"), device=device)
         print(f"stream: {len(index['shards'])} shards in {shards}; batch {args.batch_size}, {folder.num_workers} "
               f"worker(s) for the folder, {local.num_workers} for shards; 1 warm-up + {args.epochs} epochs each")
-        speeds = interleaved({"folder": folder, "shards": local, "s3": remote}, args.epochs)
+        stats: dict[str, dict[str, list[float]]] = {}
+        speeds = interleaved({"folder": folder, "shards": local, "s3": remote}, args.epochs, stats)
     finally:
-        for loader in (folder, local):
-            stop_workers(loader)
+        for loader in (folder, local, remote):
+            if loader is not None:  # persistent workers, as in a run: stopped here, before the server
+                stop_workers(loader)
         server.terminate()
         server.wait()
     for name, values in speeds.items():
         print(f"train {name:<7} {statistics.median(values):7.1f} img/s median (epochs: "
-              f"{', '.join(f'{v:.1f}' for v in values)})")
+              f"{', '.join(f'{v:.1f}' for v in values)}); first batch after "
+              f"{statistics.median(stats[name]['first']):.2f} s; {statistics.median(stats[name]['cpu']):.2f} CPU s "
+              "per epoch")
+    print("(CPU s: this process and its loader workers, not the S3 server)")
     base = statistics.median(speeds["folder"])
     print(f"stream_local_vs_folder: {statistics.median(speeds['shards']) / base:.2f} (target >= 1.0)")
     print(f"stream_s3_vs_folder: {statistics.median(speeds['s3']) / base:.2f} (target >= 0.8)")

@@ -22,7 +22,9 @@ from conftest import free_port, make_image_folder, run_cli, s3_client
 from finetune import shard as shard_tool
 from finetune.data import ShardSplit, build_stream_loaders
 from finetune.data import shards as shards_lib
+from finetune.data.stream import ShardOrder
 from finetune.errors import UserError
+from finetune.signals import stop_workers
 from test_checkpoint import assert_same_result
 from test_cli import assert_clean_error
 
@@ -199,6 +201,43 @@ def test_ranks_split_the_shards_without_a_duplicate_and_take_equal_steps(data, w
     assert set(seen[0] + seen[1]) <= set(source_digests(images, "train"))
     evaluated = [items(r.val) for r in ranks]
     assert sorted(evaluated[0] + evaluated[1]) == source_digests(images, "val")  # exactly the val set, once
+
+
+def test_streams_differ_in_size_by_one_sample_at_most_and_cover_every_sample_once():
+    """7 shards of 5, 5, 5, 5, 5, 5 and 3 samples: dealt whole, 2 streams would hold 4 and 3 shards."""
+    counts = [5, 5, 5, 5, 5, 5, 3]
+    for world, workers in ((1, 2), (2, 2), (1, 3)):
+        for epoch_number in range(4):
+            order = ShardOrder(counts, seed=0, batch_size=4, buffer=8, workers=workers, world_size=world)
+            order.set_epoch(epoch_number)
+            sizes = order.stream_sizes()
+            assert max(sizes) - min(sizes) <= 1, (world, workers, epoch_number, sizes)
+            held = [(p.shard, i) for stream in order.stream_pieces() for p in stream for i in range(p.first, p.stop)]
+            assert sorted(held) == [(s, i) for s, n in enumerate(counts) for i in range(n)]
+
+
+def test_workers_serve_every_pass_and_a_pass_left_early_leaves_nothing_in_the_next(data, busy_cpus):
+    """Under CPU load: the same two worker processes serve an epoch left after one batch (they had fetched
+    more), then a resumed epoch, which equals that of a fresh loader; stopping them leaves no process."""
+    _, _, out = data
+    loader, fresh = loaders(out, workers=2).train, loaders(out, workers=2).train
+    try:
+        expected = epoch(fresh, 1, start_batches=2)
+        stop_workers(fresh)
+        loader.sampler.set_epoch(0)
+        next(iter(loader))
+        workers = sorted(p.pid for p in multiprocessing.active_children())
+        assert len(workers) == 2
+        rest = epoch(loader, 1, start_batches=2)
+        assert sorted(p.pid for p in multiprocessing.active_children()) == workers
+        assert len(rest) == len(expected) > 0
+        for (a, ya), (b, yb) in zip(rest, expected):
+            assert torch.equal(a, b) and torch.equal(ya, yb)
+    finally:
+        stop_workers(loader)
+    assert multiprocessing.active_children() == []  # the run's teardown stops them
+    assert items(epoch(loader, 1, start_batches=2)) == items(expected)  # and the next pass starts new ones
+    stop_workers(loader)
 
 
 # ------------------------------------------------------------------ bad shards
@@ -401,7 +440,6 @@ def test_bad_shard_settings_end_in_one_line(data, reference_run, tmp_path):
 def test_two_ddp_processes_train_on_disjoint_shards_in_equal_steps(data, tmp_path):
     """torchrun, 2 processes (gloo, CPU): each trains on its own streams for the same number of batches
     (the run would hang otherwise), and the evaluation covers the val shards exactly once (checked in the loop)."""
-    from finetune.data.stream import ShardOrder
     from test_distributed import ok, torchrun
 
     _, _, out = data

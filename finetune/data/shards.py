@@ -12,8 +12,9 @@ a shard that holds another number of samples than its index says stops the run.
 Shards are files from others: reading is bounded (members over `MAX_MEMBER_BYTES`, labels out of range,
 an index over `MAX_INDEX_BYTES` are refused in one line), and names in the index are plain base names.
 Paths and URLs go through fsspec, so ``s3://``, ``gs://``, ``file://`` and plain paths read alike.
-The tar stream is parsed with the standard ``tarfile`` in streaming mode rather than with webdataset's
-``tar_file_iterator``, which reads every member whole with no bound on its size.
+The tar file is parsed with the standard ``tarfile`` (random access where the file can seek, else in
+streaming mode) rather than with webdataset's ``tar_file_iterator``, which reads every member whole with
+no bound on its size.
 """
 
 from __future__ import annotations
@@ -186,7 +187,7 @@ def iter_shard(url: str, storage_options: dict[str, Any] | None = None, *, keep:
     """
     fs, path = open_fs(url, storage_options)
     try:
-        with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+        with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode=_read_mode(f)) as tar:
             yield from _group_members(tar, url, keep)
     except UserError:
         raise
@@ -198,6 +199,12 @@ def iter_shard(url: str, storage_options: dict[str, Any] | None = None, *, keep:
                         "damaged; write it again") from None
     except Exception as err:  # the storage's own errors (botocore, aiohttp, OSError)
         raise UserError(storage_error(url, err)) from None
+
+
+def _read_mode(f: Any) -> str:
+    """tarfile's mode for ``f``: random access where it can seek (a member is read in one call, an unwanted
+    one is seeked past; streaming mode copies every member through a 10 KiB buffer, 3x slower), else a stream."""
+    return "r:*" if f.seekable() else "r|*"
 
 
 def _group_members(tar: tarfile.TarFile, url: str, keep: Any) -> Iterator[RawSample | None]:

@@ -5,16 +5,26 @@ The order of an epoch is a pure function of ``(seed, epoch)``, the shard counts 
 ``data.shuffle_buffer``; it is computed from the counts alone, before a byte of a shard is read:
 
 1. the shards are permuted (seeded with ``seed`` and the epoch, the same on every process);
-2. they are dealt to *streams*, one per (process, loader worker): stream ``j`` takes shards
-   ``j, j + S, j + 2S, ...`` of the permutation (``S`` streams in all), so no sample is in two streams;
-3. each stream reads its shards in that order, and a seeded sample buffer of ``shuffle_buffer``
+2. they are cut into *streams*, one per (process, loader worker): the permuted shards, as one sequence
+   of samples, are cut into ``S`` contiguous ranges (``S`` streams in all) whose sizes differ by at most
+   one sample (`cut_sequence`), so no sample is in two streams and no stream ends long before the others
+   (a loader whose other workers have finished runs on one core; under DDP, the surplus of a process
+   with more samples would be left out). A shard on the cut between two streams is read by both: the
+   second reads past the first's samples without keeping them;
+3. each stream reads its pieces of shards in that order, and a seeded sample buffer of ``shuffle_buffer``
    samples shuffles them (WebDataset's ``shuffle(n)`` algorithm, on positions); each position also
    gets a seed for its augmentation (`finetune.data.dataset.seeded_rng`), as `EpochSampler` gives folders;
 4. a stream's samples are cut into batches (a last batch of one image is left out, as for folders:
    BatchNorm cannot train on it); a process's loader yields its workers' batches in turn (what torch's
    loader does), and every process stops after the same number of batches: the fewest any process has.
-   The remainder (the surplus batches of processes with more samples) is left out of that epoch; it
-   is logged. With one process, every sample is seen exactly once per epoch (less a last single one).
+   The remainder (under DDP, at most a last batch per stream: stream sizes differ by one sample at
+   most) is left out of that epoch; it is logged. With one process, every sample is seen exactly once
+   per epoch (less a last single image per stream).
+
+The loader workers persist between passes, as for folders (no start-up per epoch): each pass's epoch
+and start reach them through shared memory, and each batch carries its pass, stream and batch number,
+checked against the plan, so that nothing a worker fetched for an earlier pass (left unfinished by a
+stop, or by a learning-rate trial) is trained on in the next.
 
 Because the order is known, a run resumed mid-epoch skips the batches already trained on exactly:
 each worker knows which of its positions are still to come, does not open shards that hold none of
@@ -31,17 +41,19 @@ The order depends on the number of loader workers (each is a stream): resume a r
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import io
 import logging
 import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from finetune._torch_compat import keep_iterator, shutdown_loader_workers
+from finetune._torch_compat import keep_iterator, kept_iterator, shutdown_loader_workers
 from finetune.data.dataset import load_transformed, seeded_rng
 from finetune.data.sampling import MAX_SAMPLE_SEED, SEED_STRIDE, EvalBatches
 from finetune.data.shards import RawSample, Shard, image_and_label, iter_shard
@@ -87,11 +99,43 @@ def round_robin(counts: list[int]) -> list[tuple[int, int]]:
     return [(s, k) for k in range(max(counts, default=0)) for s in range(len(counts)) if k < counts[s]]
 
 
+class Piece(NamedTuple):
+    """Samples ``first`` to ``stop - 1`` of shard ``shard`` (its index in the shard list)."""
+
+    shard: int
+    first: int
+    stop: int
+
+
+def cut_sequence(sizes: list[int], parts: int) -> list[list[Piece]]:
+    """Items of ``sizes``, in order, as one sequence of samples cut into ``parts`` contiguous ranges whose
+    lengths differ by at most one; each range as the pieces of items it spans.
+
+    >>> cut_sequence([5, 5, 3], 2)
+    [[Piece(shard=0, first=0, stop=5), Piece(shard=1, first=0, stop=1)], [Piece(shard=1, first=1, stop=5), \
+Piece(shard=2, first=0, stop=3)]]
+    """
+    total = sum(sizes)
+    cuts = [total * j // parts for j in range(parts + 1)]
+    ranges: list[list[Piece]] = [[] for _ in range(parts)]
+    base, part = 0, 0
+    for item, size in enumerate(sizes):
+        first = 0
+        while first < size:
+            while cuts[part + 1] <= base + first:
+                part += 1
+            stop = min(size, cuts[part + 1] - base)
+            ranges[part].append(Piece(item, first, stop))
+            first = stop
+        base += size
+    return ranges
+
+
 @dataclass
 class StreamPlan:
-    """One stream of one epoch: its shards in read order, and the output order of its positions."""
+    """One stream of one epoch: its pieces of shards in read order, and the output order of its positions."""
 
-    shards: list[int]
+    pieces: list[Piece]
     order: list[int]
     seeds: list[int]
 
@@ -137,19 +181,20 @@ class ShardOrder:
             value = value * STREAM_STRIDE + part
         return random.Random(value)
 
-    def shard_streams(self) -> list[list[int]]:
-        """Each stream's shards (stream ``rank * workers + w``) in read order, this epoch."""
+    def stream_pieces(self) -> list[list[Piece]]:
+        """Each stream's pieces of shards (stream ``rank * workers + w``) in read order, this epoch: the
+        permuted shards as one sequence of samples, cut into streams of equal size (within one sample)."""
         shards = list(range(len(self.counts)))
         if self.shuffle:
             self._rng().shuffle(shards)
-        total = self.world_size * self.workers
-        return [shards[j::total] for j in range(total)]
+        pieces = cut_sequence([self.counts[s] for s in shards], self.world_size * self.workers)
+        return [[Piece(shards[p.shard], p.first, p.stop) for p in stream] for stream in pieces]
 
     def batch_counts(self) -> list[list[int]]:
         """Batches of each worker's stream, per process."""
-        streams = self.shard_streams()
-        return [[stream_batches(sum(self.counts[s] for s in streams[r * self.workers + w]), self.batch_size)
-                 for w in range(self.workers)] for r in range(self.world_size)]
+        sizes = self.stream_sizes()
+        return [[stream_batches(sizes[r * self.workers + w], self.batch_size) for w in range(self.workers)]
+                for r in range(self.world_size)]
 
     def steps(self) -> int:
         """Batches every process trains on this epoch: the fewest any process has."""
@@ -164,7 +209,7 @@ class ShardOrder:
         return self.num_samples
 
     def stream_sizes(self) -> list[int]:
-        return [sum(self.counts[s] for s in shards) for shards in self.shard_streams()]
+        return [sum(p.stop - p.first for p in pieces) for pieces in self.stream_pieces()]
 
     def left_out(self) -> int:
         """Samples of an epoch no process trains on (uneven streams, last single images)."""
@@ -180,12 +225,12 @@ class ShardOrder:
         return sequence[self.start // self.global_batch:]
 
     def plan(self, worker: int) -> StreamPlan:
-        """The order of one of this process's streams (its shards read in order, its positions shuffled)."""
-        shards = self.shard_streams()[self.rank * self.workers + worker]
-        n = sum(self.counts[s] for s in shards)
+        """The order of one of this process's streams (its pieces read in order, its positions shuffled)."""
+        pieces = self.stream_pieces()[self.rank * self.workers + worker]
+        n = sum(p.stop - p.first for p in pieces)
         rng = self._rng(self.rank * self.workers + worker + 1)
         order = buffer_order(n, self.buffer, rng) if self.shuffle else list(range(n))
-        return StreamPlan(shards, order, [rng.getrandbits(62) % MAX_SAMPLE_SEED for _ in range(n)])
+        return StreamPlan(pieces, order, [rng.getrandbits(62) % MAX_SAMPLE_SEED for _ in range(n)])
 
     def __len__(self) -> int:
         return len(self.remaining())
@@ -200,21 +245,39 @@ class WorkerJob:
     plan: StreamPlan
 
 
-def worker_jobs(order: ShardOrder) -> list[WorkerJob]:
+def worker_jobs(order: ShardOrder, *, worker: int | None = None) -> list[WorkerJob]:
     """The remaining batches dealt to loader workers so that torch's turn-taking yields them in order:
-    the streams in the order of their next batch (worker 0 first); streams with nothing left get no worker."""
-    jobs: dict[int, WorkerJob] = {}
-    for stream, k in order.remaining():
-        if stream not in jobs:
-            jobs[stream] = WorkerJob(stream, [], order.plan(stream))
-        jobs[stream].batches.append(k)
-    return list(jobs.values())
+    the streams in the order of their next batch (worker 0 first); streams with nothing left get no worker.
+    ``worker``: that worker's job alone (none when it gets no stream), planned without the others'."""
+    remaining = order.remaining()
+    streams = list(dict.fromkeys(stream for stream, _ in remaining))
+    chosen = streams if worker is None else streams[worker:worker + 1]
+    return [WorkerJob(stream, [k for s, k in remaining if s == stream], order.plan(stream)) for stream in chosen]
+
+
+class PassState:
+    """What a pass tells the loader workers: its number, epoch and start, in shared memory.
+
+    The workers persist between passes, each with the copy of the data set it started with; torch
+    calls ``iter(dataset)`` in each of them as a pass starts, which reads this (written before).
+    """
+
+    def __init__(self) -> None:
+        self.values = torch.zeros(3, dtype=torch.int64).share_memory_()
+
+    def write(self, number: int, epoch: int = 0, start: int = 0) -> None:
+        self.values.copy_(torch.tensor([number, epoch, start]))
+
+    def read(self) -> tuple[int, int, int]:
+        number, epoch, start = self.values.tolist()
+        return number, epoch, start
 
 
 # ------------------------------------------------------------------ reading
 class ShardReader:
-    """Samples at given positions of a sequence of shards, in a given order, holding only those not yet
-    yielded (raw bytes). Shards holding none of the positions are not opened.
+    """Samples at given positions of a sequence of pieces of shards, in a given order, holding only those not
+    yet yielded (raw bytes). Pieces holding none of the positions are not opened; a piece that starts inside
+    its shard reads past the samples before it without keeping them.
 
     ``rows``: reads one shard's samples, ``rows(shard, keep)`` -> for each, None where ``keep(i)`` is false,
     else ``(image bytes, label, name)``; None: the shards are WebDataset tar files (`tar_rows`).
@@ -225,39 +288,50 @@ class ShardReader:
         self.shards, self.storage_options, self.num_classes = shards, storage_options, num_classes
         self.rows = rows
 
-    def read(self, shard_ids: list[int], emit: list[int]) -> Iterator[tuple[int, bytes, int, str]]:
+    def whole(self) -> list[Piece]:
+        """Every shard from its first sample to its last, in order."""
+        return [Piece(i, 0, shard.samples) for i, shard in enumerate(self.shards)]
+
+    def read(self, pieces: list[Piece], emit: list[int]) -> Iterator[tuple[int, bytes, int, str]]:
         """``(position, image bytes, label, name)`` for each position of ``emit``, in that order."""
         wanted, held, next_out, base = set(emit), {}, 0, 0
-        for shard_id in shard_ids:
-            shard = self.shards[shard_id]
-            if any(base + i in wanted for i in range(shard.samples)):
-                for position, sample in self._samples(shard, base, wanted):
+        for piece in pieces:
+            if any(base + i in wanted for i in range(piece.stop - piece.first)):
+                for position, sample in self._samples(piece, base, wanted):
                     held[position] = sample
                     while next_out < len(emit) and emit[next_out] in held:
                         yield (emit[next_out], *held.pop(emit[next_out]))
                         next_out += 1
-            base += shard.samples
+            base += piece.stop - piece.first
         if next_out != len(emit):
             raise UserError(f"the shards ended before position {emit[next_out]}: a shard holds fewer samples than "
                             "its index says; write the shards again")
 
-    def _samples(self, shard: Shard, base: int, wanted: set[int]) -> Iterator[tuple[int, tuple[bytes, int, str]]]:
-        count, rows = 0, self.rows or self.tar_rows
-        for count, sample in enumerate(rows(shard, lambda i: base + i in wanted), start=1):
-            if count > shard.samples:
-                break
-            if sample is not None:
-                yield base + count - 1, sample
+    def _samples(self, piece: Piece, base: int, wanted: set[int]) -> Iterator[tuple[int, tuple[bytes, int, str]]]:
+        """The wanted samples of ``piece`` by position (``base``: the position of its first sample). The
+        stream reading a shard's last piece checks its count; the others stop at the end of their piece."""
+        shard, first, stop, count = self.shards[piece.shard], piece.first, piece.stop, 0
+        rows = (self.rows or self.tar_rows)(shard, lambda i: first <= i < stop and base + i - first in wanted)
+        with contextlib.closing(rows):
+            for count, sample in enumerate(rows, start=1):
+                if count > shard.samples:
+                    break
+                if sample is not None:
+                    yield base + count - 1 - first, sample
+                if count == stop < shard.samples:
+                    return
         if count != shard.samples:
             raise UserError(f"shard '{shard.url}' holds {'more' if count > shard.samples else count} samples, its "
                             f"index says {shard.samples}: write the shards and the index again")
 
     def tar_rows(self, shard: Shard, keep: Callable[[int], bool]) -> Iterator[tuple[bytes, int, str] | None]:
-        for sample in iter_shard(shard.url, self.storage_options, keep=keep):
-            if sample is None:
-                yield None
-            else:
-                yield (*image_and_label(sample, url=shard.url, num_classes=self.num_classes), _name(shard, sample))
+        with contextlib.closing(iter_shard(shard.url, self.storage_options, keep=keep)) as samples:
+            for sample in samples:
+                if sample is None:
+                    yield None
+                else:
+                    yield (*image_and_label(sample, url=shard.url, num_classes=self.num_classes),
+                           _name(shard, sample))
 
 
 def _name(shard: Shard, sample: RawSample) -> str:
@@ -290,53 +364,58 @@ def collate(items: list[tuple[Any, int]]) -> tuple[torch.Tensor, torch.Tensor]:
 
 # ------------------------------------------------------------------ data sets
 class TrainStream(IterableDataset):
-    """The training batches of this process, for the current epoch and start (set before each pass:
-    workers are started for each pass, so they see them)."""
+    """The training batches of this process, for the pass in `current` (its epoch and start). Each batch
+    is tagged ``(pass, stream, batch)``."""
 
     def __init__(self, reader: ShardReader, order: ShardOrder, transform: Callable, channels: int):
         self.reader, self.order, self.transform, self.channels = reader, order, transform, channels
-        self.jobs: list[WorkerJob] = []
+        self.current = PassState()
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, tuple[int, int]]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, tuple[int, int, int]]]:
+        number, epoch, start = self.current.read()
+        order = copy.copy(self.order)
+        order.epoch, order.start = epoch, start
         info = get_worker_info()
-        worker = info.id if info is not None else None
-        jobs = self.jobs if worker is None else self.jobs[worker:worker + 1]
-        for job in jobs:
-            yield from self._job(job)
+        jobs = worker_jobs(order, worker=None if info is None else info.id)
+        return (batch for job in jobs for batch in self._job(job, number))
 
-    def _job(self, job: WorkerJob) -> Iterator[tuple[torch.Tensor, torch.Tensor, tuple[int, int]]]:
+    def _job(self, job: WorkerJob, number: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, tuple[int, int, int]]]:
         bs, plan = self.order.batch_size, job.plan
         emit = [p for k in job.batches for p in plan.order[k * bs:(k + 1) * bs]]
         seeds = {p: plan.seeds[i] for k in job.batches for i, p in enumerate(plan.order[k * bs:(k + 1) * bs], k * bs)}
         batch, k_index = [], 0
-        for position, image, label, name in self.reader.read(plan.shards, emit):
+        for position, image, label, name in self.reader.read(plan.pieces, emit):
             batch.append((decode(image, name, self.transform, self.channels, seeds[position]), label))
             if len(batch) == min(bs, len(plan.order) - job.batches[k_index] * bs):
-                yield (*collate(batch), (job.stream, job.batches[k_index]))
+                yield (*collate(batch), (number, job.stream, job.batches[k_index]))
                 batch, k_index = [], k_index + 1
 
 
 class EvalStream(IterableDataset):
     """This process's evaluation batches (`EvalBatches` of the val shards read in order); each worker
-    takes every ``num_workers``-th of them."""
+    takes every ``num_workers``-th of them. Each batch is tagged ``(pass, 0, batch)``."""
 
     def __init__(self, reader: ShardReader, batches: EvalBatches, transform: Callable, channels: int):
         self.reader, self.batches, self.transform, self.channels = reader, batches, transform, channels
+        self.current = PassState()
 
     def __len__(self) -> int:
         return self.batches.num_samples
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, tuple[int, int]]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, tuple[int, int, int]]]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        return self._batches(self.current.read()[0], worker, workers)
+
+    def _batches(self, number: int, worker: int, workers: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, tuple]]:
         mine = list(self.batches)[worker::workers]
         ids = self.batches.batch_ids[worker::workers]
         emit = [p for batch in mine for p in batch]
         sizes, batch, n = [len(b) for b in mine], [], 0
-        for _, image, label, name in self.reader.read(list(range(len(self.reader.shards))), emit):
+        for _, image, label, name in self.reader.read(self.reader.whole(), emit):
             batch.append((decode(image, name, self.transform, self.channels, None), label))
             if len(batch) == sizes[n]:
-                yield (*collate(batch), (0, ids[n]))
+                yield (*collate(batch), (number, 0, ids[n]))
                 batch, n = [], n + 1
 
 
@@ -346,9 +425,12 @@ class StreamLoader:
     the run's teardown use (``sampler``, ``batch_size``, ``num_workers``, ``worker_init_fn``, ...).
 
     The workers send 8-bit images; batches are normalised here (`normalize_batch`), as
-    `finetune.data.loaders.NormalizingLoader` does for folders. Each pass starts its workers afresh, with
-    the epoch and start of that pass. Each batch carries which stream and batch it is, checked against
-    the planned order: a loader that yields in another order stops the run instead of training on it.
+    `finetune.data.loaders.NormalizingLoader` does for folders. The workers persist between passes, as
+    for folders: each pass's number, epoch and start reach them through shared memory (`PassState`);
+    what they had fetched for a pass left unfinished (a stop, a learning-rate trial) torch discards as
+    the next pass starts. Each batch carries which pass, stream and batch it is, checked against the
+    plan: a loader that yields anything else stops the run instead of training on it. A pass that fails
+    stops the workers; the run's teardown stops them too.
     """
 
     def __init__(self, dataset: TrainStream | EvalStream, *, batch_size: int, num_workers: int, normalize: Any,
@@ -356,10 +438,14 @@ class StreamLoader:
         self.dataset, self.batch_size, self.normalize = dataset, batch_size, normalize
         self.sampler = dataset.order if isinstance(dataset, TrainStream) else None
         self.batch_sampler = dataset.batches if isinstance(dataset, EvalStream) else None
+        if self.sampler is not None and num_workers and num_workers != self.sampler.workers:
+            raise ValueError(f"{self.sampler.workers} streams for {num_workers} workers")
         self.generator = generator
         self.loader = DataLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
-                                 generator=generator, multiprocessing_context=context if num_workers else None)
-        keep_iterator(self, None)  # no workers are kept between passes
+                                 generator=generator, multiprocessing_context=context if num_workers else None,
+                                 persistent_workers=num_workers > 0)
+        self.pass_number = 0
+        keep_iterator(self, None)  # the workers of the last pass, once there is one
 
     num_workers = property(lambda self: self.loader.num_workers)
 
@@ -380,26 +466,34 @@ class StreamLoader:
         return self.sampler.remaining()
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        if isinstance(self.dataset, TrainStream):
-            self.dataset.jobs = worker_jobs(self.sampler)
-            workers = max(self.loader.num_workers, 1)
-            if len(self.dataset.jobs) > workers:
-                raise RuntimeError(f"{len(self.dataset.jobs)} streams for {workers} workers")
         expected = self.expected()
-        if isinstance(self.dataset, TrainStream):
+        self.pass_number += 1
+        if self.sampler is not None:
+            self.dataset.current.write(self.pass_number, self.sampler.epoch, self.sampler.start)
             self.sampler.start = 0  # the skip applies once, as for EpochSampler
+        else:
+            self.dataset.current.write(self.pass_number)
+        if kept_iterator(self) is None:  # first pass, or the workers were stopped: none of theirs is reused
+            shutdown_loader_workers(self.loader)
         iterator = iter(self.loader)
         keep_iterator(self, iterator)  # held here so that the run's teardown can stop its workers
-        try:
-            yield from self._checked(iterator, expected)
-        finally:  # an error, the end, or the surplus left: no worker outlives the pass
-            shutdown_loader_workers(self)
+        return self._pass(iterator, [(self.pass_number, *tag) for tag in expected])
 
-    def _checked(self, batches: Iterator, expected: list[tuple[int, int]]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _pass(self, batches: Iterator,
+              expected: list[tuple[int, int, int]]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        try:
+            yield from self._checked(batches, expected)
+        except Exception:  # no worker outlives a failed pass (the error may keep this loader alive)
+            shutdown_loader_workers(self)
+            raise
+
+    def _checked(self, batches: Iterator,
+                 expected: list[tuple[int, int, int]]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         n = 0
         for inputs, target, tag in batches:
             if n >= len(expected) or tuple(tag) != expected[n]:
-                raise RuntimeError(f"shard loader yielded batch {tuple(tag)} where {expected[n:n + 1]} was planned")
+                raise RuntimeError(f"shard loader yielded (pass, stream, batch) {tuple(tag)} where {expected[n:n + 1]} "
+                                   "was planned")
             n += 1
             yield self.normalize(inputs), target
             if n == len(expected):
