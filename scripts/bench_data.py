@@ -199,10 +199,9 @@ def report(split: str, speeds: dict[str, list[float]]) -> float:
 
 
 # ------------------------------------------------------------------ streaming (--stream)
-def shard_loader(root: Path, args: argparse.Namespace, urls: str, *, device: torch.device):
-    """``data=webdataset``'s train loader over ``urls``, composed and built as a run builds it."""
-    overrides = [f"model={args.model}", "model.pretrained=false", "data=webdataset",
-                 f"data.train_urls='{urls}'", f"data.val_urls='{urls}'", f"data.batch_size={args.batch_size}"]
+def run_loader(args: argparse.Namespace, data: list[str], *, device: torch.device) -> tuple:
+    """``(train loader, split)`` of the data ``data`` (overrides) selects, composed and built as a run builds it."""
+    overrides = [f"model={args.model}", "model.pretrained=false", *data, f"data.batch_size={args.batch_size}"]
     overrides += [f"data.num_workers={args.workers}"] if args.workers is not None else []
     overrides += [f"data.img_size={args.img_size}"] if args.img_size is not None else []
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
@@ -210,8 +209,15 @@ def shard_loader(root: Path, args: argparse.Namespace, urls: str, *, device: tor
     with tempfile.TemporaryDirectory() as run_dir:
         split = builders.build_split(cfg.data, run_dir=Path(run_dir), write=False)
     _, spec = builders.build_classifier(cfg.model, head=cfg.head, num_classes=split.num_classes)
-    return builders.build_loaders(cfg.data, split, builders.build_data_config(cfg.data, spec), seed=cfg.seed,
-                                  device=device).train
+    loaders = builders.build_loaders(cfg.data, split, builders.build_data_config(cfg.data, spec), seed=cfg.seed,
+                                     device=device)
+    return loaders.train, split
+
+
+def shard_loader(root: Path, args: argparse.Namespace, urls: str, *, device: torch.device):
+    """``data=webdataset``'s train loader over ``urls``, composed and built as a run builds it."""
+    data = ["data=webdataset", f"data.train_urls='{urls}'", f"data.val_urls='{urls}'"]
+    return run_loader(args, data, device=device)[0]
 
 
 def loopback_s3(folder: Path):
@@ -300,17 +306,7 @@ def hf_main(args: argparse.Namespace, root: Path, pin_memory: bool) -> None:
     device = torch.device("cuda" if pin_memory else "cpu")
     path = ensure_hf_dataset(root, args)
     folder = our_loaders(root, args, device=device, everything=False)[0].train
-    overrides = [f"model={args.model}", "model.pretrained=false", "data=hf", f"data.path={path}",
-                 f"data.batch_size={args.batch_size}"]
-    overrides += [f"data.num_workers={args.workers}"] if args.workers is not None else []
-    overrides += [f"data.img_size={args.img_size}"] if args.img_size is not None else []
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose(config_name="config", overrides=overrides)
-    with tempfile.TemporaryDirectory() as run_dir:
-        split = builders.build_split(cfg.data, run_dir=Path(run_dir), write=False)
-    _, spec = builders.build_classifier(cfg.model, head=cfg.head, num_classes=split.num_classes)
-    hf = builders.build_loaders(cfg.data, split, builders.build_data_config(cfg.data, spec), seed=cfg.seed,
-                                device=device).train
+    hf, split = run_loader(args, ["data=hf", f"data.path={path}"], device=device)
     print(f"hf: {len(split.train)} train images in {path}; batch {args.batch_size}, {folder.num_workers} "
           f"worker(s) each; 1 warm-up + {args.epochs} epochs each")
     try:
