@@ -415,19 +415,23 @@ def choose_by_trials(cfg: DictConfig, model: nn.Module, spec: BackboneSpec, find
     trial = build_loaders(cfg.data, replace(split, train=rest, val=held), data_config, seed=cfg.seed,
                           device=rt.device)
     first = lr_find.first_rung_updates(run_updates, o.trial_updates)
+    final = lr_find.final_rung_updates(run_updates, o.final_share)
+    usual = lr_find.nearest(candidates[:len(rates)], o.fallback_lr, rate_of=lambda c: c[0] if freezes else c)
     started = time.perf_counter()
     try:
         rungs = lr_find.run_trials(model, candidates=candidates, trainer=trial_trainer(cfg, model, spec, trial, rt=rt),
-                                   loader=trial.train, holdout=trial.val, first_updates=first,
-                                   accumulate=cfg.trainer.accumulate)
+                                   loader=trial.train, holdout=trial.val, first_updates=first, final_updates=final,
+                                   usual=usual, accumulate=cfg.trainer.accumulate)
     finally:
         for loader in (trial.train, trial.val):
             stop_workers(loader)
     won, total = rungs[-1]["kept"][0], sum(r["updates"] * len(r["scores"]) for r in rungs)
     tried = ", ".join(f"{r:.2g}" for r in rates) + "".join(
         f"; freeze={name} at {', '.join(f'{r:.2g}' for r in frozen_rates)}" for name in freezes)
-    choice = (f"won short trial fine-tunes of {len(candidates)} candidates ({tried}; {total} updates, "
-              f"{time.perf_counter() - started:.0f} s) judged by the loss on {len(held)} held-out training images")
+    how = (f"won trial fine-tunes of {len(candidates)} candidates ({tried}), the finalists as long as the run"
+           if rungs[-1].get("final") else f"won short trial fine-tunes of {len(candidates)} candidates ({tried}")
+    choice = (f"{how}; {total} updates, {time.perf_counter() - started:.0f} s) judged by the loss on {len(held)} "
+              "held-out training images")
     trials = {"candidates": [list(c) if freezes else c for c in candidates], "holdout_images": len(held),
               "train_images": len(rest), "updates": total, "seconds": round(time.perf_counter() - started, 2),
               "rungs": rungs}

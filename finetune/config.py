@@ -162,6 +162,7 @@ class LRFindConfig:
     trial_updates: Optional[int] = None  # trials: updates per candidate in the first rung; null: 1/8 of the run's, >= 6
     freeze_candidates: list[str] = field(  # trials, freeze=none: also these, at 1x/3x/10x fallback_lr; [] = rates only
         default_factory=lambda: ["head_only"])
+    final_share: float = 1.0  # trials: the finalists train this share of the run's updates; 0 = no final rung
 
 
 @dataclass
@@ -430,6 +431,9 @@ def _check_lr(o: DictConfig) -> None:
             raise UserError(f"optim.lr_find.select must be one of {', '.join(LR_SELECT)}; got '{o.lr_find.select}'")
         if not 0.0 < o.lr_find.holdout < 1.0:
             raise UserError(f"optim.lr_find.holdout must be between 0 and 1, got '{o.lr_find.holdout}'")
+        if not 0.0 <= o.lr_find.final_share <= 1.0:
+            raise UserError(f"optim.lr_find.final_share must be between 0 and 1 (0: no final rung), got "
+                            f"'{o.lr_find.final_share}'")
         if o.lr_find.trial_updates is not None and not o.lr_find.trial_updates > 0:
             raise UserError(f"optim.lr_find.trial_updates must be positive or null, got '{o.lr_find.trial_updates}'")
         if not o.lr_find.start_lr < o.lr_find.end_lr:
@@ -727,7 +731,8 @@ NO_EFFECT = (
              "only Adam-style optimizers (and LAMB) take it: add optim=adamw"),
     NoEffect("optim.lr", lambda v: v != "auto", ("optim.lr_find",), "the range test runs with optim.lr=auto"),
     NoEffect("optim.lr_find.select", lambda v: v == "curve", ("optim.lr_find.holdout", "optim.lr_find.trial_updates",
-                                                               "optim.lr_find.freeze_candidates"),
+                                                               "optim.lr_find.freeze_candidates",
+                                                               "optim.lr_find.final_share"),
              "only optim.lr_find.select=trials runs trials"),
     NoEffect("sched.name", lambda v: v not in ("step", "multistep"), ("sched.decay_epochs", "sched.decay_rate"),
              "only step schedules decay by epochs: add sched=step"),

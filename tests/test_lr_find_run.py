@@ -53,10 +53,16 @@ def test_the_search_shows_its_work(auto_run):
     trials = record["trials"]  # the candidates from the curve (and the usual rate), and who won each rung
     assert [record["chosen"], "none"] in trials["candidates"] and [1e-3, "none"] in trials["candidates"]
     assert [[1e-3, "head_only"], [3e-3, "head_only"], [1e-2, "head_only"]] == trials["candidates"][-3:]
-    assert [len(r["scores"]) for r in trials["rungs"]] == [len(trials["candidates"]), 3]
-    assert [r["updates"] for r in trials["rungs"]] == [2, 6]
-    assert trials["rungs"][-1]["kept"] == [[record["lr"], record["freeze"]]] and record["freeze"] == "none"
-    assert trials["updates"] == 2 * len(trials["candidates"]) + 18 and trials["holdout_images"] == 3  # 1 of 6 per class
+    rungs, whole = trials["rungs"], len(trials["candidates"]) - 3
+    assert [(r.get("family"), r["updates"], len(r["scores"])) for r in rungs[:-1]] == [  # each family halves alone
+        ("none", 2, whole), *([("none", 6, 2)] if whole > 3 else []), ("head_only", 2, 3)]
+    final, run_updates = rungs[-1], torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["train_state"]["global_step"]
+    assert final["final"] is True and final["updates"] == run_updates  # the finalists train as long as the run
+    finalists = [c for c, _ in final["scores"]]
+    assert [1e-3, "none"] in finalists and rungs[0]["kept"][0] in finalists and rungs[-2]["kept"][0] in finalists
+    assert final["kept"] == [[record["lr"], record["freeze"]]] and record["freeze"] == "none"
+    assert trials["updates"] == sum(r["updates"] * len(r["scores"]) for r in rungs)
+    assert trials["holdout_images"] == 3  # 1 of 6 per class
     state = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
     assert state["lr_find"]["lr"] == chosen["lr"]  # a resume takes it from here
     events = EventAccumulator(str(out / "tb"), size_guidance={"images": 0}).Reload()
@@ -76,6 +82,36 @@ def test_without_freeze_candidates_the_trials_compare_the_same_rates_as_before(a
     assert [score for score in both["rungs"][0]["scores"] if score[0][1] == "none"] == [
         [[rate, "none"], loss] for rate, loss in record["trials"]["rungs"][0]["scores"]]
     assert record["trials"]["rungs"][-1]["kept"] == [record["lr"]]
+
+
+def test_a_trial_as_long_as_the_run_trains_as_the_run_does(auto_run, tmp_path, monkeypatch):
+    """The final rung compares what runs deliver: a trial of the run's length, on the whole training pool and judged
+    on the validation set, ends at the run's own final val/loss. Each pass over the data is a new epoch (order and
+    augmentation): a trial that repeated its first pass trained on fixed crops and ended far above the run."""
+    _, overrides, _ = auto_run
+    overrides = [o for o in overrides if not o.startswith("optim.lr")] + ["data.hflip=0.5"]  # augmentation that varies
+    given = tmp_path / "given"
+    run(compose_config(overrides + ["optim.lr=0.001"]), run_dir=given)
+    final_loss = json.loads((given / "metrics.jsonl").read_text().splitlines()[-1])["val/loss"]
+
+    import finetune.lr_find
+    from finetune import builders
+
+    seen, choose = {}, builders.choose_by_trials
+
+    def keep_split(*args, split, **kwargs):
+        seen["val"] = list(split.val)
+        return choose(*args, split=split, **kwargs)
+
+    def one_trial(candidates, score, *, final_updates, usual, **_):
+        seen["loss"] = score((0.001, "none"), final_updates)
+        return [{"updates": final_updates, "scores": [[[0.001, "none"], seen["loss"]]], "kept": [[0.001, "none"]]}]
+
+    monkeypatch.setattr(builders, "choose_by_trials", keep_split)
+    monkeypatch.setattr(finetune.lr_find, "holdout_split", lambda samples, **_: (list(samples), seen["val"]))
+    monkeypatch.setattr(finetune.lr_find, "select", one_trial)
+    run(compose_config(overrides + AUTO), run_dir=tmp_path / "auto")
+    assert seen["loss"] == pytest.approx(final_loss, rel=1e-5)
 
 
 def test_a_resume_takes_the_chosen_rate_and_never_searches_again(auto_run, tmp_path, monkeypatch, caplog):

@@ -11,8 +11,8 @@ import pytest
 from conftest import compose_config
 from finetune.config import check_config, check_overrides_take_effect
 from finetune.errors import UserError
-from finetune.lr_find import (LRFind, candidate_rates, first_rung_updates, frozen_candidate_rates, holdout_split,
-                              successive_halving)
+from finetune.lr_find import (LRFind, candidate_rates, final_rung_updates, first_rung_updates, frozen_candidate_rates,
+                              holdout_split, nearest, select, successive_halving)
 
 
 def curve(rates, losses, chosen=None):
@@ -63,6 +63,43 @@ def test_rates_and_freezings_halve_together_and_a_tie_goes_to_the_earlier_candid
     assert frozen_candidate_rates(fallback=1e-3) == pytest.approx([1e-3, 3e-3, 1e-2])
 
 
+def test_each_freeze_option_halves_on_its_own_then_the_winners_and_the_usual_rate_train_as_long_as_the_run():
+    """Short trials lead with the fast rates; the final rung, as long as the run, judges what the run delivers."""
+    calls = []
+    early = {(1e-3, "none"): 0.9, (3e-3, "none"): 0.5, (1e-2, "none"): 0.6, (1e-3, "head_only"): 1.2,
+             (3e-3, "head_only"): 1.0}
+    late = {(3e-3, "none"): 0.7, (1e-3, "none"): 0.4, (3e-3, "head_only"): 0.5}
+
+    def score(candidate, updates):
+        calls.append((candidate, updates))
+        return late[candidate] if updates == 100 else early[candidate]
+
+    candidates = [*early]
+    rungs = select(candidates, score, first_updates=4, final_updates=100, family=lambda c: c[1], usual=(1e-3, "none"))
+    assert [(r.get("family"), r["updates"], len(r["scores"])) for r in rungs] == [
+        ("none", 4, 3), ("head_only", 4, 2), (None, 100, 3)]
+    assert rungs[0]["kept"] == [[3e-3, "none"]]  # 3 candidates or fewer: the best one goes on
+    final = rungs[-1]
+    assert final["final"] is True and [s[0] for s in final["scores"]] == [[1e-3, "none"], [3e-3, "none"],
+                                                                           [3e-3, "head_only"]]
+    assert final["kept"] == [[1e-3, "none"]]  # the usual rate, last in its family's short trials, won at full length
+    assert calls[-3:] == [((1e-3, "none"), 100), ((3e-3, "none"), 100), ((3e-3, "head_only"), 100)]
+    assert select(candidates, score, first_updates=4, final_updates=None) == successive_halving(
+        candidates, score, first_updates=4)  # final_share=0: the selection as it was
+
+
+def test_the_final_rung_is_a_share_of_the_run_and_the_usual_rate_the_nearest_candidate():
+    assert final_rung_updates(120, 1.0) == 120 and final_rung_updates(120, 0.1) == 12
+    assert final_rung_updates(3, 0.01) == 1 and final_rung_updates(120, 0.0) is None
+    assert nearest([2e-4, 8e-4, 3e-3], 1e-3) == 8e-4 and nearest([2e-4, 3e-3], 1e-3) == 3e-3
+    assert nearest([(1e-4, "none"), (1.2e-3, "none")], 1e-3, rate_of=lambda c: c[0]) == (1.2e-3, "none")
+
+
+def test_a_single_family_whose_winner_is_the_usual_rate_needs_no_final_rung():
+    rungs = select([1e-4, 1e-3, 1e-2], lambda rate, n: abs(rate - 1e-3), first_updates=2, final_updates=50, usual=1e-3)
+    assert [r["updates"] for r in rungs] == [2] and rungs[-1]["kept"] == [1e-3] and "final" not in rungs[-1]
+
+
 def test_the_held_out_slice_is_stratified_reproducible_and_leaves_every_class_an_image():
     samples = [(f"{c}/{i}.png", c) for c in range(3) for i in range((2, 5, 10)[c])]
     rest, held = holdout_split(samples, fraction=0.2, seed=7)
@@ -83,6 +120,8 @@ def test_the_first_rung_is_an_eighth_of_the_run_at_least_six_updates_unless_conf
     (["optim.lr_find.select=best"], "optim.lr_find.select must be one of trials, curve; got 'best'"),
     (["optim.lr_find.holdout=1.0"], "optim.lr_find.holdout must be between 0 and 1, got '1.0'"),
     (["optim.lr_find.trial_updates=0"], "optim.lr_find.trial_updates must be positive or null, got '0'"),
+    (["optim.lr_find.final_share=1.5"], "optim.lr_find.final_share must be between 0 and 1 (0: no final rung), "
+                                        "got '1.5'"),
     (["optim.lr_find.freeze_candidates=[until]"], "optim.lr_find.freeze_candidates: 'until' is not a freeze option "
                                                   "the trials can try: use head_only, or [] for the rate alone"),
 ])
@@ -98,3 +137,6 @@ def test_trial_settings_without_trials_are_refused():
                                         "curve: only optim.lr_find.select=trials runs trials"):
         check_overrides_take_effect(compose_config(overrides), overrides)
     check_overrides_take_effect(compose_config(overrides[:1] + overrides[2:]), overrides[:1] + overrides[2:])
+    final = ["optim.lr=auto", "optim.lr_find.select=curve", "optim.lr_find.final_share=0"]
+    with pytest.raises(UserError, match="optim.lr_find.final_share is set but has no effect"):
+        check_overrides_take_effect(compose_config(final), final)

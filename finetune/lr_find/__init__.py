@@ -13,6 +13,7 @@ all train at rank 0's choice (``builders.choose_lr`` broadcasts it).
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -24,8 +25,8 @@ from finetune.lr_find.curve import (RULES, LRFind, num_updates_for, per_update_b
                                     suggest, valley_pick)
 from finetune.lr_find.plot import draw_curve
 from finetune.lr_find.snapshot import Snapshot
-from finetune.lr_find.trials import (candidate_rates, first_rung_updates, frozen_candidate_rates, holdout_split,
-                                     successive_halving)
+from finetune.lr_find.trials import (candidate_rates, final_rung_updates, first_rung_updates, frozen_candidate_rates,
+                                     holdout_split, nearest, select, successive_halving)
 from finetune.trainer import TrainingDiverged, TrainState
 
 
@@ -75,10 +76,11 @@ def search(model: nn.Module, *, optimizer: torch.optim.Optimizer, trainer: Calla
 
 
 def run_trials(model: nn.Module, *, candidates: list[Any], trainer: Callable[[Any, int], Any], loader: Any,
-               holdout: Any, first_updates: int, accumulate: int = 1) -> list[dict[str, Any]]:
-    """Successive halving over short fine-tunes of ``model``, one per candidate (`finetune.lr_find.trials`), each
-    from the same starting point, then everything they changed put back; returns the rungs (the last keeps the
-    choice).
+               holdout: Any, first_updates: int, final_updates: int | None = None, usual: Any = None,
+               accumulate: int = 1) -> list[dict[str, Any]]:
+    """Trial fine-tunes of ``model``, one per candidate and rung, each from the same starting point, then everything
+    they changed put back (`finetune.lr_find.trials.select`: successive halving within each freeze option, then a
+    final rung of ``final_updates`` between the winners and ``usual``); returns the rungs (the last keeps the choice).
 
     Args:
         candidates: Peak rates, or ``(rate, freeze)`` pairs, safest first.
@@ -87,6 +89,8 @@ def run_trials(model: nn.Module, *, candidates: list[Any], trainer: Callable[[An
             candidate says: the snapshot puts back ``requires_grad`` and BatchNorm's pinned eval mode).
         loader: The trials' training loader (the training pool less ``holdout``), cycled.
         holdout: The loader of the held-out slice of the training pool that judges each trial (its loss).
+        final_updates: The final rung's updates; None: one successive halving over all candidates, no final rung.
+        usual: The usual recipe, always a finalist.
     """
     snapshot = Snapshot.take(model)
 
@@ -107,11 +111,20 @@ def run_trials(model: nn.Module, *, candidates: list[Any], trainer: Callable[[An
             model.zero_grad(set_to_none=True)
             snapshot.restore()
 
-    return successive_halving(candidates, score, first_updates=first_updates)
+    family = (lambda c: c[1]) if candidates and isinstance(candidates[0], tuple) else (lambda c: None)
+    return select(candidates, score, first_updates=first_updates, final_updates=final_updates, family=family,
+                  usual=usual)
 
 
 def _cycle(loader: Any) -> Iterator[Any]:
-    while True:
+    """``loader``'s batches, pass after pass, each pass a new epoch of its sampler (as `Trainer.train_epoch` sets
+    it): a new order and new augmentations. Without it every pass repeats the first one's augmented images, and a
+    trial longer than an epoch trains on a fixed set of crops: the whole network overfits them (on the few-shot
+    benchmark its held-out loss after a run-long trial was 1.44 where the run itself reached 0.92)."""
+    sampler = getattr(loader, "sampler", None)
+    for epoch in itertools.count():
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
         yield from loader
 
 
@@ -121,6 +134,7 @@ def from_record(record: dict[str, Any]) -> LRFind:
     return LRFind(**{k: record[k] for k in fields if k in record})
 
 
-__all__ = ["RULES", "LRFind", "Snapshot", "candidate_rates", "draw_curve", "first_rung_updates", "from_record",
-           "frozen_candidate_rates", "holdout_split", "num_updates_for", "per_update_beta", "range_test", "run_trials",
-           "search", "smooth_losses", "successive_halving", "suggest", "valley_pick"]
+__all__ = ["RULES", "LRFind", "Snapshot", "candidate_rates", "draw_curve", "final_rung_updates", "first_rung_updates",
+           "from_record", "frozen_candidate_rates", "holdout_split", "nearest", "num_updates_for", "per_update_beta",
+           "range_test", "run_trials", "search", "select", "smooth_losses", "successive_halving", "suggest",
+           "valley_pick"]

@@ -22,6 +22,16 @@ candidates and lets short fine-tunes decide:
   compressed to the trial; the best third (lowest held-out loss) trains ``eta`` times longer; and
   so on until one is left. Cost: ``n * first_updates`` for the first rung, about as much again for
   the later ones.
+- `select` (the default, ``optim.lr_find.final_share=1``): successive halving *within* each family
+  (the rates for the whole network; the rates with the backbone frozen), then a final rung at the
+  run's own length between each family's winner and the usual recipe (``fallback_lr`` for the
+  whole network). Why: short trials judge the start of a run, not its end. Measured on the
+  few-shot grid (``docs/benchmarks.md``, issue 26), they favoured fast rates for the whole
+  network, which lead early and lose by the last epoch, and passed over the frozen backbone, which
+  learns slowly at first and wins at the end. Only a trial as long as the run compares what the
+  run will deliver. Keeping the usual recipe among the finalists means ``auto`` leaves it only
+  when a full-length trial beats it on held-out images. Cost: each finalist trains as many
+  updates as the run (on 80% of its images), so the search costs about 3 to 4 runs in all.
 
 Held-out *loss* judges (not accuracy): on a slice of a few images per class accuracy moves in
 steps of 1/n and ties, the loss does not.
@@ -31,6 +41,13 @@ Pure functions here; the trials themselves run in `finetune.lr_find.run_trials`.
 >>> rungs = successive_halving([1e-4, 3e-4, 1e-3, 1e-2], lambda rate, n: abs(rate - 1e-3) / n, first_updates=2)
 >>> [r["updates"] for r in rungs], rungs[0]["kept"], rungs[-1]["kept"]
 ([2, 6], [0.001, 0.0003], [0.001])
+>>> pairs = [(1e-3, "none"), (1e-2, "none"), (1e-3, "head_only"), (1e-2, "head_only")]
+>>> loss = {(1e-3, "none"): (0.9, 0.5), (1e-2, "none"): (0.7, 0.8), (1e-3, "head_only"): (1.0, 0.6),
+...         (1e-2, "head_only"): (0.8, 0.7)}  # (after 2 updates, after 20): the fast rates lead early
+>>> rungs = select(pairs, lambda c, n: loss[c][n == 20], first_updates=2, final_updates=20, family=lambda c: c[1],
+...                usual=(1e-3, "none"))
+>>> [(r.get("family"), r["updates"], r["kept"]) for r in rungs]
+[('none', 2, [[0.01, 'none']]), ('head_only', 2, [[0.01, 'head_only']]), (None, 20, [[0.001, 'none']])]
 """
 
 from __future__ import annotations
@@ -147,6 +164,71 @@ def successive_halving(candidates: Sequence[Any], score: Callable[[Any, int], fl
         if len(alive) == 1:
             return rungs
         updates *= eta
+
+
+def select(candidates: Sequence[Any], score: Callable[[Any, int], float], *, first_updates: int,
+           final_updates: int | None, family: Callable[[Any], Any] = lambda candidate: None, usual: Any = None,
+           eta: int = ETA) -> list[dict[str, Any]]:
+    """Successive halving within each family of candidates, then a final rung of ``final_updates`` updates between
+    each family's winner and ``usual``: the lowest held-out loss there wins. ``final_updates=None``: one successive
+    halving over all candidates, without a final rung (the selection before the final rung existed).
+
+    Args:
+        candidates: As for `successive_halving`, safest first.
+        family: The family of a candidate (``(rate, freeze)`` pairs: the freeze option); each family halves on its own,
+            so short trials never rank a frozen backbone against the whole network (they judge the start of a run).
+        usual: The usual recipe (the candidate nearest ``fallback_lr`` for the whole network): always a finalist.
+
+    Returns:
+        The rungs as `successive_halving` records them, each family's with ``family``, then the final one with
+        ``final: true`` (absent when a single finalist is left); the last rung keeps the choice.
+    """
+    if final_updates is None:
+        return successive_halving(candidates, score, first_updates=first_updates, eta=eta)
+    rungs, finalists = [], []
+    families = list(dict.fromkeys(family(c) for c in candidates))
+    for name in families:
+        members = [c for c in candidates if family(c) == name]
+        if len(members) == 1:
+            finalists += members
+            continue
+        halved = successive_halving(members, score, first_updates=first_updates, eta=eta)
+        rungs += [{"family": name, **rung} if name is not None else rung for rung in halved]
+        finalists.append(_candidate(halved[-1]["kept"][0]))
+    if usual in candidates and usual not in finalists:
+        finalists.append(usual)
+    order = {candidate: i for i, candidate in enumerate(candidates)}
+    finalists.sort(key=order.__getitem__)
+    if len(finalists) == 1:
+        return rungs
+    scores = [(candidate, float(score(candidate, final_updates))) for candidate in finalists]
+    won = min(scores, key=lambda pair: (pair[1], order[pair[0]]))[0]  # a tie: the earlier, the safer one
+    return rungs + [{"updates": final_updates, "final": True,
+                     "scores": [[_listed(c), v if math.isfinite(v) else None] for c, v in scores],
+                     "kept": [_listed(won)]}]
+
+
+def final_rung_updates(run_updates: int, share: float) -> int | None:
+    """Updates of the final rung: ``share`` of the run's (at least 1); None for ``share`` 0 (no final rung).
+
+    >>> final_rung_updates(400, 1.0), final_rung_updates(400, 0.25), final_rung_updates(400, 0.0)
+    (400, 100, None)
+    """
+    return max(1, math.ceil(share * run_updates)) if share > 0 else None
+
+
+def nearest(candidates: Sequence[Any], rate: float, *, rate_of: Callable[[Any], float] = float) -> Any:
+    """The candidate whose rate is nearest ``rate`` (by ratio): the usual recipe among merged rates.
+
+    >>> nearest([2e-4, 8e-4, 3e-3], 1e-3)
+    0.0008
+    """
+    return min(candidates, key=lambda c: abs(math.log(rate_of(c) / rate)))
+
+
+def _candidate(kept: Any) -> Any:
+    """A candidate back from its record (a pair was listed)."""
+    return tuple(kept) if isinstance(kept, list) else kept
 
 
 def _listed(candidate: Any) -> Any:
