@@ -14,11 +14,14 @@ reported). Configurations: the defaults (lr 1e-3, nothing frozen), ``freeze=head
 ``optim.lr`` x3 (3e-3), ``optim.lr=auto`` (trials over the rates and the backbone frozen: the default) and
 ``optim.lr=auto optim.lr_find.select=curve`` (the range test's rule alone, as before issue 26); and, asked for
 by ``--configs``, ``auto (rates only)`` (``optim.lr_find.freeze_candidates=[]``: the trials before they chose
-the freezing) and the ``data.augment`` presets (``augment=none`` ... ``augment=heavy``, each with its own crop
-scale, not the demo's 0.35-1).
+the freezing), the ``data.augment`` presets (``augment=none`` ... ``augment=heavy``, each with its own crop
+scale, not the demo's 0.35-1), and three fixed recipes measured as alternatives to choosing: ``lp-ft``
+(``freeze=gradual``: the head alone for 2 epochs, then everything), ``backbone x0.1`` (the backbone at a tenth
+of the head's rate) and ``head x10`` (the head at 1e-2, the backbone at 1e-3).
 
 Each run goes through ``finetune.run.run`` in this process; each result is appended to ``--out``
-(JSON lines) as soon as it exists, so an interrupted grid keeps what it did, and ``--table`` prints
+(JSON lines) as soon as it exists, so an interrupted grid keeps what it did (run the same command again to
+continue it: what ``--out`` holds is not run again), and ``--table`` prints
 the table of any such file: per cell the mean best ``val/acc1`` over seeds, ``auto``'s margin
 against the best of {defaults, head_only, lr x3} (target >= -0.02) and against the defaults (target
 >= -0.02), and the rate (and freezing) ``auto`` chose; then the ``val/loss`` at the best epoch.
@@ -47,6 +50,9 @@ CONFIGS = {
     "auto": ["optim.lr=auto"],
     "auto (curve)": ["optim.lr=auto", "optim.lr_find.select=curve"],
     "auto (rates only)": ["optim.lr=auto", "optim.lr_find.freeze_candidates=[]"],
+    "lp-ft": ["freeze=gradual"],
+    "backbone x0.1": ["optim.backbone_lr_mult=0.1"],
+    "head x10": ["optim.head_lr=1e-2"],
     # the augmentation presets at the defaults' rate (issue 26, item 2): --configs augment=none augment=light ...
     **{f"augment={name}": [f"data.augment={name}", "data.crop_scale=null"] for name in ("none", "light", "medium", "heavy")},
 }
@@ -153,11 +159,17 @@ def main() -> None:
         print_table([json.loads(line) for line in args.table.read_text().splitlines() if line.strip()])
         return
     rows = []
+    done = set()  # an interrupted grid continues: the results already in --out are not run again
+    if args.out and args.out.exists():
+        done = {(r["set"], r["per_class"], r["seed"], r["config"])
+                for r in map(json.loads, filter(str.strip, args.out.read_text().splitlines()))}
     with tempfile.TemporaryDirectory(prefix="bench_fewshot_") as tmp:
         for data in args.sets:
             for per_class in args.per_class:
                 for seed in args.seeds:
                     for name in args.configs:
+                        if (data, per_class, seed, name) in done:
+                            continue
                         result = one_run(CONFIGS[name], data=data, per_class=per_class, seed=seed, args=args,
                                          out=Path(tmp))
                         rows.append({"set": data, "per_class": per_class, "seed": seed, "config": name, **result})
