@@ -421,7 +421,7 @@ def choose_by_trials(cfg: DictConfig, model: nn.Module, spec: BackboneSpec, find
     try:
         rungs = lr_find.run_trials(model, candidates=candidates, trainer=trial_trainer(cfg, model, spec, trial, rt=rt),
                                    loader=trial.train, holdout=trial.val, first_updates=first, final_updates=final,
-                                   usual=usual, accumulate=cfg.trainer.accumulate)
+                                   usual=usual, monitor=cfg.checkpoint.monitor, accumulate=cfg.trainer.accumulate)
     finally:
         for loader in (trial.train, trial.val):
             stop_workers(loader)

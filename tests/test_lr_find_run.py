@@ -62,6 +62,9 @@ def test_the_search_shows_its_work(auto_run):
     winners = [[r for r in rungs if r.get("family") == name][-1]["kept"][0] for name in ("none", "head_only")]
     assert [1e-3, "none"] in finalists and all(w in finalists for w in winners)  # the usual rate, each family's best
     assert final["kept"] == [[record["lr"], record["freeze"]]] and record["freeze"] == "none"
+    assert [c for c, _ in final["values"]] == finalists  # judged by val/acc1 (checkpoint.monitor), lower-is-better
+    best = min(v for _, v in final["values"])
+    assert [[record["lr"], "none"], best] in final["values"] and -1.0 <= best <= 0.0
     assert trials["updates"] == sum(r["updates"] * len(r["scores"]) for r in rungs)
     assert trials["holdout_images"] == 3  # 1 of 6 per class
     state = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)

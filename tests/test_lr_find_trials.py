@@ -88,6 +88,21 @@ def test_each_freeze_option_halves_on_its_own_then_the_winners_and_the_usual_rat
         candidates, score, first_updates=4)  # final_share=0: the selection as it was
 
 
+def test_the_final_rung_goes_by_the_runs_monitored_metric_then_by_the_loss():
+    """As long as the run, the trials are judged as the run picks its best epoch (val/acc1 by default): a lower loss
+    with fewer images right loses; the loss breaks a tie; a diverged finalist never wins."""
+    pairs = [(1e-3, "none"), (1e-2, "none"), (1e-3, "head_only"), (3e-3, "head_only")]
+    final = {(1e-3, "none"): (0.90, -0.55), (1e-3, "head_only"): (0.95, -0.60), (3e-3, "head_only"): (0.80, -0.60),
+             (1e-2, "none"): (float("inf"), float("inf"))}
+    rungs = select(pairs, lambda c, n: {(1e-2, "none"): 0.1, (3e-3, "head_only"): 0.2}.get(c, 1.0), first_updates=2,
+                   final_updates=30, family=lambda c: c[1], usual=(1e-3, "none"), judge=lambda c, n: final[c])
+    last = rungs[-1]
+    assert [c for c, _ in last["scores"]] == [[1e-3, "none"], [1e-2, "none"], [3e-3, "head_only"]]
+    assert last["kept"] == [[3e-3, "head_only"]]  # 0.60 right, and the lower loss of the two at 0.60
+    assert last["values"] == [[[1e-3, "none"], -0.55], [[1e-2, "none"], float("inf")], [[3e-3, "head_only"], -0.60]]
+    assert [[1e-2, "none"], None] in last["scores"]
+
+
 def test_the_final_rung_is_a_share_of_the_run_and_the_usual_rate_the_nearest_candidate():
     assert final_rung_updates(120, 1.0) == 120 and final_rung_updates(120, 0.1) == 12
     assert final_rung_updates(3, 0.01) == 1 and final_rung_updates(120, 0.0) is None

@@ -27,6 +27,7 @@ from finetune.lr_find.plot import draw_curve
 from finetune.lr_find.snapshot import Snapshot
 from finetune.lr_find.trials import (candidate_rates, final_rung_updates, first_rung_updates, frozen_candidate_rates,
                                      holdout_split, nearest, select, successive_halving)
+from finetune.metrics import infer_mode
 from finetune.trainer import TrainingDiverged, TrainState
 
 
@@ -77,7 +78,7 @@ def search(model: nn.Module, *, optimizer: torch.optim.Optimizer, trainer: Calla
 
 def run_trials(model: nn.Module, *, candidates: list[Any], trainer: Callable[[Any, int], Any], loader: Any,
                holdout: Any, first_updates: int, final_updates: int | None = None, usual: Any = None,
-               accumulate: int = 1) -> list[dict[str, Any]]:
+               monitor: str | None = None, accumulate: int = 1) -> list[dict[str, Any]]:
     """Trial fine-tunes of ``model``, one per candidate and rung, each from the same starting point, then everything
     they changed put back (`finetune.lr_find.trials.select`: successive halving within each freeze option, then a
     final rung of ``final_updates`` between the winners and ``usual``); returns the rungs (the last keeps the choice).
@@ -91,10 +92,14 @@ def run_trials(model: nn.Module, *, candidates: list[Any], trainer: Callable[[An
         holdout: The loader of the held-out slice of the training pool that judges each trial (its loss).
         final_updates: The final rung's updates; None: one successive halving over all candidates, no final rung.
         usual: The usual recipe, always a finalist.
+        monitor: The metric the run picks its best epoch by (``checkpoint.monitor``, e.g. ``val/acc1``): it judges the
+            final rung, whose trials are as long as the run (the loss breaks ties; the short rungs go by the loss
+            alone, as accuracy on a few held-out images moves in steps). None: the loss judges every rung.
     """
     snapshot = Snapshot.take(model)
 
-    def score(candidate: Any, updates: int) -> float:
+    def trial(candidate: Any, updates: int) -> Any:
+        """The held-out `EvalResult` after ``updates`` updates; None for a trial that blew up."""
         batches, progress = _cycle(loader), TrainState()
         try:
             loop = trainer(candidate, updates)
@@ -103,17 +108,30 @@ def run_trials(model: nn.Module, *, candidates: list[Any], trainer: Callable[[An
                 inputs, target = next(batches)
                 progress.batches_seen += 1
                 loop.train_step(inputs, target, progress, update=progress.batches_seen % accumulate == 0)
-            return loop.evaluate(holdout).loss
+            return loop.evaluate(holdout)
         except TrainingDiverged:  # this candidate blew up: it loses
-            return float("inf")
+            return None
         finally:
             batches.close()
             model.zero_grad(set_to_none=True)
             snapshot.restore()
 
+    def score(candidate: Any, updates: int) -> float:
+        result = trial(candidate, updates)
+        return result.loss if result is not None else float("inf")
+
+    def judge(candidate: Any, updates: int) -> tuple[float, float | None]:
+        result = trial(candidate, updates)
+        if result is None:
+            return float("inf"), float("inf")
+        value = result.scalars("val").get(monitor)
+        if value is None:  # a metric of the run only (e.g. val/mAP of another task): the loss judges
+            return result.loss, None
+        return result.loss, -value if infer_mode(monitor) == "max" else value
+
     family = (lambda c: c[1]) if candidates and isinstance(candidates[0], tuple) else (lambda c: None)
     return select(candidates, score, first_updates=first_updates, final_updates=final_updates, family=family,
-                  usual=usual)
+                  usual=usual, judge=judge if monitor else None)
 
 
 def _cycle(loader: Any) -> Iterator[Any]:

@@ -25,7 +25,8 @@ candidates and lets short fine-tunes decide:
 - `select` (the default, ``optim.lr_find.final_share=1``): successive halving *within* each family
   (the rates for the whole network; the rates with the backbone frozen), then a final rung at the
   run's own length between each family's winner and the usual recipe (``fallback_lr`` for the
-  whole network). Why: short trials judge the start of a run, not its end. Measured on the
+  whole network), judged by the run's monitored metric (``checkpoint.monitor``, then the loss).
+  Why: short trials judge the start of a run, not its end. Measured on the
   few-shot grid (``docs/benchmarks.md``, issue 26), they favoured fast rates for the whole
   network, which lead early and lose by the last epoch, and passed over the frozen backbone, which
   learns slowly at first and wins at the end. Only a trial as long as the run compares what the
@@ -33,8 +34,10 @@ candidates and lets short fine-tunes decide:
   when a full-length trial beats it on held-out images. Cost: each finalist trains as many
   updates as the run (on 80% of its images), so the search costs about 3 to 4 runs in all.
 
-Held-out *loss* judges (not accuracy): on a slice of a few images per class accuracy moves in
-steps of 1/n and ties, the loss does not.
+Held-out *loss* judges the short rungs (not accuracy): on a slice of a few images per class accuracy
+moves in steps of 1/n and ties, the loss does not. The final rung goes by the metric the run itself
+picks its best epoch by, the loss breaking ties: loss and accuracy disagree when one model is better
+calibrated but less often right.
 
 Pure functions here; the trials themselves run in `finetune.lr_find.run_trials`.
 
@@ -168,6 +171,7 @@ def successive_halving(candidates: Sequence[Any], score: Callable[[Any, int], fl
 
 def select(candidates: Sequence[Any], score: Callable[[Any, int], float], *, first_updates: int,
            final_updates: int | None, family: Callable[[Any], Any] = lambda candidate: None, usual: Any = None,
+           judge: Callable[[Any, int], tuple[float, float | None]] | None = None,
            eta: int = ETA) -> list[dict[str, Any]]:
     """Successive halving within each family of candidates, then a final rung of ``final_updates`` updates between
     each family's winner and ``usual``: the lowest held-out loss there wins. ``final_updates=None``: one successive
@@ -178,6 +182,8 @@ def select(candidates: Sequence[Any], score: Callable[[Any, int], float], *, fir
         family: The family of a candidate (``(rate, freeze)`` pairs: the freeze option); each family halves on its own,
             so short trials never rank a frozen backbone against the whole network (they judge the start of a run).
         usual: The usual recipe (the candidate nearest ``fallback_lr`` for the whole network): always a finalist.
+        judge: ``judge(candidate, updates)``: ``(loss, value)`` of the final rung, ``value`` the run's monitored metric
+            turned lower-is-better (None: the loss alone judges); the lowest value wins, then the lowest loss.
 
     Returns:
         The rungs as `successive_halving` records them, each family's with ``family``, then the final one with
@@ -201,11 +207,15 @@ def select(candidates: Sequence[Any], score: Callable[[Any, int], float], *, fir
     finalists.sort(key=order.__getitem__)
     if len(finalists) == 1:
         return rungs
-    scores = [(candidate, float(score(candidate, final_updates))) for candidate in finalists]
-    won = min(scores, key=lambda pair: (pair[1], order[pair[0]]))[0]  # a tie: the earlier, the safer one
-    return rungs + [{"updates": final_updates, "final": True,
-                     "scores": [[_listed(c), v if math.isfinite(v) else None] for c, v in scores],
-                     "kept": [_listed(won)]}]
+    judge = judge or (lambda candidate, updates: (score(candidate, updates), None))
+    judged = [(candidate, *judge(candidate, final_updates)) for candidate in finalists]
+    won = min(judged, key=lambda t: (t[2] if t[2] is not None else 0.0, t[1], order[t[0]]))[0]  # then the safer one
+    final = {"updates": final_updates, "final": True,
+             "scores": [[_listed(c), loss if math.isfinite(loss) else None] for c, loss, _ in judged],
+             "kept": [_listed(won)]}
+    if any(value is not None for _, _, value in judged):
+        final["values"] = [[_listed(c), value] for c, _, value in judged]
+    return rungs + [final]
 
 
 def final_rung_updates(run_updates: int, share: float) -> int | None:
