@@ -430,7 +430,9 @@ def choose_by_trials(cfg: DictConfig, model: nn.Module, spec: BackboneSpec, find
         f"; freeze={name} at {', '.join(f'{r:.2g}' for r in frozen_rates)}" for name in freezes)
     how = (f"won trial fine-tunes of {len(candidates)} candidates ({tried}), the finalists as long as the run"
            if rungs[-1].get("final") else f"won short trial fine-tunes of {len(candidates)} candidates ({tried}")
-    choice = (f"{how}; {total} updates, {time.perf_counter() - started:.0f} s) judged by the loss on {len(held)} "
+    judged = (f"the short ones by the loss, the finalists by {cfg.checkpoint.monitor}" if "values" in rungs[-1]
+              else "the loss")
+    choice = (f"{how}; {total} updates, {time.perf_counter() - started:.0f} s) judged by {judged} on {len(held)} "
               "held-out training images")
     trials = {"candidates": [list(c) if freezes else c for c in candidates], "holdout_images": len(held),
               "train_images": len(rest), "updates": total, "seconds": round(time.perf_counter() - started, 2),

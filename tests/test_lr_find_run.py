@@ -64,6 +64,7 @@ def test_the_search_shows_its_work(auto_run):
     assert final["kept"] == [[record["lr"], record["freeze"]]] and record["freeze"] == "none"
     assert [c for c, _ in final["values"]] == finalists  # judged by val/acc1 (checkpoint.monitor), lower-is-better
     best = min(v for _, v in final["values"])
+    assert "judged by the short ones by the loss, the finalists by val/acc1 on 3 held-out" in record["choice"]
     assert [[record["lr"], "none"], best] in final["values"] and -1.0 <= best <= 0.0
     assert trials["updates"] == sum(r["updates"] * len(r["scores"]) for r in rungs)
     assert trials["holdout_images"] == 3  # 1 of 6 per class

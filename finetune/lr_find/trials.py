@@ -174,8 +174,9 @@ def select(candidates: Sequence[Any], score: Callable[[Any, int], float], *, fir
            judge: Callable[[Any, int], tuple[float, float | None]] | None = None,
            eta: int = ETA) -> list[dict[str, Any]]:
     """Successive halving within each family of candidates, then a final rung of ``final_updates`` updates between
-    each family's winner and ``usual``: the lowest held-out loss there wins. ``final_updates=None``: one successive
-    halving over all candidates, without a final rung (the selection before the final rung existed).
+    each family's winner and ``usual``: ``judge`` decides there (by default the lowest held-out loss wins).
+    ``final_updates=None``: one successive halving over all candidates, without a final rung (the selection before
+    the final rung existed).
 
     Args:
         candidates: As for `successive_halving`, safest first.
