@@ -300,14 +300,14 @@ def test_unfreezing_ema_bf16_channels_last_layer_decay_and_lr_auto_under_ddp_res
     log = (straight / "train.log").read_text()
     assert "DistributedDataParallel wraps the model again" in log
     search = json.loads((straight / "lr_find.json").read_text())  # rank 0's search, which every rank trains with
-    if search["chosen"] is not None:  # the log says what the record says: the rate the trials chose, and why
-        assert search["selected_by"] == "trials" and search["lr"] == search["trials"]["rungs"][-1]["kept"][0]
+    # the log says what the record says: the rate the trials chose, and why
+    assert search["selected_by"] == "trials" and search["lr"] == search["trials"]["rungs"][-1]["kept"][0]
+    if search["chosen"] is not None:  # among the curve's candidates
         assert f"optim.lr=auto: chose {search['lr']:.4g} ({search['choice']})" in log
-    else:  # or the fallback rate, and why the curve gave none
-        assert search["lr"] == 1e-3 and (f"optim.lr=auto: {search['reason']}; training with "
-                                         f"optim.lr_find.fallback_lr=0.001") in log
-    if DEVICE == "cpu":  # deterministic there: this search on this data finds a rate
-        assert search["chosen"] is not None, search["reason"]
+    else:  # the curve gave none (on CPU, this 12-update test on this shard): the fallback rate and 3x it
+        assert search["trials"]["candidates"] == [1e-3, 3e-3] and (
+            f"optim.lr=auto: {search['reason']}; the trials chose {search['lr']:.4g} of "
+            "optim.lr_find.fallback_lr=0.001 and its multiples") in log
     assert json.loads((straight / "summary.json").read_text())["status"] == "completed"
 
     run_dir = tmp_path / "run"
