@@ -9,7 +9,10 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -417,24 +420,43 @@ def choose_by_trials(cfg: DictConfig, model: nn.Module, spec: BackboneSpec, find
     first = lr_find.first_rung_updates(run_updates, o.trial_updates)
     final = lr_find.final_rung_updates(run_updates, o.final_share)
     usual = lr_find.nearest(candidates[:len(rates)], o.fallback_lr, rate_of=lambda c: c[0] if freezes else c)
+    folds = lr_find.fold_count(len(held), fraction=o.holdout, configured=o.final_folds) if final is not None else 1
+    further = lr_find.further_folds(split.train, held, fraction=o.holdout, seed=cfg.seed, folds=folds)
+
+    @contextmanager
+    def fold(rest: list, held: list) -> Iterator[tuple[Any, Any]]:
+        loaders = build_loaders(cfg.data, replace(split, train=rest, val=held), data_config, seed=cfg.seed,
+                                device=rt.device)
+        try:
+            yield loaders.train, loaders.val
+        finally:
+            for loader in (loaders.train, loaders.val):
+                stop_workers(loader)
+
     started = time.perf_counter()
     try:
         rungs = lr_find.run_trials(model, candidates=candidates, trainer=trial_trainer(cfg, model, spec, trial, rt=rt),
                                    loader=trial.train, holdout=trial.val, first_updates=first, final_updates=final,
-                                   usual=usual, monitor=cfg.checkpoint.monitor, accumulate=cfg.trainer.accumulate)
+                                   usual=usual, monitor=cfg.checkpoint.monitor, accumulate=cfg.trainer.accumulate,
+                                   folds=[partial(fold, *pair) for pair in further])
     finally:
         for loader in (trial.train, trial.val):
             stop_workers(loader)
-    won, total = rungs[-1]["kept"][0], sum(r["updates"] * len(r["scores"]) for r in rungs)
+    won, total = rungs[-1]["kept"][0], sum(r["updates"] * len(r["scores"]) * r.get("folds", 1) for r in rungs)
     tried = ", ".join(f"{r:.2g}" for r in rates) + "".join(
         f"; freeze={name} at {', '.join(f'{r:.2g}' for r in frozen_rates)}" for name in freezes)
     how = (f"won trial fine-tunes of {len(candidates)} candidates ({tried}), the finalists as long as the run"
            if rungs[-1].get("final") else f"won short trial fine-tunes of {len(candidates)} candidates ({tried}")
     judged = (f"the short ones by the loss, the finalists by {cfg.checkpoint.monitor}" if "values" in rungs[-1]
               else "the loss")
+    judged_images = len(held) + sum(len(h) for _, h in further)
+    slices = (f"; the finalists on {1 + len(further)} disjoint held-out slices, {judged_images} images in all"
+              if further and rungs[-1].get("final") else "")
     choice = (f"{how}; {total} updates, {time.perf_counter() - started:.0f} s) judged by {judged} on {len(held)} "
-              "held-out training images")
+              f"held-out training images{slices}")
     trials = {"candidates": [list(c) if freezes else c for c in candidates], "holdout_images": len(held),
+              "final_folds": 1 + len(further) if rungs[-1].get("final") else 0,
+              "final_images": judged_images if rungs[-1].get("final") else 0,
               "train_images": len(rest), "updates": total, "seconds": round(time.perf_counter() - started, 2),
               "rungs": rungs}
     chosen = {"lr": won[0], "freeze": won[1]} if freezes else {"lr": won}

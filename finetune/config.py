@@ -163,6 +163,7 @@ class LRFindConfig:
     freeze_candidates: list[str] = field(  # trials, freeze=none: also these, at 1x/3x/10x fallback_lr; [] = rates only
         default_factory=lambda: ["head_only"])
     final_share: float = 1.0  # trials: the finalists train this share of the run's updates; 0 = no final rung
+    final_folds: Optional[int] = None  # trials: held-out slices judging the finalists; null: enough for 200 images
 
 
 @dataclass
@@ -434,6 +435,13 @@ def _check_lr(o: DictConfig) -> None:
         if not 0.0 <= o.lr_find.final_share <= 1.0:
             raise UserError(f"optim.lr_find.final_share must be between 0 and 1 (0: no final rung), got "
                             f"'{o.lr_find.final_share}'")
+        from finetune.lr_find.trials import max_folds
+
+        folds = o.lr_find.final_folds
+        if folds is not None and not 1 <= folds <= max_folds(o.lr_find.holdout):
+            raise UserError(f"optim.lr_find.final_folds must be null or a whole number from 1 to "
+                            f"{max_folds(o.lr_find.holdout)} (the disjoint slices of optim.lr_find.holdout="
+                            f"{o.lr_find.holdout} that fit in the training pool), got '{folds}'")
         if o.lr_find.trial_updates is not None and not o.lr_find.trial_updates > 0:
             raise UserError(f"optim.lr_find.trial_updates must be positive or null, got '{o.lr_find.trial_updates}'")
         if not o.lr_find.start_lr < o.lr_find.end_lr:
@@ -732,8 +740,11 @@ NO_EFFECT = (
     NoEffect("optim.lr", lambda v: v != "auto", ("optim.lr_find",), "the range test runs with optim.lr=auto"),
     NoEffect("optim.lr_find.select", lambda v: v == "curve", ("optim.lr_find.holdout", "optim.lr_find.trial_updates",
                                                                "optim.lr_find.freeze_candidates",
-                                                               "optim.lr_find.final_share"),
+                                                               "optim.lr_find.final_share",
+                                                               "optim.lr_find.final_folds"),
              "only optim.lr_find.select=trials runs trials"),
+    NoEffect("optim.lr_find.final_share", lambda v: v == 0, ("optim.lr_find.final_folds",),
+             "it sets the held-out slices of the final rung, which final_share=0 drops: leave it unset"),
     NoEffect("sched.name", lambda v: v not in ("step", "multistep"), ("sched.decay_epochs", "sched.decay_rate"),
              "only step schedules decay by epochs: add sched=step"),
     NoEffect("sched.name", lambda v: v == "none", ("sched.warmup_epochs", "sched.warmup_lr", "sched.min_lr"),

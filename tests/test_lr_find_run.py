@@ -66,8 +66,15 @@ def test_the_search_shows_its_work(auto_run):
     best = min(v for _, v in final["values"])
     assert "judged by the short ones by the loss, the finalists by val/acc1 on 3 held-out" in record["choice"]
     assert [[record["lr"], "none"], best] in final["values"] and -1.0 <= best <= 0.0
-    assert trials["updates"] == sum(r["updates"] * len(r["scores"]) for r in rungs)
+    assert trials["updates"] == sum(r["updates"] * len(r["scores"]) * r.get("folds", 1) for r in rungs)
     assert trials["holdout_images"] == 3  # 1 of 6 per class
+    # 3 held-out images are too few to judge the finalists: they train on 5 slices (k-fold), 15 images judged
+    assert final["folds"] == trials["final_folds"] == 5 and trials["final_images"] == 15
+    assert "; the finalists on 5 disjoint held-out slices, 15 images in all" in record["choice"]
+    assert [c for c, _ in final["slices"]] == finalists
+    for (_, value), (_, slices) in zip(final["values"], final["slices"], strict=True):
+        assert len(slices) == 5 and value == pytest.approx(sum(v for _, v in slices) / 5)  # the mean judges
+        assert all(round(-3 * v, 6) == round(-3 * v) for _, v in slices)  # accuracy on 3 images each
     state = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
     assert state["lr_find"]["lr"] == chosen["lr"]  # a resume takes it from here
     events = EventAccumulator(str(out / "tb"), size_guidance={"images": 0}).Reload()
@@ -87,6 +94,21 @@ def test_without_freeze_candidates_the_trials_compare_the_same_rates_as_before(a
     assert [score for score in both["rungs"][0]["scores"] if score[0][1] == "none"] == [
         [[rate, "none"], loss] for rate, loss in record["trials"]["rungs"][0]["scores"]]
     assert record["trials"]["rungs"][-1]["kept"] == [record["lr"]]
+
+
+def test_the_first_of_the_finalists_slices_judges_them_as_a_single_slice_does(auto_run, tmp_path):
+    """``optim.lr_find.final_folds=1``: the final rung on the first held-out slice alone, as before the slices; it
+    scores each finalist exactly as the first of the default's five slices did (the same trials)."""
+    out, overrides, _ = auto_run
+    run(compose_config(overrides + ["optim.lr_find.final_folds=1"]), run_dir=tmp_path / "one")
+    one = json.loads((tmp_path / "one" / "lr_find.json").read_text())["trials"]
+    five = json.loads((out / "lr_find.json").read_text())["trials"]
+    assert one["rungs"][:-1] == five["rungs"][:-1]  # the short rungs are the same
+    final = one["rungs"][-1]
+    assert "slices" not in final and "folds" not in final and one["final_folds"] == 1 and one["final_images"] == 3
+    assert final["values"] == [[c, slices[0][1]] for c, slices in five["rungs"][-1]["slices"]]
+    assert final["scores"] == [[c, slices[0][0]] for c, slices in five["rungs"][-1]["slices"]]
+    assert one["updates"] == five["updates"] - 4 * final["updates"] * len(final["scores"])
 
 
 def test_a_trial_as_long_as_the_run_trains_as_the_run_does(auto_run, tmp_path, monkeypatch):

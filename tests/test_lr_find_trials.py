@@ -11,8 +11,9 @@ import pytest
 from conftest import compose_config
 from finetune.config import check_config, check_overrides_take_effect
 from finetune.errors import UserError
-from finetune.lr_find import (LRFind, candidate_rates, final_rung_updates, first_rung_updates, frozen_candidate_rates,
-                              holdout_split, nearest, select, successive_halving)
+from finetune.lr_find import (LRFind, candidate_rates, final_rung_updates, first_rung_updates, fold_count,
+                              frozen_candidate_rates, further_folds, holdout_split, nearest, select,
+                              successive_halving)
 
 
 def curve(rates, losses, chosen=None):
@@ -126,6 +127,29 @@ def test_the_held_out_slice_is_stratified_reproducible_and_leaves_every_class_an
     assert holdout_split([("a", 0), ("b", 1)], fraction=0.5, seed=0) == ([("a", 0), ("b", 1)], [])
 
 
+def test_further_slices_are_disjoint_stratified_reproducible_and_with_the_first_judge_every_image_once():
+    samples = [(f"{c}/{i}.png", c) for c in range(4) for i in range((1, 3, 5, 10)[c])]
+    rest, held = holdout_split(samples, fraction=0.2, seed=7)
+    further = further_folds(samples, held, fraction=0.2, seed=7, folds=5)
+    slices = [held] + [h for _, h in further]
+    for r, h in further:
+        assert sorted(r + h) == sorted(samples) and not set(r) & set(h) and {label for _, label in r} == {0, 1, 2, 3}
+    assert sorted(s for h in slices for s in h) == sorted(s for s in samples if s[1] != 0)  # each judged once
+    assert [sorted(label for _, label in h) for h in slices] == [  # as many of each class as the first slice holds,
+        [1, 2, 3, 3]] * 3 + [[2, 3, 3]] * 2                        # until a class runs out; a class of 1: never
+    assert further_folds(samples, held, fraction=0.2, seed=7, folds=5) == further
+    assert further_folds(samples, held, fraction=0.2, seed=7, folds=3) == further[:2]
+    assert further_folds(samples, held, fraction=0.2, seed=7, folds=1) == []
+
+
+def test_the_final_rung_is_judged_on_200_images_as_far_as_the_pool_has_them():
+    assert fold_count(4, fraction=0.2, configured=None) == 5  # 20 images in the pool: each judged once
+    assert fold_count(50, fraction=0.2, configured=None) == 4  # 200
+    assert fold_count(199, fraction=0.2, configured=None) == 2 and fold_count(200, fraction=0.2, configured=None) == 1
+    assert fold_count(4, fraction=0.4, configured=None) == 2  # two slices of 40% fit, not three
+    assert fold_count(4, fraction=0.2, configured=3) == 3 and fold_count(900, fraction=0.2, configured=2) == 2
+
+
 def test_the_first_rung_is_an_eighth_of_the_run_at_least_six_updates_unless_configured():
     assert first_rung_updates(800, None) == 100 and first_rung_updates(10, None) == 6
     assert first_rung_updates(800, 2) == 2
@@ -137,6 +161,12 @@ def test_the_first_rung_is_an_eighth_of_the_run_at_least_six_updates_unless_conf
     (["optim.lr_find.trial_updates=0"], "optim.lr_find.trial_updates must be positive or null, got '0'"),
     (["optim.lr_find.final_share=1.5"], "optim.lr_find.final_share must be between 0 and 1 (0: no final rung), "
                                         "got '1.5'"),
+    (["optim.lr_find.final_folds=6"], "optim.lr_find.final_folds must be null or a whole number from 1 to 5 (the "
+                                      "disjoint slices of optim.lr_find.holdout=0.2 that fit in the training pool), "
+                                      "got '6'"),
+    (["optim.lr_find.final_folds=0"], "optim.lr_find.final_folds must be null or a whole number from 1 to 5"),
+    (["optim.lr_find.holdout=0.5", "optim.lr_find.final_folds=3"], "a whole number from 1 to 2 (the disjoint slices "
+                                                                    "of optim.lr_find.holdout=0.5"),
     (["optim.lr_find.freeze_candidates=[until]"], "optim.lr_find.freeze_candidates: 'until' is not a freeze option "
                                                   "the trials can try: use head_only, or [] for the rate alone"),
 ])
@@ -155,3 +185,8 @@ def test_trial_settings_without_trials_are_refused():
     final = ["optim.lr=auto", "optim.lr_find.select=curve", "optim.lr_find.final_share=0"]
     with pytest.raises(UserError, match="optim.lr_find.final_share is set but has no effect"):
         check_overrides_take_effect(compose_config(final), final)
+    folds = ["optim.lr=auto", "optim.lr_find.final_share=0", "optim.lr_find.final_folds=3"]
+    with pytest.raises(UserError, match="optim.lr_find.final_folds is set but has no effect with optim.lr_find."
+                                        "final_share=0.0: it sets the held-out slices of the final rung"):
+        check_overrides_take_effect(compose_config(folds), folds)
+    check_overrides_take_effect(compose_config(folds[:1] + folds[2:]), folds[:1] + folds[2:])

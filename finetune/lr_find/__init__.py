@@ -14,7 +14,10 @@ all train at rank 0's choice (``builders.choose_lr`` broadcasts it).
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterator
+import math
+import statistics
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
@@ -25,8 +28,9 @@ from finetune.lr_find.curve import (RULES, LRFind, num_updates_for, per_update_b
                                     suggest, valley_pick)
 from finetune.lr_find.plot import draw_curve
 from finetune.lr_find.snapshot import Snapshot
-from finetune.lr_find.trials import (candidate_rates, final_rung_updates, first_rung_updates, frozen_candidate_rates,
-                                     holdout_split, nearest, select, successive_halving)
+from finetune.lr_find.trials import (candidate_rates, final_rung_updates, first_rung_updates, fold_count,
+                                     frozen_candidate_rates, further_folds, holdout_split, max_folds, nearest, select,
+                                     successive_halving)
 from finetune.metrics import infer_mode
 from finetune.trainer import TrainingDiverged, TrainState
 
@@ -78,7 +82,8 @@ def search(model: nn.Module, *, optimizer: torch.optim.Optimizer, trainer: Calla
 
 def run_trials(model: nn.Module, *, candidates: list[Any], trainer: Callable[[Any, int], Any], loader: Any,
                holdout: Any, first_updates: int, final_updates: int | None = None, usual: Any = None,
-               monitor: str | None = None, accumulate: int = 1) -> list[dict[str, Any]]:
+               monitor: str | None = None, accumulate: int = 1,
+               folds: Sequence[Callable[[], AbstractContextManager[tuple[Any, Any]]]] = ()) -> list[dict[str, Any]]:
     """Trial fine-tunes of ``model``, one per candidate and rung, each from the same starting point, then everything
     they changed put back (`finetune.lr_find.trials.select`: successive halving within each freeze option, then a
     final rung of ``final_updates`` between the winners and ``usual``); returns the rungs (the last keeps the choice).
@@ -95,10 +100,13 @@ def run_trials(model: nn.Module, *, candidates: list[Any], trainer: Callable[[An
         monitor: The metric the run picks its best epoch by (``checkpoint.monitor``, e.g. ``val/acc1``): it judges the
             final rung, whose trials are as long as the run (the loss breaks ties; the short rungs go by the loss
             alone, as accuracy on a few held-out images moves in steps). None: the loss judges every rung.
+        folds: Further held-out slices that judge the final rung (`finetune.lr_find.trials.fold_count`): each opens
+            ``(loader, holdout)`` as a context; every finalist trains on each slice's rest and the mean over the
+            slices (``holdout``'s first) judges it. Empty: ``holdout`` alone.
     """
     snapshot = Snapshot.take(model)
 
-    def trial(candidate: Any, updates: int) -> Any:
+    def trial(candidate: Any, updates: int, loader: Any = loader, holdout: Any = holdout) -> Any:
         """The held-out `EvalResult` after ``updates`` updates; None for a trial that blew up."""
         batches, progress = _cycle(loader), TrainState()
         try:
@@ -120,18 +128,39 @@ def run_trials(model: nn.Module, *, candidates: list[Any], trainer: Callable[[An
         result = trial(candidate, updates)
         return result.loss if result is not None else float("inf")
 
-    def judge(candidate: Any, updates: int) -> tuple[float, float | None]:
-        result = trial(candidate, updates)
+    def judged(result: Any) -> tuple[float, float | None]:
         if result is None:
             return float("inf"), float("inf")
-        value = result.scalars("val").get(monitor)
-        if value is None:  # a metric of the run only (e.g. val/mAP of another task): the loss judges
+        value = result.scalars("val").get(monitor) if monitor else None
+        if value is None:  # no monitor, or a metric of the run only (e.g. val/mAP of another task): the loss judges
             return result.loss, None
         return result.loss, -value if infer_mode(monitor) == "max" else value
 
+    slices: dict[Any, list[tuple[float, float | None]]] = {}  # the final rung's (loss, value) per held-out slice
+
+    def judge(candidate: Any, updates: int) -> tuple[float, float | None]:
+        results = slices[candidate] = [judged(trial(candidate, updates))]
+        for fold in folds:
+            with fold() as (fold_loader, fold_holdout):
+                results.append(judged(trial(candidate, updates, fold_loader, fold_holdout)))
+        values = [value for _, value in results]
+        return (statistics.fmean(loss for loss, _ in results),
+                None if None in values else statistics.fmean(values))  # inf (blew up on a slice) stays inf
+
     family = (lambda c: c[1]) if candidates and isinstance(candidates[0], tuple) else (lambda c: None)
-    return select(candidates, score, first_updates=first_updates, final_updates=final_updates, family=family,
-                  usual=usual, judge=judge if monitor else None)
+    rungs = select(candidates, score, first_updates=first_updates, final_updates=final_updates, family=family,
+                   usual=usual, judge=judge if monitor or folds else None)
+    if folds and rungs and rungs[-1].get("final"):
+        rungs[-1]["folds"] = 1 + len(folds)
+        rungs[-1]["slices"] = [[list(c) if isinstance(c, tuple) else c,
+                                [[_finite(loss), _finite(value)] for loss, value in results]]
+                               for c, results in slices.items()]
+    return rungs
+
+
+def _finite(number: float | None) -> float | None:
+    """A number for JSON: None for a trial that blew up (inf) or a value the run does not measure."""
+    return number if number is not None and math.isfinite(number) else None
 
 
 def _cycle(loader: Any) -> Iterator[Any]:
@@ -153,6 +182,6 @@ def from_record(record: dict[str, Any]) -> LRFind:
 
 
 __all__ = ["RULES", "LRFind", "Snapshot", "candidate_rates", "draw_curve", "final_rung_updates", "first_rung_updates",
-           "from_record", "frozen_candidate_rates", "holdout_split", "nearest", "num_updates_for", "per_update_beta",
-           "range_test", "run_trials", "search", "select", "smooth_losses", "successive_halving", "suggest",
-           "valley_pick"]
+           "fold_count", "from_record", "frozen_candidate_rates", "further_folds", "holdout_split", "max_folds", "nearest",
+           "num_updates_for", "per_update_beta", "range_test", "run_trials", "search", "select", "smooth_losses",
+           "successive_halving", "suggest", "valley_pick"]

@@ -25,14 +25,17 @@ candidates and lets short fine-tunes decide:
 - `select` (the default, ``optim.lr_find.final_share=1``): successive halving *within* each family
   (the rates for the whole network; the rates with the backbone frozen), then a final rung at the
   run's own length between each family's winner and the usual recipe (``fallback_lr`` for the
-  whole network), judged by the run's monitored metric (``checkpoint.monitor``, then the loss).
+  whole network), judged by the run's monitored metric (``checkpoint.monitor``, then the loss),
+  averaged over several disjoint held-out slices where one slice is small (`fold_count`,
+  `further_folds`: k-fold, every image of a few-shot pool judged once).
   Why: short trials judge the start of a run, not its end. Measured on the
   few-shot grid (``docs/benchmarks.md``, issue 26), they favoured fast rates for the whole
   network, which lead early and lose by the last epoch, and passed over the frozen backbone, which
   learns slowly at first and wins at the end. Only a trial as long as the run compares what the
   run will deliver. Keeping the usual recipe among the finalists means ``auto`` leaves it only
   when a full-length trial beats it on held-out images. Cost: each finalist trains as many
-  updates as the run (on 80% of its images), so the search costs about 3 to 4 runs in all.
+  updates as the run (on 80% of its images) once per slice: about 3 to 4 runs in all with one
+  slice (a pool of 1,000 images or more), up to 11 to 16 with five (200 images or fewer).
 
 Held-out *loss* judges the short rungs (not accuracy): on a slice of a few images per class accuracy
 moves in steps of 1/n and ties, the loss does not. The final rung goes by the metric the run itself
@@ -69,6 +72,7 @@ ETA = 3  # successive halving keeps the best 1/ETA of each rung, and gives it ET
 ABOVE_VALLEY = (3.0, 10.0)  # multiples of the valley tried too: faster rates, still below the blow-up
 ABOVE_FALLBACK = (1.0, 3.0)  # multiples of optim.lr_find.fallback_lr (the usual fixed rate) tried too
 FROZEN_FALLBACK = (1.0, 3.0, 10.0)  # multiples of optim.lr_find.fallback_lr tried with the backbone frozen
+JUDGE_IMAGES = 200  # the final rung is judged on at least this many held-out images, as far as the pool has them
 MIN_TRIAL_UPDATES = 6  # the first rung's updates per candidate, at least: fewer barely leave the warmup
 TRIAL_SHARE = 8  # by default the first rung gets 1/8 of the run's updates per candidate
 
@@ -226,6 +230,62 @@ def final_rung_updates(run_updates: int, share: float) -> int | None:
     (400, 100, None)
     """
     return max(1, math.ceil(share * run_updates)) if share > 0 else None
+
+
+def fold_count(held_images: int, *, fraction: float, configured: int | None) -> int:
+    """Held-out slices that judge the final rung: as configured, else as many as it takes to judge `JUDGE_IMAGES`
+    images, at most the ``1 / fraction`` disjoint slices the pool holds (every image judged once: k-fold).
+
+    Why 200: the standard error of an accuracy on n images is up to ``0.5 / sqrt(n)``, 0.035 on 200. A few-shot
+    slice of 4-32 images (20% of 5-20 per class) has 0.09-0.25, more than the gaps between the finalists, and the
+    few-shot grid showed single slices picking the worse finalist (``docs/benchmarks.md``, issue 26).
+
+    >>> fold_count(8, fraction=0.2, configured=None), fold_count(64, fraction=0.2, configured=None)
+    (5, 4)
+    >>> fold_count(400, fraction=0.2, configured=None), fold_count(8, fraction=0.2, configured=2)
+    (1, 2)
+    """
+    if configured is not None:
+        return configured
+    return max(1, min(max_folds(fraction), math.ceil(JUDGE_IMAGES / max(1, held_images))))
+
+
+def max_folds(fraction: float) -> int:
+    """Disjoint held-out slices of ``fraction`` of each class that fit in the pool.
+
+    >>> max_folds(0.2), max_folds(0.3), max_folds(0.6)
+    (5, 3, 1)
+    """
+    return max(1, math.floor(1 / fraction + 1e-9))
+
+
+def further_folds(samples: Sequence[tuple[str, int]], held: Sequence[tuple[str, int]], *, fraction: float, seed: int,
+                  folds: int) -> list[tuple[list, list]]:
+    """``(rest, held_out)`` of the slices after ``held`` (`holdout_split`'s): each takes as many images of each
+    class as the first did, from those no earlier slice held, in an order drawn from ``seed``; a class that runs out
+    is not in the later slices. Together with the first: ``folds`` disjoint slices (k-fold when they cover the pool).
+
+    >>> samples = [(f"{c}{i}", c) for c in (0, 1) for i in range(5)]
+    >>> rest, held = holdout_split(samples, fraction=0.2, seed=0)
+    >>> slices = [held] + [h for _, h in further_folds(samples, held, fraction=0.2, seed=0, folds=5)]
+    >>> sorted(s for h in slices for s in h) == sorted(samples), [len(h) for h in slices]
+    (True, [2, 2, 2, 2, 2])
+    """
+    taken = {id(s) for s in held}
+    by_class: dict[int, list[tuple[str, int]]] = {}
+    for sample in samples:
+        by_class.setdefault(sample[1], []).append(sample)
+    rng, slices = random.Random(f"{seed}/folds"), [set() for _ in range(folds - 1)]
+    for label in sorted(by_class):
+        members = by_class[label]
+        if len(members) < 2:
+            continue
+        count = min(len(members) - 1, max(1, round(fraction * len(members))))
+        left = [s for s in members if id(s) not in taken]
+        rng.shuffle(left)
+        for j, ids in enumerate(slices):
+            ids.update(id(s) for s in left[j * count:(j + 1) * count])
+    return [([s for s in samples if id(s) not in ids], [s for s in samples if id(s) in ids]) for ids in slices]
 
 
 def nearest(candidates: Sequence[Any], rate: float, *, rate_of: Callable[[Any], float] = float) -> Any:
