@@ -123,7 +123,8 @@ def trials_table(trials: dict[str, Any]) -> str:
             rate, freeze = candidate if isinstance(candidate, list) else (candidate, "as configured")
             shown = f"{loss:.4f}" if loss is not None else "diverged"
             kept = "yes" if candidate in rung["kept"] else ""
-            label = "final" if rung.get("final") else f"{i + 1}"
+            label = (f"final ({rung['folds']} slices, mean)" if rung.get("folds") else "final") if rung.get("final") \
+                else f"{i + 1}"
             rows.append(f"| {label} | {rung['updates']} | {rate:.3g} | {freeze} | {shown} | {kept} |")
     return "\n".join(rows)
 

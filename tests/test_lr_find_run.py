@@ -80,6 +80,8 @@ def test_the_search_shows_its_work(auto_run):
     events = EventAccumulator(str(out / "tb"), size_guidance={"images": 0}).Reload()
     assert "lr_find/curve" in events.Tags()["images"]
     assert {"lr_find/choice/text_summary", "lr_find/trials/text_summary"} <= set(events.Tags()["tensors"])
+    table = events.Tensors("lr_find/trials/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert f"| final (5 slices, mean) | {run_updates} | 0.001 | none |" in table
     assert f"optim.lr=auto: chose {chosen['lr']:.4g} with freeze=none ({record['choice']})" in (
         out / "train.log").read_text()
 
