@@ -257,12 +257,14 @@ def test_trials_a_killed_sweep_left_running_are_failed_and_asked_again(tmp_path)
 
 @pytest.mark.parametrize("storage", ["sqlite:///{}/optuna.db", "journal:{}/optuna.log"])
 def test_a_shared_studys_silent_trials_are_failed_and_queued_again_and_live_ones_are_not(tmp_path, storage):
-    """Two sweepers of one study (a heartbeat every second, a 2 s grace): one stops beating, as a killed
+    """Two sweepers of one study (a heartbeat every second, a 6 s grace): one stops beating, as a killed
     one does; the other fails its trial once, queues it again with the same params, and keeps its own.
-    (An RDB storage beats by optuna's heartbeat; a journal, which optuna gives none, by a system attribute.)"""
+    (An RDB storage beats by optuna's heartbeat; a journal, which optuna gives none, by a system attribute.)
+    The grace is 6 beats: with 2 (a 2 s grace) a busy CI machine once left the live sweeper's beat thread
+    unscheduled for 2 s, and its trial was taken for dead too."""
     space = SearchSpace(distributions={"x": FloatDistribution(0.0, 1.0)})
     sweepers = [_study.open_study(name="s", storage=storage.format(tmp_path), direction="maximize",
-                                  sampler="random", pruner="none", space=space, seed=0, heartbeat_s=2)
+                                  sampler="random", pruner="none", space=space, seed=0, heartbeat_s=6)
                 for _ in range(2)]
     dead, live = sweepers
     silent = _study.ask(dead, space)
@@ -270,7 +272,7 @@ def test_a_shared_studys_silent_trials_are_failed_and_queued_again_and_live_ones
     beating = _study.ask(live, space)
     assert beating.params != silent.params  # same seed, yet the two samplers propose apart
     with get_heartbeat_thread(beating._trial_id, live._storage):
-        time.sleep(3.5)
+        time.sleep(7.0)  # the silent trial's last beat is older than the grace; the live one beat every second
         assert _study.fail_stale(live, space) == [silent.number]
         assert _study.fail_stale(dead, space) == []  # failed once, queued once
     states = {t.number: t.state for t in live.get_trials(deepcopy=False)}

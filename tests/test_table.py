@@ -228,11 +228,13 @@ def test_a_fold_of_a_table_trains_records_its_split_and_evaluate_reproduces_it(f
 def test_bad_tables_and_settings_on_the_command_line(flat, tmp_path):
     (flat / "cli_escape.csv").write_text("path,label\nimages/class_0/0.png,class_0\n../x.png,class_1\n")
     base = [*TINY, "trainer.max_epochs=1"]
-    results = run_together({
+    cases = {  # each its own run dir: started in the same second, they would share Hydra's dated one
         "escape": [*base, "data=table", f"data.file={flat / 'cli_escape.csv'}"],
         "no_file": [*base, "data=table"],
         "fold_range": [*base, "data=table", f"data.file={flat / 'labels.csv'}", "data.folds=3", "data.fold=3"],
-    }, module="finetune", cwd=tmp_path)
+    }
+    results = run_together({name: [*args, f"hydra.run.dir={tmp_path / name}"] for name, args in cases.items()},
+                           module="finetune", cwd=tmp_path)
     assert_one_line_errors(results, {
         "escape": ["cli_escape.csv' line 3: path '../x.png' leads outside", "data.allow_outside=true"],
         "no_file": ["data=table needs data.file="],
