@@ -14,7 +14,8 @@ reported). Configurations: the defaults (lr 1e-3, nothing frozen), ``freeze=head
 ``optim.lr`` x3 (3e-3), ``optim.lr=auto`` (trials over the rates and the backbone frozen: the default) and
 ``optim.lr=auto optim.lr_find.select=curve`` (the range test's rule alone, as before issue 26); and, asked for
 by ``--configs``, ``auto (rates only)`` (``optim.lr_find.freeze_candidates=[]``: the trials before they chose
-the freezing), the ``data.augment`` presets (``augment=none`` ... ``augment=heavy``, each with its own crop
+the freezing), ``auto (one slice)`` (``optim.lr_find.final_folds=1``: the finalists judged on one held-out slice,
+as before they were judged on several), the ``data.augment`` presets (``augment=none`` ... ``augment=heavy``, each with its own crop
 scale, not the demo's 0.35-1), and three fixed recipes measured as alternatives to choosing: ``lp-ft``
 (``freeze=gradual``: the head alone for 2 epochs, then everything), ``backbone x0.1`` (the backbone at a tenth
 of the head's rate) and ``head x10`` (the head at 1e-2, the backbone at 1e-3).
@@ -50,6 +51,7 @@ CONFIGS = {
     "auto": ["optim.lr=auto"],
     "auto (curve)": ["optim.lr=auto", "optim.lr_find.select=curve"],
     "auto (rates only)": ["optim.lr=auto", "optim.lr_find.freeze_candidates=[]"],
+    "auto (one slice)": ["optim.lr=auto", "optim.lr_find.final_folds=1"],
     "lp-ft": ["freeze=gradual"],
     "backbone x0.1": ["optim.backbone_lr_mult=0.1"],
     "head x10": ["optim.head_lr=1e-2"],
