@@ -9,8 +9,8 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -415,45 +415,25 @@ def choose_by_trials(cfg: DictConfig, model: nn.Module, spec: BackboneSpec, find
         why = "no class has 2 training images to hold one out" if not held else "a single candidate rate"
         log.warning(f"optim.lr=auto: no trials ({why}); the range test's choice stands")
         return record | {"trials": {"skipped": why}}
-    trial = build_loaders(cfg.data, replace(split, train=rest, val=held), data_config, seed=cfg.seed,
-                          device=rt.device)
     first = lr_find.first_rung_updates(run_updates, o.trial_updates)
     final = lr_find.final_rung_updates(run_updates, o.final_share)
     usual = lr_find.nearest(candidates[:len(rates)], o.fallback_lr, rate_of=lambda c: c[0] if freezes else c)
     folds = lr_find.fold_count(len(held), fraction=o.holdout, configured=o.final_folds) if final is not None else 1
     further = lr_find.further_folds(split.train, held, fraction=o.holdout, seed=cfg.seed, folds=folds)
-
-    @contextmanager
-    def fold(rest: list, held: list) -> Iterator[tuple[Any, Any]]:
-        loaders = build_loaders(cfg.data, replace(split, train=rest, val=held), data_config, seed=cfg.seed,
-                                device=rt.device)
-        try:
-            yield loaders.train, loaders.val
-        finally:
-            for loader in (loaders.train, loaders.val):
-                stop_workers(loader)
-
+    held_out = partial(_held_out_loaders, cfg, split, data_config=data_config, rt=rt)
     started = time.perf_counter()
-    try:
+    with held_out(rest, held) as trial:
         rungs = lr_find.run_trials(model, candidates=candidates, trainer=trial_trainer(cfg, model, spec, trial, rt=rt),
                                    loader=trial.train, holdout=trial.val, first_updates=first, final_updates=final,
                                    usual=usual, monitor=cfg.checkpoint.monitor, accumulate=cfg.trainer.accumulate,
-                                   folds=[partial(fold, *pair) for pair in further])
-    finally:
-        for loader in (trial.train, trial.val):
-            stop_workers(loader)
+                                   folds=[partial(_pair, held_out, *pair) for pair in further])
     won, total = rungs[-1]["kept"][0], sum(r["updates"] * len(r["scores"]) * r.get("folds", 1) for r in rungs)
     tried = ", ".join(f"{r:.2g}" for r in rates) + "".join(
         f"; freeze={name} at {', '.join(f'{r:.2g}' for r in frozen_rates)}" for name in freezes)
-    how = (f"won trial fine-tunes of {len(candidates)} candidates ({tried}), the finalists as long as the run"
-           if rungs[-1].get("final") else f"won short trial fine-tunes of {len(candidates)} candidates ({tried}")
-    judged = (f"the short ones by the loss, the finalists by {cfg.checkpoint.monitor}" if "values" in rungs[-1]
-              else "the loss")
     judged_images = len(held) + sum(len(h) for _, h in further)
-    slices = (f"; the finalists on {1 + len(further)} disjoint held-out slices, {judged_images} images in all"
-              if further and rungs[-1].get("final") else "")
-    choice = (f"{how}; {total} updates, {time.perf_counter() - started:.0f} s) judged by {judged} on {len(held)} "
-              f"held-out training images{slices}")
+    choice = _trials_choice(rungs, cfg.checkpoint.monitor, tried=tried, candidates=len(candidates), updates=total,
+                            seconds=time.perf_counter() - started, held=len(held), slices=1 + len(further),
+                            judged_images=judged_images)
     trials = {"candidates": [list(c) if freezes else c for c in candidates], "holdout_images": len(held),
               "final_folds": 1 + len(further) if rungs[-1].get("final") else 0,
               "final_images": judged_images if rungs[-1].get("final") else 0,
@@ -461,6 +441,41 @@ def choose_by_trials(cfg: DictConfig, model: nn.Module, spec: BackboneSpec, find
               "rungs": rungs}
     chosen = {"lr": won[0], "freeze": won[1]} if freezes else {"lr": won}
     return record | chosen | {"selected_by": "trials", "choice": choice, "trials": trials}
+
+
+@contextmanager
+def _held_out_loaders(cfg: DictConfig, split: data_lib.DataSplit, rest: list, held: list, *,
+                      data_config: dict[str, Any], rt: Runtime) -> Iterator[data_lib.Loaders]:
+    """The run's loaders over ``rest`` (training) and ``held`` (judging) of the training pool, workers stopped
+    after."""
+    loaders = build_loaders(cfg.data, replace(split, train=rest, val=held), data_config, seed=cfg.seed,
+                            device=rt.device)
+    try:
+        yield loaders
+    finally:
+        for loader in (loaders.train, loaders.val):
+            stop_workers(loader)
+
+
+@contextmanager
+def _pair(open_loaders: Callable[[list, list], AbstractContextManager[data_lib.Loaders]], rest: list,
+          held: list) -> Iterator[tuple[Any, Any]]:
+    """``(train, val)`` of a further held-out slice's loaders, as `lr_find.run_trials` opens one (anew each time)."""
+    with open_loaders(rest, held) as opened:
+        yield opened.train, opened.val
+
+
+def _trials_choice(rungs: list[dict[str, Any]], monitor: str, *, tried: str, candidates: int, updates: int,
+                   seconds: float, held: int, slices: int, judged_images: int) -> str:
+    """The trials' choice in one line: what was tried, how long, judged by what and on how many images."""
+    final = rungs[-1].get("final")
+    how = (f"won trial fine-tunes of {candidates} candidates ({tried}), the finalists as long as the run" if final
+           else f"won short trial fine-tunes of {candidates} candidates ({tried}")
+    judged = f"the short ones by the loss, the finalists by {monitor}" if "values" in rungs[-1] else "the loss"
+    several = (f"; the finalists on {slices} disjoint held-out slices, {judged_images} images in all"
+               if slices > 1 and final else "")
+    return (f"{how}; {updates} updates, {seconds:.0f} s) judged by {judged} on {held} held-out training "
+            f"images{several}")
 
 
 def freeze_candidates(cfg: DictConfig) -> list[str]:

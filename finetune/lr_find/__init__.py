@@ -128,21 +128,13 @@ def run_trials(model: nn.Module, *, candidates: list[Any], trainer: Callable[[An
         result = trial(candidate, updates)
         return result.loss if result is not None else float("inf")
 
-    def judged(result: Any) -> tuple[float, float | None]:
-        if result is None:
-            return float("inf"), float("inf")
-        value = result.scalars("val").get(monitor) if monitor else None
-        if value is None:  # no monitor, or a metric of the run only (e.g. val/mAP of another task): the loss judges
-            return result.loss, None
-        return result.loss, -value if infer_mode(monitor) == "max" else value
-
     slices: dict[Any, list[tuple[float, float | None]]] = {}  # the final rung's (loss, value) per held-out slice
 
     def judge(candidate: Any, updates: int) -> tuple[float, float | None]:
-        results = slices[candidate] = [judged(trial(candidate, updates))]
+        results = slices[candidate] = [_judged(trial(candidate, updates), monitor)]
         for fold in folds:
             with fold() as (fold_loader, fold_holdout):
-                results.append(judged(trial(candidate, updates, fold_loader, fold_holdout)))
+                results.append(_judged(trial(candidate, updates, fold_loader, fold_holdout), monitor))
         values = [value for _, value in results]
         return (statistics.fmean(loss for loss, _ in results),
                 None if None in values else statistics.fmean(values))  # inf (blew up on a slice) stays inf
@@ -151,11 +143,26 @@ def run_trials(model: nn.Module, *, candidates: list[Any], trainer: Callable[[An
     rungs = select(candidates, score, first_updates=first_updates, final_updates=final_updates, family=family,
                    usual=usual, judge=judge if monitor or folds else None)
     if folds and rungs and rungs[-1].get("final"):
-        rungs[-1]["folds"] = 1 + len(folds)
-        rungs[-1]["slices"] = [[list(c) if isinstance(c, tuple) else c,
-                                [[_finite(loss), _finite(value)] for loss, value in results]]
-                               for c, results in slices.items()]
+        rungs[-1] |= {"folds": 1 + len(folds), "slices": _slices_record(slices)}
     return rungs
+
+
+def _judged(result: Any, monitor: str | None) -> tuple[float, float | None]:
+    """``(loss, value)`` of a final-rung trial: ``value`` is ``monitor`` made lower-is-better, None where the loss
+    alone judges (no monitor, or a metric of the run only, e.g. val/mAP of another task); inf for a trial that blew
+    up."""
+    if result is None:
+        return float("inf"), float("inf")
+    value = result.scalars("val").get(monitor) if monitor else None
+    if value is None:
+        return result.loss, None
+    return result.loss, -value if infer_mode(monitor) == "max" else value
+
+
+def _slices_record(slices: dict[Any, list[tuple[float, float | None]]]) -> list[list[Any]]:
+    """Each finalist's ``[loss, value]`` on each held-out slice, for JSON (a ``(rate, freeze)`` pair as a list)."""
+    return [[list(c) if isinstance(c, tuple) else c, [[_finite(loss), _finite(value)] for loss, value in results]]
+            for c, results in slices.items()]
 
 
 def _finite(number: float | None) -> float | None:

@@ -272,15 +272,13 @@ def further_folds(samples: Sequence[tuple[str, int]], held: Sequence[tuple[str, 
     (True, [2, 2, 2, 2, 2])
     """
     taken = {id(s) for s in held}
-    by_class: dict[int, list[tuple[str, int]]] = {}
-    for sample in samples:
-        by_class.setdefault(sample[1], []).append(sample)
+    by_class = _by_class(samples)
     rng, slices = random.Random(f"{seed}/folds"), [set() for _ in range(folds - 1)]
     for label in sorted(by_class):
         members = by_class[label]
         if len(members) < 2:
             continue
-        count = min(len(members) - 1, max(1, round(fraction * len(members))))
+        count = _held_count(len(members), fraction)
         left = [s for s in members if id(s) not in taken]
         rng.shuffle(left)
         for j, ids in enumerate(slices):
@@ -314,13 +312,23 @@ def holdout_split(samples: Sequence[tuple[str, int]], *, fraction: float, seed: 
     >>> len(rest), len(held), sorted(label for _, label in held)
     (3, 1, [0])
     """
-    by_class: dict[int, list[tuple[str, int]]] = {}
-    for sample in samples:
-        by_class.setdefault(sample[1], []).append(sample)
+    by_class = _by_class(samples)
     rng, held = random.Random(seed), set()
     for label in sorted(by_class):
         members = by_class[label]
         if len(members) >= 2:
-            count = min(len(members) - 1, max(1, round(fraction * len(members))))
-            held.update(id(s) for s in rng.sample(members, count))
+            held.update(id(s) for s in rng.sample(members, _held_count(len(members), fraction)))
     return [s for s in samples if id(s) not in held], [s for s in samples if id(s) in held]
+
+
+def _by_class(samples: Sequence[tuple[str, int]]) -> dict[int, list[tuple[str, int]]]:
+    by_class: dict[int, list[tuple[str, int]]] = {}
+    for sample in samples:
+        by_class.setdefault(sample[1], []).append(sample)
+    return by_class
+
+
+def _held_count(members: int, fraction: float) -> int:
+    """Images of a class of ``members`` (2 or more) that one held-out slice takes: ``fraction``, at least one, never
+    all."""
+    return min(members - 1, max(1, round(fraction * members)))
