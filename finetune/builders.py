@@ -417,7 +417,8 @@ def choose_by_trials(cfg: DictConfig, model: nn.Module, spec: BackboneSpec, find
         return record | {"trials": {"skipped": why}}
     first = lr_find.first_rung_updates(run_updates, o.trial_updates)
     final = lr_find.final_rung_updates(run_updates, o.final_share)
-    usual = lr_find.nearest(candidates[:len(rates)], o.fallback_lr, rate_of=lambda c: c[0] if freezes else c)
+    usual = [lr_find.nearest(candidates[:len(rates)], o.fallback_lr, rate_of=lambda c: c[0] if freezes else c)] + [
+        (frozen_rates[0], name) for name in freezes]  # each freeze option at the usual rate (1x fallback_lr)
     folds = lr_find.fold_count(len(held), fraction=o.holdout, configured=o.final_folds) if final is not None else 1
     further = lr_find.further_folds(split.train, held, fraction=o.holdout, seed=cfg.seed, folds=folds)
     held_out = partial(_held_out_loaders, cfg, split, data_config=data_config, rt=rt)

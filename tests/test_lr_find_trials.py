@@ -76,7 +76,7 @@ def test_each_freeze_option_halves_on_its_own_then_the_winners_and_the_usual_rat
         return late[candidate] if updates == 100 else early[candidate]
 
     candidates = [*early]
-    rungs = select(candidates, score, first_updates=4, final_updates=100, family=lambda c: c[1], usual=(1e-3, "none"))
+    rungs = select(candidates, score, first_updates=4, final_updates=100, family=lambda c: c[1], usual=[(1e-3, "none")])
     assert [(r.get("family"), r["updates"], len(r["scores"])) for r in rungs] == [
         ("none", 4, 3), ("head_only", 4, 2), (None, 100, 3)]
     assert rungs[0]["kept"] == [[3e-3, "none"]]  # 3 candidates or fewer: the best one goes on
@@ -89,6 +89,25 @@ def test_each_freeze_option_halves_on_its_own_then_the_winners_and_the_usual_rat
         candidates, score, first_updates=4)  # final_share=0: the selection as it was
 
 
+def test_each_freeze_options_usual_rate_is_a_finalist_though_a_faster_rate_led_its_short_trials():
+    """Short trials lean to fast rates (a head alone leads early at 1e-2): the usual rate of every freeze option still
+    trains as long as the run, and wins when it is better there."""
+    early = {(1e-3, "none"): 0.9, (3e-3, "none"): 0.5, (1e-3, "head_only"): 1.2, (3e-3, "head_only"): 1.0,
+             (1e-2, "head_only"): 0.7}
+    late = {(1e-3, "none"): 0.6, (3e-3, "none"): 0.7, (1e-3, "head_only"): 0.4, (1e-2, "head_only"): 0.5}
+    usual = [(1e-3, "none"), (1e-3, "head_only")]
+    rungs = select([*early], lambda c, n: late[c] if n == 100 else early[c], first_updates=4, final_updates=100,
+                   family=lambda c: c[1], usual=usual)
+    assert rungs[1]["family"] == "head_only" and rungs[1]["kept"] == [[1e-2, "head_only"]]
+    final = rungs[-1]
+    assert [c for c, _ in final["scores"]] == [[1e-3, "none"], [3e-3, "none"], [1e-3, "head_only"],
+                                               [1e-2, "head_only"]]
+    assert final["kept"] == [[1e-3, "head_only"]]
+    same = select([*early], lambda c, n: late[c] if n == 100 else early[c], first_updates=4, final_updates=100,
+                  family=lambda c: c[1], usual=[*usual, (1e-3, "none")])
+    assert same == rungs  # a usual recipe named twice, or already a winner, is one finalist
+
+
 def test_the_final_rung_goes_by_the_runs_monitored_metric_then_by_the_loss():
     """As long as the run, the trials are judged as the run picks its best epoch (val/acc1 by default): a lower loss
     with fewer images right loses; the loss breaks a tie; a diverged finalist never wins."""
@@ -96,7 +115,7 @@ def test_the_final_rung_goes_by_the_runs_monitored_metric_then_by_the_loss():
     final = {(1e-3, "none"): (0.90, -0.55), (1e-3, "head_only"): (0.95, -0.60), (3e-3, "head_only"): (0.80, -0.60),
              (1e-2, "none"): (float("inf"), float("inf"))}
     rungs = select(pairs, lambda c, n: {(1e-2, "none"): 0.1, (3e-3, "head_only"): 0.2}.get(c, 1.0), first_updates=2,
-                   final_updates=30, family=lambda c: c[1], usual=(1e-3, "none"), judge=lambda c, n: final[c])
+                   final_updates=30, family=lambda c: c[1], usual=[(1e-3, "none")], judge=lambda c, n: final[c])
     last = rungs[-1]
     assert [c for c, _ in last["scores"]] == [[1e-3, "none"], [1e-2, "none"], [3e-3, "head_only"]]
     assert last["kept"] == [[3e-3, "head_only"]]  # 0.60 right, and the lower loss of the two at 0.60
@@ -112,7 +131,7 @@ def test_the_final_rung_is_a_share_of_the_run_and_the_usual_rate_the_nearest_can
 
 
 def test_a_single_family_whose_winner_is_the_usual_rate_needs_no_final_rung():
-    rungs = select([1e-4, 1e-3, 1e-2], lambda rate, n: abs(rate - 1e-3), first_updates=2, final_updates=50, usual=1e-3)
+    rungs = select([1e-4, 1e-3, 1e-2], lambda rate, n: abs(rate - 1e-3), first_updates=2, final_updates=50, usual=[1e-3])
     assert [r["updates"] for r in rungs] == [2] and rungs[-1]["kept"] == [1e-3] and "final" not in rungs[-1]
 
 

@@ -81,12 +81,13 @@ def search(model: nn.Module, *, optimizer: torch.optim.Optimizer, trainer: Calla
 
 
 def run_trials(model: nn.Module, *, candidates: list[Any], trainer: Callable[[Any, int], Any], loader: Any,
-               holdout: Any, first_updates: int, final_updates: int | None = None, usual: Any = None,
+               holdout: Any, first_updates: int, final_updates: int | None = None, usual: Sequence[Any] = (),
                monitor: str | None = None, accumulate: int = 1,
                folds: Sequence[Callable[[], AbstractContextManager[tuple[Any, Any]]]] = ()) -> list[dict[str, Any]]:
     """Trial fine-tunes of ``model``, one per candidate and rung, each from the same starting point, then everything
     they changed put back (`finetune.lr_find.trials.select`: successive halving within each freeze option, then a
-    final rung of ``final_updates`` between the winners and ``usual``); returns the rungs (the last keeps the choice).
+    final rung of ``final_updates`` between the winners and the ``usual`` recipes); returns the rungs (the last keeps
+    the choice).
 
     Args:
         candidates: Peak rates, or ``(rate, freeze)`` pairs, safest first.
@@ -96,7 +97,7 @@ def run_trials(model: nn.Module, *, candidates: list[Any], trainer: Callable[[An
         loader: The trials' training loader (the training pool less ``holdout``), cycled.
         holdout: The loader of the held-out slice of the training pool that judges each trial (its loss).
         final_updates: The final rung's updates; None: one successive halving over all candidates, no final rung.
-        usual: The usual recipe, always a finalist.
+        usual: The usual recipes (each freeze option at the usual rate), always finalists.
         monitor: The metric the run picks its best epoch by (``checkpoint.monitor``, e.g. ``val/acc1``): it judges the
             final rung, whose trials are as long as the run (the loss breaks ties; the short rungs go by the loss
             alone, as accuracy on a few held-out images moves in steps). None: the loss judges every rung.

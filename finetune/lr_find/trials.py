@@ -24,8 +24,8 @@ candidates and lets short fine-tunes decide:
   the later ones.
 - `select` (the default, ``optim.lr_find.final_share=1``): successive halving *within* each family
   (the rates for the whole network; the rates with the backbone frozen), then a final rung at the
-  run's own length between each family's winner and the usual recipe (``fallback_lr`` for the
-  whole network), judged by the run's monitored metric (``checkpoint.monitor``, then the loss),
+  run's own length between each family's winner and each family's usual recipe (``fallback_lr``),
+  judged by the run's monitored metric (``checkpoint.monitor``, then the loss),
   averaged over several disjoint held-out slices where one slice is small (`fold_count`,
   `further_folds`: k-fold, every image of a few-shot pool judged once).
   Why: short trials judge the start of a run, not its end. Measured on the
@@ -51,7 +51,7 @@ Pure functions here; the trials themselves run in `finetune.lr_find.run_trials`.
 >>> loss = {(1e-3, "none"): (0.9, 0.5), (1e-2, "none"): (0.7, 0.8), (1e-3, "head_only"): (1.0, 0.6),
 ...         (1e-2, "head_only"): (0.8, 0.7)}  # (after 2 updates, after 20): the fast rates lead early
 >>> rungs = select(pairs, lambda c, n: loss[c][n == 20], first_updates=2, final_updates=20, family=lambda c: c[1],
-...                usual=(1e-3, "none"))
+...                usual=[(1e-3, "none")])
 >>> [(r.get("family"), r["updates"], r["kept"]) for r in rungs]
 [('none', 2, [[0.01, 'none']]), ('head_only', 2, [[0.01, 'head_only']]), (None, 20, [[0.001, 'none']])]
 """
@@ -174,11 +174,13 @@ def successive_halving(candidates: Sequence[Any], score: Callable[[Any, int], fl
 
 
 def select(candidates: Sequence[Any], score: Callable[[Any, int], float], *, first_updates: int,
-           final_updates: int | None, family: Callable[[Any], Any] = lambda candidate: None, usual: Any = None,
+           final_updates: int | None, family: Callable[[Any], Any] = lambda candidate: None,
+           usual: Sequence[Any] = (),
            judge: Callable[[Any, int], tuple[float, float | None]] | None = None,
            eta: int = ETA) -> list[dict[str, Any]]:
     """Successive halving within each family of candidates, then a final rung of ``final_updates`` updates between
-    each family's winner and ``usual``: ``judge`` decides there (by default the lowest held-out loss wins).
+    each family's winner and the ``usual`` recipes: ``judge`` decides there (by default the lowest held-out loss
+    wins).
     ``final_updates=None``: one successive halving over all candidates, without a final rung (the selection before
     the final rung existed).
 
@@ -186,7 +188,8 @@ def select(candidates: Sequence[Any], score: Callable[[Any, int], float], *, fir
         candidates: As for `successive_halving`, safest first.
         family: The family of a candidate (``(rate, freeze)`` pairs: the freeze option); each family halves on its own,
             so short trials never rank a frozen backbone against the whole network (they judge the start of a run).
-        usual: The usual recipe (the candidate nearest ``fallback_lr`` for the whole network): always a finalist.
+        usual: The usual recipes (each freeze option at ``fallback_lr``: for the whole network the candidate nearest
+            it): always finalists, so the short trials' lean to fast rates never drops the usual rate of an option.
         judge: ``judge(candidate, updates)``: ``(loss, value)`` of the final rung, ``value`` the run's monitored metric
             turned lower-is-better (None: the loss alone judges); the lowest value wins, then the lowest loss.
 
@@ -206,8 +209,7 @@ def select(candidates: Sequence[Any], score: Callable[[Any, int], float], *, fir
         halved = successive_halving(members, score, first_updates=first_updates, eta=eta)
         rungs += [{"family": name, **rung} if name is not None else rung for rung in halved]
         finalists.append(_candidate(halved[-1]["kept"][0]))
-    if usual in candidates and usual not in finalists:
-        finalists.append(usual)
+    finalists += [c for c in dict.fromkeys(usual) if c in candidates and c not in finalists]
     order = {candidate: i for i, candidate in enumerate(candidates)}
     finalists.sort(key=order.__getitem__)
     if len(finalists) == 1:
