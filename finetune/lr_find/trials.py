@@ -32,10 +32,11 @@ candidates and lets short fine-tunes decide:
   few-shot grid (``docs/benchmarks.md``, issue 26), they favoured fast rates for the whole
   network, which lead early and lose by the last epoch, and passed over the frozen backbone, which
   learns slowly at first and wins at the end. Only a trial as long as the run compares what the
-  run will deliver. Keeping the usual recipe among the finalists means ``auto`` leaves it only
-  when a full-length trial beats it on held-out images. Cost: each finalist trains as many
-  updates as the run (on 80% of its images) once per slice: about 3 to 4 runs in all with one
-  slice (a pool of 1,000 images or more), up to 11 to 16 with five (200 images or fewer).
+  run will deliver. Keeping each family's usual recipe among the finalists means ``auto`` leaves
+  the simple recipes only when a full-length trial beats them on held-out images (the frozen
+  backbone's short rung sent 3e-3 or 1e-2 where its usual 1e-3 was right). Cost: each finalist
+  trains as many updates as the run (on 80% of its images) once per slice: about 3 to 5 runs in
+  all with one slice (a pool of 1,000 images or more), 11 to 24 with five (200 images or fewer).
 
 Held-out *loss* judges the short rungs (not accuracy): on a slice of a few images per class accuracy
 moves in steps of 1/n and ties, the loss does not. The final rung goes by the metric the run itself
