@@ -36,7 +36,7 @@ candidates and lets short fine-tunes decide:
   the simple recipes only when a full-length trial beats them on held-out images (the frozen
   backbone's short rung sent 3e-3 or 1e-2 where its usual 1e-3 was right). Cost: each finalist
   trains as many updates as the run (on 80% of its images) once per slice: about 3 to 5 runs in
-  all with one slice (a pool of 1,000 images or more), 11 to 24 with five (200 images or fewer).
+  all with one slice (a pool of 1,000 images or more), 11 to 25 with five (200 images or fewer).
 
 Held-out *loss* judges the short rungs (not accuracy): on a slice of a few images per class accuracy
 moves in steps of 1/n and ties, the loss does not. The final rung goes by the metric the run itself
