@@ -12,7 +12,8 @@ default one (``tf_efficientnet_lite0``, packaged ImageNet weights) at ``--img-si
 configuration gets the same budget (``--epochs``, batch 16; ``auto``'s search comes on top and is
 reported). By default the seeds vary the run (initialisation, augmentation, order, ``auto``'s held-out
 slices) on one set of images per cell; ``--draw-data`` gives each seed its own images too (the set's
-demo seed + 1000 x seed), so a cell's mean is over three training pools and three validation sets. Configurations: the defaults (lr 1e-3, nothing frozen), ``freeze=head_only``,
+demo seed + 1000 x seed), so a cell's mean is over three training pools and three validation sets.
+Configurations: the defaults (lr 1e-3, nothing frozen), ``freeze=head_only``,
 ``optim.lr`` x3 (3e-3), ``optim.lr=auto`` (trials over the rates and the backbone frozen: the default) and
 ``optim.lr=auto optim.lr_find.select=curve`` (the range test's rule alone, as before issue 26); and, asked for
 by ``--configs``, ``auto (rates only)`` (``optim.lr_find.freeze_candidates=[]``: the trials before they chose
@@ -78,10 +79,9 @@ def data_seed(data: str, seed: int, *, draw: bool) -> int:
     return SETS[data]["seed"] + (DRAW_STRIDE * seed if draw else 0)
 
 
-def one_run(extra: list[str], *, data: str, per_class: int, seed: int, args: argparse.Namespace, out: Path) -> dict:
-    demo = SETS[data]
-    overrides = [f"data.demo.num_classes={demo['num_classes']}",
-                 f"data.demo.seed={data_seed(data, seed, draw=args.draw_data)}",
+def one_run(extra: list[str], *, data: str, per_class: int, seed: int, demo_seed: int, args: argparse.Namespace,
+            out: Path) -> dict:
+    overrides = [f"data.demo.num_classes={SETS[data]['num_classes']}", f"data.demo.seed={demo_seed}",
                  f"data.demo.train_per_class={per_class}", "data.demo.val_per_class=20",
                  f"data.demo.image_size={args.img_size}", f"data.cache_dir={args.cache.expanduser()}",
                  f"data.img_size={args.img_size}", "data.batch_size=16", "data.num_workers=0",
@@ -183,12 +183,13 @@ def main() -> None:
             for per_class in args.per_class:
                 for seed in args.seeds:
                     for name in args.configs:
-                        if (data, per_class, seed, name, data_seed(data, seed, draw=args.draw_data)) in done:
+                        demo_seed = data_seed(data, seed, draw=args.draw_data)
+                        if (data, per_class, seed, name, demo_seed) in done:
                             continue
-                        result = one_run(CONFIGS[name], data=data, per_class=per_class, seed=seed, args=args,
-                                         out=Path(tmp))
+                        result = one_run(CONFIGS[name], data=data, per_class=per_class, seed=seed,
+                                         demo_seed=demo_seed, args=args, out=Path(tmp))
                         rows.append({"set": data, "per_class": per_class, "seed": seed, "config": name,
-                                     "data_seed": data_seed(data, seed, draw=args.draw_data), **result})
+                                     "data_seed": demo_seed, **result})
                         print(json.dumps(rows[-1]), flush=True)
                         if args.out:
                             with args.out.open("a") as f:  # safe-write: --out is the file the user named
