@@ -12,7 +12,7 @@ default one (``tf_efficientnet_lite0``, packaged ImageNet weights) at ``--img-si
 configuration gets the same budget (``--epochs``, batch 16; ``auto``'s search comes on top and is
 reported). By default the seeds vary the run (initialisation, augmentation, order, ``auto``'s held-out
 slices) on one set of images per cell; ``--draw-data`` gives each seed its own images too (the set's
-demo seed + 1000 x seed), so a cell's mean is over three training pools and three validation sets.
+demo seed + 1000 x seed), so a cell's mean is over one training pool and one validation set per seed.
 Configurations: the defaults (lr 1e-3, nothing frozen), ``freeze=head_only``,
 ``optim.lr`` x3 (3e-3), ``optim.lr=auto`` (trials over the rates and the backbone frozen: the default) and
 ``optim.lr=auto optim.lr_find.select=curve`` (the range test's rule alone, as before issue 26); and, asked for
