@@ -172,13 +172,17 @@ def print_losses(cells: dict[tuple, dict[str, list[dict]]], names: list[str]) ->
         print(f"| {data} | {per_class} | " + " | ".join(shown) + f" | {search} |")
 
 
+def draw_of(row: dict) -> tuple[int, int]:
+    """The run seed and the images' demo seed of a recorded run (records from before --draw-data: the set's own)."""
+    return row["seed"], row.get("data_seed", SETS[row["set"]]["seed"])
+
+
 def print_single_runs(rows: list[dict]) -> None:
     """``auto``'s runs one by one, each against the recipes run on the same images with the same seed: a user has
     one pool, so a cell's mean can hide a run that lost."""
     by_run: dict[tuple, dict[str, float]] = defaultdict(dict)
     for row in rows:
-        key = (row["set"], row["per_class"], row["seed"], row.get("data_seed", SETS[row["set"]]["seed"]))
-        by_run[key][row["config"]] = row["best"]
+        by_run[(row["set"], row["per_class"], *draw_of(row))][row["config"]] = row["best"]
     paired = [(key, r) for key, r in by_run.items() if "auto" in r and all(b in r for b in BASELINES)]
     if not paired:
         return
@@ -204,11 +208,19 @@ def print_accuracy(cells: dict[tuple, dict[str, list[dict]]], names: list[str]) 
                  for n in names]
         seeds = max(len(v) for v in by_config.values())
         margin = margin_default = "-"
-        if "auto" in means and all(b in means for b in BASELINES):
-            best = max(means[b] for b in BASELINES)
-            margin, margin_default = means["auto"] - best, means["auto"] - means["defaults"]
-            worst_best, worst_default = min(worst_best, margin), min(worst_default, margin_default)
-            margin, margin_default = f"{margin:+.3f}", f"{margin_default:+.3f}"
+        judged = ("auto", *BASELINES)
+        if all(n in means for n in judged):
+            # the margins compare runs on the same draws: a grid still running has more baseline runs than auto's
+            draws = {n: {draw_of(r) for r in by_config[n]} for n in judged}
+            shared = set.intersection(*draws.values())
+            paired = {n: statistics.mean(r["best"] for r in by_config[n] if draw_of(r) in shared)
+                      for n in judged} if shared else {}
+            if paired:
+                margin = paired["auto"] - max(paired[b] for b in BASELINES)
+                margin_default = paired["auto"] - paired["defaults"]
+                worst_best, worst_default = min(worst_best, margin), min(worst_default, margin_default)
+                partial = "" if all(d == shared for d in draws.values()) else f" (on the {len(shared)} shared draws)"
+                margin, margin_default = f"{margin:+.3f}{partial}", f"{margin_default:+.3f}{partial}"
         rates = ", ".join(f"{r['lr']:.2g}" + (f" {r['freeze']}" if r.get("freeze") else "")
                           for r in by_config.get("auto", []))
         print(f"| {data} | {per_class} | {seeds} | " + " | ".join(shown) + f" | {margin} | {margin_default} | {rates} |")

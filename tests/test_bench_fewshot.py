@@ -52,6 +52,18 @@ def test_the_single_runs_are_judged_against_the_recipes_on_the_same_images(capsy
     assert "below the defaults: 1 of 2; the worst -0.150" in out
 
 
+def test_a_cell_still_running_compares_auto_on_the_draws_it_shares_with_the_baselines(capsys):
+    bench = bench_module()
+    rows = [*rows_of({"defaults": 0.50, "head_only": 0.70, "lr x3": 0.40, "auto": 0.69}, seed=0, data_seed=11),
+            # auto has not run on this draw yet; its baselines would lift the best baseline's mean to 0.85
+            *rows_of({"defaults": 0.60, "head_only": 1.00, "lr x3": 0.50}, seed=1, data_seed=1011)]
+    bench.print_table(rows)
+    out = capsys.readouterr().out
+    assert "| easy | 5 | 2 | 0.550 ± 0.050 | 0.850 ± 0.150 | 0.450 ± 0.050 | 0.690 ± 0.000 |" in out
+    assert "| -0.010 (on the 1 shared draws) | +0.190 (on the 1 shared draws) |" in out
+    assert "fewshot_auto_minus_best_baseline_worst_cell: -0.010" in out
+
+
 def test_digits_are_drawn_per_seed_into_disjoint_train_and_val_folders(tmp_path):
     pytest.importorskip("sklearn", reason="the digits set ships with scikit-learn")
     bench = bench_module()
